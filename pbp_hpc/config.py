@@ -1,0 +1,216 @@
+"""Typed run configuration: YAML in, validated objects out, errors that name the key and the file.
+
+pydantic does the type checking; this module adds what it lacks for a command-line tool:
+`--set a.b=value` overrides, "did you mean" suggestions for misspelt keys, and one error
+type (ConfigError) whatever went wrong.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    layers: list[int] = Field(default_factory=lambda: [784, 1024, 10])
+    activation: Literal["sigmoid"] = "sigmoid"
+    loss: Literal["mse"] = "mse"
+    dtype: Literal["float32", "float64"] = "float32"
+    init: Literal["glorot_uniform"] = "glorot_uniform"
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: list[int]) -> list[int]:
+        if len(v) < 2:
+            raise ValueError("needs at least an input and an output size, e.g. [784, 1024, 10]")
+        if any(n < 1 for n in v):
+            raise ValueError(f"every layer size must be at least 1, got {v}")
+        return v
+
+
+class DataConfig(_Section):
+    name: Literal["mnist", "fashion-mnist", "idx", "synthetic"] = "mnist"
+    dir: Optional[str] = None
+    download: bool = True
+    val_fraction: float = Field(1.0 / 6.0, ge=0.0, lt=1.0)  # the report's 5:1 train:validation split
+    n_train: Optional[int] = Field(None, ge=1)  # mnist: use the first n of the training file; synthetic: size
+    n_test: Optional[int] = Field(None, ge=0)
+    scale_with_ranks: bool = False  # synthetic weak scaling: n_train is per rank
+    noise: float = Field(0.35, ge=0.0)  # synthetic: spread of examples around their class prototype
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(1024, ge=1)
+    learning_rate: float = Field(0.5, gt=0.0)
+    seed: int = Field(0, ge=0)
+    shuffle: bool = True
+    eval_every: int = Field(1, ge=0)  # epochs between validation passes; 0: only at the end
+    warmup_epochs: int = Field(0, ge=0)  # epochs excluded from the timing summary
+    progress: bool = True  # progress bar on rank 0, only when attached to a terminal
+
+
+class ParallelConfig(_Section):
+    ranks: Optional[int] = Field(None, ge=1)  # expected world size; null accepts any
+    threads_per_rank: Optional[int] = Field(None, ge=1)  # null: cores on the node / ranks on the node
+    reducer: Literal["blocking", "overlap"] = "blocking"
+    oversubscribe: bool = False  # allow ranks x threads > cores
+
+
+class CheckpointConfig(_Section):
+    path: Optional[str] = None
+    every_epochs: int = Field(0, ge=0)  # 0: only on a signal (SIGUSR1/SIGTERM) and at the end
+    resume: bool = False
+
+
+class DebugConfig(_Section):
+    """Test-only settings: faults injected on purpose to prove the failure paths."""
+
+    fail_rank: Optional[int] = Field(None, ge=0)
+    fail_step: Optional[int] = Field(None, ge=0)  # global step counter, from 0
+    fail_kind: Literal["exception", "nan"] = "exception"
+
+
+class Config(_Section):
+    backend: Literal["numpy", "cupy"] = "numpy"
+    algorithm: Literal["batched", "per_example"] = "batched"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    debug: DebugConfig = Field(default_factory=DebugConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        if self.data.name in ("mnist", "fashion-mnist") and self.model.layers[0] != 784:
+            raise ValueError(f"model.layers[0] must be 784 for {self.data.name} (28x28 images), got {self.model.layers[0]}")
+        if self.data.name in ("mnist", "fashion-mnist") and self.model.layers[-1] != 10:
+            raise ValueError(f"model.layers[-1] must be 10 for {self.data.name} (10 classes), got {self.model.layers[-1]}")
+        if self.data.name == "synthetic" and self.model.layers[-1] < 2:
+            raise ValueError("model.layers[-1] (the number of classes) must be at least 2 for synthetic data")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def digest(self) -> str:
+        """A hash of everything that decides the computation, to check that all ranks agree."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _known_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        out.append(path)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.extend(_known_paths(ann, path + "."))
+    return out
+
+
+KNOWN_KEYS = _known_paths(Config)
+
+
+def _suggest(path: str) -> str:
+    near = difflib.get_close_matches(path, KNOWN_KEYS, n=1, cutoff=0.6)
+    if not near:
+        leaf = path.rsplit(".", 1)[-1]
+        near = [k for k in KNOWN_KEYS if k.rsplit(".", 1)[-1] in difflib.get_close_matches(leaf, [p.rsplit(".", 1)[-1] for p in KNOWN_KEYS], n=1, cutoff=0.75)]
+    return f" (did you mean '{near[0]}'?)" if near else ""
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {path}: unknown key{_suggest(path)}")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {path or '(top level)'}: {e['msg']}{shown}")
+    return f"invalid configuration in {source}:\n" + "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'train.learning_rate=0.1' -> (['train', 'learning_rate'], 0.1); values are read as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set has an empty key in {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {exc}") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {'.'.join(path)}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)  # safe_load: a config must never run code (no !!python tags)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping of sections (model:, train:, ...), got a {type(data).__name__}")
+    return data
+
+
+def from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid configuration in {source}: expected a mapping, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+    except (TypeError, ValueError, RecursionError) as exc:  # pydantic can raise these on exotic inputs
+        raise ConfigError(f"invalid configuration in {source}: {exc}") from None
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a config file (or the defaults when path is None) and apply `--set` overrides."""
+    data = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "the defaults"
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " with --set " + " ".join(overrides)
+    return from_dict(data, source)

@@ -1,0 +1,34 @@
+"""The package's own error types: every expected failure is one of these, never a raw traceback."""
+
+
+class PbpError(Exception):
+    """Base class: a failure the user can act on, with a message that says how."""
+
+
+class ConfigError(PbpError):
+    """A configuration file or override is unknown, mistyped or impossible."""
+
+
+class DataError(PbpError):
+    """Data files are missing, corrupt or inconsistent."""
+
+
+class ResultsError(PbpError):
+    """A results file is unreadable or of another schema."""
+
+
+class DivergenceError(PbpError):
+    """Training produced a NaN or Inf; the run is not a result."""
+
+    def __init__(self, message: str, epoch: int, step: int):
+        super().__init__(message)
+        self.epoch = epoch
+        self.step = step
+
+
+class WorldSizeError(PbpError):
+    """The MPI world is not the one the run asked for (wrong launcher or plugin)."""
+
+
+class InjectedFault(PbpError):
+    """A test-only fault requested through `debug.fail_rank` / `debug.fail_step`."""

@@ -1,0 +1,166 @@
+"""The MLP: flat parameters, and batched forward/backward that sum per-example gradients.
+
+One contiguous parameter buffer `theta` holds every layer's weights and biases; the gradient
+buffer has the same layout, so each layer's gradient is one contiguous slice (what the
+overlapping reducer sends as soon as that layer is done) and the whole gradient is one buffer
+(what the blocking reducer sends in one Allreduce). Layer l's block is W_l (n_in x n_out,
+row-major, so a batch times W_l is a plain GEMM) followed by b_l.
+
+Loss: per example 0.5 * ||a_L - y||^2 (the report's MSE), gradient a_L - y. The functions
+here return *sums* over the examples given, never means: ranks add their sums, then divide by
+the global batch size, which is Algorithm 5 of the report.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from . import ops
+
+Array = Any
+
+
+@dataclass
+class Layout:
+    """Where each layer's weights and biases live in the flat buffer."""
+
+    sizes: list[int]
+    w_slices: list[slice] = field(default_factory=list)
+    b_slices: list[slice] = field(default_factory=list)
+    n_params: int = 0
+
+    def __post_init__(self) -> None:
+        off = 0
+        for n_in, n_out in zip(self.sizes[:-1], self.sizes[1:]):
+            self.w_slices.append(slice(off, off + n_in * n_out))
+            off += n_in * n_out
+            self.b_slices.append(slice(off, off + n_out))
+            off += n_out
+        self.n_params = off
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.sizes) - 1
+
+    def layer_slice(self, l: int) -> slice:
+        """The contiguous span of layer l (weights then bias)."""
+        return slice(self.w_slices[l].start, self.b_slices[l].stop)
+
+
+def views(flat: Array, layout: Layout, xp: ModuleType) -> tuple[list[Array], list[Array]]:
+    """Per-layer (W, b) views into a flat buffer; writing to a view writes the buffer."""
+    ws = [xp.reshape(flat[s], (n_in, n_out)) for s, n_in, n_out in zip(layout.w_slices, layout.sizes[:-1], layout.sizes[1:])]
+    bs = [flat[s] for s in layout.b_slices]
+    return ws, bs
+
+
+def glorot_uniform(layout: Layout, seed: int, dtype: str) -> np.ndarray:
+    """Glorot-uniform weights, zero biases, as a flat float64-drawn host array cast to dtype.
+
+    Drawn on the host with numpy whatever the backend, so every backend and every rank count
+    starts from bit-identical parameters for a given seed.
+    """
+    rng = np.random.default_rng([seed, 0x6C6F7261])  # a stream of its own, apart from the data order
+    theta = np.zeros(layout.n_params, dtype=np.float64)
+    for s, n_in, n_out in zip(layout.w_slices, layout.sizes[:-1], layout.sizes[1:]):
+        limit = math.sqrt(6.0 / (n_in + n_out))
+        theta[s] = rng.uniform(-limit, limit, size=n_in * n_out)
+    return theta.astype(dtype)
+
+
+def flops_per_example(sizes: list[int]) -> int:
+    """GEMM flops one example needs in a training step, the count GFLOP/s is based on.
+
+    Forward (2*n_in*n_out per layer), weight gradients (the same again), and input gradients
+    for every layer but the first (nothing needs the gradient of the data). Elementwise work
+    is not counted: it is not what the hardware's peak is quoted for.
+    """
+    pairs = [a * b for a, b in zip(sizes[:-1], sizes[1:])]
+    return 2 * sum(pairs) + 2 * sum(pairs) + 2 * sum(pairs[1:])
+
+
+def forward_flops_per_example(sizes: list[int]) -> int:
+    return 2 * sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+class Workspace:
+    """Buffers for one rank's largest local batch, allocated once and reused every step."""
+
+    def __init__(self, layout: Layout, max_batch: int, xp: ModuleType, dtype: Any):
+        self.xp = xp
+        self.max_batch = max(1, max_batch)
+        widths = layout.sizes[1:]
+        self.acts = [xp.zeros((self.max_batch, w), dtype=dtype) for w in widths]  # a_1..a_L
+        self.deltas = [xp.zeros((self.max_batch, w), dtype=dtype) for w in widths]
+        self.scratch = xp.zeros((self.max_batch * max(widths),), dtype=dtype)
+        self.ones = xp.ones((self.max_batch,), dtype=dtype)
+        self.x = xp.zeros((self.max_batch, layout.sizes[0]), dtype=dtype)
+        self.y = xp.zeros((self.max_batch, layout.sizes[-1]), dtype=dtype)
+
+    def scratch_like(self, n: int, width: int) -> Array:
+        return self.xp.reshape(self.scratch[: n * width], (n, width))
+
+
+def forward(xp: ModuleType, ws: list[Array], bs: list[Array], x: Array, work: Workspace, n: int) -> Array:
+    """Activations of every layer for the first n rows of x, into work.acts; returns a_L."""
+    a = x[:n]
+    for l, (w, b) in enumerate(zip(ws, bs)):
+        z = work.acts[l][:n]
+        ops.matmul(xp, a, w, out=z)
+        ops.add_row(xp, z, b)
+        ops.sigmoid_(xp, z)
+        a = z
+    return a
+
+
+def backward_sum(
+    xp: ModuleType,
+    ws: list[Array],
+    gws: list[Array],
+    gbs: list[Array],
+    x: Array,
+    y: Array,
+    work: Workspace,
+    n: int,
+    loss_out: Array,
+    layer_done: Optional[Callable[[int], None]] = None,
+) -> None:
+    """Summed gradients of the loss over n examples into gws/gbs, summed loss into loss_out[0].
+
+    Must follow forward() on the same rows. Layers are finished from the top down and
+    `layer_done(l)` is called as soon as layer l's gradient is complete, so a reducer can
+    start sending it while the layers below are still being computed. The loss is written
+    before the first call, so it can travel with the top layer's gradient.
+    """
+    L = len(ws)
+    a_out = work.acts[L - 1][:n]
+    d = work.deltas[L - 1][:n]
+    ops.subtract(xp, a_out, y[:n], out=d)
+    loss_out[0] = 0.5 * ops.sum_squares(xp, d)
+    ops.sigmoid_grad_mul_(xp, d, a_out, work.scratch_like(n, a_out.shape[1]))
+    for l in range(L - 1, -1, -1):
+        a_in = x[:n] if l == 0 else work.acts[l - 1][:n]
+        ops.matmul(xp, _t(xp, a_in), d, out=gws[l])
+        ops.sum_rows(xp, d, work.ones[:n], out=gbs[l])
+        if layer_done is not None:
+            layer_done(l)  # before the input gradient, so sending overlaps that GEMM
+        if l > 0:
+            d_below = work.deltas[l - 1][:n]
+            ops.matmul(xp, d, _t(xp, ws[l]), out=d_below)
+            ops.sigmoid_grad_mul_(xp, d_below, a_in, work.scratch_like(n, a_in.shape[1]))
+            d = d_below
+
+
+def _t(xp: ModuleType, a: Array) -> Array:
+    """Transposed view; BLAS reads it with a transpose flag, no copy."""
+    return xp.matrix_transpose(a) if hasattr(xp, "matrix_transpose") else a.T
+
+
+def predict_into(xp: ModuleType, ws: list[Array], bs: list[Array], x: Array, work: Workspace, n: int) -> Array:
+    """Predicted class of each of the first n rows."""
+    return xp.argmax(forward(xp, ws, bs, x, work, n), axis=1)
