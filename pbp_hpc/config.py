@@ -54,7 +54,7 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(1024, ge=1)
-    learning_rate: float = Field(0.5, gt=0.0)
+    learning_rate: float = Field(0.1, gt=0.0)
     seed: int = Field(0, ge=0)
     shuffle: bool = True
     eval_every: int = Field(1, ge=0)  # epochs between validation passes; 0: only at the end

@@ -70,6 +70,8 @@ LOGS=$DIR/log
 ACCOUNTING=${PBP_TESTBED_ACCOUNTING:-slurmdbd}
 case $ACCOUNTING in slurmdbd | none) ;; *) die "PBP_TESTBED_ACCOUNTING must be slurmdbd or none, not '$ACCOUNTING'" ;; esac
 PORT=${PBP_TESTBED_PORT:-6817}
+[[ $PORT =~ ^[0-9]+$ ]] || die "PBP_TESTBED_PORT must be a number, not '$PORT'"
+[[ ${PBP_TESTBED_CPUS:-1} =~ ^[1-9][0-9]*$ ]] || die "PBP_TESTBED_CPUS must be a positive number, not '$PBP_TESTBED_CPUS'"
 export SLURM_CONF=$CONF # for this script and the daemons it starts only
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -137,7 +139,7 @@ our_stepds() {
     local p
     for p in /proc/[0-9]*; do
         [ "$(cat "$p/comm" 2>/dev/null)" = slurmstepd ] || continue
-        if tr '\0' '\n' <"$p/environ" 2>/dev/null | grep -qxF "SLURM_CONF=$CONF"; then
+        if { tr '\0' '\n' <"$p/environ"; } 2>/dev/null | grep -qxF "SLURM_CONF=$CONF"; then
             echo "${p#/proc/}"
         fi
     done
@@ -289,8 +291,12 @@ start_munge() {
     fi
 }
 
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; } # something listens there
+
 mariadb_ok() { mariadb-admin --no-defaults --socket="$DIR/mysql.sock" -u root ping >/dev/null 2>&1; }
+mariadb_up_or_dead() { mariadb_ok || ! pid_alive "$PIDS/mariadb.pid"; }
 dbd_ok() { sacctmgr -n show cluster format=cluster >/dev/null 2>&1; }
+dbd_up_or_dead() { dbd_ok || ! pid_alive "$PIDS/slurmdbd.pid"; }
 
 start_accounting() {
     log "starting MariaDB (datadir $DIR/mysql, port $((PORT + 3)))"
@@ -303,7 +309,7 @@ start_accounting() {
         --log-error="$LOGS/mariadb.log" --innodb-buffer-pool-size=128M --innodb-lock-wait-timeout=900 \
         --skip-name-resolve </dev/null >"$LOGS/mariadb.out" 2>&1 &
     echo $! >"$PIDS/mariadb.pid"
-    wait_until 300 mariadb_ok || { dump_logs; die "MariaDB did not start"; }
+    wait_until 300 mariadb_up_or_dead && mariadb_ok || { dump_logs; die "MariaDB did not start"; }
     mariadb --no-defaults --socket="$DIR/mysql.sock" -u root -e "
         CREATE DATABASE slurm_acct_db;
         CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY 'pbptest';
@@ -329,7 +335,7 @@ EOF
     log "starting slurmdbd"
     setsid slurmdbd -D </dev/null >"$LOGS/slurmdbd.out" 2>&1 &
     echo $! >"$PIDS/slurmdbd.pid"
-    wait_until 300 dbd_ok || { dump_logs; die "slurmdbd did not answer"; }
+    wait_until 300 dbd_up_or_dead && dbd_ok || { dump_logs; die "slurmdbd did not start"; }
     sacctmgr -i add cluster pbptest >"$LOGS/sacctmgr.out" 2>&1 \
         || { cat "$LOGS/sacctmgr.out" >&2; die "sacctmgr add cluster failed"; }
 }
@@ -433,6 +439,12 @@ do_start() {
     else
         do_stop 2>/dev/null # leftovers of a failed or half-stopped start
         mkdir -p "$PIDS" "$LOGS"
+        local p busy=""
+        for p in $PORT $((PORT + 1)) $((PORT + 2)) $((PORT + 3)); do
+            port_busy "$p" && busy="$busy $p"
+        done
+        [ -z "$busy" ] || die "TCP port(s)$busy on 127.0.0.1 already in use (another Slurm or test bed?);" \
+            "stop it or choose other ports with PBP_TESTBED_PORT=BASE (uses BASE..BASE+3)"
         install_packages
         start_munge
         rm -rf "$DIR/state" "$DIR/spool"

@@ -1,0 +1,41 @@
+# Set-up and entry points. `make run` and `make test` are all a fresh machine needs.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+MPIEXEC := $(VENV)/bin/mpiexec
+# Real MNIST beside the project when present (as on CI); else the package's own lookup
+# (PBP_HPC_DATA, then the per-user cache, downloading into it).
+SHARED_MNIST := $(wildcard ../shared/data/mnist/train-images-idx3-ubyte.gz)
+DATA_ARG := $(if $(SHARED_MNIST),--data-dir ../shared/data/mnist,)
+RANKS  ?= 2
+CONFIG ?= configs/mnist_net1h.yaml
+
+.PHONY: setup run test test-serial test-mpi test-slurm bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# mpich: an MPI from PyPI (mpiexec runs as root and oversubscribes without flags).
+	# torch==2.13.0 (CPU): the `framework` implementation and the benchmark's comparison;
+	# optional, so a failure to get it only skips those.
+	$(PY) -m pip install -q -e '.[mpich,test]'
+	-$(PY) -m pip install -q 'torch==2.13.0' || echo "torch not installed: framework rows will be skipped"
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(MPIEXEC) -n $(RANKS) $(PY) -m pbp_hpc.train --config $(CONFIG) $(DATA_ARG)
+
+# The whole suite: serially, then the in-process MPI tests under 2 and 3 ranks
+# (pytest-mpi skips @pytest.mark.mpi tests unless --with-mpi is given).
+test: setup
+	PBP_HPC_TEST_DATA=$(abspath ../shared/data/mnist) $(PY) -m pytest -q -p no:cacheprovider
+	$(MPIEXEC) -n 2 $(PY) -m pytest -q -p no:cacheprovider --with-mpi --only-mpi
+	$(MPIEXEC) -n 3 $(PY) -m pytest -q -p no:cacheprovider --with-mpi --only-mpi
+
+bench: setup
+	$(PY) -m pbp_hpc.bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

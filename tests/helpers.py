@@ -1,0 +1,29 @@
+"""Running the package's commands as a user would: real processes, real mpiexec."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+MPIEXEC = str(Path(sys.executable).with_name("mpiexec"))
+TINY = ["--set", "model.layers=[784, 16, 10]", "--set", "train.progress=false"]
+
+
+def run_cmd(args: list[str], ranks: int = 1, timeout: float = 120, env: dict[str, str] | None = None,
+            cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run `mpiexec -n ranks python -m ...args` and return the finished process."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    cmd = [MPIEXEC, "-n", str(ranks), sys.executable, "-m", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
+
+
+def last_json(stdout: str) -> dict[str, Any]:
+    lines = [l for l in stdout.splitlines() if l.startswith("{")]
+    assert lines, f"no JSON object in stdout:\n{stdout}"
+    return json.loads(lines[-1])
