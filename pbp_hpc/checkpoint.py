@@ -30,6 +30,13 @@ class CheckpointError(PbpError):
 def save(path: str | Path, theta: np.ndarray, epoch: int, step: int, meta: dict[str, Any]) -> None:
     """Write a checkpoint: next position to run is (epoch, step); meta is JSON-able."""
     path = Path(path)
+    try:
+        _save(path, theta, epoch, step, meta)
+    except OSError as exc:  # disk full, quota, directory gone: the user's to fix, not a traceback
+        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
+
+
+def _save(path: Path, theta: np.ndarray, epoch: int, step: int, meta: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -73,5 +80,38 @@ def load(path: str | Path) -> dict[str, Any]:
         raise
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint at {path}") from None
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, TypeError, AttributeError) as exc:  # not HDF5, a field missing or mistyped
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether path is a file this module wrote (any version): one that may be overwritten."""
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("format") == FORMAT
+    except Exception:  # noqa: BLE001 - anything unreadable is "not ours"
+        return False
+
+
+def check_target(path: str | Path) -> None:
+    """Raise CheckpointError now if a checkpoint could not later be written at path.
+
+    Refuses to overwrite a file that is not a checkpoint (a results file, a data file given
+    by mistake), and proves the directory writable by creating and removing a temporary file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint path {path} is a directory; give a file name such as {path / 'run.h5'}")
+    blocker = next((q for q in path.parents if q.exists() and not q.is_dir()), None)
+    if blocker is not None:  # mkdir would say only "File exists"
+        raise CheckpointError(f"cannot write a checkpoint at {path}: {blocker} is a file, not a directory")
+    if path.exists() and not is_checkpoint(path):
+        raise CheckpointError(f"{path} exists and is not a pbp_hpc checkpoint; refusing to overwrite it "
+                              "(choose another checkpoint.path, or move the file away)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write a checkpoint at {path}: {exc.strerror or exc}") from None

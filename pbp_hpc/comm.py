@@ -12,8 +12,9 @@ holds the global sum, and `seconds` accumulates the time spent in communication 
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
+import numpy as np
 from mpi4py import MPI
 
 from .model import Layout
@@ -87,7 +88,111 @@ class OverlapReducer:
         self.seconds += time.perf_counter() - t
 
 
-REDUCERS = {"blocking": BlockingReducer, "overlap": OverlapReducer}
+class _SharedRows:
+    """One gradient buffer per rank, all in one node-wide MPI-3 shared-memory window.
+
+    Every rank of the node can load and store every row. Ranks on other nodes (a multi-node
+    run) hold the same layout in their own node's window; `cross` joins the ranks that reduce
+    the same slice on every node.
+    """
+
+    def __init__(self, comm: MPI.Comm, n: int, dtype: Any):
+        self.local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
+        sizes = set(comm.allgather(self.local.size))
+        if len(sizes) != 1:
+            raise ValueError(f"parallel.reducer=shm needs the same number of ranks on every node, got {sorted(sizes)}")
+        self.cross = comm.Split(self.local.rank, key=comm.rank) if self.local.size < comm.size else None
+        item = np.dtype(dtype).itemsize
+        self.win = MPI.Win.Allocate_shared(n * item, item, comm=self.local)
+        self.win.Lock_all(MPI.MODE_NOCHECK)  # one passive epoch for the run; Sync() orders loads and stores
+        self.rows = [np.frombuffer(self.win.Shared_query(r)[0], dtype=dtype, count=n) for r in range(self.local.size)]
+        self.row = self.rows[self.local.rank]
+        self.row[...] = 0
+
+    def free(self) -> None:
+        self.win.Unlock_all()
+        self.win.Free()
+        for c in (self.local, self.cross):
+            if c is not None:
+                c.Free()
+
+
+_SHARED: dict[int, _SharedRows] = {}  # shared buffers by address, until their reducer takes them
+
+
+def gradient_buffer(reducer: str, comm: MPI.Comm, n: int, dtype: Any, xp: Any) -> Any:
+    """The flat gradient buffer for `reducer`: ordinary zeros, or for "shm" on the host, this
+    rank's row of a node-wide shared window (so the GEMMs write straight into shared memory)."""
+    if reducer != "shm" or xp is not np or comm.size == 1:
+        return xp.zeros((n,), dtype=dtype)
+    shared = _SharedRows(comm, n, dtype)
+    _SHARED[shared.row.ctypes.data] = shared
+    return shared.row
+
+
+class SharedMemoryReducer:
+    """Allreduce by loads and stores in shared memory: no message, no copy into MPI's buffers.
+
+    The buffer must come from gradient_buffer("shm", ...). After a barrier, each of the node's
+    P ranks sums one 1/P slice over every rank's row, in rank order, and stores the sum back
+    into every row (a reduce-scatter and an allgather in one pass); a second barrier and each
+    rank's own buffer holds the global sum, as after MPI_Allreduce, and every rank holds the
+    same bits. Per rank and step that is about two passes over the buffer, where MPICH's
+    Allreduce copies it through its own shared cells and back. On several nodes, each slice's
+    node sum is then allreduced among the ranks owning that slice (1/P of the buffer each).
+    """
+
+    ALIGN = 16  # slice boundaries on 64-byte lines (float32), so no two ranks write one line
+
+    def __init__(self, comm: MPI.Comm, buf: Any, layout: Layout):
+        self.comm, self.buf, self.seconds = comm, buf, 0.0
+        self.shared: Any = None
+        if comm.size == 1:
+            return
+        self.shared = _SHARED.pop(buf.ctypes.data, None) if isinstance(buf, np.ndarray) else None
+        if self.shared is None:
+            raise ValueError("the shm reducer works on a buffer from comm.gradient_buffer('shm', ...)")
+        rows, local = self.shared.rows, self.shared.local
+        n, P, r = buf.shape[0], local.size, local.rank
+        lo, hi = (min(n, n * k // P // self.ALIGN * self.ALIGN) if k < P else n for k in (r, r + 1))
+        self.parts = [row[lo:hi] for row in rows]  # this rank's slice of every rank's buffer
+        # the slice's sum; a rank alone on its node sums nothing locally and reduces its own row
+        self.acc = np.empty(hi - lo, dtype=buf.dtype) if P > 1 else self.parts[0]
+
+    def layer_done(self, l: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        if self.shared is None:
+            return
+        t = time.perf_counter()
+        win, local = self.shared.win, self.shared.local
+        win.Sync()
+        local.Barrier()  # every rank's gradient is in its row
+        win.Sync()
+        parts = self.parts
+        if len(parts) > 1:
+            np.add(parts[0], parts[1], out=self.acc)
+            for part in parts[2:]:
+                self.acc += part
+        if self.shared.cross is not None:
+            self.shared.cross.Allreduce(MPI.IN_PLACE, self.acc, op=MPI.SUM)
+        if len(parts) > 1:
+            for part in parts:
+                part[...] = self.acc
+        win.Sync()
+        local.Barrier()  # every slice's sum is in every row; nobody reads a row until the next step
+        win.Sync()
+        self.seconds += time.perf_counter() - t
+
+    def close(self) -> None:
+        """Free the window (collective). Without it the window lives until MPI_Finalize."""
+        if self.shared is not None:
+            self.shared.free()
+            self.shared = None
+
+
+REDUCERS = {"blocking": BlockingReducer, "overlap": OverlapReducer, "shm": SharedMemoryReducer}
 
 
 def make_reducer(name: str, comm: MPI.Comm, buf: Any, layout: Layout) -> Reducer:
@@ -95,3 +200,95 @@ def make_reducer(name: str, comm: MPI.Comm, buf: Any, layout: Layout) -> Reducer
         return REDUCERS[name](comm, buf, layout)
     except KeyError:
         raise ValueError(f"unknown reducer {name!r}; choose one of {sorted(REDUCERS)}") from None
+
+
+# ---- reducers for device buffers (backend: cupy); chosen by gpu.make_reducer ----------------
+
+
+class CudaAwareReducer:
+    """One in-place Allreduce of the device buffer itself, for a CUDA-aware MPI.
+
+    mpi4py hands MPI the device pointer (from __cuda_array_interface__ / DLPack) but knows
+    nothing of streams, so the kernels that wrote the gradient must be waited for first.
+    """
+
+    def __init__(self, comm: MPI.Comm, buf: Any, layout: Layout, sync: Callable[[], None]):
+        self.comm, self.buf, self.sync, self.seconds = comm, buf, sync, 0.0
+
+    def layer_done(self, l: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        if self.comm.size == 1:
+            return
+        t = time.perf_counter()
+        self.sync()
+        self.comm.Allreduce(MPI.IN_PLACE, self.buf, op=MPI.SUM)
+        self.seconds += time.perf_counter() - t
+
+
+class StagedReducer:
+    """Device -> host copy, Allreduce on the host, host -> device copy: works with any MPI.
+
+    `host` is allocated once by the caller (page-locked under CuPy); the copies are injected,
+    so the same logic runs with numpy arrays standing in for device arrays in the CPU tests.
+    """
+
+    def __init__(self, comm: MPI.Comm, buf: Any, layout: Layout, host: Any,
+                 to_host: Callable[[Any, Any], None], to_device: Callable[[Any, Any], None],
+                 sync: Callable[[], None] = lambda: None):
+        if host.shape != (buffer_size(layout),):
+            raise ValueError(f"staging buffer has shape {host.shape}, the gradient buffer needs ({buffer_size(layout)},)")
+        self.comm, self.buf, self.host, self.seconds = comm, buf, host, 0.0
+        self.to_host, self.to_device, self.sync = to_host, to_device, sync
+
+    def layer_done(self, l: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        if self.comm.size == 1:
+            return
+        t = time.perf_counter()
+        self.sync()  # the copy below is ordered on the stream anyway; this keeps `seconds` honest
+        self.to_host(self.buf, self.host)
+        self.comm.Allreduce(MPI.IN_PLACE, self.host, op=MPI.SUM)
+        self.to_device(self.host, self.buf)
+        self.seconds += time.perf_counter() - t
+
+
+class NcclReducer:
+    """NCCL's allReduce on the current stream (cupy.cuda.nccl); MPI only carries the unique id.
+
+    NCCL uses NVLink/InfiniBand GPUDirect where MPI is not CUDA-aware. It needs one GPU per
+    rank: two ranks sharing a device is an error in NCCL.
+    """
+
+    def __init__(self, comm: MPI.Comm, buf: Any, layout: Layout):
+        import numpy as np
+        from cupy.cuda import nccl
+
+        from .errors import ConfigError
+
+        if not getattr(nccl, "available", True):
+            raise ConfigError("parallel.gpu_reducer=nccl but CuPy cannot load the NCCL library "
+                              "(pip install nvidia-nccl-cu12, or choose staged / cuda-aware)")
+        self.comm, self.buf, self.seconds, self.nccl = comm, buf, 0.0, nccl
+        dtypes = {np.dtype(np.float32): nccl.NCCL_FLOAT32, np.dtype(np.float64): nccl.NCCL_FLOAT64}
+        self.dtype = dtypes[np.dtype(buf.dtype)]
+        uid = comm.bcast(nccl.get_unique_id() if comm.rank == 0 else None, root=0)
+        self.nccl_comm = nccl.NcclCommunicator(comm.size, uid, comm.rank)  # collective over the ranks
+
+    def layer_done(self, l: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        if self.comm.size == 1:
+            return
+        import cupy
+
+        t = time.perf_counter()
+        stream = cupy.cuda.get_current_stream()
+        ptr = self.buf.data.ptr
+        self.nccl_comm.allReduce(ptr, ptr, self.buf.size, self.dtype, self.nccl.NCCL_SUM, stream.ptr)
+        stream.synchronize()  # so `seconds` is the reduction, not its launch
+        self.seconds += time.perf_counter() - t

@@ -10,17 +10,65 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError
 
 
+def _scalar_kind(annotation: Any) -> Any:
+    """int, float or bool for a field of that type (Optional or not), list[int] as ("list", int); else None."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Union and len(args) == 1:
+        annotation = args[0]
+    if typing.get_origin(annotation) is list and typing.get_args(annotation)[:1] in ((int,), (float,)):
+        return ("list", typing.get_args(annotation)[0])
+    return annotation if annotation in (int, float, bool) else None
+
+
+def _check_scalar(kind: Any, value: Any) -> None:
+    """Refuse what pydantic's lax mode would quietly convert: `epochs: true` is not 1, `"no"` is not false.
+
+    Numeric strings stay allowed: PyYAML (YAML 1.1) reads `1e-3` as the string "1e-3", and
+    pydantic parses it. Infinities and NaNs are refused however they are spelt.
+    """
+    if value is None:
+        return
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, not a {type(value).__name__}")
+        return
+    if isinstance(value, (bool, bytes)):
+        raise ValueError(f"expected a number, not a {type(value).__name__}")
+    if kind is float and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return  # not a number: pydantic says so
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("expected a finite number")
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_scalars(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        kind = _scalar_kind(field.annotation) if field is not None else None
+        if isinstance(kind, tuple):
+            if isinstance(value, list):
+                for item in value:
+                    _check_scalar(kind[1], item)
+        elif kind is not None:
+            _check_scalar(kind, value)
+        return value
 
 
 class ModelConfig(_Section):
@@ -65,8 +113,11 @@ class TrainConfig(_Section):
 class ParallelConfig(_Section):
     ranks: Optional[int] = Field(None, ge=1)  # expected world size; null accepts any
     threads_per_rank: Optional[int] = Field(None, ge=1)  # null: cores on the node / ranks on the node
-    reducer: Literal["blocking", "overlap"] = "blocking"
+    # shm: through a node-wide shared-memory window (comm.SharedMemoryReducer), CPU only
+    reducer: Literal["blocking", "overlap", "shm"] = "blocking"
     oversubscribe: bool = False  # allow ranks x threads > cores
+    # backend: cupy only. auto: cuda-aware if MPI says it is (PBP_HPC_CUDA_AWARE=0|1 overrides), else staged
+    gpu_reducer: Literal["auto", "cuda-aware", "staged", "nccl"] = "auto"
 
 
 class CheckpointConfig(_Section):
@@ -80,7 +131,10 @@ class DebugConfig(_Section):
 
     fail_rank: Optional[int] = Field(None, ge=0)
     fail_step: Optional[int] = Field(None, ge=0)  # global step counter, from 0
-    fail_kind: Literal["exception", "nan"] = "exception"
+    # exception: a PbpError; oserror: a Python error that is not ours; nan: NaN gradient and loss
+    fail_kind: Literal["exception", "oserror", "nan"] = "exception"
+    signal_step: Optional[int] = Field(None, ge=0)  # global step at which a SIGUSR1 is simulated
+    signal_rank: Optional[int] = Field(None, ge=0)  # the rank that "receives" it; null: every rank
 
 
 class Config(_Section):
@@ -101,6 +155,10 @@ class Config(_Section):
             raise ValueError(f"model.layers[-1] must be 10 for {self.data.name} (10 classes), got {self.model.layers[-1]}")
         if self.data.name == "synthetic" and self.model.layers[-1] < 2:
             raise ValueError("model.layers[-1] (the number of classes) must be at least 2 for synthetic data")
+        if self.backend == "cupy" and self.algorithm == "per_example":
+            raise ValueError("algorithm per_example is the numpy baseline; with backend: cupy use batched")
+        if self.backend == "cupy" and self.parallel.reducer in ("overlap", "shm"):
+            raise ValueError(f"parallel.reducer={self.parallel.reducer} works on host buffers; with backend: cupy choose parallel.gpu_reducer")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,6 +191,12 @@ def _suggest(path: str) -> str:
     return f" (did you mean '{near[0]}'?)" if near else ""
 
 
+def _short_repr(value: Any, limit: int = 80) -> str:
+    """A value as the user wrote it, cut short: a 10,000-element list must not flood the terminal."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
@@ -141,8 +205,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
             lines.append(f"  {path}: unknown key{_suggest(path)}")
         else:
             got = e.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {path or '(top level)'}: {e['msg']}{shown}")
+            shown = "" if isinstance(got, dict) else f" (got {_short_repr(got)})"
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {path or '(top level)'}: {msg}{shown}")
     return f"invalid configuration in {source}:\n" + "\n".join(lines)
 
 
@@ -156,6 +221,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set has an empty key in {item!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
+    except RecursionError:  # PyYAML recurses once per nesting level: `[[[[...` exhausts the stack
+        raise ConfigError(f"--set {key}: value is nested too deeply") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {exc}") from None
     return key.split("."), value
@@ -186,6 +253,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {p}: {exc}") from None
     try:
         data = yaml.safe_load(text)  # safe_load: a config must never run code (no !!python tags)
+    except RecursionError:
+        raise ConfigError(f"{p} is nested too deeply to be a configuration") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p} is not valid YAML: {exc}") from None
     if data is None:

@@ -95,22 +95,26 @@ class Workspace:
         self.xp = xp
         self.max_batch = max(1, max_batch)
         widths = layout.sizes[1:]
-        self.acts = [xp.zeros((self.max_batch, w), dtype=dtype) for w in widths]  # a_1..a_L
-        self.deltas = [xp.zeros((self.max_batch, w), dtype=dtype) for w in widths]
+        # a_1..a_L; backward_sum overwrites each with its layer's delta, so no delta buffers
+        self.acts = [xp.zeros((self.max_batch, w), dtype=dtype) for w in widths]
         self.scratch = xp.zeros((self.max_batch * max(widths),), dtype=dtype)
+        self._scratch_views: dict[tuple[int, int], Array] = {}  # made once per shape, not per step
         self.ones = xp.ones((self.max_batch,), dtype=dtype)
         self.x = xp.zeros((self.max_batch, layout.sizes[0]), dtype=dtype)
         self.y = xp.zeros((self.max_batch, layout.sizes[-1]), dtype=dtype)
 
     def scratch_like(self, n: int, width: int) -> Array:
-        return self.xp.reshape(self.scratch[: n * width], (n, width))
+        key = (n, width)
+        if key not in self._scratch_views:
+            self._scratch_views[key] = self.xp.reshape(self.scratch[: n * width], (n, width))
+        return self._scratch_views[key]
 
 
 def forward(xp: ModuleType, ws: list[Array], bs: list[Array], x: Array, work: Workspace, n: int) -> Array:
     """Activations of every layer for the first n rows of x, into work.acts; returns a_L."""
-    a = x[:n]
+    a = x[:n, ...]  # explicit trailing axes: the Array API has no implicit ones
     for l, (w, b) in enumerate(zip(ws, bs)):
-        z = work.acts[l][:n]
+        z = work.acts[l][:n, ...]
         ops.matmul(xp, a, w, out=z)
         ops.add_row(xp, z, b)
         ops.sigmoid_(xp, z)
@@ -136,28 +140,32 @@ def backward_sum(
     `layer_done(l)` is called as soon as layer l's gradient is complete, so a reducer can
     start sending it while the layers below are still being computed. The loss is written
     before the first call, so it can travel with the top layer's gradient.
+
+    Each layer's delta overwrites that layer's activations, which are not needed once the
+    delta is known: the workspace holds one batch's activations and one scratch, no deltas.
     """
     L = len(ws)
-    a_out = work.acts[L - 1][:n]
-    d = work.deltas[L - 1][:n]
-    ops.subtract(xp, a_out, y[:n], out=d)
-    loss_out[0] = 0.5 * ops.sum_squares(xp, d)
-    ops.sigmoid_grad_mul_(xp, d, a_out, work.scratch_like(n, a_out.shape[1]))
+    a_out = work.acts[L - 1][:n, ...]
+    err = work.scratch_like(n, a_out.shape[1])
+    ops.subtract(xp, a_out, y[:n, ...], out=err)
+    loss_out[0] = 0.5 * ops.sum_squares(xp, err)
+    d = ops.sigmoid_delta_(xp, a_out, err)
     for l in range(L - 1, -1, -1):
-        a_in = x[:n] if l == 0 else work.acts[l - 1][:n]
+        a_in = x[:n, ...] if l == 0 else work.acts[l - 1][:n, ...]
         ops.matmul(xp, _t(xp, a_in), d, out=gws[l])
         ops.sum_rows(xp, d, work.ones[:n], out=gbs[l])
         if layer_done is not None:
             layer_done(l)  # before the input gradient, so sending overlaps that GEMM
         if l > 0:
-            d_below = work.deltas[l - 1][:n]
-            ops.matmul(xp, d, _t(xp, ws[l]), out=d_below)
-            ops.sigmoid_grad_mul_(xp, d_below, a_in, work.scratch_like(n, a_in.shape[1]))
-            d = d_below
+            back = work.scratch_like(n, a_in.shape[1])
+            ops.matmul(xp, d, _t(xp, ws[l]), out=back)
+            d = ops.sigmoid_delta_(xp, a_in, back)
 
 
 def _t(xp: ModuleType, a: Array) -> Array:
     """Transposed view; BLAS reads it with a transpose flag, no copy."""
+    if ops.has_out(xp):
+        return a.T  # numpy/CuPy: the attribute, not the Python-level wrapper (a few us per call)
     return xp.matrix_transpose(a) if hasattr(xp, "matrix_transpose") else a.T
 
 

@@ -25,6 +25,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -225,6 +226,14 @@ def _remove_stale_temps(path: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
+def _mode_for(path: Path) -> int:
+    if path.exists():
+        return stat.S_IMODE(path.stat().st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def _replacing(path: Path, seed: Optional[Path]) -> Iterator[h5py.File]:
     """Yield a writable copy of `seed` (or a new empty results file); on success it replaces path atomically."""
@@ -232,6 +241,7 @@ def _replacing(path: Path, seed: Optional[Path]) -> Iterator[h5py.File]:
     os.close(fd)
     tmp = Path(name)
     try:
+        os.chmod(tmp, _mode_for(path))  # mkstemp makes 0600; keep the file as readable as before
         if seed is not None:
             shutil.copyfile(seed, tmp)
             f = h5py.File(tmp, "a")
@@ -294,6 +304,15 @@ def _iter_runs(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 yield key, _read_run(key, f["runs"][key])
             except (KeyError, ValueError, OSError) as exc:
                 raise ResultsError(f"{path}: run {key} does not follow schema version {SCHEMA_VERSION} ({exc})") from None
+
+
+def statuses(path: str | Path) -> dict[str, str]:
+    """key -> status of every run in a results file ({} if it does not exist yet); cheap: no epochs read."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    with _open_checked(path) as f:
+        return {key: _attr_str(g.attrs["status"]) for key, g in f["runs"].items()}
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -366,17 +385,16 @@ def tpe(record: dict[str, Any]) -> Optional[float]:
 
 
 def show_lines(records: Iterable[dict[str, Any]]) -> list[str]:
-    lines = [f"{'key':<28} {'status':<8} {'implementation':<16} {'network':<7} {'batch':>6} {'PxT':>5} "
-             f"{'epochs':>6} {'TPE_s':>9} {'test_acc':>8}  error"]
+    """A table, one line per run: key, status, what ran, how fast, how well, and why it failed."""
+    rows = [["key", "status", "implementation", "network", "batch", "PxT", "epochs", "TPE_s", "test_acc", "error"]]
     for r in records:
-        t = tpe(r)
-        acc = r.get("test_accuracy")
+        t, acc = tpe(r), r.get("test_accuracy")
         err = (r.get("error") or "").strip().splitlines()
-        lines.append(f"{r['key']:<28} {r['status']:<8} {r['implementation']:<16} {r['network']:<7} "
-                     f"{r['batch_size'] if r['batch_size'] is not None else '-':>6} {r['ranks']}x{r['threads_per_rank']:<3} "
-                     f"{len(r['epochs']):>6} {'-' if t is None else f'{t:.4f}':>9} {'-' if acc is None else f'{acc:.4f}':>8}  "
-                     f"{err[-1][:80] if err else ''}")
-    return lines
+        rows.append([r["key"], r["status"], r["implementation"], r["network"], str(r.get("batch_size") or "-"),
+                     f"{r.get('ranks')}x{r.get('threads_per_rank')}", str(len(r["epochs"])),
+                     "-" if t is None else f"{t:.4f}", "-" if acc is None else f"{acc:.4f}", err[-1][:100] if err else ""])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -12,6 +12,7 @@ Rank 0 alone prints; other ranks speak only when they fail.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -23,18 +24,25 @@ from types import ModuleType
 from typing import Any, Callable, Optional
 
 import numpy as np
+import psutil
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
-from . import backend, checkpoint, comm as reducers, config as configmod, datasets, model, naive, provenance
+from . import backend, checkpoint, comm as reducers, config as configmod, datasets, gpu, model, naive, ops, provenance
 from .config import Config
 from .errors import ConfigError, DataError, DivergenceError, InjectedFault, PbpError, WorldSizeError
+from .checkpoint import CheckpointError
 
 Log = Callable[[str], None]
 
 # Errors every rank raises together (same config, same reduced values): they end the job
 # cleanly with this exit code. Anything else is one rank's failure and aborts the world.
 COLLECTIVE_EXIT = {ConfigError: 2, WorldSizeError: 2, DivergenceError: 3}
+# Errors that a setup step raised on some ranks; `together` re-raises them on every rank with
+# this marker, so they too are printed once and end the job with exit 2 instead of a hang.
+SETUP_EXIT = 2
+_SETUP_ERRORS = {cls.__name__: cls for cls in (ConfigError, DataError, WorldSizeError, CheckpointError)}
+EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 
 _stop_signal: list[int] = []  # signals received; a list so the handler need not rebind a global
 
@@ -47,6 +55,30 @@ def install_signal_handlers() -> None:
     """SIGUSR1 (Slurm's warning before the time limit) and SIGTERM ask for a checkpoint-and-stop."""
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, _on_signal)
+
+
+def together(comm: MPI.Comm, step: Callable[[], Any], name_ranks: bool = True) -> Any:
+    """Run a setup step on every rank; if it fails on any rank, fail on every rank.
+
+    A step that fails on some ranks only (a file one node cannot read, a different --set in
+    an MPMD launch) would otherwise leave the others waiting forever in the next collective.
+    Every rank raises the first failing rank's error, marked `on_all_ranks`, so rank 0 prints
+    it once and every rank exits with code 2. name_ranks=False for a step only rank 0 does.
+    """
+    try:
+        value, failure = step(), None
+    except tuple(_SETUP_ERRORS.values()) as exc:
+        value, failure = None, (type(exc).__name__, str(exc))
+    failures = comm.allgather(failure)
+    failed = [r for r, f in enumerate(failures) if f is not None]
+    if not failed:
+        return value
+    name, message = failures[failed[0]]
+    if name_ranks and len(failed) < comm.size:
+        message = f"on rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} only: {message}"
+    exc = _SETUP_ERRORS[name](message)
+    exc.on_all_ranks = True  # type: ignore[attr-defined]
+    raise exc
 
 
 def local_ranks(comm: MPI.Comm) -> int:
@@ -74,15 +106,17 @@ def choose_threads(cfg: Config, comm: MPI.Comm) -> int:
 
 def check_world(cfg: Config, comm: MPI.Comm) -> None:
     """Fail before any work if the launcher gave a different world, or ranks disagree."""
+    # The digests first: every rank gets the same list, so they all raise or none does. Only
+    # then the world size, which every rank now checks against the same parallel.ranks.
+    digests = comm.allgather(cfg.digest())
+    if len(set(digests)) != 1:
+        bad = [r for r, d in enumerate(digests) if d != digests[0]]
+        raise ConfigError(f"ranks {bad} loaded a different configuration from rank 0; every rank must read the same config")
     if cfg.parallel.ranks is not None and comm.size != cfg.parallel.ranks:
         raise WorldSizeError(
             f"asked for {cfg.parallel.ranks} ranks (parallel.ranks) but MPI_COMM_WORLD has {comm.size}; "
             "under Slurm this usually means a wrong `srun --mpi=` plugin started separate 1-rank jobs"
         )
-    digests = comm.allgather(cfg.digest())
-    if len(set(digests)) != 1:
-        bad = [r for r, d in enumerate(digests) if d != digests[0]]
-        raise ConfigError(f"ranks {bad} loaded a different configuration from rank 0; every rank must read the same config")
 
 
 def resolve_data(cfg: Config, comm: MPI.Comm) -> Optional[Path]:
@@ -111,7 +145,7 @@ class State:
         self.layout = model.Layout(cfg.model.layers)
         dtype = getattr(xp, cfg.model.dtype)
         self.theta = xp.asarray(model.glorot_uniform(self.layout, cfg.train.seed, cfg.model.dtype))
-        self.grad = xp.zeros((reducers.buffer_size(self.layout),), dtype=dtype)
+        self.grad = reducers.gradient_buffer(cfg.parallel.reducer, comm, reducers.buffer_size(self.layout), dtype, xp)
         self.n_params = self.layout.n_params
         self.ws, self.bs = model.views(self.theta, self.layout, xp)
         self.gws, self.gbs = model.views(self.grad, self.layout, xp)
@@ -120,7 +154,12 @@ class State:
         self.max_local = -(-cfg.train.batch_size // comm.size)
         self.work = model.Workspace(self.layout, self.max_local, xp, dtype)
         self.rows = np.arange(self.work.max_batch)
-        self.reducer = reducers.make_reducer(cfg.parallel.reducer, comm, self.grad, self.layout)
+        self.gpu: dict[str, Any] = {}  # device path: which reducer and why, for the result
+        self.sync = gpu.stream_sync(xp)  # waits for queued device work; a no-op on numpy
+        if xp is np:
+            self.reducer = reducers.make_reducer(cfg.parallel.reducer, comm, self.grad, self.layout)
+        else:
+            self.reducer, self.gpu = gpu.make_reducer(cfg.parallel.gpu_reducer, comm, self.grad, self.layout, xp)
 
 
 def epoch_order(seed: int, epoch: int, n: int, shuffle: bool) -> np.ndarray:
@@ -130,9 +169,28 @@ def epoch_order(seed: int, epoch: int, n: int, shuffle: bool) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0x45504F]).permutation(n)
 
 
+def _epoch_order(st: State, epoch: int, n: int) -> Any:
+    """Host data: epoch_order. Device data: an order drawn on the device, so none is uploaded."""
+    t = st.cfg.train
+    if isinstance(st.data.train, datasets.DeviceSource):
+        return datasets.device_epoch_order(st.xp, t.seed, epoch, n, t.shuffle)
+    return epoch_order(t.seed, epoch, n, t.shuffle)
+
+
 def my_share(batch: int, size: int, rank: int) -> tuple[int, int]:
     """This rank's contiguous part of a global minibatch; sizes differ by at most one."""
     return batch * rank // size, batch * (rank + 1) // size
+
+
+def _zero_grad(st: State) -> None:
+    """Zero the gradients and the loss, but not the stop flag: this rank may be the one to carry it."""
+    st.params_grad[...] = 0
+    st.loss_slot[...] = 0
+
+
+def apply_update(st: State, batch: int) -> None:
+    """theta -= lr / batch * (the reduced gradient sum): one BLAS axpy pass on the CPU."""
+    ops.axpy_(st.xp, -st.cfg.train.learning_rate / batch, st.params_grad, st.theta)
 
 
 def local_step(st: State, idx: np.ndarray) -> None:
@@ -140,13 +198,13 @@ def local_step(st: State, idx: np.ndarray) -> None:
     n = idx.shape[0]
     xp = st.xp
     if n == 0:  # more ranks than examples in this batch: contribute zeros
-        st.grad[...] = 0
+        _zero_grad(st)
         for l in reversed(range(st.layout.n_layers)):
             st.reducer.layer_done(l)
         return
     datasets.fill_batch(st.data.train, idx, st.work.x, st.work.y, xp, st.rows)
     if st.cfg.algorithm == "per_example":
-        st.grad[...] = 0
+        _zero_grad(st)
         x, y = st.work.x[:n], st.work.y[:n]
         st.loss_slot[0] = naive.example_grad_sum(st.theta, st.layout, x, y, st.params_grad)
         for l in reversed(range(st.layout.n_layers)):
@@ -165,11 +223,11 @@ def evaluate(st: State, source: datasets.Source) -> float:
     correct = 0
     chunk = st.work.max_batch
     for start in range(lo, hi, chunk):
-        idx = np.arange(start, min(hi, start + chunk))
+        idx = datasets.index_range(source, start, min(hi, start + chunk))
         datasets.fill_batch(source, idx, st.work.x, st.work.y, st.xp, st.rows)
-        pred = backend.to_host(model.predict_into(st.xp, st.ws, st.bs, st.work.x, st.work, idx.shape[0]))
-        correct += int(np.count_nonzero(pred == source.labels_of(idx)))
-    return st.comm.allreduce(correct, op=MPI.SUM) / n_total
+        pred = model.predict_into(st.xp, st.ws, st.bs, st.work.x, st.work, idx.shape[0])
+        correct += datasets.count_correct(source, pred, idx)  # device data: summed there, read once below
+    return st.comm.allreduce(int(correct), op=MPI.SUM) / n_total
 
 
 def _inject_fault(st: State, global_step: int) -> None:
@@ -178,10 +236,20 @@ def _inject_fault(st: State, global_step: int) -> None:
         return
     if dbg.fail_rank is not None and st.comm.rank != dbg.fail_rank:
         return
-    if dbg.fail_kind == "nan":
+    if dbg.fail_kind == "nan":  # what an overflow does: this step's gradient and loss become NaN
         st.params_grad[0] = float("nan")
+        st.loss_slot[...] = float("nan")
         return
+    if dbg.fail_kind == "oserror":  # a failure that is not one of ours, as a dying disk would raise
+        raise OSError(errno.EIO, f"injected I/O error on rank {st.comm.rank} at step {global_step} (debug.fail_kind=oserror)")
     raise InjectedFault(f"injected fault on rank {st.comm.rank} at step {global_step} (debug.fail_step)")
+
+
+def _stop_requested(st: State, global_step: int) -> bool:
+    """A SIGUSR1/SIGTERM reached this rank, or debug.signal_step stands in for one (tests)."""
+    dbg = st.cfg.debug
+    simulated = global_step == dbg.signal_step and dbg.signal_rank in (None, st.comm.rank)
+    return bool(_stop_signal) or simulated
 
 
 def _slowest(comm: MPI.Comm, values: list[float]) -> np.ndarray:
@@ -221,15 +289,55 @@ def _save_checkpoint(st: State, epoch: int, step: int, records: list[dict[str, A
     return path
 
 
+def _check_checkpoint_target(cfg: Config) -> None:
+    """Before training, not hours later: a checkpoint can be written where the config says."""
+    if cfg.checkpoint.path or cfg.checkpoint.every_epochs:
+        checkpoint.check_target(_checkpoint_path(cfg))
+
+
+def check_memory(cfg: Config, world_size: int) -> None:
+    """Refuse a model that cannot fit in this node's memory, before allocating it.
+
+    A typo such as a hidden layer of 10240000 would otherwise swap the node to a halt or be
+    OOM-killed with no message. The estimate is a lower bound: parameters, gradients, this
+    rank's activations and deltas, and the epoch's permutation.
+    """
+    layers = cfg.model.layers
+    n_params = sum((fan_in + 1) * fan_out for fan_in, fan_out in zip(layers, layers[1:]))
+    local_batch = -(-cfg.train.batch_size // world_size)
+    n_train = (cfg.data.n_train or 0) * (world_size if cfg.data.scale_with_ranks else 1)
+    need = np.dtype(cfg.model.dtype).itemsize * (2 * n_params + 2 * local_batch * sum(layers)) + 8 * n_train
+    total = psutil.virtual_memory().total
+    if need > total:
+        raise ConfigError(
+            f"model.layers {layers} with train.batch_size {cfg.train.batch_size} and data.n_train {cfg.data.n_train} "
+            f"needs at least {need / 2**30:.1f} GiB per rank; this node has {total / 2**30:.1f} GiB in all"
+        )
+
+
+def _read_checkpoint(path: Path) -> Optional[dict[str, Any]]:
+    """The checkpoint at path, checked to be ours and complete; None if there is none."""
+    if not path.exists():
+        return None
+    ck = checkpoint.load(path)
+    meta = ck["meta"]
+    if not isinstance(meta, dict) or not {"resume_key", "ranks", "records"} <= meta.keys():
+        raise CheckpointError(f"{path} is a pbp_hpc checkpoint without the resume information (resume_key, ranks, records)")
+    return ck
+
+
 def _try_resume(st: State, log: Log) -> tuple[int, int, list[dict[str, Any]]]:
     cfg = st.cfg
     if not cfg.checkpoint.resume:
         return 0, 0, []
     path = _checkpoint_path(cfg)
-    if not path.exists():
+    # Rank 0 alone reads and sends what it found: every rank resumes from the same bytes, and a
+    # rank on a node that sees another (or no) file cannot make the ranks disagree.
+    ck = together(st.comm, lambda: _read_checkpoint(path) if st.comm.rank == 0 else None, name_ranks=False)
+    ck = st.comm.bcast(ck, root=0)
+    if ck is None:
         log(f"no checkpoint at {path}: starting from scratch")
         return 0, 0, []
-    ck = checkpoint.load(path)
     if ck["meta"]["resume_key"] != _resume_key(cfg):
         raise ConfigError(f"checkpoint {path} was written by a run with other model/data/training settings; refusing to resume it")
     if ck["meta"]["ranks"] != st.comm.size:
@@ -238,33 +346,48 @@ def _try_resume(st: State, log: Log) -> tuple[int, int, list[dict[str, Any]]]:
             "resume with the same rank count (a different count sums gradients in another order, so the result "
             "would not be bit-for-bit that of an uninterrupted run)"
         )
-    if ck["theta"].shape[0] != st.n_params:
-        raise ConfigError(f"checkpoint {path} holds {ck['theta'].shape[0]} parameters, the model has {st.n_params}")
+    if ck["theta"].shape != (st.n_params,):
+        raise ConfigError(f"checkpoint {path} holds parameters of shape {ck['theta'].shape}, the model has {st.n_params}")
     st.theta[...] = st.xp.asarray(ck["theta"])
     log(f"resumed from {path} at epoch {ck['epoch']} step {ck['step']}")
     return ck["epoch"], ck["step"], ck["meta"]["records"]
 
 
 def run(cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, log: Optional[Log] = None, quiet: bool = False,
-        return_params: bool = False) -> dict[str, Any]:
+        return_params: bool = False, xp: Optional[ModuleType] = None) -> dict[str, Any]:
     """Train as the config says; return the result record (the same on every rank).
 
     With return_params, the record also holds the final parameters as a flat numpy array
-    under "params" (for tests and scripts; the JSON output never carries them).
+    under "params" (for tests and scripts; the JSON output never carries them). `xp`
+    overrides the array namespace that `backend` names: any namespace but numpy takes the
+    device path (data, order and reducer as for CuPy), so tests run it on the CPU under
+    array_api_strict.
     """
     log = log if (log is not None and comm.rank == 0 and not quiet) else (lambda s: None)
     check_world(cfg, comm)
-    threads = choose_threads(cfg, comm)
-    xp = backend.namespace(cfg.backend)
+    threads = together(comm, lambda: choose_threads(cfg, comm))  # nodes may differ in cores
+    together(comm, lambda: check_memory(cfg, comm.size))  # ... and in memory
+    together(comm, lambda: _check_checkpoint_target(cfg) if comm.rank == 0 else None, name_ranks=False)
+    xp = backend.namespace(cfg.backend) if xp is None else xp
+    devices = gpu.select_device(comm, xp)  # CuPy: this rank's GPU, chosen before any allocation
     directory = resolve_data(cfg, comm)
     with threadpool_limits(limits=threads, user_api="blas"):
-        data = datasets.load(cfg, comm.size, directory)
+        data = together(comm, lambda: datasets.load(cfg, comm.size, directory))
         prints = comm.allgather(data.fingerprint())
         if len(set(prints)) != 1:
-            raise DataError(f"ranks loaded different data (fingerprints {prints}); check that every node sees the same files")
+            exc = DataError(f"ranks loaded different data (fingerprints {prints}); check that every node sees the same files")
+            exc.on_all_ranks = True  # type: ignore[attr-defined]  # every rank compared the same list
+            raise exc
+        if xp is not np:
+            data = datasets.to_device(data, xp)  # uploaded once; batches are gathered on the device
         st = State(cfg, comm, xp, data)
         info = provenance.collect() if comm.rank == 0 else {}
+        if devices is not None and comm.rank == 0:
+            info["gpus"] = devices  # every rank's device: id, name, PCI bus id
+        if st.gpu:
+            log(f"device reducer: {st.gpu['gpu_reducer']} ({st.gpu['cuda_aware_reason']})")
         result = _train(st, threads, info, log, quiet)
+        result.update(st.gpu)
         if return_params:
             result["params"] = backend.to_host(st.theta).copy()
         return result
@@ -280,8 +403,9 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
         f"{cfg.algorithm}, batch {B}, lr {cfg.train.learning_rate}, {n_train} training examples from {st.data.origin}")
     t_run = time.perf_counter()
     stopped_at: Optional[tuple[int, int]] = None
+    stop_ranks = 0
     for epoch in range(start_epoch, cfg.train.epochs):
-        order = epoch_order(cfg.train.seed, epoch, n_train, cfg.train.shuffle)
+        order = _epoch_order(st, epoch, n_train)
         first = start_step if epoch == start_epoch else 0
         comm.Barrier()  # epochs start together, so the slowest rank's time is the epoch's time
         t0 = time.perf_counter()
@@ -290,41 +414,39 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
         loss_sum, seen = 0.0, 0
         bar = _progress(cfg, comm, steps - first, epoch, quiet)
         for step in range(first, steps):
-            gidx = order[step * B : (step + 1) * B]
+            gidx = order[step * B : min((step + 1) * B, n_train)]  # in bounds: the Array API wants it
             Bk = gidx.shape[0]
             lo, hi = my_share(Bk, comm.size, comm.rank)
             tc = time.perf_counter()
-            st.grad[st.n_params + reducers.STOP_SLOT] = 1.0 if _stop_signal else 0.0
+            st.grad[st.n_params + reducers.STOP_SLOT] = 1.0 if _stop_requested(st, epoch * steps + step) else 0.0
             local_step(st, gidx[lo:hi])
             _inject_fault(st, epoch * steps + step)
+            st.sync()  # GPU kernels run asynchronously: wait here so compute_s holds them
             t_reduce = time.perf_counter()
             st.reducer.finish()
             tu = time.perf_counter()
-            step_loss = float(st.grad[st.n_params + reducers.LOSS_SLOT])  # the one host sync per step
+            extras = backend.to_host(st.grad[st.n_params :])  # the one host sync per step: loss and stop flag
+            step_loss = float(extras[reducers.LOSS_SLOT])
             if not math.isfinite(step_loss):
                 raise DivergenceError(
                     f"training diverged at epoch {epoch} step {step}: loss is {step_loss} "
                     f"(learning rate {cfg.train.learning_rate} is likely too high)", epoch, step)
-            st.params_grad *= -cfg.train.learning_rate / Bk
-            st.theta += st.params_grad
+            apply_update(st, Bk)
             compute += (t_reduce - tc) + (time.perf_counter() - tu)
             loss_sum += step_loss
             seen += Bk
             if bar is not None:
                 bar.update(1)
-            if float(st.grad[st.n_params + reducers.STOP_SLOT]) > 0:
-                stopped_at = (epoch, step + 1)
+            if float(extras[reducers.STOP_SLOT]) > 0:  # the count of ranks asked to stop, the same on all
+                stopped_at, stop_ranks = (epoch, step + 1), int(extras[reducers.STOP_SLOT])
                 break
         if bar is not None:
             bar.close()
         wall = time.perf_counter() - t0
         allreduce = st.reducer.seconds - comm_before
         slow = _slowest(comm, [wall, compute - 0.0, allreduce])
-        if stopped_at is not None:
-            path = _save_checkpoint(st, *stopped_at, records)
-            log(f"signal {_stop_signal[0]} received: checkpoint written to {path} at epoch {stopped_at[0]} step {stopped_at[1]}; "
-                "run again with --resume to continue")
-            return _result(st, threads, info, records, time.perf_counter() - t_run, status="checkpointed", checkpoint=str(path))
+        if stopped_at is not None and stopped_at[1] < steps:  # mid-epoch: the part-epoch is not recorded
+            return _stop(st, threads, info, records, stopped_at, stop_ranks, time.perf_counter() - t_run, log)
         evaluate_now = cfg.train.eval_every and ((epoch + 1) % cfg.train.eval_every == 0)
         val_acc = evaluate(st, st.data.val) if (evaluate_now or epoch == cfg.train.epochs - 1) else None
         rec = {
@@ -344,6 +466,8 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
             f"(compute {rec['compute_s']:.3f}s, allreduce {rec['allreduce_s']:.3f}s)  {rec['gflops']:.1f} GFLOP/s")
         if not bool(xp.all(xp.isfinite(st.theta))):
             raise DivergenceError(f"training diverged in epoch {epoch}: parameters are no longer finite", epoch, steps - 1)
+        if stopped_at is not None and epoch + 1 < cfg.train.epochs:  # asked at an epoch's last step: it is recorded
+            return _stop(st, threads, info, records, (epoch + 1, 0), stop_ranks, time.perf_counter() - t_run, log)
         if cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0 and epoch + 1 < cfg.train.epochs:
             _save_checkpoint(st, epoch + 1, 0, records)
     test_acc = evaluate(st, st.data.test)
@@ -352,6 +476,16 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
     if cfg.checkpoint.path or cfg.checkpoint.every_epochs:
         _save_checkpoint(st, cfg.train.epochs, 0, records)
     return _result(st, threads, info, records, total, test_accuracy=test_acc)
+
+
+def _stop(st: State, threads: int, info: dict[str, Any], records: list[dict[str, Any]], at: tuple[int, int],
+          stop_ranks: int, total: float, log: Log) -> dict[str, Any]:
+    """Every rank was asked to stop at the same step: checkpoint where the next step would begin."""
+    path = _save_checkpoint(st, *at, records)
+    log(f"stop requested by a signal (SIGUSR1/SIGTERM) on {stop_ranks} of {st.comm.size} rank(s): checkpoint written "
+        f"to {path} at epoch {at[0]} step {at[1]}; run again with --resume to continue")
+    return _result(st, threads, info, records, total, status="checkpointed", checkpoint=str(path),
+                   stopped_at={"epoch": at[0], "step": at[1]})
 
 
 def _result(st: State, threads: int, info: dict[str, Any], records: list[dict[str, Any]], total: float, **extra: Any) -> dict[str, Any]:
@@ -399,7 +533,7 @@ def load_config(args: argparse.Namespace) -> Config:
 
 def report_failure(exc: BaseException, comm: MPI.Comm) -> int:
     """Print a failure once and return the exit code; abort the world if only this rank failed."""
-    code = next((c for t, c in COLLECTIVE_EXIT.items() if isinstance(exc, t)), None)
+    code = SETUP_EXIT if getattr(exc, "on_all_ranks", False) else next((c for t, c in COLLECTIVE_EXIT.items() if isinstance(exc, t)), None)
     if code is not None:
         if comm.rank == 0:
             print(f"pbp_hpc: error: {exc}", file=sys.stderr, flush=True)
@@ -415,19 +549,34 @@ def report_failure(exc: BaseException, comm: MPI.Comm) -> int:
     return 1
 
 
+def report_interrupt(comm: MPI.Comm) -> int:
+    """Ctrl-C (SIGINT, which Hydra forwards to every rank): end the whole job now, without a checkpoint.
+
+    Python raises KeyboardInterrupt only between bytecodes, so a rank waiting inside an MPI
+    collective never sees it; once any rank has left, that wait is forever. Abort ends them all.
+    """
+    print(f"pbp_hpc: rank {comm.rank} of {comm.size} interrupted (SIGINT): stopping every rank without a checkpoint "
+          "(send SIGUSR1 or SIGTERM instead to checkpoint and stop)", file=sys.stderr, flush=True)
+    if comm.size > 1:
+        comm.Abort(EXIT_INTERRUPTED)
+    return EXIT_INTERRUPTED
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     comm = MPI.COMM_WORLD
     args = parse_args(argv)
     out = sys.stderr if args.json else sys.stdout
     install_signal_handlers()
     try:
-        cfg = load_config(args)
+        cfg = together(comm, lambda: load_config(args))  # an MPMD launch may give ranks other arguments
         result = run(cfg, comm, log=lambda s: print(s, file=out, flush=True), quiet=args.quiet)
     except DivergenceError as exc:
         if args.json and comm.rank == 0:
             print(json.dumps({"status": "diverged", "error": str(exc), "epoch": exc.epoch, "step": exc.step,
                               "ranks": comm.size}), flush=True)
         return report_failure(exc, comm)
+    except KeyboardInterrupt:
+        return report_interrupt(comm)
     except Exception as exc:  # noqa: BLE001 - every failure must end the world, not hang it
         return report_failure(exc, comm)
     if args.json and comm.rank == 0:

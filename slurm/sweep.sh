@@ -122,6 +122,7 @@ log "array task $TASK_JOB (job $SLURM_JOB_ID, restart $RESTARTS) on ${SLURM_JOB_
 # ---- SIGUSR1 (time limit near): checkpoint, then requeue this task ---------------------------------------
 signals=0
 child=
+# shellcheck disable=SC2317  # invoked by the trap
 on_usr1() {
     signals=$((signals + 1))
     log "SIGUSR1: time limit near; asking point $POINT to write a checkpoint and stop"

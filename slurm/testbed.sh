@@ -87,12 +87,12 @@ pid_alive() { # pid_alive FILE: the PID in FILE names a live process that is not
 }
 
 stop_pidfile() { # stop_pidfile FILE NAME: SIGTERM, wait up to 15 s, then SIGKILL
-    local f=$1 name=$2 pid i
+    local f=$1 name=$2 pid
     if pid_alive "$f"; then
         pid=$(cat "$f")
         log "stopping $name (pid $pid)"
         kill -TERM "$pid" 2>/dev/null
-        for i in $(seq 1 150); do
+        for _ in $(seq 1 150); do
             pid_alive "$f" || break
             sleep 0.1
         done
@@ -106,9 +106,9 @@ stop_pidfile() { # stop_pidfile FILE NAME: SIGTERM, wait up to 15 s, then SIGKIL
 }
 
 wait_until() { # wait_until TENTHS CMD...: poll CMD every 0.1 s, at most TENTHS times
-    local n=$1 i
+    local n=$1
     shift
-    for i in $(seq 1 "$n"); do
+    for _ in $(seq 1 "$n"); do
         "$@" && return 0
         sleep 0.1
     done
@@ -123,6 +123,8 @@ dump_logs() {
     local f
     for f in "$LOGS"/*.log "$LOGS"/*.out; do
         [ -s "$f" ] || continue
+        # a daemon run with -D writes its log to stderr (NAME.out) too: show one of the two
+        [[ $f == *.out && -s ${f%.out}.log ]] && continue
         echo "===== $f (last 40 lines) =====" >&2
         tail -n 40 "$f" >&2
     done
@@ -148,15 +150,15 @@ our_stepds() {
 # ---------------------------------------------------------------------------------------------- stop
 
 do_stop() {
-    local ids pid i
+    local ids pid
     [ -d "$PIDS" ] || { log "nothing running in $DIR"; return 0; }
     if pid_alive "$PIDS/slurmctld.pid"; then
         ids=$(squeue -h -o '%A' 2>/dev/null | sort -u)
         if [ -n "$ids" ]; then
-            log "cancelling jobs: $(echo $ids)"
+            log "cancelling jobs: $(echo "$ids" | tr '\n' ' ')"
             # shellcheck disable=SC2086
             scancel $ids 2>/dev/null
-            for i in $(seq 1 50); do
+            for _ in $(seq 1 50); do
                 [ -z "$(squeue -h -o '%A' 2>/dev/null)" ] && break
                 sleep 0.2
             done
@@ -309,7 +311,8 @@ start_accounting() {
         --log-error="$LOGS/mariadb.log" --innodb-buffer-pool-size=128M --innodb-lock-wait-timeout=900 \
         --skip-name-resolve </dev/null >"$LOGS/mariadb.out" 2>&1 &
     echo $! >"$PIDS/mariadb.pid"
-    wait_until 300 mariadb_up_or_dead && mariadb_ok || { dump_logs; die "MariaDB did not start"; }
+    wait_until 600 mariadb_up_or_dead
+    mariadb_ok || { dump_logs; die "MariaDB did not start"; }
     mariadb --no-defaults --socket="$DIR/mysql.sock" -u root -e "
         CREATE DATABASE slurm_acct_db;
         CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY 'pbptest';
@@ -335,7 +338,8 @@ EOF
     log "starting slurmdbd"
     setsid slurmdbd -D </dev/null >"$LOGS/slurmdbd.out" 2>&1 &
     echo $! >"$PIDS/slurmdbd.pid"
-    wait_until 300 dbd_up_or_dead && dbd_ok || { dump_logs; die "slurmdbd did not start"; }
+    wait_until 600 dbd_up_or_dead
+    dbd_ok || { dump_logs; die "slurmdbd did not start"; }
     sacctmgr -i add cluster pbptest >"$LOGS/sacctmgr.out" 2>&1 \
         || { cat "$LOGS/sacctmgr.out" >&2; die "sacctmgr add cluster failed"; }
 }

@@ -115,6 +115,7 @@ log "job $SLURM_JOB_ID (restart $RESTARTS) on ${SLURM_JOB_NODELIST:-?}: $NTASKS 
 # script waits for it; `wait` returns early when the trap fires, and is called again.
 signals=0
 child=
+# shellcheck disable=SC2317  # invoked by the trap
 on_usr1() {
     signals=$((signals + 1))
     log "SIGUSR1: time limit near; asking the ranks to write a checkpoint and stop"

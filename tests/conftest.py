@@ -29,3 +29,86 @@ def mnist_dir() -> Path:
         if _has_mnist(directory):
             return directory
     pytest.skip(f"real MNIST not found in {' or '.join(map(str, candidates))}; set PBP_HPC_TEST_DATA")
+
+
+class MpiJob:
+    """A `mpiexec ...` started in the background, its output in files (no pipe can fill and block it)."""
+
+    def __init__(self, cmd: list[str], workdir: Path, env: dict[str, str] | None = None):
+        import subprocess
+        import time
+
+        self.out_path, self.err_path = workdir / "job.out", workdir / "job.err"
+        self.started = time.monotonic()
+        full_env = {**os.environ, **(env or {})}
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=workdir, env=full_env, text=True)
+        self.seen: dict[int, object] = {}  # every descendant ever listed, killed at teardown
+
+    def descendants(self) -> list:
+        import psutil
+
+        try:
+            found = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            found = []
+        self.seen.update({p.pid: p for p in found})
+        return found
+
+    def ranks(self) -> list:
+        """The training processes (Hydra starts them under its proxy), by rank order of their pids."""
+        return sorted((p for p in self.descendants() if "pbp_hpc.train" in " ".join(p.cmdline())), key=lambda p: p.pid)
+
+    def wait_for(self, text: str, timeout: float) -> bool:
+        """Whether `text` appeared in stdout or stderr within timeout seconds (False if the job ended first)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.out_path.read_text() + self.err_path.read_text():
+                return True
+            if self.proc.poll() is not None:
+                return text in self.out_path.read_text() + self.err_path.read_text()
+            time.sleep(0.05)
+        return False
+
+    def finish(self, timeout: float) -> tuple[int | None, str, str, float]:
+        """(exit code, stdout, stderr, seconds since start); exit code None if it ran past timeout (then killed)."""
+        import subprocess
+        import time
+
+        try:
+            rc: int | None = self.proc.wait(timeout=max(0.0, timeout - (time.monotonic() - self.started)))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            rc = None
+        return rc, self.out_path.read_text(), self.err_path.read_text(), time.monotonic() - self.started
+
+    def kill(self) -> None:
+        """Kill mpiexec and every process it started, each by its pid."""
+        import psutil
+
+        self.descendants()
+        for p in [*self.seen.values(), psutil.Process(self.proc.pid) if self.proc.poll() is None else None]:
+            if p is not None:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
+        self.proc.wait()
+
+
+@pytest.fixture
+def mpi_job(tmp_path):
+    """start(cmd, env=None) -> MpiJob, run in its own folder under tmp_path; all are killed at teardown."""
+    jobs: list[MpiJob] = []
+
+    def start(cmd: list[str], env: dict[str, str] | None = None) -> MpiJob:
+        workdir = tmp_path / f"job{len(jobs)}"
+        workdir.mkdir()
+        jobs.append(MpiJob(cmd, workdir, env))
+        return jobs[-1]
+
+    yield start
+    for job in jobs:
+        job.kill()

@@ -66,6 +66,19 @@ def test_overlapped_reducer_gives_the_blocking_result():
 
 
 @pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_shared_memory_reducer_gives_the_blocking_result(dtype):
+    over = {"train.batch_size": 10, "model.layers": "[784, 16, 12, 10]", "model.dtype": dtype}
+    blocking = train.run(small(**over), WORLD, return_params=True)
+    shm = train.run(small(**over, **{"parallel.reducer": "shm"}), WORLD, return_params=True)
+    np.testing.assert_allclose(shm["params"], blocking["params"], rtol=1e-12 if dtype == "float64" else 1e-5, atol=1e-14)
+    assert shm["epochs"][-1]["loss"] == pytest.approx(blocking["epochs"][-1]["loss"], rel=1e-12 if dtype == "float64" else 1e-5)
+    gathered = WORLD.allgather(shm["params"])
+    for p in gathered[1:]:
+        np.testing.assert_array_equal(p, gathered[0])  # every rank stored the same sums
+
+
+@pytest.mark.mpi(min_size=2)
 def test_per_example_implementation_matches_batched_across_ranks():
     cfg = small(**{"train.batch_size": 5, "algorithm": "per_example", "data.n_train": 40, "model.layers": "[784, 8, 10]"})
     naive = train.run(cfg, WORLD, return_params=True)

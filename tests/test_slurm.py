@@ -1,0 +1,534 @@
+"""Tests on a real one-node Slurm started by slurm/testbed.sh (Debian's Slurm 22.05, MariaDB + slurmdbd).
+
+The bed needs root and apt-get (or Slurm already installed); elsewhere `testbed.sh start` exits 77 and
+every test here is skipped. Set PBP_SLURM_TESTS=0 to skip them on purpose.
+
+The `slurm_cluster` fixture (session scope) starts the bed once, on free ports, in a fresh directory,
+and always stops it. It yields a `SlurmCluster`:
+
+    cluster.env                        os.environ + SLURM_CONF, for any subprocess
+    cluster.run("sinfo", ...)          run a command against the bed (check=True by default)
+    cluster.submit(script, *args, sbatch_args=(), env=None, cwd=None) -> job id (str)
+    cluster.wait_for(job_id, timeout=60) -> JobResult(state, exit_code, signal, restarts, stdout, info)
+    cluster.wait_for_array(array_id, timeout=60) -> {task id: JobResult}
+    cluster.signal_batch(job_id, "USR1")     what `--signal=B:USR1@...` does at the time limit
+    cluster.wait_for_text(path, text, timeout=30)
+    cluster.sacct(job_id) -> [{"JobID":..., "State":..., "ExitCode":...}, ...]
+    cluster.daemon_logs()              tails of the daemons' logs, for failure messages
+
+The job-template tests (slurm/train.sh, slurm/sweep.sh, slurm/merge.sh) run the real templates with
+PBP_PYTHON pointing at a stand-in interpreter that replaces `-m pbp_hpc.train|sweep|results|analyze`
+with small fakes (FAKE_* below) that behave as the real modules must: check the world size, handle
+SIGUSR1 by checkpointing and exiting 0, resume. To run the templates against the real package, submit
+them with PBP_PYTHON=sys.executable instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+import pytest
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[1]
+SLURM_DIR = REPO / "slurm"
+TESTBED = SLURM_DIR / "testbed.sh"
+
+TERMINAL_STATES = {
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+    "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT",
+}
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+def _parse_oneliner(line: str) -> dict[str, str]:
+    """One record of `scontrol show job -o`: KEY=VALUE pairs, where values may contain spaces."""
+    return {m.group(1): m.group(2).strip()
+            for m in re.finditer(r"(?:^|\s)([A-Za-z][\w:/]*)=(.*?)(?=\s+[A-Za-z][\w:/]*=|$)", line.strip())}
+
+
+@dataclass
+class JobResult:
+    job_id: str
+    state: str
+    exit_code: int
+    signal: int
+    restarts: int
+    stdout: Optional[Path]
+    info: dict = field(repr=False)
+
+    def output(self) -> str:
+        if self.stdout is None or not self.stdout.exists():
+            return ""
+        return self.stdout.read_text(errors="replace")
+
+
+def _free_port_base(start: int = 16817, span: int = 4) -> int:
+    """First base port >= start with base..base+span-1 all free on 127.0.0.1."""
+    for base in range(start, start + 2000, span):
+        ok = True
+        for port in range(base, base + span):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free TCP ports for the Slurm test bed")
+
+
+class SlurmCluster:
+    def __init__(self, directory: Path, port: int, cpus: int):
+        self.dir = directory
+        self.port = port
+        self.cpus = cpus
+        self.conf = directory / "slurm.conf"
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+
+    # -- commands ------------------------------------------------------------------------------------
+    def run(self, *cmd: str, check: bool = True, timeout: float = 60, env: Optional[dict] = None,
+            cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
+        p = subprocess.run(list(cmd), env=dict(self.env, **(env or {})), cwd=cwd, capture_output=True,
+                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        if check and p.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\nstdout:\n{p.stdout}\n"
+                                 f"stderr:\n{p.stderr}\n{self.daemon_logs()}")
+        return p
+
+    def submit(self, script: os.PathLike | str, *args: str, sbatch_args: Iterable[str] = (),
+               env: Optional[dict] = None, cwd: Optional[os.PathLike] = None, timeout: float = 60) -> str:
+        """sbatch SCRIPT ARGS; returns the job ID (for an array: the array's job ID).
+
+        env entries are added to the job's environment (sbatch exports the caller's by default);
+        cwd is the submit directory, where the job runs and, by default, writes its output.
+        """
+        p = self.run("sbatch", "--parsable", *sbatch_args, str(script), *args, env=env,
+                     cwd=Path(cwd) if cwd else None, timeout=timeout)
+        return p.stdout.strip().splitlines()[0].split(";")[0]
+
+    def job_records(self, job_id: str) -> list[dict[str, str]]:
+        p = self.run("scontrol", "show", "job", "-o", str(job_id), check=False)
+        if p.returncode != 0:
+            raise AssertionError(f"scontrol show job {job_id}: {p.stderr.strip()}")
+        return [_parse_oneliner(line) for line in p.stdout.splitlines() if line.strip()]
+
+    @staticmethod
+    def _result(rec: dict[str, str]) -> JobResult:
+        code, _, sig = rec.get("ExitCode", "0:0").partition(":")
+        out = rec.get("StdOut")
+        return JobResult(job_id=rec.get("JobId", "?"), state=rec.get("JobState", "?"),
+                         exit_code=int(code or 0), signal=int(sig or 0),
+                         restarts=int(rec.get("Restarts", "0") or 0),
+                         stdout=Path(out) if out and out != "(null)" else None, info=rec)
+
+    def _wait(self, job_id: str, timeout: float, poll: float) -> list[dict[str, str]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            recs = self.job_records(job_id)
+            if recs and all(r.get("JobState") in TERMINAL_STATES for r in recs):
+                return recs
+            if time.monotonic() > deadline:
+                states = ", ".join(f"{r.get('JobId')}:{r.get('JobState')}({r.get('Reason')})" for r in recs)
+                self.run("scancel", str(job_id), check=False)
+                raise AssertionError(f"job {job_id} not finished after {timeout} s: {states}\n"
+                                     f"{self._outputs(recs)}{self.daemon_logs()}")
+            time.sleep(poll)
+
+    def wait_for(self, job_id: str, timeout: float = 60, poll: float = 0.5) -> JobResult:
+        """Wait until the job is in a terminal state (a requeued job is not); cancel it on timeout."""
+        recs = self._wait(job_id, timeout, poll)
+        assert len(recs) == 1, f"{job_id} is an array job; use wait_for_array"
+        return self._result(recs[0])
+
+    def wait_for_array(self, job_id: str, timeout: float = 60, poll: float = 0.5) -> dict[int, JobResult]:
+        recs = self._wait(job_id, timeout, poll)
+        return {int(r["ArrayTaskId"]): self._result(r) for r in recs}
+
+    def signal_batch(self, job_id: str, sig: str = "USR1") -> None:
+        """Signal the batch shell only, as `--signal=B:SIG@...` does before the time limit."""
+        self.run("scancel", f"--signal={sig}", "--batch", str(job_id))
+
+    def wait_for_text(self, path: os.PathLike, text: str, timeout: float = 30) -> str:
+        path = Path(path)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if path.exists():
+                content = path.read_text(errors="replace")
+                if text in content:
+                    return content
+            time.sleep(0.2)
+        content = path.read_text(errors="replace") if path.exists() else "(no file)"
+        raise AssertionError(f"{text!r} not in {path} after {timeout} s:\n{content}\n{self.daemon_logs()}")
+
+    def sacct(self, job_id: str, fields: str = "JobID,JobName,State,ExitCode") -> list[dict[str, str]]:
+        p = self.run("sacct", "-j", str(job_id), "-n", "-P", "-o", fields)
+        names = fields.split(",")
+        return [dict(zip(names, line.split("|"))) for line in p.stdout.splitlines() if line.strip()]
+
+    # -- diagnostics ---------------------------------------------------------------------------------
+    @staticmethod
+    def _outputs(recs: list[dict[str, str]]) -> str:
+        text = ""
+        for r in recs:
+            out = r.get("StdOut")
+            if out and Path(out).exists():
+                text += f"----- {out} -----\n{Path(out).read_text(errors='replace')[-3000:]}\n"
+        return text
+
+    def daemon_logs(self, lines: int = 30) -> str:
+        text = ""
+        for f in sorted((self.dir / "log").glob("*.log")):
+            tail = f.read_text(errors="replace").splitlines()[-lines:]
+            text += f"----- {f} -----\n" + "\n".join(tail) + "\n"
+        return text
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    if os.environ.get("PBP_SLURM_TESTS", "1") == "0":
+        pytest.skip("PBP_SLURM_TESTS=0")
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    directory = Path(tempfile.mkdtemp(prefix="pbp-slurmbed-"))  # short: MariaDB's socket lives here
+    port = _free_port_base()
+    cpus = max(4, os.cpu_count() or 1)  # more "CPUs" than cores is fine for these small jobs
+    env = dict(os.environ, PBP_TESTBED_PORT=str(port), PBP_TESTBED_CPUS=str(cpus))
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(["bash", str(TESTBED), "start", str(directory)], env=env, capture_output=True,
+                           text=True, timeout=900, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as e:
+        subprocess.run(["bash", str(TESTBED), "stop", str(directory)], env=env, timeout=120)
+        pytest.fail(f"testbed.sh start timed out: {e}")
+    if p.returncode == 77:
+        shutil.rmtree(directory, ignore_errors=True)
+        pytest.skip("no Slurm test bed on this machine: " + (p.stderr.strip().splitlines() or ["?"])[-1])
+    cluster = SlurmCluster(directory, port, cpus)
+    try:
+        if p.returncode != 0:
+            pytest.fail(f"testbed.sh start exited {p.returncode}\n{p.stdout}\n{p.stderr}")
+        sys.stderr.write(f"\n[slurm test bed up in {time.monotonic() - t0:.1f} s: {directory}, port {port}]\n")
+        yield cluster
+    finally:
+        s = subprocess.run(["bash", str(TESTBED), "stop", str(directory)], env=env, capture_output=True,
+                           text=True, timeout=300)
+        if s.returncode == 0 and os.environ.get("PBP_KEEP_SLURMBED") != "1":
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _mpi_plugin_or_skip() -> str:
+    """The srun --mpi plugin for this Python's mpi4py (pmi2 for MPICH-derived MPIs)."""
+    pytest.importorskip("mpi4py")
+    code = ("import mpi4py; mpi4py.rc.initialize = mpi4py.rc.finalize = False\n"
+            "from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])")
+    lib = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    if "Open MPI" in lib:
+        pytest.skip(f"mpi4py uses {lib.strip()}: needs --mpi=pmix and libpmix2, which the bed lacks")
+    return "pmi2"
+
+
+def _write(path: Path, text: str, mode: int = 0o755) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text).lstrip())
+    path.chmod(mode)
+    return path
+
+
+# ------------------------------------------------------------------------------------ the bed itself
+
+WORLD_SIZE = "from mpi4py import MPI; print('world size', MPI.COMM_WORLD.size, flush=True)"
+
+
+def test_srun_pmi2_gives_one_world(slurm_cluster, tmp_path):
+    """srun --mpi=pmi2 wires the MPICH wheel's ranks into one MPI_COMM_WORLD (sbatch --wait)."""
+    plugin = _mpi_plugin_or_skip()
+    script = _write(tmp_path / "job.sh", f"""
+        #!/bin/bash
+        #SBATCH --ntasks=2
+        #SBATCH --output={tmp_path}/job-%j.out
+        srun --mpi={plugin} -n 2 {sys.executable} -c "{WORLD_SIZE}"
+    """)
+    t0 = time.monotonic()
+    p = slurm_cluster.run("sbatch", "--parsable", "--wait", str(script), cwd=tmp_path, check=False)
+    job = p.stdout.strip().splitlines()[0]
+    out = (tmp_path / f"job-{job}.out").read_text()
+    assert p.returncode == 0, f"sbatch --wait exited {p.returncode}\n{p.stderr}\n{out}"
+    assert out.count("world size 2") == 2, out
+    assert time.monotonic() - t0 < 60
+
+
+def test_wrong_mpi_plugin_gives_singletons(slurm_cluster, tmp_path):
+    """The pitfall: without a PMI the job runs, but as P separate 1-rank worlds -- check world size."""
+    _mpi_plugin_or_skip()
+    script = _write(tmp_path / "job.sh", f"""
+        #!/bin/bash
+        #SBATCH --ntasks=2
+        #SBATCH --output={tmp_path}/job-%j.out
+        srun --mpi=none -n 2 {sys.executable} -c "{WORLD_SIZE}"
+    """)
+    res = slurm_cluster.wait_for(slurm_cluster.submit(script, cwd=tmp_path))
+    out = res.output()
+    assert res.state == "COMPLETED", out
+    assert out.count("world size 1") == 2, out
+
+
+def test_sacct_records_steps(slurm_cluster, tmp_path):
+    script = _write(tmp_path / "job.sh", """
+        #!/bin/bash
+        #SBATCH --ntasks=1
+        srun --mpi=none true
+        srun --mpi=none false
+        exit 3
+    """)
+    job = slurm_cluster.submit(script, cwd=tmp_path)
+    res = slurm_cluster.wait_for(job)
+    assert (res.state, res.exit_code) == ("FAILED", 3)
+    deadline = time.monotonic() + 20  # the job's end reaches slurmdbd asynchronously
+    while True:
+        rows = {r["JobID"]: r for r in slurm_cluster.sacct(job)}
+        if rows.get(job, {}).get("State") == "FAILED" and f"{job}.1" in rows:
+            break
+        assert time.monotonic() < deadline, f"sacct -j {job} after 20 s: {rows}"
+        time.sleep(0.5)
+    assert rows[f"{job}.0"]["State"] == "COMPLETED"
+    assert rows[f"{job}.1"]["State"] == "FAILED"
+    assert rows[job]["ExitCode"] == "3:0"
+
+
+def test_usr1_trap_requeues_and_runs_again(slurm_cluster, tmp_path):
+    """A batch script that traps USR1 (as --signal=B:USR1@T delivers it) requeues itself; run 2 ends."""
+    script = _write(tmp_path / "job.sh", """
+        #!/bin/bash
+        #SBATCH --ntasks=1
+        #SBATCH --requeue
+        #SBATCH --open-mode=append
+        echo "run restart=${SLURM_RESTART_COUNT:-0}"
+        if [ "${SLURM_RESTART_COUNT:-0}" -ge 1 ]; then echo "second run done"; exit 0; fi
+        got=0
+        trap 'got=1' USR1
+        echo ready
+        for i in $(seq 1 300); do [ $got = 1 ] && break; sleep 0.1; done
+        [ $got = 1 ] || { echo "no USR1"; exit 4; }
+        echo "got USR1; requeueing"
+        scontrol requeue "$SLURM_JOB_ID"
+        sleep 30  # slurmctld ends this run
+        echo "not requeued"; exit 5
+    """)
+    job = slurm_cluster.submit(script, sbatch_args=[f"--output={tmp_path}/job-%j.out"], cwd=tmp_path)
+    slurm_cluster.wait_for_text(tmp_path / f"job-{job}.out", "ready")
+    slurm_cluster.signal_batch(job, "USR1")
+    res = slurm_cluster.wait_for(job, timeout=60)
+    out = res.output()
+    assert res.state == "COMPLETED" and res.exit_code == 0, out
+    assert res.restarts == 1, res.info
+    assert "run restart=0" in out and "got USR1; requeueing" in out, out
+    assert "run restart=1" in out and "second run done" in out, out
+    assert "not requeued" not in out, out
+
+
+# ------------------------------------------------------------------ the job templates, with fake modules
+
+FAKE_PYTHON = """\
+#!/bin/bash
+# Stand-in interpreter: `-m pbp_hpc.X` runs FAKES/X.py instead; anything else goes to the real Python.
+if [ "${1:-}" = -m ]; then
+    case "${2:-}" in
+        pbp_hpc.train | pbp_hpc.sweep | pbp_hpc.results | pbp_hpc.analyze)
+            mod=${2#pbp_hpc.}; shift 2; exec @PY@ @FAKES@/$mod.py "$@" ;;
+    esac
+fi
+exec @PY@ "$@"
+"""
+
+FAKE_TRAIN = """\
+# Behaves like pbp_hpc.train where the templates depend on it.
+import argparse, os, signal, sys, time
+from mpi4py import MPI
+ap = argparse.ArgumentParser()
+ap.add_argument("--config")
+ap.add_argument("--set", action="append", default=[])
+args, rest = ap.parse_known_args()
+sets = dict(s.split("=", 1) for s in args.set)
+comm = MPI.COMM_WORLD
+if comm.size != int(sets["parallel.ranks"]):
+    sys.exit(f"world size {comm.size} != parallel.ranks {sets['parallel.ranks']}: wrong srun --mpi?")
+got = []
+signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+ckpt = sets["checkpoint.path"]
+restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+if comm.rank == 0:
+    print(f"fake-train size={comm.size} restart={restart} sets={sets} rest={rest} "
+          f"SRUN_CPUS_PER_TASK={os.environ.get('SRUN_CPUS_PER_TASK')} "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
+if sets.get("checkpoint.resume") == "true" and os.path.exists(ckpt):
+    if comm.rank == 0:
+        print(f"resumed from {ckpt}: {open(ckpt).read()}; training finished", flush=True)
+    sys.exit(0)
+comm.Barrier()  # every rank has its handler
+if comm.rank == 0:
+    print("ready", flush=True)
+wait_s = float(os.environ.get("FAKE_WAIT_S", "50"))
+deadline = time.time() + wait_s
+while not got and time.time() < deadline:
+    time.sleep(0.05)
+if not got:
+    sys.exit(f"no SIGUSR1 within {wait_s} s")
+comm.Barrier()
+if comm.rank == 0:
+    with open(ckpt, "w") as f:
+        f.write("epoch=1 step=42")
+    print(f"rank 0: checkpoint written to {ckpt}", flush=True)
+"""
+
+FAKE_SWEEP = r"""\
+# Behaves like pbp_hpc.sweep --point N --launcher srun: launches the point's ranks with srun,
+# passes SIGUSR1 on to srun, exits 0 once the ranks have checkpointed.
+import argparse, os, signal, subprocess, sys
+ap = argparse.ArgumentParser()
+ap.add_argument("jobfile")
+ap.add_argument("--point", type=int, required=True)
+ap.add_argument("--results", required=True)
+ap.add_argument("--launcher", choices=["srun"], required=True)
+a = ap.parse_args()
+restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+wait_for_signal = a.point == 1 and restart == 0
+rank_code = '''
+import os, signal, sys, time
+from mpi4py import MPI
+c = MPI.COMM_WORLD
+got = []
+signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+c.Barrier()
+if os.environ["FAKE_WAIT"] == "1":
+    if c.rank == 0: print("ready", flush=True)
+    t = time.time() + 50
+    while not got and time.time() < t: time.sleep(0.05)
+    c.Barrier()
+    if c.rank == 0: print("point checkpointed", flush=True)
+    sys.exit(0 if got else 4)
+if c.rank == 0:
+    with open(os.environ["FAKE_RESULT"], "w") as f:
+        f.write(f"point={os.environ['FAKE_POINT']} size={c.size} restart={os.environ.get('SLURM_RESTART_COUNT', '0')}\\n")
+'''
+env = dict(os.environ, FAKE_WAIT="1" if wait_for_signal else "0", FAKE_RESULT=a.results, FAKE_POINT=str(a.point))
+proc = subprocess.Popen(["srun", f"--mpi={os.environ['PBP_SRUN_MPI']}", sys.executable, "-c", rank_code], env=env)
+signal.signal(signal.SIGUSR1, lambda s, f: proc.send_signal(signal.SIGUSR1))
+print(f"fake-sweep point {a.point} of {a.jobfile} restart={restart} -> {a.results}", flush=True)
+sys.exit(proc.wait())
+"""
+
+FAKE_RESULTS = """\
+import argparse
+ap = argparse.ArgumentParser()
+ap.add_argument("cmd", choices=["merge"])
+ap.add_argument("files", nargs="+")
+ap.add_argument("-o", required=True)
+a = ap.parse_args()
+with open(a.o, "w") as out:
+    for f in a.files:
+        out.write(open(f).read())
+"""
+
+FAKE_ANALYZE = """\
+import argparse, os
+ap = argparse.ArgumentParser()
+ap.add_argument("merged")
+ap.add_argument("--plots", required=True)
+a = ap.parse_args()
+os.makedirs(a.plots, exist_ok=True)
+lines = open(a.merged).read().splitlines()
+print(f"analysis of {len(lines)} points:")
+print("\\n".join(sorted(lines)))
+"""
+
+
+@pytest.fixture
+def fake_python(tmp_path):
+    """Path of an interpreter for PBP_PYTHON that runs the fake pbp_hpc modules above."""
+    fakes = tmp_path / "fakes"
+    for name, text in [("train", FAKE_TRAIN), ("sweep", FAKE_SWEEP), ("results", FAKE_RESULTS),
+                       ("analyze", FAKE_ANALYZE)]:
+        _write(fakes / f"{name}.py", text, 0o644)
+    return _write(fakes / "python", FAKE_PYTHON.replace("@PY@", sys.executable).replace("@FAKES@", str(fakes)))
+
+
+def test_train_template_checkpoints_requeues_resumes(slurm_cluster, tmp_path, fake_python):
+    """slurm/train.sh: USR1 -> srun -> every rank; checkpoint; scontrol requeue; run 2 resumes."""
+    _mpi_plugin_or_skip()
+    job = slurm_cluster.submit(SLURM_DIR / "train.sh", "--set", "train.epochs=2",
+                               sbatch_args=["--ntasks-per-node=2", "--cpus-per-task=2", "--time=10"],
+                               env={"PBP_PYTHON": str(fake_python)}, cwd=tmp_path)
+    out_file = tmp_path / f"pbp-train-{job}.out"
+    slurm_cluster.wait_for_text(out_file, "ready")
+    slurm_cluster.signal_batch(job, "USR1")
+    res = slurm_cluster.wait_for(job, timeout=60)
+    out = res.output()
+    assert res.stdout == out_file
+    assert (res.state, res.exit_code, res.restarts) == ("COMPLETED", 0, 1), out
+    ckpt = tmp_path / "checkpoints" / f"{job}.h5"
+    assert ckpt.exists(), out
+    assert "srun --mpi=pmi2" in out, out  # auto-detected for the MPICH wheel
+    assert "'parallel.ranks': '2'" in out and "'parallel.threads_per_rank': '2'" in out, out
+    assert f"'checkpoint.path': 'checkpoints/{job}.h5'" in out and "'checkpoint.resume': 'true'" in out, out
+    assert "'train.epochs': '2'" in out, out  # arguments after the script name reach the program
+    assert "SRUN_CPUS_PER_TASK=2 OMP_NUM_THREADS=2" in out, out
+    assert "checkpoint written" in out and "requeueing job" in out, out
+    assert f"resumed from checkpoints/{job}.h5" in out and "training finished" in out, out
+
+
+def test_train_template_wrong_plugin_fails_loudly(slurm_cluster, tmp_path, fake_python):
+    """PBP_SRUN_MPI=none: two 1-rank worlds; parallel.ranks=2 makes the program (here: the fake) fail."""
+    _mpi_plugin_or_skip()
+    job = slurm_cluster.submit(SLURM_DIR / "train.sh", sbatch_args=["--ntasks-per-node=2"],
+                               env={"PBP_PYTHON": str(fake_python), "PBP_SRUN_MPI": "none"}, cwd=tmp_path)
+    res = slurm_cluster.wait_for(job, timeout=60)
+    out = res.output()
+    assert res.state == "FAILED" and res.exit_code != 0, out
+    assert "world size 1 != parallel.ranks 2" in out, out
+
+
+def test_sweep_array_requeue_and_merge(slurm_cluster, tmp_path, fake_python):
+    """slurm/sweep.sh as a 2-task array (task 1 checkpoints and is requeued alone), then slurm/merge.sh
+    after it with --dependency=afterany."""
+    _mpi_plugin_or_skip()
+    _write(tmp_path / "jobs" / "demo.yaml", "points: [a, b]\n", 0o644)
+    env = {"PBP_PYTHON": str(fake_python), "PBP_JOBFILE": "jobs/demo.yaml"}
+    array = slurm_cluster.submit(SLURM_DIR / "sweep.sh", env=env, cwd=tmp_path,
+                                 sbatch_args=["--array=0-1", "--ntasks=2", "--cpus-per-task=1", "--time=10"])
+    merge = slurm_cluster.submit(SLURM_DIR / "merge.sh", cwd=tmp_path,
+                                 sbatch_args=[f"--dependency=afterany:{array}"],
+                                 env={"PBP_PYTHON": str(fake_python), "PBP_RESULTS_DIR": "results/demo",
+                                      "PBP_SWEEP_POINTS": "2"})
+    slurm_cluster.wait_for_text(tmp_path / f"pbp-sweep-{array}_1.out", "ready")
+    slurm_cluster.signal_batch(f"{array}_1", "USR1")
+    tasks = slurm_cluster.wait_for_array(array, timeout=60)
+    logs = {i: (tmp_path / f"pbp-sweep-{array}_{i}.out").read_text() for i in (0, 1)}
+    assert sorted(tasks) == [0, 1]
+    assert all(t.state == "COMPLETED" and t.exit_code == 0 for t in tasks.values()), (tasks, logs)
+    assert (tasks[0].restarts, tasks[1].restarts) == (0, 1), logs
+    assert "point checkpointed" in logs[1] and f"requeueing array task {array}_1" in logs[1], logs[1]
+    results = tmp_path / "results" / "demo"
+    assert (results / "point-0.h5").read_text() == "point=0 size=2 restart=0\n", logs
+    assert (results / "point-1.h5").read_text() == "point=1 size=2 restart=1\n", logs
+
+    m = slurm_cluster.wait_for(merge, timeout=30)
+    assert (m.state, m.exit_code) == ("COMPLETED", 0), m.output()
+    analysis = (results / "analysis.txt").read_text()
+    assert analysis.startswith("analysis of 2 points:"), analysis
+    assert (results / "merged.h5").exists() and (results / "plots").is_dir()
