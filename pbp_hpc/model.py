@@ -91,13 +91,17 @@ def forward_flops_per_example(sizes: list[int]) -> int:
 class Workspace:
     """Buffers for one rank's largest local batch, allocated once and reused every step."""
 
+    BLOCK_ROWS = 1024  # rows per input-gradient GEMM: what bounds the scratch for large batches
+
     def __init__(self, layout: Layout, max_batch: int, xp: ModuleType, dtype: Any):
         self.xp = xp
         self.max_batch = max(1, max_batch)
         widths = layout.sizes[1:]
         # a_1..a_L; backward_sum overwrites each with its layer's delta, so no delta buffers
         self.acts = [xp.zeros((self.max_batch, w), dtype=dtype) for w in widths]
-        self.scratch = xp.zeros((self.max_batch * max(widths),), dtype=dtype)
+        self.block = min(self.max_batch, self.BLOCK_ROWS)
+        # the output error (all rows), or one block of a hidden layer's incoming gradient
+        self.scratch = xp.zeros((max(self.max_batch * widths[-1], self.block * max(widths)),), dtype=dtype)
         self._scratch_views: dict[tuple[int, int], Array] = {}  # made once per shape, not per step
         self.ones = xp.ones((self.max_batch,), dtype=dtype)
         self.x = xp.zeros((self.max_batch, layout.sizes[0]), dtype=dtype)
@@ -156,10 +160,14 @@ def backward_sum(
         ops.sum_rows(xp, d, work.ones[:n], out=gbs[l])
         if layer_done is not None:
             layer_done(l)  # before the input gradient, so sending overlaps that GEMM
-        if l > 0:
-            back = work.scratch_like(n, a_in.shape[1])
-            ops.matmul(xp, d, _t(xp, ws[l]), out=back)
-            d = ops.sigmoid_delta_(xp, a_in, back)
+        if l > 0:  # the input gradient, in blocks of rows: at most a block of scratch at any batch size
+            w_t = _t(xp, ws[l])
+            for lo in range(0, n, work.block):
+                hi = min(n, lo + work.block)
+                back = work.scratch_like(hi - lo, a_in.shape[1])
+                ops.matmul(xp, d[lo:hi, ...], w_t, out=back)
+                ops.sigmoid_delta_(xp, a_in[lo:hi, ...], back)
+            d = a_in
 
 
 def _t(xp: ModuleType, a: Array) -> Array:

@@ -342,25 +342,28 @@ def read_runs(paths: str | Path | Sequence[str | Path]) -> list[dict[str, Any]]:
 def merge(paths: Sequence[str | Path], out: str | Path, overwrite: bool = False) -> int:
     """Combine results files (e.g. one per Slurm array task) into out; return its number of runs.
 
-    If out exists it is merged too (so merging again after more points finished just adds
-    them), unless overwrite=True. A key present in several inputs must hold identical runs,
-    else ResultsError names the key and files and nothing is written. out is replaced
-    atomically.
+    A key present in several inputs must hold identical runs, else ResultsError names the key
+    and the files, and nothing is written. If out exists (and overwrite is False), its runs are
+    kept too, except where an input holds the same key: the inputs are the source and out is
+    derived from them, so a point rerun after a failure (--retry-failed) replaces its old run
+    when merging again. out is replaced atomically.
     """
     out = Path(out)
-    inputs = [Path(p) for p in paths]
+    inputs = list(dict.fromkeys(Path(p) for p in paths))
     if not inputs:
         raise ResultsError("merge needs at least one input file")
     with _locked(out):
         _remove_stale_temps(out)
-        sources = list(dict.fromkeys(([out] if out.exists() and not overwrite else []) + inputs))
         chosen: dict[str, tuple[dict[str, Any], Path]] = {}
-        for p in sources:
+        for p in inputs:
             for key, rec in _iter_runs(p):
                 if key in chosen and not _same(chosen[key][0], rec):
                     raise ResultsError(f"run {key} is in {chosen[key][1]} and in {p} with different contents; "
                                        "remove one of them (e.g. the failed attempt) and merge again")
                 chosen.setdefault(key, (rec, p))
+        if out.exists() and not overwrite and out not in inputs:
+            for key in statuses(out):
+                chosen.setdefault(key, ({}, out))
         opened = {p: _open_checked(p) for p in {p for _, p in chosen.values()}}
         try:
             with _replacing(out, None) as dst:
@@ -384,17 +387,23 @@ def tpe(record: dict[str, Any]) -> Optional[float]:
     return float(np.median(times)) if times else None
 
 
+def headline(error: str) -> str:
+    """The telling line of a run's error text: the last one that says error (not a launcher's echo), else the last."""
+    lines = [l.strip() for l in (error or "").strip().splitlines() if l.strip()]
+    telling = [l for l in lines if "error" in l.lower() and not l.startswith(("srun:", "mpiexec:", "#"))]
+    return (telling or lines or [""])[-1]
+
+
 def show_lines(records: Iterable[dict[str, Any]]) -> list[str]:
     """A table, one line per run: key, status, what ran, how fast, how well, and why it failed."""
     rows = [["key", "status", "implementation", "network", "batch", "PxT", "epochs", "TPE_s", "test_acc", "error"]]
     for r in records:
         t, acc = tpe(r), r.get("test_accuracy")
-        err = (r.get("error") or "").strip().splitlines()
         rows.append([r["key"], r["status"], r["implementation"], r["network"], str(r.get("batch_size") or "-"),
                      f"{r.get('ranks')}x{r.get('threads_per_rank')}", str(len(r["epochs"])),
-                     "-" if t is None else f"{t:.4f}", "-" if acc is None else f"{acc:.4f}", err[-1][:100] if err else ""])
+                     "-" if t is None else f"{t:.4f}", "-" if acc is None else f"{acc:.4f}", headline(r.get("error") or "")[:120]])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows]
+    return [("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1]).rstrip() for row in rows]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -402,7 +411,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("merge", help="combine results files (one per Slurm array task) into one")
     m.add_argument("inputs", nargs="+", type=Path)
-    m.add_argument("-o", "--output", required=True, type=Path, help="merged file; if it exists its runs are kept")
+    m.add_argument("-o", "--output", required=True, type=Path, help="merged file; if it exists, its runs that no input holds are kept")
     m.add_argument("--overwrite", action="store_true", help="do not merge an existing output file: replace it")
     s = sub.add_parser("show", help="one line per run")
     s.add_argument("files", nargs="+", type=Path)
@@ -416,6 +425,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ResultsError as exc:
         print(f"pbp_hpc.results: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `... | head` stopped reading: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 

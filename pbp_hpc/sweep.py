@@ -16,6 +16,7 @@ run time with a reason, keeping its index.
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import difflib
 import importlib.util
@@ -30,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -49,7 +50,7 @@ STDERR_TAIL = 20  # lines of a failed point's stderr kept as its error
 class Rule:
     """What an implementation is: which (ranks, threads) it accepts and how it is run."""
 
-    fits: Any  # (ranks, threads) -> bool
+    fits: Callable[[int, int], bool]  # (ranks, threads) -> can this implementation be that?
     shape: str  # the constraint in words, for --list and errors
     algorithm: str = "batched"
     backend: str = "numpy"
@@ -276,7 +277,7 @@ def expand(path: str | Path) -> Sweep:
     base_path = _resolve_base(spec.base, path) if isinstance(spec.base, str) else None
     base_dict = configmod.read_yaml(base_path) if base_path else {}
     base_items = [] if base_path else _set_items(spec.base)
-    base_cfg = configmod.from_dict(configmod.apply_overrides(dict(base_dict), base_items + _set_items(spec.set)),
+    base_cfg = configmod.from_dict(configmod.apply_overrides(copy.deepcopy(base_dict), base_items + _set_items(spec.set)),
                                    f"{path} (base + set)")
     ax = spec.axes
     networks = [_network(spec, n) for n in ax.network] if ax.network else [_network(spec, base_cfg.model.layers)]
@@ -310,7 +311,7 @@ def _make_point(spec: SweepSpec, path: Path, base_dict: dict[str, Any], base_ite
     if spec.oversubscribe:
         fixed["parallel.oversubscribe"] = True
     overrides = base_items + _set_items(spec.set) + _set_items(spec.implementation_set.get(impl, {})) + _set_items(fixed)
-    cfg = configmod.from_dict(configmod.apply_overrides(json.loads(json.dumps(base_dict)), overrides), f"{path} (point {index})")
+    cfg = configmod.from_dict(configmod.apply_overrides(copy.deepcopy(base_dict), overrides), f"{path} (point {index})")
     if cfg.train.warmup_epochs >= cfg.train.epochs:
         raise ConfigError(f"{path}: warmup_epochs={spec.warmup_epochs} leaves no timed epoch with train.epochs={cfg.train.epochs}")
     return Point(index, impl, net, layers, values["dtype"], values["batch_size"], values["ranks"],
@@ -350,7 +351,8 @@ def launcher_prefix(launcher: str, ranks: int, threads: int) -> list[str]:
     A replacement may use {ranks} and {threads}; without {ranks}, `-n <ranks>` is appended.
     """
     if launcher == "srun":
-        template = os.environ.get("PBP_SRUN") or f"srun --mpi={os.environ.get('PBP_SRUN_MPI') or 'pmi2'} --cpus-per-task={{threads}}"
+        template = os.environ.get("PBP_SRUN") or (f"srun --mpi={os.environ.get('PBP_SRUN_MPI') or 'pmi2'} --kill-on-bad-exit=1 "
+                                                 "--cpus-per-task={threads}")
     else:
         default = shutil.which("mpiexec") or str(Path(sys.executable).with_name("mpiexec"))
         template = os.environ.get("PBP_MPIEXEC") or shlex.quote(default)
@@ -621,7 +623,7 @@ def _summary(o: Outcome) -> str:
         tpe = results.tpe({**o.result, "warmup_epochs": o.result.get("warmup_epochs")})
         acc = o.result.get("test_accuracy")
         return (f"ok, TPE {tpe:.4f} s" if tpe is not None else "ok") + (f", test acc {acc:.4f}" if acc is not None else "") + f" ({o.seconds:.1f} s)"
-    return f"{o.status} ({o.seconds:.1f} s): {o.error.strip().splitlines()[-1] if o.error.strip() else ''}"
+    return f"{o.status} ({o.seconds:.1f} s): {results.headline(o.error)}"
 
 
 def _cleanup_checkpoint_dir(results_path: Path) -> None:
@@ -645,7 +647,7 @@ def list_lines(sweep: Sweep, opts: Options) -> list[str]:
         rows.append([str(point.index), str(rep), point.implementation, point.network, point.dtype, str(point.batch_size),
                      str(point.ranks), str(point.threads), state])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
+    lines = [("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip() for r in rows]
     n = len(sweep.points)
     lines.append(f"{n} points x {sweep.spec.repetitions} repetition(s); Slurm array 0-{n - 1}; {cores} cores here; results {opts.results}")
     return lines
@@ -754,6 +756,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except PbpError as exc:
         print(f"pbp_hpc.sweep: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `... | head` stopped reading: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

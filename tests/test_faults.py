@@ -65,9 +65,13 @@ def test_a_rank_killed_by_sigkill_takes_the_job_down(mpi_job):
     os.kill(victim.pid, signal.SIGKILL)
     rc, out, err, seconds = job.finish(60)
     assert rc is not None, "Hydra left the surviving rank running"
-    # Hydra kills the other ranks and exits with the signal's number (9), and says why on stdout.
-    assert rc == 9
-    assert "BAD TERMINATION" in out and "Killed (signal 9)" in out
+    # Usually Hydra sees the death first: it kills the other ranks, says why on stdout and exits
+    # with the signal's number. Under load the survivor may first get an MPI error from its
+    # Allreduce instead: it then reports it and aborts, and the exit code is 1. Either way, fast.
+    if rc == 9:
+        assert "BAD TERMINATION" in out and "Killed (signal 9)" in out
+    else:
+        assert rc == 1 and "pbp_hpc: rank 0 of 2 failed" in err, (rc, out, err)
 
 
 def test_ctrl_c_on_mpiexec_ends_every_rank_instead_of_hanging(mpi_job):

@@ -159,7 +159,7 @@ def test_a_training_step_copies_nothing_between_host_and_device(monkeypatch):
 
     def counting(name, real):
         def wrapper(obj, *args, **kwargs):
-            if isinstance(obj, np.ndarray) or name == "asnumpy":  # a host array going up, or anything coming down
+            if isinstance(obj, np.ndarray) or name in ("asnumpy", "to_host"):  # a host array going up, or anything down
                 conversions.append(name)
             return real(obj, *args, **kwargs)
         return wrapper
@@ -175,8 +175,8 @@ def test_a_training_step_copies_nothing_between_host_and_device(monkeypatch):
                 step(k)
     cp.cuda.get_current_stream().synchronize()
     assert conversions == []
-    batch_bytes = B * 784 * 8
-    assert max(hook.sizes, default=0) < batch_bytes // 8, sorted(hook.sizes)[-5:]
+    batch_bytes = B * 784 * 8  # what uploading the batch would allocate; the largest gradient block is 784 x 64
+    assert max(hook.sizes, default=0) < batch_bytes // 2, sorted(hook.sizes)[-5:]
 
 
 # ---- several ranks ---------------------------------------------------------------------------

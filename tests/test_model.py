@@ -107,3 +107,13 @@ def test_flop_count_is_forward_plus_weight_gradients_plus_hidden_input_gradients
     # Net-1h: 2*(784*1024 + 1024*10) forward, the same for weight gradients, 2*1024*10 input gradients
     f = 2 * (784 * 1024 + 1024 * 10)
     assert model.flops_per_example([784, 1024, 10]) == 2 * f + 2 * 1024 * 10
+
+
+def test_input_gradient_in_row_blocks_equals_one_block(monkeypatch):
+    """Batches above Workspace.BLOCK_ROWS take the input gradient in blocks; the sum is unchanged."""
+    layout, theta, x, y = _problem([20, 16, 12, 10], n=37)
+    whole, loss = batched_grad(layout, theta, x, y)
+    monkeypatch.setattr(model.Workspace, "BLOCK_ROWS", 5)
+    blocked, loss_b = batched_grad(layout, theta, x, y)
+    np.testing.assert_array_equal(blocked, whole)
+    assert loss_b == loss

@@ -115,6 +115,18 @@ def test_merge_combines_files_and_keeps_identical_duplicates_once(tmp_path):
     assert results.merge([c], out) == 4
 
 
+def test_merging_again_takes_a_rerun_point_from_the_inputs(tmp_path):
+    """merged.h5 is derived: a point that failed, was retried and merged again ends up ok."""
+    a, out = tmp_path / "point-0.h5", tmp_path / "merged.h5"
+    results.append_run(a, record(point=0, status="failed", epochs=[], error="boom"))
+    results.append_run(tmp_path / "point-1.h5", record(point=1))
+    results.merge([a, tmp_path / "point-1.h5"], out)
+    results.append_run(a, record(point=0), replace=True)  # sweep --retry-failed
+    assert results.merge([a], out) == 2
+    assert [r["status"] for r in results.read_runs(out)] == ["ok", "ok"]
+    assert results.merge([a], out, overwrite=True) == 1
+
+
 def test_merge_refuses_a_key_whose_runs_differ_and_writes_nothing(tmp_path):
     a, b, out = tmp_path / "a.h5", tmp_path / "b.h5", tmp_path / "all.h5"
     results.append_run(a, record(point=0))

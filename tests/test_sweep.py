@@ -122,7 +122,7 @@ def test_launchers_and_their_overrides(monkeypatch):
     monkeypatch.delenv("PBP_SRUN", raising=False)
     monkeypatch.setenv("PBP_SRUN_MPI", "pmix")
     assert sweep.launcher_prefix("mpiexec", 3, 2)[-2:] == ["-n", "3"]
-    assert sweep.launcher_prefix("srun", 3, 2) == ["srun", "--mpi=pmix", "--cpus-per-task=2", "-n", "3"]
+    assert sweep.launcher_prefix("srun", 3, 2) == ["srun", "--mpi=pmix", "--kill-on-bad-exit=1", "--cpus-per-task=2", "-n", "3"]
     monkeypatch.setenv("PBP_MPIEXEC", "mpirun --bind-to none -np {ranks}")
     assert sweep.launcher_prefix("mpiexec", 3, 2) == ["mpirun", "--bind-to", "none", "-np", "3"]
 
@@ -246,7 +246,7 @@ def test_a_sweep_killed_midway_completes_on_rerun_with_every_point_once(tmp_path
 
 def test_sigusr1_checkpoints_the_running_point_and_the_next_run_resumes_it(tmp_path):
     """What slurm/sweep.sh relies on: SIGUSR1 -> the point checkpoints, nothing is recorded, exit 0 (requeue)."""
-    base = {**TINY_BASE, "data": {"name": "synthetic", "n_train": 6000, "n_test": 40}}
+    base = {**TINY_BASE, "data": {"name": "synthetic", "n_train": 1800, "n_test": 40}}
     path = write(tmp_path, base=base, axes={"implementation": ["hybrid"], "ranks": [2], "batch_size": [2]})
     res = tmp_path / "r.h5"
     proc = subprocess.Popen([sys.executable, "-m", "pbp_hpc.sweep", str(path), "--results", str(res)], cwd=ROOT,
@@ -255,7 +255,7 @@ def test_sigusr1_checkpoints_the_running_point_and_the_next_run_resumes_it(tmp_p
     deadline = time.monotonic() + 60
     while "2 rank(s) x 1 thread(s)" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
         time.sleep(0.05)  # train logs that line once its signal handlers are in place and training starts
-    proc.send_signal(signal.SIGUSR1)  # 2500 steps per epoch: the run is still in its first epoch
+    proc.send_signal(signal.SIGUSR1)  # 750 steps per epoch: the run is still in its first epoch
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, out + err
     assert "interrupted by signal 10" in out and not results.statuses(res)
