@@ -99,6 +99,12 @@ def test_one_rank_stopped_and_resumed_equals_an_uninterrupted_run(tmp_path, wher
     assert resumed["epochs"][1]["partial"] == (where == "mid-epoch")
 
 
+def test_a_stop_request_survives_the_per_example_path(tmp_path):
+    # That path zeroes the gradient buffer after the stop flag is set; it once zeroed the flag too.
+    res = train.run(cfg_of(tmp_path, algorithm="per_example", data__n_train=60, debug__signal_step=1), MPI.COMM_SELF)
+    assert res["status"] == "checkpointed" and position(tmp_path / "ck.h5") == (0, 2)
+
+
 @pytest.mark.parametrize("where", WHERE)
 def test_two_ranks_stopped_and_resumed_equal_an_uninterrupted_run(mpi_job, where):
     signal_step, expected = WHERE[where]
