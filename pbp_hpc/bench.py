@@ -80,6 +80,7 @@ class Spec:
     peak_n: int  # side of the square SGEMM that defines peak
     cores: int
     mem_steps: int = 3
+    clock: str = "wall"  # or "cpu": one-thread cases timed by CPU time (see Worker.cpu_clock)
 
     def overrides(self, layers: list[int], batch: int, reducer: str) -> list[str]:
         """`--set` items for a config with this network, batch and reducer."""
@@ -98,14 +99,14 @@ def make_spec(args: argparse.Namespace, cores: int) -> Spec:
     if args.smoke:
         return Spec("smoke", ["tiny"], [64], reps=1, warmup_steps=1, n_train=600, data_dir=None, synthetic=True,
                     reducer=args.reducer, compare_reducers=False, torch=not args.no_torch, pin=args.pin,
-                    peak_n=256, cores=cores, mem_steps=2)
+                    peak_n=256, cores=cores, mem_steps=2, clock=args.clock)
     quick = args.quick
     return Spec("quick" if quick else "full", args.nets or ["Net-1h", "Net-2h"],
                 args.batches or ([128, 1024] if quick else [128, 1024, 4096]),
                 reps=args.reps or 3, warmup_steps=3, n_train=args.n_train or (10000 if quick else None),
                 data_dir=args.data_dir, synthetic=False, reducer=args.reducer,
                 compare_reducers=args.compare_reducers if args.compare_reducers is not None else not quick,
-                torch=not args.no_torch, pin=args.pin, peak_n=2048, cores=cores)
+                torch=not args.no_torch, pin=args.pin, peak_n=2048, cores=cores, clock=args.clock)
 
 
 def splits_of(cores: int) -> list[tuple[int, int]]:
@@ -202,7 +203,7 @@ class Pinning:
 @dataclass
 class Timing:
     times: list[float] = field(default_factory=list)
-    comm: list[float] = field(default_factory=list)
+    comm: list[float] = field(default_factory=list)  # the reducer's fraction of each epoch
 
 
 class OurRun:
@@ -223,15 +224,16 @@ class OurRun:
         train.apply_update(st, gidx.shape[0])
         return loss
 
-    def epoch(self, order: np.ndarray, batch: int, steps: int) -> tuple[float, float]:
+    def epoch(self, order: np.ndarray, batch: int, steps: int, clock: Callable[[], float]) -> tuple[float, float]:
         st = self.st
         comm0 = st.reducer.seconds
         st.comm.Barrier()
-        t0 = time.perf_counter()
+        t0, w0 = clock(), time.perf_counter()
         for s in range(steps):
             self.step(order[s * batch : (s + 1) * batch])
-        wall = time.perf_counter() - t0
-        return _slowest(st.comm, wall, st.reducer.seconds - comm0)
+        t, wall = clock() - t0, time.perf_counter() - w0
+        # the reducer's share of the wall time (its seconds are wall seconds, whatever the clock)
+        return _slowest(st.comm, t, (st.reducer.seconds - comm0) / wall if wall > 0 else 0.0)
 
 
 class GemmReplay:
@@ -265,14 +267,14 @@ class GemmReplay:
         run.st.reducer.finish()  # a reducer may have started sends in layer_done
         return calls
 
-    def epoch(self, steps: int) -> tuple[float, float]:
+    def epoch(self, steps: int, clock: Callable[[], float]) -> tuple[float, float]:
         matmul = np.matmul
         self.comm.Barrier()
-        t0 = time.perf_counter()
+        t0 = clock()
         for s in range(steps):
             for a, b, out in (self.full if s < self.n_full else self.last):
                 matmul(a, b, out=out)
-        return _slowest(self.comm, time.perf_counter() - t0, 0.0)
+        return _slowest(self.comm, clock() - t0, 0.0)
 
 
 def _slowest(comm: Any, wall: float, comm_s: float) -> tuple[float, float]:
@@ -325,9 +327,8 @@ class Worker:
         self.blas = ThreadpoolController()
         self.pin = Pinning(spec.pin, self.rank)
         self.comms = {r: self._first(r) for r in sorted({r for r, _ in splits_of(spec.cores)})}
-        self._warm_libraries()
-        self.base_rss = _rss_now()  # interpreter, libraries, MPI: before any data
         self.torch = TorchClient() if (spec.torch and self.rank == 0) else None
+        self.base_rss = 0  # set after the peak SGEMM, which also warms BLAS's work buffers
         self.data_cache: dict[str, Any] = {}
 
     def _warm_libraries(self) -> None:
@@ -465,15 +466,22 @@ class Worker:
         if case.kind == "torch":
             if self.torch is None:
                 return None
-            reply = self.torch.ask(cmd="epoch", threads=case.threads, epoch=max(rep, 0), steps=steps)
+            reply = self.torch.ask(cmd="epoch", threads=case.threads, epoch=max(rep, 0), steps=steps,
+                                   cpu=self.cpu_clock(case))
             return (reply["time"], 0.0) if "time" in reply else None
         if self.comms[case.ranks] == self.MPI.COMM_NULL:
             return None
         self.pin.apply(case.ranks)
+        clock = time.thread_time if self.cpu_clock(case) else time.perf_counter
         with self.blas.limit(limits=case.threads, user_api="blas"):
             if case.kind == "gemm":
-                return runs[case].epoch(steps)
-            return runs[case].epoch(order, batch, steps)
+                return runs[case].epoch(steps, clock)
+            return runs[case].epoch(order, batch, steps, clock)
+
+    def cpu_clock(self, case: Case) -> bool:
+        """--clock cpu: a one-thread case is timed by its threads' CPU time, which other
+        processes on a shared machine do not lengthen (they do still share caches and memory)."""
+        return self.spec.clock == "cpu" and case.threads == 1
 
     # -- memory
 
@@ -547,6 +555,9 @@ class Worker:
         spec = self.spec
         self.say(f"load average {os.getloadavg()[0]:.2f}; measuring SGEMM peak")
         peak = self.measure_peak()
+        self._warm_libraries()
+        _reset_peak_rss()
+        self.base_rss = _rss_now()  # interpreter, libraries, MPI: before any data
         info = provenance.collect() if self.rank == 0 else {}
         self.emit({"type": "header", "peak_gflops": peak, "provenance": info, "base_rss": self.base_rss,
                    "torch": self.torch.info if self.torch else None})
@@ -613,7 +624,8 @@ def torch_worker() -> int:
                 print(json.dumps({"ok": True}), flush=True)
             elif msg["cmd"] == "epoch" and run is not None:
                 torch.set_num_threads(int(msg["threads"]))
-                print(json.dumps({"time": run.epoch(int(msg["epoch"]), msg.get("steps"))}), flush=True)
+                clock = time.thread_time if msg.get("cpu") else time.perf_counter
+                print(json.dumps({"time": run.epoch(int(msg["epoch"]), msg.get("steps"), clock)}), flush=True)
             else:
                 print(json.dumps({"error": f"bad request {msg}"}), flush=True)
         except Exception as exc:  # noqa: BLE001 - report, keep serving: the table shows n/a
@@ -641,13 +653,13 @@ class TorchRun:
         self.buf = framework.Batches(torch, cfg.model.layers[0], cfg.model.layers[-1], cfg.train.batch_size, cfg.model.dtype)
         self.B, self.lr = cfg.train.batch_size, cfg.train.learning_rate
 
-    def epoch(self, epoch: int, steps: Optional[int]) -> float:
+    def epoch(self, epoch: int, steps: Optional[int], clock: Callable[[], float]) -> float:
         from .train import epoch_order
 
         torch, B, n = self.torch, self.B, len(self.data.train)
         order = epoch_order(SEED, epoch, n, True)
         mse = torch.nn.functional.mse_loss
-        t0 = time.perf_counter()
+        t0 = clock()
         for step in range(steps if steps is not None else -(-n // B)):
             idx = order[step * B : (step + 1) * B]
             x, y = self.buf.fill(self.data.train, idx)
@@ -657,7 +669,7 @@ class TorchRun:
             self.opt.param_groups[0]["lr"] = self.lr / idx.shape[0]
             self.opt.step()
             loss.item()
-        return time.perf_counter() - t0
+        return clock() - t0
 
 
 # ---------------------------------------------------------------- parent: launch, table, splits
@@ -697,7 +709,8 @@ def header_lines(spec: Spec, load_start: tuple[float, float, float]) -> list[str
         f" OPENBLAS_CORETYPE {os.environ.get('OPENBLAS_CORETYPE', 'not set (OpenBLAS detects the core)')}",
         f"data: {'synthetic' if spec.synthetic else 'MNIST'}, {spec.n_train or 'all 50,000'} training examples; "
         f"float32; {spec.reps} timed epochs per case after {spec.warmup_steps} warm-up steps, medians; "
-        f"reducer {spec.reducer}; ranks {'pinned to cores' if spec.pin else 'not pinned'}",
+        f"reducer {spec.reducer}; ranks {'pinned to cores' if spec.pin else 'not pinned'}; clock: "
+        + ("wall" if spec.clock == "wall" else "CPU time for 1-thread cases (ranks x 1, torch 1 thread), wall otherwise"),
     ]
 
 
@@ -740,7 +753,7 @@ def rows_of(records: list[dict[str, Any]], spec: Spec) -> list[dict[str, Any]]:
             tpe = med[("ours", r, t, label)]
             gemm = med.get(("gemm", r, t, f"{r}x{t}")) if not _variant(c) else None
             torch = med.get(("torch", 1, r * t, f"1x{r * t}"))
-            comm = _median([cm / tm for cm, tm in zip(c["comm"], c["times"]) if tm > 0]) if r > 1 else None
+            comm = _median(c["comm"]) if r > 1 else None
             mem = [m for m in g["memory"].get(str(r), [])]
             peak_rss = max((m["peak_rss"] for m in mem), default=None)
             budget = max((m["budget"] for m in mem), default=None)
@@ -849,6 +862,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=False,
                    help="pin each rank of a multi-rank case to a core (sched_setaffinity)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch columns")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: time one-thread cases by CPU time (for a machine others are using; see README)")
     p.add_argument("--cores", type=int, help="cores to use (default: this process's affinity)")
     p.add_argument("--json", help="also write every measurement to this file")
     p.add_argument("--splits", help=f"write the best splits here (default {DEFAULT_SPLITS.relative_to(REPO)}; "

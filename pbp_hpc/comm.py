@@ -12,7 +12,7 @@ holds the global sum, and `seconds` accumulates the time spent in communication 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 from mpi4py import MPI
@@ -97,11 +97,18 @@ class _SharedRows:
     """
 
     def __init__(self, comm: MPI.Comm, n: int, dtype: Any):
-        self.local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
-        sizes = set(comm.allgather(self.local.size))
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
+        sizes = set(comm.allgather(node.size))
         if len(sizes) != 1:
+            node.Free()
             raise ValueError(f"parallel.reducer=shm needs the same number of ranks on every node, got {sorted(sizes)}")
-        self.cross = comm.Split(self.local.rank, key=comm.rank) if self.local.size < comm.size else None
+        self.cross: Optional[MPI.Comm] = None
+        self.own_local = node.size < comm.size
+        if self.own_local:  # several nodes: a window per node, and the ranks that own the same slice
+            self.local, self.cross = node, comm.Split(node.rank, key=comm.rank)
+        else:  # one node: comm itself (a new communicator costs MPI shared buffers of its own)
+            node.Free()
+            self.local = comm
         item = np.dtype(dtype).itemsize
         self.win = MPI.Win.Allocate_shared(n * item, item, comm=self.local)
         self.win.Lock_all(MPI.MODE_NOCHECK)  # one passive epoch for the run; Sync() orders loads and stores
@@ -112,9 +119,10 @@ class _SharedRows:
     def free(self) -> None:
         self.win.Unlock_all()
         self.win.Free()
-        for c in (self.local, self.cross):
-            if c is not None:
-                c.Free()
+        if self.own_local:
+            self.local.Free()
+        if self.cross is not None:
+            self.cross.Free()
 
 
 _SHARED: dict[int, _SharedRows] = {}  # shared buffers by address, until their reducer takes them

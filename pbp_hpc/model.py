@@ -66,11 +66,14 @@ def glorot_uniform(layout: Layout, seed: int, dtype: str) -> np.ndarray:
     starts from bit-identical parameters for a given seed.
     """
     rng = np.random.default_rng([seed, 0x6C6F7261])  # a stream of its own, apart from the data order
-    theta = np.zeros(layout.n_params, dtype=np.float64)
+    theta = np.zeros(layout.n_params, dtype=dtype)
+    chunk = 1 << 16  # drawn in pieces (the same stream as one draw): no float64 copy of the model
     for s, n_in, n_out in zip(layout.w_slices, layout.sizes[:-1], layout.sizes[1:]):
         limit = math.sqrt(6.0 / (n_in + n_out))
-        theta[s] = rng.uniform(-limit, limit, size=n_in * n_out)
-    return theta.astype(dtype)
+        for lo in range(s.start, s.stop, chunk):
+            hi = min(s.stop, lo + chunk)
+            theta[lo:hi] = rng.uniform(-limit, limit, size=hi - lo)  # float64 draws, rounded on assignment
+    return theta
 
 
 def flops_per_example(sizes: list[int]) -> int:

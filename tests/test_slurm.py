@@ -25,6 +25,7 @@ them with PBP_PYTHON=sys.executable instead.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
@@ -248,6 +250,30 @@ def _mpi_plugin_or_skip() -> str:
     return "pmi2"
 
 
+# The MPICH wheel's bundled UCX now and then fails MPI_Init with this (seen here about once in 50-100
+# launches, more often when several MPI jobs start at once; upstream: pmodels/mpich#7417). It is not a
+# Slurm problem, so a test that failed on it, and on nothing else, is run once more.
+UCX_FLAKE = "failed to unpack address, invalid bandwidth"
+
+
+def retry_on_ucx_flake(test):
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        try:
+            return test(*args, **kwargs)
+        except AssertionError as e:
+            if UCX_FLAKE not in str(e):
+                raise
+            warnings.warn(f"{test.__name__}: MPICH/UCX start-up failure ({UCX_FLAKE!r}); running it once more")
+            if "tmp_path" in kwargs:
+                kwargs["tmp_path"] = kwargs["tmp_path"] / "retry"
+                kwargs["tmp_path"].mkdir()
+            if "fake_python" in kwargs:
+                kwargs["fake_python"] = _fake_python(kwargs["tmp_path"])
+            return test(*args, **kwargs)
+    return wrapper
+
+
 def _write(path: Path, text: str, mode: int = 0o755) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(textwrap.dedent(text).lstrip())
@@ -260,6 +286,7 @@ def _write(path: Path, text: str, mode: int = 0o755) -> Path:
 WORLD_SIZE = "from mpi4py import MPI; print('world size', MPI.COMM_WORLD.size, flush=True)"
 
 
+@retry_on_ucx_flake
 def test_srun_pmi2_gives_one_world(slurm_cluster, tmp_path):
     """srun --mpi=pmi2 wires the MPICH wheel's ranks into one MPI_COMM_WORLD (sbatch --wait)."""
     plugin = _mpi_plugin_or_skip()
@@ -434,7 +461,8 @@ if c.rank == 0:
         f.write(f"point={os.environ['FAKE_POINT']} size={c.size} restart={os.environ.get('SLURM_RESTART_COUNT', '0')}\\n")
 '''
 env = dict(os.environ, FAKE_WAIT="1" if wait_for_signal else "0", FAKE_RESULT=a.results, FAKE_POINT=str(a.point))
-proc = subprocess.Popen(["srun", f"--mpi={os.environ['PBP_SRUN_MPI']}", sys.executable, "-c", rank_code], env=env)
+proc = subprocess.Popen(["srun", f"--mpi={os.environ['PBP_SRUN_MPI']}", "--kill-on-bad-exit=1",
+                         sys.executable, "-c", rank_code], env=env)
 signal.signal(signal.SIGUSR1, lambda s, f: proc.send_signal(signal.SIGUSR1))
 print(f"fake-sweep point {a.point} of {a.jobfile} restart={restart} -> {a.results}", flush=True)
 sys.exit(proc.wait())
@@ -465,16 +493,21 @@ print("\\n".join(sorted(lines)))
 """
 
 
-@pytest.fixture
-def fake_python(tmp_path):
-    """Path of an interpreter for PBP_PYTHON that runs the fake pbp_hpc modules above."""
-    fakes = tmp_path / "fakes"
+def _fake_python(directory: Path) -> Path:
+    fakes = directory / "fakes"
     for name, text in [("train", FAKE_TRAIN), ("sweep", FAKE_SWEEP), ("results", FAKE_RESULTS),
                        ("analyze", FAKE_ANALYZE)]:
         _write(fakes / f"{name}.py", text, 0o644)
     return _write(fakes / "python", FAKE_PYTHON.replace("@PY@", sys.executable).replace("@FAKES@", str(fakes)))
 
 
+@pytest.fixture
+def fake_python(tmp_path):
+    """Path of an interpreter for PBP_PYTHON that runs the fake pbp_hpc modules above."""
+    return _fake_python(tmp_path)
+
+
+@retry_on_ucx_flake
 def test_train_template_checkpoints_requeues_resumes(slurm_cluster, tmp_path, fake_python):
     """slurm/train.sh: USR1 -> srun -> every rank; checkpoint; scontrol requeue; run 2 resumes."""
     _mpi_plugin_or_skip()
@@ -510,6 +543,7 @@ def test_train_template_wrong_plugin_fails_loudly(slurm_cluster, tmp_path, fake_
     assert "world size 1 != parallel.ranks 2" in out, out
 
 
+@retry_on_ucx_flake
 def test_sweep_array_requeue_and_merge(slurm_cluster, tmp_path, fake_python):
     """slurm/sweep.sh as a 2-task array (task 1 checkpoints and is requeued alone), then slurm/merge.sh
     after it with --dependency=afterany."""
