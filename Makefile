@@ -8,6 +8,10 @@ MPIEXEC := $(VENV)/bin/mpiexec
 SHARED_MNIST := $(wildcard ../shared/data/mnist/train-images-idx3-ubyte.gz)
 DATA_ARG := $(if $(SHARED_MNIST),--data-dir ../shared/data/mnist,)
 RANKS  ?= 2
+# The MPICH wheel's default UCX netmod fails MPI_Init now and then when several jobs start at
+# once ("UCX ERROR failed to unpack address", pmodels/mpich#7417); OFI has not, and on one node
+# both use shared memory for the data, so Allreduce times are the same (measured).
+export MPIR_CVAR_CH4_NETMOD ?= ofi
 CONFIG ?= configs/mnist_net1h.yaml
 
 .PHONY: setup run test test-serial test-mpi test-slurm bench clean

@@ -237,44 +237,70 @@ class OurRun:
 
 
 class GemmReplay:
-    """The matmuls of one epoch alone: recorded from real steps, replayed into the same buffers."""
+    """The matmuls of one epoch alone: recorded from real steps, replayed into the same buffers.
+
+    Every ops.gemm and ops.matmul call of a step is recorded with its operands (views of the
+    State's buffers) and its alpha and beta; an epoch replays the full-batch step's list for
+    each full batch and the last step's list once. Where the GEMMs update the parameters in
+    place (one rank, State.fused) they are saved before and restored after, untimed.
+    """
 
     def __init__(self, run: OurRun, batch: int, n: int):
         from . import train
 
         st = run.st
-        self.comm, self.full, self.last = st.comm, [], []
+        self.st, self.comm = st, st.comm
         self.n_full, rest = n // batch, n % batch
         self.full = self._record(run, train.my_share(batch, st.comm.size, st.comm.rank))
         self.last = self._record(run, train.my_share(rest, st.comm.size, st.comm.rank)) if rest else []
+        self.saved = np.empty_like(st.theta)
 
     @staticmethod
-    def _record(run: OurRun, share: tuple[int, int]) -> list[tuple[Any, Any, Any]]:
+    def _record(run: OurRun, share: tuple[int, int]) -> list[tuple[Any, ...]]:
         from . import ops, train
 
-        calls: list[tuple[Any, Any, Any]] = []
-        real = ops.matmul
+        calls: list[tuple[Any, ...]] = []
+        real_gemm, real_matmul = ops.gemm, ops.matmul
+        inside = [False]
 
-        def recording(xp: Any, a: Any, b: Any, out: Any) -> Any:
-            calls.append((a, b, out))
-            return real(xp, a, b, out)
+        def gemm(xp: Any, a: Any, b: Any, out: Any, alpha: float = 1.0, beta: float = 0.0) -> Any:
+            calls.append((a, b, out, alpha, beta))
+            inside[0] = True
+            try:
+                return real_gemm(xp, a, b, out, alpha, beta)
+            finally:
+                inside[0] = False
 
-        ops.matmul = recording  # sum_rows calls it too: every matmul of the step is caught
+        def matmul(xp: Any, a: Any, b: Any, out: Any) -> Any:
+            if not inside[0]:
+                calls.append((a, b, out, 1.0, 0.0))
+            return real_matmul(xp, a, b, out)
+
+        ops.gemm, ops.matmul = gemm, matmul  # module attributes: model and ops itself look them up per call
+        theta = run.st.theta.copy()
         try:
             train.local_step(run.st, np.arange(share[0], share[1]))
         finally:
-            ops.matmul = real
+            ops.gemm, ops.matmul = real_gemm, real_matmul
+            run.st.theta[...] = theta
         run.st.reducer.finish()  # a reducer may have started sends in layer_done
         return calls
 
     def epoch(self, steps: int, clock: Callable[[], float]) -> tuple[float, float]:
-        matmul = np.matmul
+        from .ops import gemm
+
+        self.saved[...] = self.st.theta
         self.comm.Barrier()
         t0 = clock()
         for s in range(steps):
-            for a, b, out in (self.full if s < self.n_full else self.last):
-                matmul(a, b, out=out)
-        return _slowest(self.comm, clock() - t0, 0.0)
+            for a, b, out, alpha, beta in (self.full if s < self.n_full else self.last):
+                if beta == 0.0 and alpha == 1.0:
+                    np.matmul(a, b, out=out)
+                else:
+                    gemm(np, a, b, out, alpha, beta)
+        t = clock() - t0
+        self.st.theta[...] = self.saved
+        return _slowest(self.comm, t, 0.0)
 
 
 def _slowest(comm: Any, wall: float, comm_s: float) -> tuple[float, float]:

@@ -7,6 +7,9 @@ that were asked to stop (a signal), so no step needs a second collective.
 Interface (one small one, as ChainerMN's communicators): `layer_done(l)` is called by the
 backward pass as soon as layer l's gradient is final, `finish()` returns when the whole buffer
 holds the global sum, and `seconds` accumulates the time spent in communication calls.
+A reducer may also own the update: `update(scale)` applies theta += scale * global sum and
+returns True (the shm reducer, whose parameters live in shared memory, does; after its
+finish() only the extras are global).
 """
 
 from __future__ import annotations
@@ -89,10 +92,10 @@ class OverlapReducer:
 
 
 class _SharedRows:
-    """One gradient buffer per rank, all in one node-wide MPI-3 shared-memory window.
+    """One gradient buffer per rank, and one parameter vector, in node-wide MPI-3 shared memory.
 
     Every rank of the node can load and store every row. Ranks on other nodes (a multi-node
-    run) hold the same layout in their own node's window; `cross` joins the ranks that reduce
+    run) hold the same layout in their own node's windows; `cross` joins the ranks that reduce
     the same slice on every node.
     """
 
@@ -109,16 +112,41 @@ class _SharedRows:
         else:  # one node: comm itself (a new communicator costs MPI shared buffers of its own)
             node.Free()
             self.local = comm
-        item = np.dtype(dtype).itemsize
-        self.win = MPI.Win.Allocate_shared(n * item, item, comm=self.local)
+        self.dtype, self.item = dtype, np.dtype(dtype).itemsize
+        self.win = MPI.Win.Allocate_shared(n * self.item, self.item, comm=self.local)
         self.win.Lock_all(MPI.MODE_NOCHECK)  # one passive epoch for the run; Sync() orders loads and stores
         self.rows = [np.frombuffer(self.win.Shared_query(r)[0], dtype=dtype, count=n) for r in range(self.local.size)]
         self.row = self.rows[self.local.rank]
         self.row[...] = 0
+        self.theta_win: Any = None
+        self.theta: Any = None
+
+    def attach_parameters(self, theta0: Any) -> Any:
+        """The node's one copy of the parameters, in shared memory, initialised from theta0 (collective)."""
+        n = theta0.shape[0]
+        self.theta_win = MPI.Win.Allocate_shared(n * self.item if self.local.rank == 0 else 0, self.item, comm=self.local)
+        self.theta_win.Lock_all(MPI.MODE_NOCHECK)
+        self.theta = np.frombuffer(self.theta_win.Shared_query(0)[0], dtype=self.dtype, count=n)
+        if self.local.rank == 0:
+            self.theta[...] = theta0
+        self.sync_barrier()
+        return self.theta
+
+    def sync_barrier(self) -> None:
+        """A barrier that also orders every rank's loads and stores to the windows around it."""
+        for w in (self.win, self.theta_win):
+            if w is not None:
+                w.Sync()
+        self.local.Barrier()
+        for w in (self.win, self.theta_win):
+            if w is not None:
+                w.Sync()
 
     def free(self) -> None:
-        self.win.Unlock_all()
-        self.win.Free()
+        for w in (self.win, self.theta_win):
+            if w is not None:
+                w.Unlock_all()
+                w.Free()
         if self.own_local:
             self.local.Free()
         if self.cross is not None:
@@ -138,16 +166,29 @@ def gradient_buffer(reducer: str, comm: MPI.Comm, n: int, dtype: Any, xp: Any) -
     return shared.row
 
 
-class SharedMemoryReducer:
-    """Allreduce by loads and stores in shared memory: no message, no copy into MPI's buffers.
+def parameter_buffer(grad: Any, theta0: Any) -> Any:
+    """Where the parameters live: theta0 itself, or with a gradient buffer from
+    gradient_buffer("shm"), one copy per node in shared memory (collective then)."""
+    shared = _SHARED.get(grad.ctypes.data) if isinstance(grad, np.ndarray) else None
+    return theta0 if shared is None else shared.attach_parameters(theta0)
 
-    The buffer must come from gradient_buffer("shm", ...). After a barrier, each of the node's
-    P ranks sums one 1/P slice over every rank's row, in rank order, and stores the sum back
-    into every row (a reduce-scatter and an allgather in one pass); a second barrier and each
-    rank's own buffer holds the global sum, as after MPI_Allreduce, and every rank holds the
-    same bits. Per rank and step that is about two passes over the buffer, where MPICH's
-    Allreduce copies it through its own shared cells and back. On several nodes, each slice's
-    node sum is then allreduced among the ranks owning that slice (1/P of the buffer each).
+
+class SharedMemoryReducer:
+    """The gradient sum and the SGD step through node-wide shared memory: no message, no copy.
+
+    The buffers come from gradient_buffer("shm") and parameter_buffer: every rank's gradient
+    is a row of one shared window, and the node holds one copy of the parameters. finish():
+    after a barrier, each of the node's P ranks sums its 1/P slice of the gradients over all
+    rows, in rank order (so the bits do not depend on who sums), and every rank adds up the
+    extras (loss, stop flag) into its own row. update(scale): each rank applies
+    theta += scale * sum to its slice of the shared parameters; a barrier, and every rank
+    sees the new parameters. Per rank and step that reads the gradients once and updates 1/P
+    of theta, where MPI_Allreduce copies the buffer through MPI's cells and back and every
+    rank then updates all of theta. On several nodes, a slice's node sum is allreduced among
+    the ranks owning that slice on every node (1/P of the buffer each); each node keeps a copy.
+
+    Unlike the other reducers, after finish() this rank's buffer holds the global extras but
+    its own gradient: the global gradient is applied by update(), which train.apply_update calls.
     """
 
     ALIGN = 16  # slice boundaries on 64-byte lines (float32), so no two ranks write one line
@@ -158,14 +199,16 @@ class SharedMemoryReducer:
         if comm.size == 1:
             return
         self.shared = _SHARED.pop(buf.ctypes.data, None) if isinstance(buf, np.ndarray) else None
-        if self.shared is None:
-            raise ValueError("the shm reducer works on a buffer from comm.gradient_buffer('shm', ...)")
+        if self.shared is None or self.shared.theta is None:
+            raise ValueError("the shm reducer works on buffers from comm.gradient_buffer('shm', ...) and comm.parameter_buffer")
         rows, local = self.shared.rows, self.shared.local
-        n, P, r = buf.shape[0], local.size, local.rank
+        n, P, r = layout.n_params, local.size, local.rank
         lo, hi = (min(n, n * k // P // self.ALIGN * self.ALIGN) if k < P else n for k in (r, r + 1))
-        self.parts = [row[lo:hi] for row in rows]  # this rank's slice of every rank's buffer
-        # the slice's sum; a rank alone on its node sums nothing locally and reduces its own row
-        self.acc = np.empty(hi - lo, dtype=buf.dtype) if P > 1 else self.parts[0]
+        self.parts = [row[lo:hi] for row in rows]  # this rank's slice of every rank's gradient
+        self.extras = [row[n:] for row in rows]
+        self.theta = self.shared.theta[lo:hi]
+        self.acc = np.empty(hi - lo, dtype=buf.dtype)  # the slice's global sum, until update()
+        self.ext = np.empty(buf.shape[0] - n, dtype=buf.dtype)
 
     def layer_done(self, l: int) -> None:
         pass
@@ -174,27 +217,40 @@ class SharedMemoryReducer:
         if self.shared is None:
             return
         t = time.perf_counter()
-        win, local = self.shared.win, self.shared.local
-        win.Sync()
-        local.Barrier()  # every rank's gradient is in its row
-        win.Sync()
-        parts = self.parts
-        if len(parts) > 1:
-            np.add(parts[0], parts[1], out=self.acc)
-            for part in parts[2:]:
-                self.acc += part
-        if self.shared.cross is not None:
-            self.shared.cross.Allreduce(MPI.IN_PLACE, self.acc, op=MPI.SUM)
-        if len(parts) > 1:
-            for part in parts:
-                part[...] = self.acc
-        win.Sync()
-        local.Barrier()  # every slice's sum is in every row; nobody reads a row until the next step
-        win.Sync()
+        shared = self.shared
+        shared.sync_barrier()  # every rank's gradient is in its row
+        self._sum(self.parts, self.acc)
+        self._sum(self.extras, self.ext)
+        if shared.cross is not None:
+            shared.cross.Allreduce(MPI.IN_PLACE, self.acc, op=MPI.SUM)
+            shared.cross.Allreduce(MPI.IN_PLACE, self.ext, op=MPI.SUM)
+        shared.sync_barrier()  # nobody reads another rank's row any more this step
+        self.extras[shared.local.rank][...] = self.ext
         self.seconds += time.perf_counter() - t
 
+    @staticmethod
+    def _sum(parts: list[Any], out: Any) -> None:
+        if len(parts) == 1:
+            out[...] = parts[0]
+            return
+        np.add(parts[0], parts[1], out=out)
+        for part in parts[2:]:
+            out += part
+
+    def update(self, scale: float) -> bool:
+        """theta += scale * (global gradient) on this rank's slice; True once every slice is done."""
+        if self.shared is None:
+            return False
+        from .ops import axpy_
+
+        axpy_(np, scale, self.acc, self.theta)
+        t = time.perf_counter()
+        self.shared.sync_barrier()  # the whole of theta is new before any rank's next forward pass
+        self.seconds += time.perf_counter() - t
+        return True
+
     def close(self) -> None:
-        """Free the window (collective). Without it the window lives until MPI_Finalize."""
+        """Free the windows (collective). Without it they live until MPI_Finalize."""
         if self.shared is not None:
             self.shared.free()
             self.shared = None

@@ -96,17 +96,19 @@ class Workspace:
 
     BLOCK_ROWS = 1024  # rows per input-gradient GEMM: what bounds the scratch for large batches
 
-    def __init__(self, layout: Layout, max_batch: int, xp: ModuleType, dtype: Any):
+    def __init__(self, layout: Layout, max_batch: int, xp: ModuleType, dtype: Any, full_scratch: bool = False):
+        """full_scratch: room for a hidden layer's incoming gradient for every row at once,
+        which backward_sum(accumulate=True) needs; otherwise one block of rows."""
         self.xp = xp
         self.max_batch = max(1, max_batch)
         widths = layout.sizes[1:]
         # a_1..a_L; backward_sum overwrites each with its layer's delta, so no delta buffers
         self.acts = [xp.zeros((self.max_batch, w), dtype=dtype) for w in widths]
-        self.block = min(self.max_batch, self.BLOCK_ROWS)
+        self.block = self.max_batch if full_scratch else min(self.max_batch, self.BLOCK_ROWS)
         # the output error (all rows), or one block of a hidden layer's incoming gradient
         self.scratch = xp.zeros((max(self.max_batch * widths[-1], self.block * max(widths)),), dtype=dtype)
         self._scratch_views: dict[tuple[int, int], Array] = {}  # made once per shape, not per step
-        self.ones = xp.ones((self.max_batch,), dtype=dtype)
+        self.ones = xp.ones((1, self.max_batch), dtype=dtype)  # a row: the bias gradient is ones @ delta
         self.x = xp.zeros((self.max_batch, layout.sizes[0]), dtype=dtype)
         self.y = xp.zeros((self.max_batch, layout.sizes[-1]), dtype=dtype)
 
@@ -122,9 +124,8 @@ def forward(xp: ModuleType, ws: list[Array], bs: list[Array], x: Array, work: Wo
     a = x[:n, ...]  # explicit trailing axes: the Array API has no implicit ones
     for l, (w, b) in enumerate(zip(ws, bs)):
         z = work.acts[l][:n, ...]
-        ops.matmul(xp, a, w, out=z)
-        ops.add_row(xp, z, b)
-        ops.sigmoid_(xp, z)
+        ops.linear_(xp, a, w, b, out=z, scale=0.5)  # (a w + b) / 2: the sigmoid's halving, free in the GEMM
+        ops.tanh_sigmoid_(xp, z)  # 0.5 tanh(z) + 0.5 = sigmoid(a w + b)
         a = z
     return a
 
@@ -140,8 +141,16 @@ def backward_sum(
     n: int,
     loss_out: Array,
     layer_done: Optional[Callable[[int], None]] = None,
+    scale: float = 1.0,
+    accumulate: bool = False,
 ) -> None:
     """Summed gradients of the loss over n examples into gws/gbs, summed loss into loss_out[0].
+
+    gws/gbs receive scale * gradient; with accumulate, it is added to what they hold. Passing
+    the parameters themselves as gws/gbs with scale = -lr/B makes the SGD step happen inside
+    the gradient GEMMs (BLAS's alpha and beta): a single rank then needs neither a gradient
+    buffer nor an update pass. That needs ops.has_gemm(xp) and Workspace(full_scratch=True):
+    each layer's input gradient is computed, for all rows, before its weights change.
 
     Must follow forward() on the same rows. Layers are finished from the top down and
     `layer_done(l)` is called as soon as layer l's gradient is complete, so a reducer can
@@ -157,13 +166,20 @@ def backward_sum(
     ops.subtract(xp, a_out, y[:n, ...], out=err)
     loss_out[0] = 0.5 * ops.sum_squares(xp, err)
     d = ops.sigmoid_delta_(xp, a_out, err)
+    beta = 1.0 if accumulate else 0.0
     for l in range(L - 1, -1, -1):
         a_in = x[:n, ...] if l == 0 else work.acts[l - 1][:n, ...]
-        ops.matmul(xp, _t(xp, a_in), d, out=gws[l])
-        ops.sum_rows(xp, d, work.ones[:n], out=gbs[l])
+        back = None
+        if accumulate and l > 0:  # gws[l] may be ws[l]: use the weights before they change
+            back = work.scratch_like(n, a_in.shape[1])
+            ops.gemm(xp, d, _t(xp, ws[l]), back)
+        ops.gemm(xp, _t(xp, a_in), d, gws[l], alpha=scale, beta=beta)
+        ops.gemm(xp, work.ones[:, :n], d, xp.reshape(gbs[l], (1, -1)), alpha=scale, beta=beta)
         if layer_done is not None:
             layer_done(l)  # before the input gradient, so sending overlaps that GEMM
-        if l > 0:  # the input gradient, in blocks of rows: at most a block of scratch at any batch size
+        if back is not None:
+            d = ops.sigmoid_delta_(xp, a_in, back)
+        elif l > 0:  # the input gradient, in blocks of rows: at most a block of scratch at any batch size
             w_t = _t(xp, ws[l])
             for lo in range(0, n, work.block):
                 hi = min(n, lo + work.block)

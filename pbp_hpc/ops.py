@@ -8,8 +8,9 @@ calls numpy directly, which is what lets the strict-namespace tests catch a nump
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Optional
 
 Array = Any
 
@@ -35,6 +36,144 @@ def matmul(xp: ModuleType, a: Array, b: Array, out: Array) -> Array:
     return out
 
 
+def has_gemm(xp: ModuleType) -> bool:
+    """Whether gemm() takes its fast path on xp: numpy, with its BLAS callable directly.
+
+    Only then may callers use beta=1 (accumulate into `out`) without a temporary.
+    """
+    return xp.__name__ == "numpy" and _cblas.get() is not None
+
+
+def gemm(xp: ModuleType, a: Array, b: Array, out: Array, alpha: float = 1.0, beta: float = 0.0) -> Array:
+    """out <- alpha * (a @ b) + beta * out, for 2-D a, b, out (transposed views welcome).
+
+    numpy's matmul has neither alpha nor beta, so scaling or accumulating costs an extra pass
+    over `out`; BLAS does both inside the GEMM for free. On numpy whose BLAS is callable
+    (has_gemm), this calls it directly; elsewhere it is matmul plus the passes.
+    """
+    if xp.__name__ == "numpy" and _cblas.gemm(a, b, out, alpha, beta):
+        return out
+    if beta == 0.0:
+        matmul(xp, a, b, out)
+        if alpha != 1.0:
+            out *= alpha
+    else:  # a temporary: callers accumulate only where has_gemm(xp)
+        out[...] = alpha * xp.matmul(a, b) + beta * out
+    return out
+
+
+def linear_(xp: ModuleType, a: Array, w: Array, b: Array, out: Array, scale: float = 1.0) -> Array:
+    """out <- scale * (a @ w + b), the bias row broadcast over the rows.
+
+    Fast path: out is first filled with scale * b and the GEMM adds scale * a @ w to it
+    (beta=1): the bias costs a write where `out += b` costs a read and a write, and the
+    scale costs nothing. Scaling by a power of two is exact, so both paths agree bit for bit.
+    """
+    if has_gemm(xp):
+        xp.multiply(b, scale, out=out)  # broadcast over the rows
+        return gemm(xp, a, w, out, alpha=scale, beta=1.0)
+    matmul(xp, a, w, out)
+    add_row(xp, out, b)
+    if scale != 1.0:
+        out *= scale
+    return out
+
+
+class _Cblas:
+    """cblas_?gemm of the BLAS numpy itself uses, found through threadpoolctl and called by ctypes.
+
+    Enabled only for a library exporting 64-bit-integer CBLAS symbols (numpy's wheels bundle
+    scipy-openblas64, `scipy_cblas_sgemm64_`), and only after a self-test against matmul.
+    The same library as np.matmul, so the same kernels, threads and thread limits.
+    """
+
+    SYMBOLS = ("scipy_cblas_{}gemm64_", "cblas_{}gemm64_", "cblas_{}gemm_64")
+    ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+
+    def __init__(self) -> None:
+        self._fns: Optional[dict[str, Any]] = None
+        self._tried = False
+
+    def get(self) -> Optional[dict[str, Any]]:
+        if not self._tried:
+            self._tried = True
+            try:
+                self._fns = self._load()
+            except (OSError, AttributeError, ImportError, ValueError, AssertionError):
+                self._fns = None
+        return self._fns
+
+    def _load(self) -> Optional[dict[str, Any]]:
+        import ctypes
+
+        import numpy as np
+        from threadpoolctl import threadpool_info
+
+        root = str(Path(np.__file__).resolve().parent)  # numpy/ and numpy.libs/ share this prefix
+        paths = [d["filepath"] for d in threadpool_info() if d.get("user_api") == "blas" and d["filepath"].startswith(root)]
+        for path in paths:
+            lib = ctypes.CDLL(path)
+            for pattern in self.SYMBOLS:
+                if not all(hasattr(lib, pattern.format(c)) for c in "sd"):
+                    continue
+                fns = {}
+                for c, real in (("f", ctypes.c_float), ("d", ctypes.c_double)):
+                    fn = getattr(lib, pattern.format("s" if c == "f" else "d"))
+                    i64, ptr, enum = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+                    fn.argtypes = [enum, enum, enum, i64, i64, i64, real, ptr, i64, ptr, i64, real, ptr, i64]
+                    fn.restype = None
+                    fns[c] = fn
+                self._fns = fns
+                if self._self_test(np):
+                    return fns
+        return None
+
+    def _self_test(self, np: Any) -> bool:
+        rng = np.random.default_rng(0)
+        for dtype in (np.float32, np.float64):
+            a, b = rng.random((5, 7)).astype(dtype), rng.random((3, 7)).astype(dtype)
+            c = rng.random((5, 3)).astype(dtype)
+            want = 0.5 * (a @ b.T) + c
+            if not self.gemm(a, b.T, c, 0.5, 1.0) or not np.allclose(c, want, rtol=1e-5):
+                return False
+        return True
+
+    def gemm(self, a: Any, b: Any, out: Any, alpha: float, beta: float) -> bool:
+        """out <- alpha a b + beta out through BLAS; False (nothing done) if it cannot take these arrays."""
+        fns = self._fns if self._tried else self.get()
+        if fns is None or out.ndim != 2 or a.ndim != 2 or b.ndim != 2:
+            return False
+        c = out.dtype.char
+        fn = fns.get(c)
+        item = out.itemsize
+        if fn is None or a.dtype.char != c or b.dtype.char != c or out.strides[1] != item or out.strides[0] % item:
+            return False
+        m, n = out.shape
+        k = a.shape[1]
+        if m == 0 or n == 0 or k == 0 or a.shape[0] != m or b.shape != (k, n):
+            return False
+        ta, lda = self._operand(a, item)
+        tb, ldb = self._operand(b, item)
+        if ta == 0 or tb == 0:
+            return False
+        fn(self.ROW_MAJOR, ta, tb, m, n, k, alpha, a.ctypes.data, lda, b.ctypes.data, ldb, beta,
+           out.ctypes.data, out.strides[0] // item)
+        return True
+
+    def _operand(self, x: Any, item: int) -> tuple[int, int]:
+        """(transpose flag, leading dimension) of a row-major or transposed 2-D view; (0, 0) if neither."""
+        s0, s1 = x.strides
+        rows, cols = x.shape
+        if s1 == item and s0 % item == 0 and s0 // item >= max(1, cols):
+            return self.NO_TRANS, s0 // item
+        if s0 == item and s1 % item == 0 and s1 // item >= max(1, rows):
+            return self.TRANS, s1 // item
+        return 0, 0
+
+
+_cblas = _Cblas()
+
+
 def add_row(xp: ModuleType, a: Array, row: Array) -> Array:
     """a += row, broadcast over the rows of a (the bias add)."""
     a += row
@@ -48,6 +187,17 @@ def sigmoid_(xp: ModuleType, z: Array) -> Array:
     vectorised in numpy, so it costs no more passes over memory than the exp form.
     """
     z *= 0.5
+    if has_out(xp):
+        xp.tanh(z, out=z)
+    else:
+        z[...] = xp.tanh(z)
+    z *= 0.5
+    z += 0.5
+    return z
+
+
+def tanh_sigmoid_(xp: ModuleType, z: Array) -> Array:
+    """In place: z <- 0.5 * tanh(z) + 0.5, which is sigmoid(2 z): sigmoid_ for an input already halved."""
     if has_out(xp):
         xp.tanh(z, out=z)
     else:

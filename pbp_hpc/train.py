@@ -144,15 +144,19 @@ class State:
         self.cfg, self.comm, self.xp, self.data = cfg, comm, xp, data
         self.layout = model.Layout(cfg.model.layers)
         dtype = getattr(xp, cfg.model.dtype)
-        self.theta = xp.asarray(model.glorot_uniform(self.layout, cfg.train.seed, cfg.model.dtype))
         self.grad = reducers.gradient_buffer(cfg.parallel.reducer, comm, reducers.buffer_size(self.layout), dtype, xp)
+        # reducer shm: one copy of the parameters per node, in shared memory (comm.parameter_buffer)
+        self.theta = reducers.parameter_buffer(self.grad, xp.asarray(model.glorot_uniform(self.layout, cfg.train.seed, cfg.model.dtype)))
         self.n_params = self.layout.n_params
         self.ws, self.bs = model.views(self.theta, self.layout, xp)
         self.gws, self.gbs = model.views(self.grad, self.layout, xp)
         self.params_grad = self.grad[: self.n_params]
         self.loss_slot = self.grad[self.n_params + reducers.LOSS_SLOT : self.n_params + reducers.LOSS_SLOT + 1]
         self.max_local = -(-cfg.train.batch_size // comm.size)
-        self.work = model.Workspace(self.layout, self.max_local, xp, dtype)
+        # One rank on a BLAS we can call with alpha/beta: the SGD step happens inside the
+        # gradient GEMMs (model.backward_sum accumulate=True); no update pass, no gradient buffer.
+        self.fused = comm.size == 1 and cfg.algorithm == "batched" and ops.has_gemm(xp)
+        self.work = model.Workspace(self.layout, self.max_local, xp, dtype, full_scratch=self.fused)
         self.rows = np.arange(self.work.max_batch)
         self.gpu: dict[str, Any] = {}  # device path: which reducer and why, for the result
         self.sync = gpu.stream_sync(xp)  # waits for queued device work; a no-op on numpy
@@ -189,8 +193,17 @@ def _zero_grad(st: State) -> None:
 
 
 def apply_update(st: State, batch: int) -> None:
-    """theta -= lr / batch * (the reduced gradient sum): one BLAS axpy pass on the CPU."""
-    ops.axpy_(st.xp, -st.cfg.train.learning_rate / batch, st.params_grad, st.theta)
+    """theta -= lr / batch * (the reduced gradient sum): one BLAS axpy pass on the CPU.
+
+    Nothing to do where local_step already applied it inside the GEMMs (State.fused); the
+    shm reducer applies it itself, each rank to its slice of the node's shared parameters.
+    """
+    if st.fused:
+        return
+    scale = -st.cfg.train.learning_rate / batch
+    update = getattr(st.reducer, "update", None)  # the shm reducer owns the (shared) parameters' update
+    if update is None or not update(scale):
+        ops.axpy_(st.xp, scale, st.params_grad, st.theta)
 
 
 def local_step(st: State, idx: np.ndarray) -> None:
@@ -211,6 +224,10 @@ def local_step(st: State, idx: np.ndarray) -> None:
             st.reducer.layer_done(l)
         return
     model.forward(xp, st.ws, st.bs, st.work.x, st.work, n)
+    if st.fused:  # one rank: n is the global batch, and theta -= lr / n * gradient happens in the GEMMs
+        model.backward_sum(xp, st.ws, st.ws, st.bs, st.work.x, st.work.y, st.work, n, st.loss_slot,
+                           st.reducer.layer_done, scale=-st.cfg.train.learning_rate / n, accumulate=True)
+        return
     model.backward_sum(xp, st.ws, st.gws, st.gbs, st.work.x, st.work.y, st.work, n, st.loss_slot, st.reducer.layer_done)
 
 

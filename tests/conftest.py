@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# The jobs the tests launch use OFI: the MPICH wheel's default UCX netmod now and then fails
+# MPI_Init when several jobs start at once (pmodels/mpich#7417). See the Makefile.
+os.environ.setdefault("MPIR_CVAR_CH4_NETMOD", "ofi")
+
 _MNIST_NAMES = (
     "train-images-idx3-ubyte.gz",
     "train-labels-idx1-ubyte.gz",
