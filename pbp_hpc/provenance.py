@@ -38,11 +38,16 @@ def blas_info() -> list[dict[str, Any]]:
     return [{k: str(v) for k, v in d.items() if k in keep} for d in threadpool_info()]
 
 
-def cores_available() -> int:
+def cpu_set() -> set[int]:
+    """The CPUs this process may run on."""
     try:
-        return len(os.sched_getaffinity(0))
+        return set(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        return set(range(os.cpu_count() or 1))
+
+
+def cores_available() -> int:
+    return len(cpu_set())
 
 
 def collect() -> dict[str, Any]:

@@ -81,18 +81,22 @@ def together(comm: MPI.Comm, step: Callable[[], Any], name_ranks: bool = True) -
     raise exc
 
 
-def local_ranks(comm: MPI.Comm) -> int:
-    """How many ranks share this node: they share its cores."""
+def node_share(comm: MPI.Comm) -> tuple[int, int]:
+    """(ranks on this node, cores they may use together).
+
+    The cores are the union of the ranks' CPU sets: under a launcher that binds each rank to
+    its own cores (srun --cpu-bind, Hydra -bind-to), a rank alone sees only its share.
+    """
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     try:
-        return node.size
+        cpus = set().union(*node.allgather(provenance.cpu_set()))
+        return node.size, max(1, len(cpus))
     finally:
         node.Free()
 
 
 def choose_threads(cfg: Config, comm: MPI.Comm) -> int:
-    cores = provenance.cores_available()
-    on_node = local_ranks(comm)
+    on_node, cores = node_share(comm)
     wanted = cfg.parallel.threads_per_rank
     if wanted is None:
         return max(1, cores // on_node)
