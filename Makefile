@@ -35,8 +35,8 @@ run: setup
 # (pytest-mpi skips @pytest.mark.mpi tests unless --with-mpi is given).
 test: setup
 	PBP_HPC_TEST_DATA=$(abspath ../shared/data/mnist) $(PY) -m pytest -q -p no:cacheprovider
-	$(MPIEXEC) -n 2 $(PY) -m pytest -q -p no:cacheprovider --with-mpi --only-mpi
-	$(MPIEXEC) -n 3 $(PY) -m pytest -q -p no:cacheprovider --with-mpi --only-mpi
+	$(MPIEXEC) -n 2 $(PY) -m pytest -q -p no:cacheprovider --with-mpi -m mpi
+	$(MPIEXEC) -n 3 $(PY) -m pytest -q -p no:cacheprovider --with-mpi -m mpi
 
 bench: setup
 	$(PY) -m pbp_hpc.bench

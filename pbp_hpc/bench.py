@@ -16,7 +16,7 @@ ranks x threads (plus 1 x 1, the baseline), a row says:
   comm%        the reducer's share of the epoch (slowest rank)
   RSS, budget  peak resident memory per rank (MB), and dataset + parameters + gradients + one
                batch's activations + 20%; both above the process's footprint before the data
-  heap         bytes the heap grew by over the last steps, under tracemalloc (0: no per-step allocation)
+  heap B/step  growth of the traced heap per step over 400 steps (tracemalloc, after gc): 0.0 = nothing kept
   best         * on the fastest split of all the cores (written to --splits for pbp_hpc.hybrid)
 
 How: the parent starts one `mpiexec -n C` job (C = cores); every case runs inside it, so
@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SPLITS = REPO / "benchmarks" / "hybrid_splits.json"
 
 COLUMNS = ["net", "batch", "split", "TPE s", "GFLOP/s", "peak%", "GEMM s", "/GEMM", "torch s", "/torch",
-           "speedup", "comm%", "RSS MB", "budget MB", "heap B", "best"]
+           "speedup", "comm%", "RSS MB", "budget MB", "heap B/step", "best"]
 
 
 # ---------------------------------------------------------------- what to measure
@@ -553,11 +553,12 @@ class Worker:
                 "sizes": sizes, "budget": int(1.2 * sum(sizes.values()))}
 
     @staticmethod
-    def _heap_growth(run: OurRun, b: int, n: int, warm: int = 60, k: int = 20) -> tuple[int, int]:
-        """Bytes the traced heap grows by over k steps, after `warm` steps under tracemalloc.
+    def _heap_growth(run: OurRun, b: int, n: int, warm: int = 100, k: int = 400) -> tuple[int, int]:
+        """Bytes the traced heap grows by over k steps (after `warm` steps under tracemalloc).
 
         Small batches: what is checked is the code path, which allocates alike at any size.
-        The warm-up lets numpy fill its small-object caches, which tracemalloc sees as growth.
+        The warm-up lets numpy fill its small-object caches; gc.collect() before each reading
+        counts only what is still reachable (temporaries and cyclic garbage are not growth).
         """
         import tracemalloc
 
@@ -566,9 +567,11 @@ class Worker:
         try:
             for _ in range(warm):
                 run.step(next(batches))
+            gc.collect()
             before = tracemalloc.get_traced_memory()[0]
             for _ in range(k):
                 run.step(next(batches))
+            gc.collect()
             return tracemalloc.get_traced_memory()[0] - before, k
         finally:
             tracemalloc.stop()
@@ -783,7 +786,7 @@ def rows_of(records: list[dict[str, Any]], spec: Spec) -> list[dict[str, Any]]:
             mem = [m for m in g["memory"].get(str(r), [])]
             peak_rss = max((m["peak_rss"] for m in mem), default=None)
             budget = max((m["budget"] for m in mem), default=None)
-            growth = max((m["heap_growth"] for m in mem), default=None)
+            growth = max((m["heap_growth"] / m["steps"] for m in mem), default=None)
             base_rss = g["memory"]["base_rss"]
             rows.append({
                 "net": g["net"], "layers": g["layers"], "batch": g["batch"], "split": label, "ranks": r, "threads": t,
@@ -817,7 +820,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         _fmt(None if r["peak_frac"] is None else 100 * r["peak_frac"], ".0f"), _fmt(r["gemm"], ".3f"),
         _fmt(r["gemm_ratio"], ".3f"), _fmt(r["torch"], ".3f"), _fmt(r["torch_ratio"], ".2f"),
         _fmt(r["speedup"], ".2f"), _fmt(None if r["comm_frac"] is None else 100 * r["comm_frac"], ".1f"),
-        _fmt(r["rss_mb"], ".0f"), _fmt(r["budget_mb"], ".0f"), _fmt(r["heap"], "d"), "*" if r["best"] else "",
+        _fmt(r["rss_mb"], ".0f"), _fmt(r["budget_mb"], ".0f"), _fmt(r["heap"], ".1f"), "*" if r["best"] else "",
     ] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
     lines = ["  ".join(c.rjust(w) if i > 2 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]

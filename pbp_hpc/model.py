@@ -174,7 +174,7 @@ def backward_sum(
             back = work.scratch_like(n, a_in.shape[1])
             ops.gemm(xp, d, _t(xp, ws[l]), back)
         ops.gemm(xp, _t(xp, a_in), d, gws[l], alpha=scale, beta=beta)
-        ops.gemm(xp, work.ones[:, :n], d, xp.reshape(gbs[l], (1, -1)), alpha=scale, beta=beta)
+        ops.gemm(xp, work.ones[:, :n], d, _row(xp, gbs[l]), alpha=scale, beta=beta)
         if layer_done is not None:
             layer_done(l)  # before the input gradient, so sending overlaps that GEMM
         if back is not None:
@@ -187,6 +187,11 @@ def backward_sum(
                 ops.matmul(xp, d[lo:hi, ...], w_t, out=back)
                 ops.sigmoid_delta_(xp, a_in[lo:hi, ...], back)
             d = a_in
+
+
+def _row(xp: ModuleType, v: Array) -> Array:
+    """A 1-D array as a 1 x n view (what a GEMM writes the bias gradient into)."""
+    return v[None, :] if ops.has_out(xp) else xp.reshape(v, (1, -1))
 
 
 def _t(xp: ModuleType, a: Array) -> Array:

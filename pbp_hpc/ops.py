@@ -145,30 +145,42 @@ class _Cblas:
             return False
         c = out.dtype.char
         fn = fns.get(c)
-        item = out.itemsize
-        if fn is None or a.dtype.char != c or b.dtype.char != c or out.strides[1] != item or out.strides[0] % item:
+        if fn is None or a.dtype.char != c or b.dtype.char != c:
             return False
         m, n = out.shape
         k = a.shape[1]
         if m == 0 or n == 0 or k == 0 or a.shape[0] != m or b.shape != (k, n):
             return False
-        ta, lda = self._operand(a, item)
-        tb, ldb = self._operand(b, item)
-        if ta == 0 or tb == 0:
+        to, ldc = self._operand(out, out.itemsize)
+        ta, lda = self._operand(a, out.itemsize)
+        tb, ldb = self._operand(b, out.itemsize)
+        if to != self.NO_TRANS or ta == 0 or tb == 0:
             return False
-        fn(self.ROW_MAJOR, ta, tb, m, n, k, alpha, a.ctypes.data, lda, b.ctypes.data, ldb, beta,
-           out.ctypes.data, out.strides[0] // item)
+        fn(self.ROW_MAJOR, ta, tb, m, n, k, alpha, _address(a), lda, _address(b), ldb, beta, _address(out), ldc)
         return True
 
     def _operand(self, x: Any, item: int) -> tuple[int, int]:
-        """(transpose flag, leading dimension) of a row-major or transposed 2-D view; (0, 0) if neither."""
+        """(transpose flag, leading dimension) of a row-major or transposed 2-D view; (0, 0) if neither.
+
+        A dimension of length 1 may have any stride (numpy gives `v[None, :]` stride 0 there).
+        """
         s0, s1 = x.strides
         rows, cols = x.shape
-        if s1 == item and s0 % item == 0 and s0 // item >= max(1, cols):
-            return self.NO_TRANS, s0 // item
-        if s0 == item and s1 % item == 0 and s1 // item >= max(1, rows):
-            return self.TRANS, s1 // item
+        if (s1 == item or cols == 1) and s0 % item == 0:
+            ld = s0 // item if rows > 1 else cols
+            if ld >= max(1, cols):
+                return self.NO_TRANS, ld
+        if (s0 == item or rows == 1) and s1 % item == 0:
+            ld = s1 // item if cols > 1 else rows
+            if ld >= max(1, rows):
+                return self.TRANS, ld
         return 0, 0
+
+
+def _address(a: Any) -> int:
+    """The address of a's first element. (`a.ctypes.data` costs the same but leaves a reference
+    cycle behind per call: garbage for the cyclic collector, and heap growth between its runs.)"""
+    return a.__array_interface__["data"][0]
 
 
 _cblas = _Cblas()

@@ -1,6 +1,6 @@
 """A P-rank run computes the same parameters as a 1-rank run with the same seed and global batch.
 
-Run under `mpiexec -n P python -m pytest --with-mpi --only-mpi`. The reference is the same
+Run under `mpiexec -n P python -m pytest --with-mpi -m mpi`. The reference is the same
 training on MPI_COMM_SELF inside the same process, so every rank checks itself.
 
 Tolerance: the P-rank run adds P partial sums where the 1-rank run adds the examples in one

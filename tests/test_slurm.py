@@ -573,3 +573,160 @@ def test_sweep_array_requeue_and_merge(slurm_cluster, tmp_path, fake_python):
     analysis = (results / "analysis.txt").read_text()
     assert analysis.startswith("analysis of 2 points:"), analysis
     assert (results / "merged.h5").exists() and (results / "plots").is_dir()
+
+
+# ------------------------------------------------------------- the job templates with the REAL package
+#
+# No fakes below: PBP_PYTHON is this interpreter, so the templates run `python -m pbp_hpc.sweep|train|
+# results|analyze` from this checkout. MPIR_CVAR_CH4_NETMOD=ofi keeps the MPICH wheel off its bundled
+# UCX, whose start-up now and then fails (UCX_FLAKE above).
+
+SACCT_REPORT = Path("/tmp/pbp_slurm_sacct.txt")
+
+
+def _real_env() -> dict[str, str]:
+    env = {"PBP_PYTHON": sys.executable, "MPIR_CVAR_CH4_NETMOD": "ofi", "PYTHONUNBUFFERED": "1"}
+    venv = Path(sys.prefix)
+    if (venv / "bin" / "activate").is_file():
+        env["PBP_VENV"] = str(venv)
+    return env
+
+
+def _job_report(cluster: SlurmCluster, *job_ids: str, timeout: float = 30, save: bool = True,
+                sacct_args: tuple[str, ...] = ()) -> str:
+    """`sacct -j IDS --format=JobID,JobName,State,ExitCode,Elapsed` once slurmdbd has every job's end
+    (else `squeue` and `scontrol show job`); printed, and with save written to SACCT_REPORT (for the issue)."""
+    ids = ",".join(job_ids)
+    if cluster.has_slurmdbd and shutil.which("sacct"):
+        cmd = ["sacct", *sacct_args, "-j", ids, "--format=JobID%-14,JobName%-12,State,ExitCode,Elapsed"]
+        deadline = time.monotonic() + timeout  # the jobs' ends reach slurmdbd asynchronously
+        while True:
+            p = cluster.run(*cmd, check=False)
+            states = {r["JobID"]: r["State"] for jid in job_ids for r in cluster.sacct(jid)} \
+                if p.returncode == 0 else {}
+            done = states and all(s.split()[0] in TERMINAL_STATES for j, s in states.items() if "." not in j)
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        text = f"$ {' '.join(cmd)}\n{p.stdout}{p.stderr}"
+    else:
+        q = cluster.run("squeue", check=False)
+        text = f"(sacct unavailable: no slurmdbd)\n$ squeue\n{q.stdout}{q.stderr}"
+        for jid in job_ids:
+            s = cluster.run("scontrol", "show", "job", jid, check=False)
+            text += f"$ scontrol show job {jid}\n{s.stdout}{s.stderr}"
+    if save:
+        SACCT_REPORT.write_text(text)
+    sys.stdout.write(f"\n{text}\n")
+    return text
+
+
+@retry_on_ucx_flake
+def test_real_sweep_array_merges_and_analyzes(slurm_cluster, tmp_path):
+    """`python -m pbp_hpc.sweep jobs/slurm_smoke.yaml --slurm`: the real array of 4 points (two 1-rank,
+    two 2-rank over srun --mpi=pmi2), then the real merge + analysis job."""
+    _mpi_plugin_or_skip()
+    from pbp_hpc import results as results_mod, sweep as sweep_mod
+
+    jobfile = REPO / "jobs" / "slurm_smoke.yaml"
+    points = sweep_mod.expand(jobfile).points
+    assert len(points) == 4 and {p.ranks for p in points} == {1, 2}
+    out_dir = tmp_path / "results"
+    t0 = time.monotonic()
+    p = slurm_cluster.run(sys.executable, "-m", "pbp_hpc.sweep", str(jobfile), "--slurm", "--results-dir",
+                          str(out_dir), "--sbatch-arg=--time=10", env=_real_env(), cwd=tmp_path)
+    m = re.search(r"submitted array job (\d+) \((\d+) points\) and merge job (\d+)", p.stdout)
+    assert m, p.stdout + p.stderr
+    array, n, merge = m.group(1), int(m.group(2)), m.group(3)
+    assert n == len(points)
+
+    def logs() -> str:
+        text = ""
+        for f in sorted(tmp_path.glob("pbp-*.out")) + sorted(out_dir.glob("point-*.logs/*.log")):
+            text += f"----- {f.name} -----\n{f.read_text(errors='replace')[-3000:]}\n"
+        return text
+
+    tasks = slurm_cluster.wait_for_array(array, timeout=240)
+    merged_job = slurm_cluster.wait_for(merge, timeout=120)
+    wall = time.monotonic() - t0
+    report = _job_report(slurm_cluster, array, merge)
+    sys.stdout.write(f"[real sweep: {n} points + merge in {wall:.1f} s]\n")
+    assert sorted(tasks) == list(range(n)), report
+    bad = {i: (t.state, t.exit_code) for i, t in tasks.items() if (t.state, t.exit_code) != ("COMPLETED", 0)}
+    assert not bad, f"{bad}\n{report}\n{logs()}"
+    assert (merged_job.state, merged_job.exit_code) == ("COMPLETED", 0), f"{report}\n{merged_job.output()}"
+
+    merged = out_dir / "merged.h5"
+    assert merged.is_file(), logs()
+    runs = results_mod.read_runs(merged)
+    by_point = {}
+    for r in runs:
+        assert r["point"] not in by_point, f"point {r['point']} recorded twice"
+        by_point[r["point"]] = r
+    assert sorted(by_point) == [pt.index for pt in points], [r["key"] for r in runs]
+    for pt in points:
+        r = by_point[pt.index]
+        assert r["status"] == "ok", (r["key"], r["error"], logs())
+        assert (r["implementation"], r["ranks"], r["threads_per_rank"]) == (pt.implementation, pt.ranks, 1)
+        epochs = r["epochs"]
+        assert [e["epoch"] for e in epochs] == [0, 1], epochs
+        assert all(e["time_s"] > 0 and e["loss"] is not None for e in epochs), epochs
+        assert r["median_epoch_time_s"] is not None and r["test_accuracy"] is not None
+        # the world size, from the run itself: its own log line, and communication for 2 ranks only
+        log = (out_dir / f"point-{pt.index}.logs" / f"{r['key']}.log").read_text()
+        assert f"pbp_hpc: {pt.ranks} rank(s)" in log, log
+        if pt.ranks == 2:
+            assert all(e["allreduce_s"] > 0 for e in epochs), epochs
+        else:
+            assert all(e["allreduce_s"] == 0 for e in epochs), epochs
+    for i in range(n):  # each task ran its own point, once
+        assert f"point {i} exited with 0" in (tmp_path / f"pbp-sweep-{array}_{i}.out").read_text()
+
+    analysis = (out_dir / "analysis.txt").read_text()
+    assert f"{n} run(s): {n} ok in {n} point(s), 0 not ok" in analysis, analysis
+    assert re.search(r"^\s*B\s+implementation\s+PxT\s+reps\s+TPE s", analysis, re.M), analysis
+    pngs = sorted((out_dir / "plots").glob("*.png"))
+    assert pngs, merged_job.output()
+
+
+TRAIN_EPOCHS = 600  # 1-rank [784, 16, 10] on 1,000 examples: ~10-20 ms an epoch, ~10 s in all here
+
+
+@retry_on_ucx_flake
+def test_real_train_usr1_requeues_and_resumes(slurm_cluster, tmp_path):
+    """slurm/train.sh with the real pbp_hpc.train: USR1 mid-run -> checkpoint, exit 0 -> requeue ->
+    the second run resumes from the checkpoint and finishes."""
+    _mpi_plugin_or_skip()
+    from pbp_hpc import checkpoint
+
+    env = dict(_real_env(), PBP_CONFIG=str(REPO / "configs" / "synthetic.yaml"))
+    args = ["--set", "model.layers=[784,16,10]", "--set", "data.n_train=1200", "--set", "data.n_test=200",
+            "--set", f"train.epochs={TRAIN_EPOCHS}", "--set", "train.batch_size=100",
+            "--set", "train.eval_every=0", "--set", "train.progress=false"]
+    t0 = time.monotonic()
+    job = slurm_cluster.submit(SLURM_DIR / "train.sh", *args, env=env, cwd=tmp_path,
+                               sbatch_args=["--ntasks=1", "--cpus-per-task=1", "--time=10"])
+    out_file = tmp_path / f"pbp-train-{job}.out"
+    slurm_cluster.wait_for_text(out_file, "epoch   0 ", timeout=60)
+    state = slurm_cluster.job_records(job)[0].get("JobState")
+    assert state == "RUNNING", state
+    slurm_cluster.signal_batch(job, "USR1")
+    res = slurm_cluster.wait_for(job, timeout=150)
+    out = res.output()
+    sys.stdout.write(f"[real train: USR1, requeue, resume in {time.monotonic() - t0:.1f} s]\n")
+    report = _job_report(slurm_cluster, job, save=False, sacct_args=("--duplicates",))  # both runs
+    assert res.stdout == out_file
+    assert (res.state, res.exit_code, res.restarts) == ("COMPLETED", 0, 1), f"{report}\n{out}"
+    ckpt = tmp_path / "checkpoints" / f"{job}.h5"
+    written = out.find("checkpoint written")
+    resumed = out.find(f"resumed from checkpoints/{job}.h5")
+    assert 0 <= written < resumed, out
+    assert f"requeueing job {job}" in out, out
+    m = re.search(r"checkpoint written to \S+ at epoch (\d+) step (\d+)", out)
+    assert m and 0 < int(m.group(1)) < TRAIN_EPOCHS, out  # stopped mid-run, not at the end
+    assert re.search(rf"resumed from \S+ at epoch {m.group(1)} step {m.group(2)}", out), out
+    assert re.search(r"^test accuracy \d+\.\d+%", out, re.M), out
+    assert f"epoch {TRAIN_EPOCHS - 1:3d} " in out, out
+    assert "training step exited with 0" in out, out
+    ck = checkpoint.load(ckpt)
+    assert (ck["epoch"], ck["step"]) == (TRAIN_EPOCHS, 0), {k: v for k, v in ck.items() if k != "theta"}

@@ -1,0 +1,119 @@
+"""The benchmark runs end to end and reports every column; the hybrid-split lookup. Correctness only:
+no test here asserts a time (the machine may be shared)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from pbp_hpc import bench, config, datasets, hybrid, train
+from pbp_hpc.provenance import cores_available
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "smoke.json"
+    proc = subprocess.run([sys.executable, "-m", "pbp_hpc.bench", "--smoke", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout, json.loads(out.read_text())
+
+
+def test_smoke_table_has_every_column_and_every_split(smoke):
+    stdout, _ = smoke
+    lines = stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("net "))
+    assert lines[head].split() == " ".join(bench.COLUMNS).split()
+    rows = [line.split() for line in lines[head + 2 :] if line.startswith("tiny")]
+    splits = [f"{r}x{t}" for r, t in bench.splits_of(cores_available())]
+    assert [row[2] for row in rows] == splits
+    for row in rows:  # every measured column has a value; best is '*' or empty
+        assert len(row) in (len(bench.COLUMNS) - 1, len(bench.COLUMNS))
+        assert row[3] != "n/a" and row[5] != "n/a" and row[6] != "n/a" and row[12] != "n/a"
+    assert sum(line.split()[-1] == "*" for line in lines[head + 2 : head + 2 + len(rows)]) == (cores_available() > 1)
+
+
+def test_smoke_header_reports_load_blas_and_threads(smoke):
+    stdout, _ = smoke
+    assert "load average at start:" in stdout
+    assert "BLAS: openblas" in stdout or "BLAS:" in stdout
+    assert "OPENBLAS_CORETYPE" in stdout
+    assert "SGEMM" in stdout and "goals:" in stdout
+
+
+def test_smoke_json_has_the_numbers_behind_the_table(smoke):
+    _, doc = smoke
+    rows = doc["rows"]
+    assert rows and all(r["tpe"] > 0 and r["gemm"] > 0 and r["budget_mb"] > 0 for r in rows)
+    assert all(r["heap"] is not None for r in rows)
+    if cores_available() > 1:
+        multi = [r for r in rows if r["ranks"] > 1]
+        assert multi and all(r["comm_frac"] is not None and r["speedup"] is not None for r in multi)
+
+
+def _state(layers, batch, comm):
+    cfg = config.load(None, [f"model.layers={layers}", f"train.batch_size={batch}", "data.name=synthetic",
+                             "data.n_train=90", "data.n_test=10", "train.progress=false"])
+    return train.State(cfg, comm, np, datasets.load(cfg, comm.size, None))
+
+
+@pytest.mark.parametrize("layers", [[784, 12, 10], [784, 12, 8, 10]])
+def test_gemm_replay_records_every_matmul_of_a_step(layers):
+    """Forward: one GEMM per layer; backward: weights and bias per layer, input gradient but the first."""
+    st = _state(layers, 32, MPI.COMM_SELF)
+    replay = bench.GemmReplay(bench.OurRun(st), 32, len(st.data.train))
+    L = len(layers) - 1
+    assert len(replay.full) == L + 2 * L + (L - 1)
+    assert replay.n_full == len(st.data.train) // 32 and len(replay.last) == len(replay.full)
+    theta = st.theta.copy()
+    replay.epoch(replay.n_full + 1, bench.time.perf_counter)
+    np.testing.assert_array_equal(st.theta, theta)  # the fused update's GEMMs leave the parameters as they were
+
+
+def test_dataset_bytes_counts_each_array_once():
+    cfg = config.load(None, ["data.name=synthetic", "data.n_train=60", "data.n_test=10"])
+    data = datasets.load(cfg, 1, None)
+    assert bench.dataset_bytes(data) == sum(a.nbytes for s in (data.train, data.val, data.test) for a in (s.protos, s.noise))
+
+
+def _splits_file(tmp_path, entries, cores=2):
+    doc = {"machines": {f"{cores} cores": {"cores": cores, "networks": {
+        "784-1024-10": {"name": "Net-1h", "batches": {str(b): {"ranks": r, "threads": t} for b, (r, t) in entries.items()}}}}}}
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_best_split_reads_the_measured_split(tmp_path):
+    path = _splits_file(tmp_path, {128: (2, 1), 1024: (1, 2)})
+    assert hybrid.best_split("Net-1h", 128, 2, path) == (2, 1)
+    assert hybrid.best_split([784, 1024, 10], 1024, 2, path) == (1, 2)
+    assert hybrid.best_split("784-1024-10", 1024, 2, path) == (1, 2)
+
+
+def test_best_split_borrows_the_nearest_batch_within_a_factor_of_two(tmp_path):
+    path = _splits_file(tmp_path, {128: (2, 1), 1024: (1, 2)})
+    assert hybrid.best_split("Net-1h", 200, 2, path) == (2, 1)
+    assert hybrid.best_split("Net-1h", 2048, 2, path) == (1, 2)
+    assert hybrid.best_split("Net-1h", 4096, 2, path) == (2, 1)  # 4x away: unmeasured, so the fallback
+
+
+def test_best_split_falls_back_to_one_rank_per_core(tmp_path):
+    path = _splits_file(tmp_path, {128: (1, 2)})
+    assert hybrid.best_split("Net-2h", 128, 2, path) == (2, 1)  # network not measured
+    assert hybrid.best_split("Net-1h", 128, 4, path) == (4, 1)  # another core count
+    assert hybrid.best_split("Net-1h", 128, 2, tmp_path / "missing.json") == (2, 1)
+    (tmp_path / "bad.json").write_text("{not json")
+    assert hybrid.best_split("Net-1h", 128, 2, tmp_path / "bad.json") == (2, 1)
+
+
+def test_write_splits_merges_into_the_file_hybrid_reads(tmp_path):
+    path = _splits_file(tmp_path, {128: (1, 2)})
+    rows = [{"net": "Net-1h", "layers": [784, 1024, 10], "batch": 1024, "split": s, "ranks": r, "threads": t,
+             "tpe": tpe, "best": best} for s, r, t, tpe, best in (("1x2", 1, 2, 2.0, False), ("2x1", 2, 1, 1.0, True))]
+    bench.write_splits(path, rows, 2, "host")
+    assert hybrid.best_split("Net-1h", 1024, 2, path) == (2, 1)
+    assert hybrid.best_split("Net-1h", 128, 2, path) == (1, 2)  # kept
