@@ -34,7 +34,7 @@ run: setup
 # The whole suite: serially, then the in-process MPI tests under 2 and 3 ranks
 # (pytest-mpi skips @pytest.mark.mpi tests unless --with-mpi is given).
 test: setup
-	PBP_HPC_TEST_DATA=$(abspath ../shared/data/mnist) $(PY) -m pytest -q -p no:cacheprovider
+	PBP_HPC_TEST_DATA=$(abspath ../shared/data/mnist) $(PY) -m pytest -q -rs -p no:cacheprovider
 	$(MPIEXEC) -n 2 $(PY) -m pytest -q -p no:cacheprovider --with-mpi -m mpi
 	$(MPIEXEC) -n 3 $(PY) -m pytest -q -p no:cacheprovider --with-mpi -m mpi
 

@@ -113,22 +113,25 @@ class _SharedRows:
             node.Free()
             self.local = comm
         self.dtype, self.item = dtype, np.dtype(dtype).itemsize
-        self.win = MPI.Win.Allocate_shared(n * self.item, self.item, comm=self.local)
+        # each rank's row: its buffer [gradients | extras], then two mailboxes for its extras
+        width = n + 2 * EXTRAS
+        self.win = MPI.Win.Allocate_shared(width * self.item, self.item, comm=self.local)
         self.win.Lock_all(MPI.MODE_NOCHECK)  # one passive epoch for the run; Sync() orders loads and stores
-        self.rows = [np.frombuffer(self.win.Shared_query(r)[0], dtype=dtype, count=n) for r in range(self.local.size)]
+        full = [np.frombuffer(self.win.Shared_query(r)[0], dtype=dtype, count=width) for r in range(self.local.size)]
+        self.rows = [f[:n] for f in full]
+        self.mailboxes = [[f[n + k * EXTRAS : n + (k + 1) * EXTRAS] for f in full] for k in (0, 1)]
         self.row = self.rows[self.local.rank]
-        self.row[...] = 0
+        full[self.local.rank][...] = 0
         self.theta_win: Any = None
         self.theta: Any = None
 
-    def attach_parameters(self, theta0: Any) -> Any:
-        """The node's one copy of the parameters, in shared memory, initialised from theta0 (collective)."""
-        n = theta0.shape[0]
+    def attach_parameters(self, n: int, fill: Callable[[Any], Any]) -> Any:
+        """The node's one copy of n parameters, in shared memory, filled by the node's first rank (collective)."""
         self.theta_win = MPI.Win.Allocate_shared(n * self.item if self.local.rank == 0 else 0, self.item, comm=self.local)
         self.theta_win.Lock_all(MPI.MODE_NOCHECK)
         self.theta = np.frombuffer(self.theta_win.Shared_query(0)[0], dtype=self.dtype, count=n)
         if self.local.rank == 0:
-            self.theta[...] = theta0
+            fill(self.theta)
         self.sync_barrier()
         return self.theta
 
@@ -166,11 +169,12 @@ def gradient_buffer(reducer: str, comm: MPI.Comm, n: int, dtype: Any, xp: Any) -
     return shared.row
 
 
-def parameter_buffer(grad: Any, theta0: Any) -> Any:
-    """Where the parameters live: theta0 itself, or with a gradient buffer from
-    gradient_buffer("shm"), one copy per node in shared memory (collective then)."""
+def parameter_buffer(grad: Any, n: int, fill: Callable[[Any], Any]) -> Optional[Any]:
+    """With a gradient buffer from gradient_buffer("shm"): the node's one copy of the n
+    parameters, in shared memory, which `fill(out)` initialises on one rank (collective).
+    Otherwise None: the parameters are the caller's own."""
     shared = _SHARED.get(grad.ctypes.data) if isinstance(grad, np.ndarray) else None
-    return theta0 if shared is None else shared.attach_parameters(theta0)
+    return None if shared is None else shared.attach_parameters(n, fill)
 
 
 class SharedMemoryReducer:
@@ -178,14 +182,19 @@ class SharedMemoryReducer:
 
     The buffers come from gradient_buffer("shm") and parameter_buffer: every rank's gradient
     is a row of one shared window, and the node holds one copy of the parameters. finish():
-    after a barrier, each of the node's P ranks sums its 1/P slice of the gradients over all
-    rows, in rank order (so the bits do not depend on who sums), and every rank adds up the
-    extras (loss, stop flag) into its own row. update(scale): each rank applies
-    theta += scale * sum to its slice of the shared parameters; a barrier, and every rank
-    sees the new parameters. Per rank and step that reads the gradients once and updates 1/P
-    of theta, where MPI_Allreduce copies the buffer through MPI's cells and back and every
-    rank then updates all of theta. On several nodes, a slice's node sum is allreduced among
-    the ranks owning that slice on every node (1/P of the buffer each); each node keeps a copy.
+    each rank posts its extras (loss, stop flag) to its mailbox; after a barrier every rank
+    adds up the mailboxes into its own row. update(scale): each of the node's P ranks applies
+    theta += scale * g_r to its 1/P slice of the shared parameters for every rank's row r, in
+    rank order (so the bits do not depend on who sums); a barrier, and every rank sees the new
+    parameters (and no rank writes its gradient again before every rank has read it). Two
+    barriers per step, no buffer for the sum. Per rank and step that reads the gradients once
+    and updates 1/P of theta, where MPI_Allreduce copies the buffer through MPI's cells and
+    back and every rank then updates all of theta. On several nodes, a slice's node sum is
+    allreduced among the ranks owning that slice on every node (1/P of the buffer each);
+    each node keeps a copy.
+
+    The mailboxes alternate between steps: a rank a step ahead posts to the other one, so it
+    cannot overwrite extras a slower rank is still adding up.
 
     Unlike the other reducers, after finish() this rank's buffer holds the global extras but
     its own gradient: the global gradient is applied by update(), which train.apply_update calls.
@@ -205,10 +214,11 @@ class SharedMemoryReducer:
         n, P, r = layout.n_params, local.size, local.rank
         lo, hi = (min(n, n * k // P // self.ALIGN * self.ALIGN) if k < P else n for k in (r, r + 1))
         self.parts = [row[lo:hi] for row in rows]  # this rank's slice of every rank's gradient
-        self.extras = [row[n:] for row in rows]
+        self.extras = buf[n:]
+        self.mailboxes, self.step = self.shared.mailboxes, 0
         self.theta = self.shared.theta[lo:hi]
-        self.acc = np.empty(hi - lo, dtype=buf.dtype)  # the slice's global sum, until update()
-        self.ext = np.empty(buf.shape[0] - n, dtype=buf.dtype)
+        # several nodes: the slice's sum is needed whole, for the Allreduce across nodes
+        self.acc = np.empty(hi - lo, dtype=buf.dtype) if self.shared.cross is not None else None
 
     def layer_done(self, l: int) -> None:
         pass
@@ -218,14 +228,15 @@ class SharedMemoryReducer:
             return
         t = time.perf_counter()
         shared = self.shared
-        shared.sync_barrier()  # every rank's gradient is in its row
-        self._sum(self.parts, self.acc)
-        self._sum(self.extras, self.ext)
+        mail = self.mailboxes[self.step % 2]
+        self.step += 1
+        mail[shared.local.rank][...] = self.extras
+        shared.sync_barrier()  # every rank's gradient is in its row, its extras in its mailbox
+        self._sum(mail, self.extras)  # only this rank reads or writes its own row's extras
         if shared.cross is not None:
+            self._sum(self.parts, self.acc)
             shared.cross.Allreduce(MPI.IN_PLACE, self.acc, op=MPI.SUM)
-            shared.cross.Allreduce(MPI.IN_PLACE, self.ext, op=MPI.SUM)
-        shared.sync_barrier()  # nobody reads another rank's row any more this step
-        self.extras[shared.local.rank][...] = self.ext
+            shared.cross.Allreduce(MPI.IN_PLACE, self.extras, op=MPI.SUM)
         self.seconds += time.perf_counter() - t
 
     @staticmethod
@@ -238,13 +249,18 @@ class SharedMemoryReducer:
             out += part
 
     def update(self, scale: float) -> bool:
-        """theta += scale * (global gradient) on this rank's slice; True once every slice is done."""
+        """theta += scale * (global gradient) on this rank's slice; True once every slice is done.
+
+        Its time counts as communication: it is the summation an Allreduce would do, fused
+        with the update that every rank would otherwise apply to all of theta.
+        """
         if self.shared is None:
             return False
         from .ops import axpy_
 
-        axpy_(np, scale, self.acc, self.theta)
         t = time.perf_counter()
+        for part in (self.parts if self.acc is None else [self.acc]):
+            axpy_(np, scale, part, self.theta)  # reads the rows only: x is not overwritten on numpy
         self.shared.sync_barrier()  # the whole of theta is new before any rank's next forward pass
         self.seconds += time.perf_counter() - t
         return True

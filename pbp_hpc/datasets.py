@@ -48,13 +48,18 @@ class ArraySource:
     def labels_of(self, idx: np.ndarray) -> np.ndarray:
         return self.labels[idx]
 
+    CHUNK = 1024  # rows gathered per pass: the uint8 buffer stays small (and in cache) at any batch size
+
     def features_into(self, idx: np.ndarray, out: np.ndarray) -> None:
         n = idx.shape[0]
-        if self._u8 is None or self._u8.shape[0] < n:
-            self._u8 = np.empty((max(n, 1), self.images.shape[1]), dtype=np.uint8)
-        u8 = self._u8[:n]
-        np.take(self.images, idx, axis=0, out=u8, mode="clip")  # "raise" would buffer the copy
-        np.multiply(u8, np.float32(1.0 / 255.0), out=out, casting="unsafe")
+        rows = min(max(n, 1), self.CHUNK)
+        if self._u8 is None or self._u8.shape[0] < rows:
+            self._u8 = np.empty((rows, self.images.shape[1]), dtype=np.uint8)
+        for lo in range(0, n, self.CHUNK):
+            hi = min(n, lo + self.CHUNK)
+            u8 = self._u8[: hi - lo]
+            np.take(self.images, idx[lo:hi], axis=0, out=u8, mode="clip")  # "raise" would buffer the copy
+            np.multiply(u8, np.float32(1.0 / 255.0), out=out[lo:hi], casting="unsafe")
 
 
 class SyntheticSource:

@@ -1,7 +1,9 @@
 """How to split a node's cores into MPI ranks x BLAS threads, as `python -m pbp_hpc.bench` measured.
 
-    from pbp_hpc.hybrid import best_split
+    from pbp_hpc.hybrid import best_split, mpiexec_args
     ranks, threads = best_split("Net-1h", 1024, cores=2)
+    cmd = ["mpiexec", *mpiexec_args(ranks, threads), "python", "-m", "pbp_hpc.train",
+           "--set", f"parallel.threads_per_rank={threads}", "--set", "parallel.reducer=shm", ...]
 
 The benchmark times every split of the cores (1 x 2 and 2 x 1 on two cores) for each
 network and batch size and merges the fastest into benchmarks/hybrid_splits.json (or the
@@ -69,3 +71,14 @@ def best_split(network: Network, batch_size: int, cores: int, path: Optional[Pat
     entry = measured[nearest]
     ranks, threads = int(entry["ranks"]), int(entry["threads"])
     return (ranks, threads) if ranks * threads == cores and ranks >= 1 else fallback
+
+
+def mpiexec_args(ranks: int, threads: int) -> list[str]:
+    """MPICH Hydra arguments for a ranks x threads run, each rank bound to its own `threads` cores.
+
+    The benchmark measured every split bound this way. Unbound, Linux tended to stack two
+    communicating ranks on one core (a waiting rank yields, and the scheduler wakes its peer
+    where it slept): 2 x 1 ran several times slower than 1 x 1 on the 2-core test machine.
+    (Open MPI: --bind-to core --map-by slot:PE=<threads>; Slurm: srun --cpu-bind=cores -c <threads>.)
+    """
+    return ["-n", str(ranks), "-bind-to", f"core:{threads}"]

@@ -59,14 +59,19 @@ def views(flat: Array, layout: Layout, xp: ModuleType) -> tuple[list[Array], lis
     return ws, bs
 
 
-def glorot_uniform(layout: Layout, seed: int, dtype: str) -> np.ndarray:
+def glorot_uniform(layout: Layout, seed: int, dtype: str, out: Optional[np.ndarray] = None) -> np.ndarray:
     """Glorot-uniform weights, zero biases, as a flat float64-drawn host array cast to dtype.
 
     Drawn on the host with numpy whatever the backend, so every backend and every rank count
-    starts from bit-identical parameters for a given seed.
+    starts from bit-identical parameters for a given seed. `out`: a host array to fill
+    instead (shared memory, say), so that no second copy of the model is ever allocated.
     """
     rng = np.random.default_rng([seed, 0x6C6F7261])  # a stream of its own, apart from the data order
-    theta = np.zeros(layout.n_params, dtype=dtype)
+    if out is None:
+        theta = np.zeros(layout.n_params, dtype=dtype)
+    else:
+        theta = out
+        theta[...] = 0
     chunk = 1 << 16  # drawn in pieces (the same stream as one draw): no float64 copy of the model
     for s, n_in, n_out in zip(layout.w_slices, layout.sizes[:-1], layout.sizes[1:]):
         limit = math.sqrt(6.0 / (n_in + n_out))

@@ -117,12 +117,17 @@ class _Cblas:
                 if not all(hasattr(lib, pattern.format(c)) for c in "sd"):
                     continue
                 fns = {}
+                i64, ptr, enum = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
                 for c, real in (("f", ctypes.c_float), ("d", ctypes.c_double)):
                     fn = getattr(lib, pattern.format("s" if c == "f" else "d"))
-                    i64, ptr, enum = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
                     fn.argtypes = [enum, enum, enum, i64, i64, i64, real, ptr, i64, ptr, i64, real, ptr, i64]
                     fn.restype = None
                     fns[c] = fn
+                    axpy = getattr(lib, pattern.replace("gemm", "axpy").format("s" if c == "f" else "d"), None)
+                    if axpy is not None:
+                        axpy.argtypes = [i64, real, ptr, i64, ptr, i64]
+                        axpy.restype = None
+                        fns["axpy_" + c] = axpy
                 self._fns = fns
                 if self._self_test(np):
                     return fns
@@ -135,6 +140,10 @@ class _Cblas:
             c = rng.random((5, 3)).astype(dtype)
             want = 0.5 * (a @ b.T) + c
             if not self.gemm(a, b.T, c, 0.5, 1.0) or not np.allclose(c, want, rtol=1e-5):
+                return False
+            x, y = a[:, 0].copy(), a[:, 1].copy()
+            want = y + 0.25 * x
+            if "axpy_" + c.dtype.char in self._fns and (not self.axpy(0.25, x, y) or not np.allclose(y, want)):
                 return False
         return True
 
@@ -157,6 +166,17 @@ class _Cblas:
         if to != self.NO_TRANS or ta == 0 or tb == 0:
             return False
         fn(self.ROW_MAJOR, ta, tb, m, n, k, alpha, _address(a), lda, _address(b), ldb, beta, _address(out), ldc)
+        return True
+
+    def axpy(self, alpha: float, x: Any, y: Any) -> bool:
+        """y <- y + alpha x through BLAS for 1-D x, y of one dtype; False (nothing done) otherwise."""
+        fns = self._fns if self._tried else self.get()
+        if fns is None or x.ndim != 1 or y.ndim != 1 or x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        fn = fns.get("axpy_" + y.dtype.char)
+        if fn is None or x.strides[0] % x.itemsize or y.strides[0] % y.itemsize or y.strides[0] == 0:
+            return False
+        fn(y.shape[0], alpha, _address(x), x.strides[0] // x.itemsize, _address(y), y.strides[0] // y.itemsize)
         return True
 
     def _operand(self, x: Any, item: int) -> tuple[int, int]:
@@ -260,31 +280,21 @@ def sum_rows(xp: ModuleType, a: Array, ones: Array, out: Array) -> Array:
 def axpy_(xp: ModuleType, alpha: float, x: Array, y: Array) -> Array:
     """In place: y <- y + alpha * x, for 1-D x and y (the parameter update). x may be overwritten.
 
-    On numpy this is BLAS axpy: one pass that reads x and updates y, where `x *= alpha;
-    y += x` makes two passes over buffers too large for the cache. Other namespaces with
-    `out=` scale x in place and add it (no temporary); the rest evaluate the expression.
+    On numpy this is BLAS axpy, from the BLAS numpy itself uses (see _Cblas): one pass that
+    reads x and updates y, where `x *= alpha; y += x` makes two passes over buffers too large
+    for the cache. (Not scipy's axpy: scipy bundles a second OpenBLAS with a thread pool of its
+    own, which a thread limit set before scipy is first imported does not reach.) Other
+    namespaces with `out=`, and numpy without a callable BLAS, scale x in place and add it;
+    the rest evaluate the expression.
     """
-    if xp.__name__ == "numpy" and y.dtype == x.dtype and y.dtype.char in "fd":
-        out = _blas_axpy(y.dtype)(x, y, a=alpha)  # in place when y is contiguous
-        if out is not y:  # a strided y was copied: write the result back
-            y[...] = out
-    elif has_out(xp):
+    if xp.__name__ == "numpy" and _cblas.axpy(alpha, x, y):
+        return y
+    if has_out(xp):
         xp.multiply(x, alpha, out=x)
         xp.add(y, x, out=y)
     else:
         y += alpha * x
     return y
-
-
-_AXPY: dict[Any, Any] = {}
-
-
-def _blas_axpy(dtype: Any) -> Any:
-    if dtype not in _AXPY:
-        from scipy.linalg.blas import get_blas_funcs  # scipy is a dependency; imported when first needed
-
-        _AXPY[dtype] = get_blas_funcs("axpy", dtype=dtype)
-    return _AXPY[dtype]
 
 
 def sum_squares(xp: ModuleType, a: Array) -> Array:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import math
 import os
@@ -150,7 +151,10 @@ class State:
         dtype = getattr(xp, cfg.model.dtype)
         self.grad = reducers.gradient_buffer(cfg.parallel.reducer, comm, reducers.buffer_size(self.layout), dtype, xp)
         # reducer shm: one copy of the parameters per node, in shared memory (comm.parameter_buffer)
-        self.theta = reducers.parameter_buffer(self.grad, xp.asarray(model.glorot_uniform(self.layout, cfg.train.seed, cfg.model.dtype)))
+        init = functools.partial(model.glorot_uniform, self.layout, cfg.train.seed, cfg.model.dtype)
+        self.theta = reducers.parameter_buffer(self.grad, self.layout.n_params, lambda out: init(out=out))
+        if self.theta is None:
+            self.theta = xp.asarray(init())
         self.n_params = self.layout.n_params
         self.ws, self.bs = model.views(self.theta, self.layout, xp)
         self.gws, self.gbs = model.views(self.grad, self.layout, xp)
@@ -159,7 +163,10 @@ class State:
         self.max_local = -(-cfg.train.batch_size // comm.size)
         # One rank on a BLAS we can call with alpha/beta: the SGD step happens inside the
         # gradient GEMMs (model.backward_sum accumulate=True); no update pass, no gradient buffer.
-        self.fused = comm.size == 1 and cfg.algorithm == "batched" and ops.has_gemm(xp)
+        # Up to Workspace.BLOCK_ROWS rows: beyond, its full-batch scratch would cost more memory
+        # than the gradient buffer, and one update pass per step is nothing at that size.
+        self.fused = (comm.size == 1 and cfg.algorithm == "batched" and ops.has_gemm(xp)
+                      and self.max_local <= model.Workspace.BLOCK_ROWS)
         self.work = model.Workspace(self.layout, self.max_local, xp, dtype, full_scratch=self.fused)
         self.rows = np.arange(self.work.max_batch)
         self.gpu: dict[str, Any] = {}  # device path: which reducer and why, for the result
