@@ -217,7 +217,9 @@ def test_a_failing_point_is_recorded_with_its_error_and_the_sweep_goes_on(tmp_pa
 
 
 def test_a_point_past_its_timeout_is_killed_and_recorded(tmp_path):
-    path = write(tmp_path, axes={"implementation": ["hybrid"], "ranks": [2]}, timeout_s=0.5)
+    # thousands of epochs: the point cannot finish inside its timeout however fast the machine is
+    path = write(tmp_path, axes={"implementation": ["hybrid"], "ranks": [2]}, timeout_s=0.5,
+                 set={"train.epochs": 100000})
     res = tmp_path / "r.h5"
     p = sweep_cli(path, "--results", res)
     assert p.returncode == 1
