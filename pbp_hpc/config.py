@@ -108,6 +108,9 @@ class TrainConfig(_Section):
     eval_every: int = Field(1, ge=0)  # epochs between validation passes; 0: only at the end
     warmup_epochs: int = Field(0, ge=0)  # epochs excluded from the timing summary
     progress: bool = True  # progress bar on rank 0, only when attached to a terminal
+    # CPU, image data: the first layer's GEMMs skip input columns that are zero in the whole
+    # minibatch (pbp_hpc/active_inputs.py); the same update up to rounding, ~20% less work on MNIST
+    skip_zero_inputs: bool = True
 
 
 class ParallelConfig(_Section):

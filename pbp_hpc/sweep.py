@@ -4,7 +4,10 @@ A sweep file (jobs/*.yaml, format in docs/sweeps.md) names a base configuration 
 (implementation, network, batch size, ranks, threads, dtype); their product, filtered by what
 each implementation can be (naive-serial is 1 rank x 1 thread, ...) and by `where:`/`exclude:`,
 is the list of points, numbered from 0 in a fixed order that does not depend on the machine
-(a Slurm array task K must mean the same point everywhere). Each point and repetition runs
+(a Slurm array task K must mean the same point everywhere). With `hybrid_split: best` the
+`hybrid` implementation has one point per network, dtype and batch size instead, at the fastest
+ranks x threads split that `python -m pbp_hpc.bench` measured for the cores the sweep plans for
+(pbp_hpc.hybrid): the number of points still does not depend on the machine, their split does. Each point and repetition runs
 as its own process, `mpiexec -n P python -m pbp_hpc.train ... --json`, and its JSON result
 is appended to an HDF5 results file (pbp_hpc.results). Rerun, the sweep skips what is
 recorded; a point that fails is recorded as failed and the sweep goes on.
@@ -36,7 +39,7 @@ from typing import Any, Callable, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from . import config as configmod, model, provenance, results
+from . import config as configmod, hybrid, model, provenance, results
 from .errors import ConfigError, PbpError, ResultsError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,6 +118,9 @@ class SweepSpec(_Strict):
     oversubscribe: bool = False
     use_all_cores: bool = False
     cores: Optional[int] = Field(None, ge=1)  # cores to plan for; default: detected where the sweep runs
+    # hybrid's (ranks, threads): `axes` -- every P>1 x T of the ranks/threads_per_rank axes; `best` -- one
+    # point per network, dtype and batch at the fastest measured split with P>=2 of the planned cores.
+    hybrid_split: Literal["axes", "best"] = "axes"
     networks: dict[str, list[int]] = Field(default_factory=dict)  # extra short names for the network axis
     implementation_set: dict[Implementation, dict[str, Any]] = Field(default_factory=dict)
     where: list[dict[str, Any]] = Field(default_factory=list)
@@ -144,6 +150,7 @@ class Point:
     threads: int
     overrides: list[str]  # --set KEY=VALUE items, after --config base (if any)
     config: dict[str, Any] = field(repr=False)
+    split_origin: Optional[str] = None  # hybrid_split: best -- where (ranks, threads) came from, in words
 
     @property
     def rule(self) -> Rule:
@@ -156,6 +163,7 @@ class Sweep:
     path: Path
     base_path: Optional[Path]
     points: list[Point]
+    split_cores: Optional[int] = None  # hybrid_split: best -- the cores the hybrid splits were chosen for
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -269,11 +277,33 @@ def _matches(rule: dict[str, Any], values: dict[str, Any], spec: SweepSpec) -> b
     return True
 
 
+def _check_best_split(spec: SweepSpec, path: Path) -> None:
+    """What hybrid_split: best cannot be combined with: weak scaling, rules on hybrid's ranks/threads."""
+    if spec.axes.batch_per_rank is not None:
+        raise ConfigError(f"{path}: hybrid_split: best cannot be combined with axes.batch_per_rank (weak scaling): the "
+                          "global batch would depend on the split chosen, and the split is chosen for a global batch; "
+                          "give axes.batch_size, or use hybrid_split: axes")
+    for kind in ("where", "exclude"):
+        for rule in getattr(spec, kind):
+            named = [k for k in ("ranks", "threads_per_rank") if k in rule]
+            impls = rule.get("implementation")
+            admits_hybrid = impls is None or "hybrid" in (impls if isinstance(impls, list) else [impls])
+            if named and admits_hybrid:
+                raise ConfigError(f"{path}: {kind}: rule {rule} names {' and '.join(named)}, but with hybrid_split: best "
+                                  "a hybrid point's ranks and threads are the measured split for the cores it runs on, "
+                                  "so the rule would make the points depend on the machine; limit the rule to other "
+                                  "implementations (implementation: [...] without hybrid), or use hybrid_split: axes")
+
+
 def expand(path: str | Path) -> Sweep:
     """Read and validate a sweep file and list its points (each point's config validated too)."""
     path = Path(path)
     spec = load_spec(path)
     _check_controlled(spec, path)
+    best = spec.hybrid_split == "best" and "hybrid" in spec.axes.implementation
+    if best:
+        _check_best_split(spec, path)
+    split_cores = planned_cores(spec) if best else None
     base_path = _resolve_base(spec.base, path) if isinstance(spec.base, str) else None
     base_dict = configmod.read_yaml(base_path) if base_path else {}
     base_items = [] if base_path else _set_items(spec.base)
@@ -285,6 +315,14 @@ def expand(path: str | Path) -> Sweep:
     points: list[Point] = []
     for impl, (net, layers), dtype, batch, ranks, threads in itertools.product(
             ax.implementation, networks, ax.dtype or [base_cfg.model.dtype], batches, ax.ranks, ax.threads_per_rank):
+        split = None
+        if impl == "hybrid" and best:
+            # one point, where the axes' first (ranks, threads) would be: same place and number on every machine
+            if (ranks, threads) != (ax.ranks[0], ax.threads_per_rank[0]):
+                continue
+            assert split_cores is not None
+            split = hybrid.choose_split(layers, batch, split_cores, min_ranks=2)  # hybrid: P>1 ranks
+            ranks, threads = split.ranks, split.threads
         values = {"implementation": impl, "network": (net, layers), "dtype": dtype, "ranks": ranks, "threads_per_rank": threads,
                   "batch_size": batch * ranks if ax.batch_per_rank else batch,
                   "batch_per_rank": batch if ax.batch_per_rank else None}
@@ -294,11 +332,13 @@ def expand(path: str | Path) -> Sweep:
             continue
         if any(_matches(r, values, spec) for r in spec.exclude):
             continue
-        points.append(_make_point(spec, path, base_dict, base_items, len(points), values))
+        point = _make_point(spec, path, base_dict, base_items, len(points), values)
+        point.split_origin = split.origin if split else None
+        points.append(point)
     if not points:
         raise ConfigError(f"{path}: the axes produce no points: every combination is ruled out by the implementations' "
                           f"shapes ({'; '.join(f'{i}: {RULES[i].shape}' for i in ax.implementation)}) or by where:/exclude:")
-    return Sweep(spec, path, base_path, points)
+    return Sweep(spec, path, base_path, points, split_cores)
 
 
 def _make_point(spec: SweepSpec, path: Path, base_dict: dict[str, Any], base_items: list[str], index: int,
@@ -322,13 +362,24 @@ def _make_point(spec: SweepSpec, path: Path, base_dict: dict[str, Any], base_ite
 # Where and how a point runs
 
 
+def _slurm_cores() -> Optional[int]:
+    """The Slurm allocation's cores (SLURM_NTASKS x SLURM_CPUS_PER_TASK) when in one, else None."""
+    if not os.environ.get("SLURM_NTASKS"):
+        return None
+    return int(os.environ["SLURM_NTASKS"]) * int(os.environ.get("SLURM_CPUS_PER_TASK") or "1")
+
+
 def available_cores(spec: SweepSpec, launcher: str) -> int:
     """Cores a point may use: the sweep's `cores:`, else the Slurm allocation (srun), else this machine's."""
     if spec.cores:
         return spec.cores
-    if launcher == "srun" and os.environ.get("SLURM_NTASKS"):
-        return int(os.environ["SLURM_NTASKS"]) * int(os.environ.get("SLURM_CPUS_PER_TASK", "1"))
-    return provenance.cores_available()
+    allocation = _slurm_cores() if launcher == "srun" else None
+    return allocation or provenance.cores_available()
+
+
+def planned_cores(spec: SweepSpec) -> int:
+    """Cores hybrid_split: best chooses splits of: `cores:`, else the Slurm allocation if in one, else this machine's."""
+    return spec.cores or _slurm_cores() or provenance.cores_available()
 
 
 def skip_reason(point: Point, spec: SweepSpec, cores: int) -> Optional[str]:
@@ -345,17 +396,27 @@ def skip_reason(point: Point, spec: SweepSpec, cores: int) -> Optional[str]:
     return None
 
 
-def launcher_prefix(launcher: str, ranks: int, threads: int) -> list[str]:
+def default_mpiexec() -> str:
+    return shutil.which("mpiexec") or str(Path(sys.executable).with_name("mpiexec"))
+
+
+def launcher_prefix(launcher: str, ranks: int, threads: int, bind: bool = False) -> list[str]:
     """The MPI launcher's words before the program; PBP_MPIEXEC / PBP_SRUN replace the defaults.
 
-    A replacement may use {ranks} and {threads}; without {ranks}, `-n <ranks>` is appended.
+    A replacement may use {ranks} and {threads}; without {ranks}, `-n <ranks>` is appended; it is
+    used as it is (bind or not). bind: the default launcher binds each rank to its own `threads`
+    cores -- srun --cpu-bind=cores; mpiexec as its flavour spells it (MPICH's Hydra, Open MPI;
+    pbp_hpc.hybrid.mpiexec_args), nothing for an mpiexec it does not recognise. Pass bind only
+    when ranks x threads fit the cores: binding more ranks than cores stacks them on the first.
     """
     if launcher == "srun":
         template = os.environ.get("PBP_SRUN") or (f"srun --mpi={os.environ.get('PBP_SRUN_MPI') or 'pmi2'} --kill-on-bad-exit=1 "
-                                                 "--cpus-per-task={threads}")
+                                                 + ("--cpu-bind=cores " if bind else "") + "--cpus-per-task={threads}")
+    elif os.environ.get("PBP_MPIEXEC"):
+        template = os.environ["PBP_MPIEXEC"]
     else:
-        default = shutil.which("mpiexec") or str(Path(sys.executable).with_name("mpiexec"))
-        template = os.environ.get("PBP_MPIEXEC") or shlex.quote(default)
+        mpiexec = default_mpiexec()
+        return [mpiexec, *hybrid.mpiexec_args(ranks, threads, hybrid.mpi_flavour(mpiexec) if bind else None)]
     words = [w.format(ranks=ranks, threads=threads) for w in shlex.split(template)]
     return words if "{ranks}" in template else [*words, "-n", str(ranks)]
 
@@ -364,8 +425,17 @@ def checkpoint_path(results_path: Path, key: str) -> Path:
     return results_path.parent / f".{results_path.name}.checkpoints" / f"{key}.h5"
 
 
-def command(sweep: Sweep, point: Point, launcher: str, ckpt: Optional[Path], data_dir: Optional[str]) -> list[str]:
-    cmd = [*launcher_prefix(launcher, point.ranks, point.threads), sys.executable, "-m", point.rule.module]
+def command(sweep: Sweep, point: Point, launcher: str, ckpt: Optional[Path], data_dir: Optional[str],
+            cores: Optional[int] = None) -> list[str]:
+    """The point's command line; cores (default available_cores) decides whether its ranks are bound."""
+    if cores is None:
+        cores = available_cores(sweep.spec, launcher)
+    # Each rank gets its own `threads` cores when they fit, as the benchmark measured the splits.
+    # Unbound, Linux stacked two communicating ranks on one core (a waiting rank yields and the
+    # scheduler wakes its peer on the CPU where it slept): 2x1 ran 3-5x slower than 1x1 at times
+    # on the 2-core machine. Oversubscribed points are left unbound: binding would stack ranks.
+    bind = point.ranks * point.threads <= cores
+    cmd = [*launcher_prefix(launcher, point.ranks, point.threads, bind=bind), sys.executable, "-m", point.rule.module]
     if sweep.base_path:
         cmd += ["--config", str(sweep.base_path)]
     for item in point.overrides:
@@ -573,7 +643,8 @@ def plan(sweep: Sweep, opts: Options) -> list[tuple[Point, int]]:
 
 
 def _describe(point: Point) -> str:
-    return f"{point.implementation} {point.network} {point.dtype} B={point.batch_size} {point.ranks}x{point.threads}"
+    origin = f" ({point.split_origin})" if point.split_origin else ""
+    return f"{point.implementation} {point.network} {point.dtype} B={point.batch_size} {point.ranks}x{point.threads}{origin}"
 
 
 def run_sweep(sweep: Sweep, opts: Options, stop: Stop, say: Any = print) -> int:
@@ -598,7 +669,7 @@ def run_sweep(sweep: Sweep, opts: Options, stop: Stop, say: Any = print) -> int:
             say(f"[{i}/{len(todo)}] {key} {_describe(point)}: skipped: {reason}")
             continue
         ckpt = checkpoint_path(opts.results, key)
-        outcome = execute(command(sweep, point, opts.launcher, ckpt, opts.data_dir), child_env(point),
+        outcome = execute(command(sweep, point, opts.launcher, ckpt, opts.data_dir, cores), child_env(point),
                           sweep.spec.timeout_s, stop, log_path(opts.results, key))
         if outcome.status == "interrupted":
             say(f"[{i}/{len(todo)}] {key}: interrupted by signal {stop.signals[0]}; not recorded (it resumes on the next run)")
@@ -644,12 +715,17 @@ def list_lines(sweep: Sweep, opts: Options) -> list[str]:
         key = results.run_key(sweep.spec.name, point.index, rep)
         reason = skip_reason(point, sweep.spec, cores)
         state = f"recorded ({recorded[key]})" if key in recorded else (f"skip: {reason}" if reason else "to run")
+        if point.split_origin:
+            state += f"; split {point.ranks}x{point.threads} ({point.split_origin})"
         rows.append([str(point.index), str(rep), point.implementation, point.network, point.dtype, str(point.batch_size),
                      str(point.ranks), str(point.threads), state])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = [("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip() for r in rows]
     n = len(sweep.points)
     lines.append(f"{n} points x {sweep.spec.repetitions} repetition(s); Slurm array 0-{n - 1}; {cores} cores here; results {opts.results}")
+    if sweep.split_cores is not None:
+        lines.append(f"hybrid_split: best -- each hybrid point at the fastest measured split of {sweep.split_cores} cores "
+                     f"with at least 2 ranks ({hybrid.shown_path(hybrid.splits_path())}; remeasure with python -m pbp_hpc.bench)")
     return lines
 
 
@@ -666,13 +742,19 @@ def dry_run_lines(sweep: Sweep, opts: Options) -> list[str]:
             lines.append(f"# {key}: skipped: {reason}")
             continue
         env = f"OMP_NUM_THREADS={point.threads} OPENBLAS_NUM_THREADS={point.threads} MKL_NUM_THREADS={point.threads}"
-        cmd = command(sweep, point, opts.launcher, checkpoint_path(opts.results, key), opts.data_dir)
-        lines.append(f"# {key}\n{env} {shlex.join(cmd)}")
+        cmd = command(sweep, point, opts.launcher, checkpoint_path(opts.results, key), opts.data_dir, cores)
+        origin = f": {point.implementation} split {point.ranks}x{point.threads} ({point.split_origin})" if point.split_origin else ""
+        lines.append(f"# {key}{origin}\n{env} {shlex.join(cmd)}")
     return lines
 
 
 def slurm_commands(sweep: Sweep, results_dir: Path, sbatch_args: list[str], array_job: str) -> tuple[list[str], list[str], dict[str, str]]:
     """The two sbatch commands (array of points, then the merge after array_job) and their environment."""
+    if sweep.split_cores is not None and sweep.spec.cores is None:
+        # Here (a login node) the split sizes the allocation; in the array task the allocation sizes the split.
+        raise ConfigError(f"{sweep.path}: hybrid_split: best with --slurm needs `cores:` in the sweep file (the cores of "
+                          "one array task's allocation, e.g. a node's): the hybrid splits must be chosen for the same "
+                          f"cores where the array is submitted and where each task runs (here: {sweep.split_cores})")
     n = len(sweep.points)
     ranks = max(p.ranks for p in sweep.points)
     threads = max(p.threads for p in sweep.points)

@@ -29,7 +29,7 @@ import psutil
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
-from . import backend, checkpoint, comm as reducers, config as configmod, datasets, gpu, model, naive, ops, provenance
+from . import active_inputs, backend, checkpoint, comm as reducers, config as configmod, datasets, gpu, model, naive, ops, provenance
 from .config import Config
 from .errors import ConfigError, DataError, DivergenceError, InjectedFault, PbpError, WorldSizeError
 from .checkpoint import CheckpointError
@@ -169,6 +169,12 @@ class State:
                       and self.max_local <= model.Workspace.BLOCK_ROWS)
         self.work = model.Workspace(self.layout, self.max_local, xp, dtype, full_scratch=self.fused)
         self.rows = np.arange(self.work.max_batch)
+        # The first layer on the batch's nonzero input columns only (active_inputs): CPU, uint8 data.
+        self.skip: Optional[active_inputs.ActiveInputs] = None
+        if (xp is np and cfg.algorithm == "batched" and cfg.train.skip_zero_inputs
+                and datasets.has_active_features(data.train)):
+            self.skip = active_inputs.ActiveInputs(self.layout.sizes[0], self.layout.sizes[1], dtype)
+            self.x_flat = self.work.x.reshape(-1)
         self.gpu: dict[str, Any] = {}  # device path: which reducer and why, for the result
         self.sync = gpu.stream_sync(xp)  # waits for queued device work; a no-op on numpy
         if xp is np:
@@ -226,6 +232,9 @@ def local_step(st: State, idx: np.ndarray) -> None:
         for l in reversed(range(st.layout.n_layers)):
             st.reducer.layer_done(l)
         return
+    if st.skip is not None:
+        _compacted_step(st, idx)
+        return
     datasets.fill_batch(st.data.train, idx, st.work.x, st.work.y, xp, st.rows)
     if st.cfg.algorithm == "per_example":
         _zero_grad(st)
@@ -240,6 +249,45 @@ def local_step(st: State, idx: np.ndarray) -> None:
                            st.reducer.layer_done, scale=-st.cfg.train.learning_rate / n, accumulate=True)
         return
     model.backward_sum(xp, st.ws, st.gws, st.gbs, st.work.x, st.work.y, st.work, n, st.loss_slot, st.reducer.layer_done)
+
+
+def _compacted_step(st: State, idx: np.ndarray) -> None:
+    """local_step where the first layer may run on the batch's active input columns alone.
+
+    No memory of its own at large batches: the gathered rows of W_1 live in the first layer's
+    part of the gradient buffer (unused by one rank; elsewhere not written before the backward
+    pass reaches the first layer), the compacted bytes in the activations (not written before
+    the forward pass), and the first layer's compact gradient in the backward pass's scratch
+    (free by then).
+    """
+    n, xp, skip = idx.shape[0], st.xp, st.skip
+    assert skip is not None
+    spare = st.work.acts[0].reshape(-1).view(np.uint8)
+    cols = st.data.train.active_features_into(idx, st.x_flat, skip, spare)
+    datasets.fill_targets(st.data.train, idx, st.work.y, st.rows)
+    if cols is None:  # too many active columns to pay: the plain step on the full batch
+        x, ws = st.work.x, st.ws
+    else:
+        x = st.x_flat[: n * cols.shape[0]].reshape(n, cols.shape[0])
+        ws = [skip.weights(st.ws[0], st.grad[st.layout.w_slices[0]]), *st.ws[1:]]
+    model.forward(xp, ws, st.bs, x, st.work, n)
+    if st.fused:
+        model.backward_sum(xp, ws, ws, st.bs, x, st.work.y, st.work, n, st.loss_slot,
+                           st.reducer.layer_done, scale=-st.cfg.train.learning_rate / n, accumulate=True)
+        if cols is not None:
+            skip.put_weights(st.ws[0], ws[0])
+        return
+    if cols is None:
+        model.backward_sum(xp, ws, st.gws, st.gbs, x, st.work.y, st.work, n, st.loss_slot, st.reducer.layer_done)
+        return
+    gc = skip.rows(st.work.scratch)
+
+    def done(l: int) -> None:
+        if l == 0:  # scattered into the flat gradient (over the gathered weights) before it can be sent
+            skip.put_gradient(st.gws[0], gc)
+        st.reducer.layer_done(l)
+
+    model.backward_sum(xp, ws, [gc, *st.gws[1:]], st.gbs, x, st.work.y, st.work, n, st.loss_slot, done)
 
 
 def evaluate(st: State, source: datasets.Source) -> float:
@@ -533,6 +581,8 @@ def _result(st: State, threads: int, info: dict[str, Any], records: list[dict[st
         "median_epoch_time_s": float(np.median(timed)) if timed else None,
         "epochs": records,
         "provenance": info,
+        # rank 0's count: ranks see different batches, and so compact differently
+        "active_inputs": st.skip.summary() if st.skip is not None else None,
     }
     out.update(extra)
     return out

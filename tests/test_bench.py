@@ -4,6 +4,7 @@ no test here asserts a time (the machine may be shared)."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,3 +118,82 @@ def test_write_splits_merges_into_the_file_hybrid_reads(tmp_path):
     bench.write_splits(path, rows, 2, "host")
     assert hybrid.best_split("Net-1h", 1024, 2, path) == (2, 1)
     assert hybrid.best_split("Net-1h", 128, 2, path) == (1, 2)  # kept
+
+
+def _timed_splits_file(tmp_path, cores, batches, layers="784-1024-10"):
+    """batches: {B: (best ranks, best threads, {"RxT": seconds, ...})}, as bench.write_splits writes them."""
+    doc = {"machines": {f"{cores} cores": {"cores": cores, "networks": {layers: {"batches": {
+        str(b): {"ranks": r, "threads": t, "tpe_s": tpe} for b, (r, t, tpe) in batches.items()}}}}}}
+    path = tmp_path / f"splits{cores}.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_best_split_with_min_ranks_takes_the_fastest_timed_split_with_that_many_ranks(tmp_path):
+    two = _timed_splits_file(tmp_path, 2, {128: (1, 2, {"1x2": 1.0, "2x1": 1.5})})
+    assert hybrid.best_split("Net-1h", 128, 2, two) == (1, 2)  # min_ranks=1: the measured best, as before
+    assert hybrid.best_split("Net-1h", 128, 2, two, min_ranks=2) == (2, 1)
+    four = _timed_splits_file(tmp_path, 4, {1024: (1, 4, {"1x4": 1.0, "2x2": 1.2, "4x1": 1.1}),
+                                            128: (2, 2, {"1x4": 3.0, "2x2": 2.0, "4x1": 2.5})})
+    assert hybrid.best_split("Net-1h", 1024, 4, four, min_ranks=2) == (4, 1)  # 4x1 beats 2x2
+    assert hybrid.best_split("Net-1h", 1024, 4, four, min_ranks=3) == (4, 1)
+    assert hybrid.best_split("Net-1h", 128, 4, four, min_ranks=2) == (2, 2)  # the best already has 2 ranks
+    assert hybrid.best_split("Net-1h", 128, 4, four, min_ranks=4) == (4, 1)
+
+
+def test_best_split_with_min_ranks_falls_back_to_one_rank_per_core(tmp_path):
+    untimed = _splits_file(tmp_path, {128: (1, 2)})  # no tpe_s: nothing else to choose from
+    assert hybrid.best_split("Net-1h", 128, 2, untimed, min_ranks=2) == (2, 1)
+    only_one_rank = _timed_splits_file(tmp_path, 2, {128: (1, 2, {"1x2": 1.0})})
+    assert hybrid.best_split("Net-1h", 128, 2, only_one_rank, min_ranks=2) == (2, 1)
+    assert hybrid.best_split("Net-1h", 128, 8, only_one_rank, min_ranks=2) == (8, 1)  # core count not measured
+    assert hybrid.best_split("Net-1h", 128, 1, only_one_rank, min_ranks=2) == (2, 1)  # 1 core: 2 ranks, oversubscribed
+
+
+def test_choose_split_says_where_the_split_came_from(tmp_path, monkeypatch):
+    path = _timed_splits_file(tmp_path, 2, {128: (1, 2, {"1x2": 1.0, "2x1": 1.5}), 1024: (2, 1, {"1x2": 2.0, "2x1": 1.0})})
+    monkeypatch.setenv("PBP_HPC_HYBRID_SPLITS", str(path))  # what the sweep's child processes see too
+    assert str(hybrid.choose_split("Net-1h", 1024, 2, min_ranks=2)) == f"2x1 (best measured split, {path})"
+    assert str(hybrid.choose_split("Net-1h", 2048, 2, min_ranks=2)) == f"2x1 (best measured split for B=1024, {path})"
+    s = hybrid.choose_split("Net-1h", 128, 2, min_ranks=2)
+    assert (s.ranks, s.threads) == (2, 1)
+    assert s.origin == f"fastest measured split with at least 2 ranks, {path}; 1x2 was faster"
+    assert str(hybrid.choose_split("Net-1h", 128, 4, min_ranks=2)) == \
+        f"4x1 (no measurement for 4 cores in {path}: one rank per core)"
+    assert hybrid.choose_split("Net-2h", 128, 2).origin.endswith("one rank per core")
+    missing = hybrid.choose_split("Net-1h", 128, 2, path=tmp_path / "none.json")
+    assert (missing.ranks, missing.threads) == (2, 1) and "no readable splits file" in missing.origin
+    monkeypatch.delenv("PBP_HPC_HYBRID_SPLITS")
+    assert hybrid.shown_path(hybrid.splits_path()) == "benchmarks/hybrid_splits.json"  # the repository's, by default
+
+
+@pytest.mark.parametrize("version, flavour", [
+    ("HYDRA build details:\n    Version:                                 4.2.0\n", hybrid.MPICH),
+    ("mpiexec (OpenRTE) 4.1.2\n\nReport bugs to http://www.open-mpi.org/community/help/\n", hybrid.OPENMPI),
+    ("mpiexec (Open MPI) 5.0.3\n\nReport bugs to https://www.open-mpi.org/community/help/\n", hybrid.OPENMPI),
+    ("prterun (PRRTE) 3.0.5\n", hybrid.OPENMPI),
+    ("Intel(R) MPI Library for Linux* OS, Version 2021.10 Build 20230619\n", None),
+    ("srun: unrecognized option\n", None),
+    ("", None),
+])
+def test_the_mpi_flavour_is_read_from_mpiexec_version(version, flavour):
+    assert hybrid.flavour_of(version) == flavour
+
+
+def test_mpiexec_args_bind_each_rank_to_its_own_threads_cores():
+    assert hybrid.mpiexec_args(2, 1) == ["-n", "2", "-bind-to", "core:1"]  # MPICH's Hydra, the default
+    assert hybrid.mpiexec_args(4, 2, hybrid.MPICH) == ["-n", "4", "-bind-to", "core:2"]
+    assert hybrid.mpiexec_args(4, 2, hybrid.OPENMPI) == ["-n", "4", "--bind-to", "core", "--map-by", "slot:PE=2"]
+    assert hybrid.mpiexec_args(4, 2, None) == ["-n", "4"]  # unknown launcher: no binding flags
+    with pytest.raises(ValueError):
+        hybrid.mpiexec_args(2, 1, "lam")
+
+
+def test_the_mpiexec_beside_python_is_recognised_as_the_mpi_that_mpi4py_uses():
+    mpiexec = Path(sys.executable).with_name("mpiexec")
+    lib = MPI.Get_library_version()
+    expected = hybrid.MPICH if "MPICH" in lib else hybrid.OPENMPI if "Open MPI" in lib else "other"
+    if not mpiexec.exists() or expected == "other":
+        pytest.skip(f"no mpiexec beside {sys.executable}, or an MPI other than MPICH/Open MPI: {lib.splitlines()[0]}")
+    assert hybrid.mpi_flavour(str(mpiexec)) == expected
+    assert hybrid.mpi_flavour("/nonexistent/mpiexec") is None

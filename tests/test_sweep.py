@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pbp_hpc import results, sweep
+from pbp_hpc import hybrid, provenance, results, sweep
 from pbp_hpc.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,8 +124,165 @@ def test_launchers_and_their_overrides(monkeypatch):
     monkeypatch.setenv("PBP_SRUN_MPI", "pmix")
     assert sweep.launcher_prefix("mpiexec", 3, 2)[-2:] == ["-n", "3"]
     assert sweep.launcher_prefix("srun", 3, 2) == ["srun", "--mpi=pmix", "--kill-on-bad-exit=1", "--cpus-per-task=2", "-n", "3"]
+    assert sweep.launcher_prefix("srun", 3, 2, bind=True) == ["srun", "--mpi=pmix", "--kill-on-bad-exit=1", "--cpu-bind=cores",
+                                                             "--cpus-per-task=2", "-n", "3"]
     monkeypatch.setenv("PBP_MPIEXEC", "mpirun --bind-to none -np {ranks}")
     assert sweep.launcher_prefix("mpiexec", 3, 2) == ["mpirun", "--bind-to", "none", "-np", "3"]
+    assert sweep.launcher_prefix("mpiexec", 3, 2, bind=True) == ["mpirun", "--bind-to", "none", "-np", "3"]  # as written
+    monkeypatch.setenv("PBP_SRUN", "srun -n {ranks}")
+    assert sweep.launcher_prefix("srun", 3, 2, bind=True) == ["srun", "-n", "3"]
+
+
+# ---------------------------------------------------------------------------------------------
+# hybrid_split: best -- one hybrid point per batch, at the split the benchmark measured
+
+TINY_KEY = "784-16-10"  # TINY_BASE's network, as benchmarks/hybrid_splits.json keys it
+
+
+def splits_file(tmp_path: Path, cores: int, batches: dict) -> Path:
+    """A hybrid_splits.json for TINY_BASE's network: {B: (best ranks, best threads, {"RxT": TPE s})}."""
+    doc = {"machines": {f"{cores} cores": {"cores": cores, "networks": {TINY_KEY: {"batches": {
+        str(b): {"ranks": r, "threads": t, "tpe_s": tpe} for b, (r, t, tpe) in batches.items()}}}}}}
+    path = tmp_path / "hybrid_splits.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.fixture
+def four_core_splits(tmp_path, monkeypatch):
+    """Measured on 4 cores: B=64 best 1x4 (2x2 the fastest with 2 ranks), B=256 best 4x1; nothing else."""
+    path = splits_file(tmp_path, 4, {64: (1, 4, {"1x4": 1.0, "2x2": 1.2, "4x1": 1.5}),
+                                     256: (4, 1, {"1x4": 2.0, "2x2": 1.8, "4x1": 1.5})})
+    monkeypatch.setenv("PBP_HPC_HYBRID_SPLITS", str(path))
+    return path
+
+
+BEST_AXES = {"implementation": ["blas-serial", "hybrid", "blas-threaded"], "batch_size": [64, 256, 4096],
+             "ranks": [1, 2, 4], "threads_per_rank": [1, 2, 4]}
+
+
+def test_best_gives_hybrid_one_point_per_batch_at_the_fastest_measured_split_with_two_ranks(tmp_path, four_core_splits):
+    sw = sweep.expand(write(tmp_path, axes=BEST_AXES, hybrid_split="best", cores=4))
+    shapes = [(p.index, p.implementation, p.batch_size, p.ranks, p.threads) for p in sw.points]
+    assert shapes == [
+        (0, "blas-serial", 64, 1, 1), (1, "blas-serial", 256, 1, 1), (2, "blas-serial", 4096, 1, 1),
+        (3, "hybrid", 64, 2, 2),      # the best, 1x4, has one rank: the fastest with 2 or more
+        (4, "hybrid", 256, 4, 1),     # the best
+        (5, "hybrid", 4096, 4, 1),    # not measured (16x from 256): one rank per core
+        (6, "blas-threaded", 64, 1, 2), (7, "blas-threaded", 64, 1, 4), (8, "blas-threaded", 256, 1, 2),
+        (9, "blas-threaded", 256, 1, 4), (10, "blas-threaded", 4096, 1, 2), (11, "blas-threaded", 4096, 1, 4)]
+    by_batch = {p.batch_size: p for p in sw.points if p.implementation == "hybrid"}
+    assert by_batch[64].split_origin == f"fastest measured split with at least 2 ranks, {four_core_splits}; 1x4 was faster"
+    assert by_batch[256].split_origin == f"best measured split, {four_core_splits}"
+    assert by_batch[4096].split_origin.startswith("no measurement of 784-16-10 within 2x of B=4096")
+    assert by_batch[64].config["parallel"] == {**by_batch[64].config["parallel"], "ranks": 2, "threads_per_rank": 2}
+    assert all(p.split_origin is None for p in sw.points if p.implementation != "hybrid")
+    assert sw.split_cores == 4
+
+
+def test_best_points_are_the_same_points_on_any_machine_only_their_split_differs(tmp_path, four_core_splits):
+    four = sweep.expand(write(tmp_path, axes=BEST_AXES, hybrid_split="best", cores=4))
+    two = sweep.expand(write(tmp_path, "demo2", axes=BEST_AXES, hybrid_split="best", cores=2))
+    ident = lambda sw: [(p.index, p.implementation, p.network, p.dtype, p.batch_size) for p in sw.points]
+    assert ident(two) == ident(four)
+    assert {(p.ranks, p.threads) for p in two.points if p.implementation == "hybrid"} == {(2, 1)}
+    assert all(p.split_origin.endswith("no measurement for 2 cores in " f"{four_core_splits}: one rank per core")
+               for p in two.points if p.implementation == "hybrid")
+    assert ident(sweep.expand(write(tmp_path, axes=BEST_AXES, hybrid_split="best", cores=4))) == ident(four)  # deterministic
+
+
+def test_best_plans_for_cores_then_the_slurm_allocation_then_the_detected_cores(tmp_path, four_core_splits, monkeypatch):
+    path = write(tmp_path, axes={"implementation": ["hybrid"], "batch_size": [256]}, hybrid_split="best")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "2")
+    [p] = sweep.expand(path).points
+    assert (p.ranks, p.threads) == (4, 1) and sweep.expand(path).split_cores == 4  # the allocation's 4 cores
+    [p] = sweep.expand(write(tmp_path, "three", axes={"implementation": ["hybrid"], "batch_size": [256]},
+                             hybrid_split="best", cores=3)).points
+    assert (p.ranks, p.threads) == (3, 1)  # cores: wins; 3 cores not measured
+    monkeypatch.delenv("SLURM_NTASKS")
+    assert sweep.expand(path).split_cores == provenance.cores_available()
+
+
+def test_axes_is_the_default_and_iterates_hybrids_ranks_and_threads(tmp_path, four_core_splits):
+    default = sweep.expand(write(tmp_path, axes=BEST_AXES, cores=4))
+    explicit = sweep.expand(write(tmp_path, axes=BEST_AXES, cores=4, hybrid_split="axes"))
+    shapes = lambda sw: [(p.index, p.implementation, p.batch_size, p.ranks, p.threads) for p in sw.points]
+    assert shapes(default) == shapes(explicit)
+    assert {(p.ranks, p.threads) for p in default.points if p.implementation == "hybrid"} == {
+        (2, 1), (2, 2), (2, 4), (4, 1), (4, 2), (4, 4)}
+    assert all(p.split_origin is None for p in default.points) and default.split_cores is None
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"axes": {"implementation": ["hybrid"], "batch_per_rank": [64]}}, "cannot be combined with axes.batch_per_rank"),
+    ({"where": [{"threads_per_rank": 1}]}, "where: rule {'threads_per_rank': 1} names threads_per_rank"),
+    ({"exclude": [{"implementation": ["hybrid", "gpu"], "ranks": 2}]}, "exclude: rule"),
+    ({"hybrid_split": "fastest"}, "hybrid_split: Input should be 'axes' or 'best'"),
+])
+def test_what_best_cannot_mean_is_an_error(tmp_path, extra, message):
+    spec = {"axes": {"implementation": ["blas-serial", "hybrid"], "ranks": [1, 2]}, "hybrid_split": "best", **extra}
+    with pytest.raises(ConfigError, match=message.replace("{", "\\{").replace("}", "\\}").replace("(", "\\(")):
+        sweep.expand(write(tmp_path, **spec))
+
+
+def test_best_allows_rules_on_ranks_that_leave_hybrid_alone(tmp_path, four_core_splits):
+    sw = sweep.expand(write(tmp_path, axes={"implementation": ["example-parallel", "hybrid"], "ranks": [2, 4]},
+                            exclude=[{"implementation": "example-parallel", "ranks": 4}], hybrid_split="best", cores=4))
+    assert [(p.implementation, p.ranks) for p in sw.points] == [("example-parallel", 2), ("hybrid", 4)]
+
+
+def test_best_with_slurm_needs_cores(tmp_path, four_core_splits):
+    path = write(tmp_path, axes={"implementation": ["hybrid"]}, hybrid_split="best")
+    with pytest.raises(ConfigError, match="needs `cores:`"):
+        sweep.slurm_commands(sweep.expand(path), tmp_path / "out", [], "1")
+    array, _, _ = sweep.slurm_commands(sweep.expand(write(tmp_path, axes={"implementation": ["hybrid"], "batch_size": [256]},
+                                                          hybrid_split="best", cores=4)), tmp_path / "out", [], "1")
+    assert "--ntasks=4" in array and "--cpus-per-task=1" in array
+
+
+# ---------------------------------------------------------------------------------------------
+# Binding: each rank on its own cores, unless oversubscribed or the launcher is the user's
+
+
+def _commands(tmp_path, launcher="mpiexec"):
+    sw = sweep.expand(write(tmp_path, axes={"implementation": ["blas-threaded", "hybrid"], "ranks": [1, 2, 4],
+                                            "threads_per_rank": [1, 2]}, cores=4, oversubscribe=True))
+    return {(p.implementation, p.ranks, p.threads): sweep.command(sw, p, launcher, None, None) for p in sw.points}
+
+
+def test_mpich_binds_each_rank_to_its_own_cores_unless_oversubscribed(tmp_path, monkeypatch):
+    monkeypatch.delenv("PBP_MPIEXEC", raising=False)
+    monkeypatch.setattr(hybrid, "mpi_flavour", lambda exe: hybrid.MPICH)
+    cmds = _commands(tmp_path)
+    assert cmds[("hybrid", 2, 1)][1:5] == ["-n", "2", "-bind-to", "core:1"]
+    assert cmds[("hybrid", 2, 2)][1:5] == ["-n", "2", "-bind-to", "core:2"]
+    assert cmds[("blas-threaded", 1, 2)][1:5] == ["-n", "1", "-bind-to", "core:2"]
+    assert cmds[("hybrid", 4, 1)][1:5] == ["-n", "4", "-bind-to", "core:1"]  # 4 = the 4 cores: fits
+    over = cmds[("hybrid", 4, 2)]  # 8 > 4 cores: not bound (bound, ranks 0 and 2 would share cores)
+    assert over[1:3] == ["-n", "4"] and not any("bind" in w for w in over)
+
+
+def test_open_mpi_binds_with_its_own_flags_and_an_unknown_mpiexec_gets_none(tmp_path, monkeypatch):
+    monkeypatch.delenv("PBP_MPIEXEC", raising=False)
+    monkeypatch.setattr(hybrid, "mpi_flavour", lambda exe: hybrid.OPENMPI)
+    assert _commands(tmp_path)[("hybrid", 2, 2)][1:7] == ["-n", "2", "--bind-to", "core", "--map-by", "slot:PE=2"]
+    monkeypatch.setattr(hybrid, "mpi_flavour", lambda exe: None)
+    cmd = _commands(tmp_path)[("hybrid", 2, 2)]
+    assert cmd[1:3] == ["-n", "2"] and not any("bind" in w for w in cmd)
+
+
+def test_a_launcher_from_the_environment_is_used_as_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("PBP_MPIEXEC", "mpiexec --oversubscribe")
+    cmd = _commands(tmp_path)[("hybrid", 2, 1)]
+    assert cmd[:4] == ["mpiexec", "--oversubscribe", "-n", "2"] and not any("bind" in w for w in cmd)
+
+
+def test_srun_binds_to_cores_unless_oversubscribed(tmp_path, monkeypatch):
+    monkeypatch.delenv("PBP_SRUN", raising=False)
+    cmds = _commands(tmp_path, launcher="srun")
+    assert "--cpu-bind=cores" in cmds[("hybrid", 2, 2)] and "--cpus-per-task=2" in cmds[("hybrid", 2, 2)]
+    assert "--cpu-bind=cores" not in cmds[("hybrid", 4, 2)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +316,21 @@ def test_dry_run_prints_the_commands_with_one_thread_count_everywhere(tmp_path):
     assert "-n 1" in cmd and "-m pbp_hpc.train" in cmd and "--json" in cmd
     assert "parallel.threads_per_rank=2" in cmd and "parallel.ranks=1" in cmd
     assert not (tmp_path / "r.h5").exists()
+
+
+def test_list_and_dry_run_say_where_each_hybrid_split_came_from(tmp_path, four_core_splits):
+    path = write(tmp_path, axes={"implementation": ["blas-serial", "hybrid"], "batch_size": [256, 4096]},
+                 hybrid_split="best", cores=4)
+    env = {"PBP_HPC_HYBRID_SPLITS": str(four_core_splits)}
+    p = sweep_cli(path, "--list", "--results", tmp_path / "r.h5", env=env)
+    assert p.returncode == 0, p.stderr
+    hyb = {l.split()[7]: l for l in p.stdout.splitlines() if " hybrid " in l}  # batch -> row ("[784, 16, 10]" is 3 words)
+    assert hyb["256"].endswith(f"split 4x1 (best measured split, {four_core_splits})")
+    assert "split 4x1 (no measurement of 784-16-10 within 2x of B=4096" in hyb["4096"]
+    assert "hybrid_split: best -- each hybrid point at the fastest measured split of 4 cores" in p.stdout
+    d = sweep_cli(path, "--dry-run", "--results", tmp_path / "r.h5", "--point", "2", env=env)
+    assert d.returncode == 0, d.stderr
+    assert f"# demo.p0002.r0: hybrid split 4x1 (best measured split, {four_core_splits})" in d.stdout
 
 
 def test_slurm_dry_run_prints_the_array_and_the_merge_after_it(tmp_path):
@@ -194,6 +367,27 @@ def test_a_sweep_records_every_point_once_and_a_rerun_skips_them(tmp_path):
     assert again.returncode == 0 and "0 ok" in again.stdout and "4 already recorded" in again.stdout
     assert res.read_bytes() == before
     assert not list(tmp_path.glob(".r.h5.checkpoints/*"))  # per-point checkpoints are removed once recorded
+
+
+@pytest.mark.skipif(provenance.cores_available() < 2, reason="binding 2 ranks to their own cores needs 2 cores")
+def test_best_runs_hybrid_at_the_measured_split_with_each_rank_bound_to_its_own_core(tmp_path):
+    """The real mpiexec (the venv's MPICH): 1x2 was measured fastest, hybrid needs 2 ranks -> 2x1, -bind-to core:1."""
+    splits = splits_file(tmp_path, 2, {64: (1, 2, {"1x2": 0.5, "2x1": 0.6})})
+    path = write(tmp_path, axes={"implementation": ["blas-serial", "hybrid"], "batch_size": [64]}, hybrid_split="best",
+                 cores=2)
+    res = tmp_path / "r.h5"
+    p = sweep_cli(path, "--results", res, env={"PBP_HPC_HYBRID_SPLITS": str(splits), "PBP_MPIEXEC": ""})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "hybrid [784, 16, 10] float32 B=64 2x1 (fastest measured split with at least 2 ranks" in p.stdout
+    runs = {r["implementation"]: r for r in results.read_runs(res)}
+    hyb = runs["hybrid"]
+    assert hyb["status"] == "ok" and (hyb["ranks"], hyb["threads_per_rank"]) == (2, 1), hyb["error"]
+    log = (tmp_path / "r.logs" / f"{hyb['key']}.log").read_text()
+    if hybrid.mpi_flavour(sweep.default_mpiexec()) == hybrid.MPICH:
+        assert "-n 2 -bind-to core:1 " in log.splitlines()[0]
+        assert hyb["provenance"]["cores"] == 1  # rank 0 saw one core: it was bound
+        assert runs["blas-serial"]["provenance"]["cores"] == 1
+    assert "pbp_hpc: 2 rank(s) x 1 thread(s)" in log
 
 
 def test_a_failing_point_is_recorded_with_its_error_and_the_sweep_goes_on(tmp_path):

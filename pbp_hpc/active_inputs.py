@@ -1,0 +1,99 @@
+"""Skipping the input features that are zero in every example of a minibatch.
+
+Such a feature adds nothing to the first layer's product (0 * w) and its row of the first
+layer's weight gradient is exactly zero (a sum of 0 * delta), so both of the first layer's
+GEMMs can run on the batch's k active columns and the k matching rows of W_1 alone. The
+update is the same up to the order of floating-point sums. MNIST is 81% zero pixels; in a
+batch of 1024 images about 22% of the 784 pixels are zero in every image (the border, mostly;
+30% at 128 images), which takes about a fifth off Net-1h's GEMM work. The cost per step:
+gathering the k rows of W_1 before the forward pass and writing them (or their gradient)
+back after the backward pass, about 0.5 ms at k = 610 against 9 ms saved.
+
+Used on the CPU, for data held as uint8 (datasets.ArraySource): what makes finding the active
+columns nearly free is OR-ing the batch's bytes. Dense data (synthetic) keeps the plain path,
+as does any batch whose active fraction is above MAX_ACTIVE, where the saving would not pay
+for the gathering.
+
+One visible difference from the dense product: a non-finite weight in an inactive row no
+longer turns the batch's output into NaN (it is never multiplied). Such a run has diverged
+anyway and its loss says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+MAX_ACTIVE = 0.9  # compact only when at least 10% of the columns drop out
+
+
+class ActiveInputs:
+    """One rank's choice of active columns, and the gathers and scatters around it."""
+
+    def __init__(self, n_in: int, n_out: int, dtype: Any):
+        self.n_in, self.n_out, self.dtype = n_in, n_out, dtype
+        self.mask = np.zeros(n_in, dtype=np.uint8)  # OR of the batch's bytes: nonzero where active
+        self.active = np.zeros(n_in, dtype=bool)
+        self.cols: Optional[np.ndarray] = None  # this step's active columns, or None: a plain step
+        self.inactive: Optional[np.ndarray] = None
+        self._own: Optional[np.ndarray] = None  # room for k x n_out, where the caller has none spare
+        self.steps = 0  # steps run compacted, and the columns they kept, for the result
+        self.kept = 0
+
+    def choose(self, u8: np.ndarray) -> Optional[np.ndarray]:
+        """The active columns of a uint8 batch, or None where too many are active to pay."""
+        np.bitwise_or.reduce(u8, axis=0, out=self.mask)
+        np.not_equal(self.mask, 0, out=self.active)
+        cols = np.flatnonzero(self.active)
+        if cols.shape[0] > MAX_ACTIVE * self.n_in or cols.shape[0] == 0:  # (all zeros: BLAS refuses K = 0)
+            self.cols = None
+            return None
+        self.cols = cols
+        self.inactive = None  # computed when a gradient needs scattering
+        self.steps += 1
+        self.kept += cols.shape[0]
+        return cols
+
+    def runs(self) -> list[tuple[int, int, int]]:
+        """The active columns as runs of consecutive ones: (first column, its position in the
+        compacted batch, length)."""
+        cols = self.cols
+        assert cols is not None
+        if cols.shape[0] == 0:
+            return []
+        starts = np.flatnonzero(np.diff(cols) != 1) + 1
+        bounds = [0, *starts.tolist(), cols.shape[0]]
+        return [(int(cols[a]), a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def rows(self, flat: Optional[np.ndarray]) -> np.ndarray:
+        """A k x n_out matrix in flat (if it has room) or in a buffer of our own, made once."""
+        assert self.cols is not None
+        size = self.cols.shape[0] * self.n_out
+        if flat is None or flat.shape[0] < size:
+            if self._own is None:
+                self._own = np.empty(self.n_in * self.n_out, dtype=self.dtype)  # pages touched: k rows
+            flat = self._own
+        return flat[:size].reshape(-1, self.n_out)
+
+    def weights(self, w1: np.ndarray, flat: Optional[np.ndarray]) -> np.ndarray:
+        """W_1's rows for this step's active columns, gathered into rows(flat)."""
+        out = self.rows(flat)
+        np.take(w1, self.cols, axis=0, out=out, mode="clip")  # "raise" would buffer the copy
+        return out
+
+    def put_weights(self, w1: np.ndarray, wc: np.ndarray) -> None:
+        """Write the (updated) active rows back into W_1."""
+        w1[self.cols] = wc
+
+    def put_gradient(self, g1: np.ndarray, gc: np.ndarray) -> None:
+        """The full first-layer gradient from its active rows: zero rows where the batch had zeros."""
+        if self.inactive is None:
+            self.inactive = np.flatnonzero(~self.active)
+        g1[self.inactive] = 0
+        g1[self.cols] = gc
+
+    def summary(self) -> dict[str, Any]:
+        """For the run's result: how often the first layer ran compacted, and how compact."""
+        return {"compacted_steps": self.steps,
+                "mean_active_fraction": round(self.kept / (self.steps * self.n_in), 4) if self.steps else None}
