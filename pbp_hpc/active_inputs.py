@@ -67,31 +67,39 @@ class ActiveInputs:
         return [(int(cols[a]), a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def rows(self, flat: Optional[np.ndarray]) -> np.ndarray:
-        """A k x n_out matrix in flat (if it has room) or in a buffer of our own, made once."""
+        """A (k + 1) x n_out matrix in flat (if it has room) or in a buffer of our own, made once."""
         assert self.cols is not None
-        size = self.cols.shape[0] * self.n_out
+        size = (self.cols.shape[0] + 1) * self.n_out
         if flat is None or flat.shape[0] < size:
             if self._own is None:
-                self._own = np.empty(self.n_in * self.n_out, dtype=self.dtype)  # pages touched: k rows
+                self._own = np.empty((self.n_in + 1) * self.n_out, dtype=self.dtype)  # pages touched: k + 1 rows
             flat = self._own
         return flat[:size].reshape(-1, self.n_out)
 
-    def weights(self, w1: np.ndarray, flat: Optional[np.ndarray]) -> np.ndarray:
-        """W_1's rows for this step's active columns, gathered into rows(flat)."""
+    def weights(self, w1: np.ndarray, b1: np.ndarray, flat: Optional[np.ndarray]) -> np.ndarray:
+        """W_1's rows for this step's active columns, then b_1, gathered into rows(flat).
+
+        With the batch's column of ones (the compacted batch ends with one), the bias is
+        inside the GEMMs: no pass to broadcast it before the forward product, and its
+        gradient is the last row of the weight-gradient product.
+        """
         out = self.rows(flat)
-        np.take(w1, self.cols, axis=0, out=out, mode="clip")  # "raise" would buffer the copy
+        np.take(w1, self.cols, axis=0, out=out[:-1], mode="clip")  # "raise" would buffer the copy
+        out[-1] = b1
         return out
 
-    def put_weights(self, w1: np.ndarray, wc: np.ndarray) -> None:
-        """Write the (updated) active rows back into W_1."""
-        w1[self.cols] = wc
+    def put_weights(self, w1: np.ndarray, b1: np.ndarray, wc: np.ndarray) -> None:
+        """Write the (updated) active rows and bias back into W_1 and b_1."""
+        w1[self.cols] = wc[:-1]
+        b1[...] = wc[-1]
 
-    def put_gradient(self, g1: np.ndarray, gc: np.ndarray) -> None:
+    def put_gradient(self, g1: np.ndarray, gb1: np.ndarray, gc: np.ndarray) -> None:
         """The full first-layer gradient from its active rows: zero rows where the batch had zeros."""
         if self.inactive is None:
             self.inactive = np.flatnonzero(~self.active)
         g1[self.inactive] = 0
-        g1[self.cols] = gc
+        g1[self.cols] = gc[:-1]
+        gb1[...] = gc[-1]
 
     def summary(self) -> dict[str, Any]:
         """For the run's result: how often the first layer ran compacted, and how compact."""

@@ -6,8 +6,10 @@ Prints one table. For each network, batch size and split of this node's cores in
 ranks x threads (plus 1 x 1, the baseline), a row says:
 
   TPE          median training time per epoch (slowest rank; epoch loop as in pbp_hpc.train)
-  GFLOP/s      model.flops_per_example x examples / TPE
+  GFLOP/s      model.flops_per_example x examples / TPE: the dense network's work, whatever was skipped
   peak%        GFLOP/s as a fraction of square-2048 SGEMM measured here at the same cores
+  in%          mean share of the input columns the first layer's GEMMs used (train.skip_zero_inputs:
+               columns zero in the whole batch are left out); /dense rows use them all
   GEMM         the same epoch's matmuls alone, replayed into the same buffers (each rank its own)
   /GEMM        TPE / GEMM: what everything that is not a GEMM costs
   torch        PyTorch eager, same network, update, batch, data order; threads = ranks x threads
@@ -54,7 +56,7 @@ SEED = 0
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SPLITS = REPO / "benchmarks" / "hybrid_splits.json"
 
-COLUMNS = ["net", "batch", "split", "TPE s", "GFLOP/s", "peak%", "GEMM s", "/GEMM", "torch s", "/torch",
+COLUMNS = ["net", "batch", "split", "TPE s", "GFLOP/s", "peak%", "in%", "GEMM s", "/GEMM", "torch s", "/torch",
            "speedup", "comm%", "RSS MB", "budget MB", "heap B/step", "best"]
 
 
@@ -75,6 +77,7 @@ class Spec:
     synthetic: bool
     reducer: str
     compare_reducers: bool
+    compare_dense: bool  # add 1 x 1 rows with train.skip_zero_inputs off
     torch: bool
     pin: bool
     peak_n: int  # side of the square SGEMM that defines peak
@@ -82,10 +85,11 @@ class Spec:
     mem_steps: int = 3
     clock: str = "wall"  # or "cpu": one-thread cases timed by CPU time (see Worker.cpu_clock)
 
-    def overrides(self, layers: list[int], batch: int, reducer: str) -> list[str]:
-        """`--set` items for a config with this network, batch and reducer."""
+    def overrides(self, layers: list[int], batch: int, reducer: str, dense: bool = False) -> list[str]:
+        """`--set` items for a config with this network, batch and reducer (dense: every input column)."""
         out = [f"model.layers={layers}", f"train.batch_size={batch}", f"train.learning_rate={LEARNING_RATE}",
-               f"train.seed={SEED}", "model.dtype=float32", f"parallel.reducer={reducer}", "train.progress=false"]
+               f"train.seed={SEED}", "model.dtype=float32", f"parallel.reducer={reducer}", "train.progress=false",
+               f"train.skip_zero_inputs={'false' if dense else 'true'}"]
         if self.synthetic:
             out += ["data.name=synthetic", "data.n_test=10"]
         elif self.data_dir:
@@ -98,7 +102,7 @@ class Spec:
 def make_spec(args: argparse.Namespace, cores: int) -> Spec:
     if args.smoke:
         return Spec("smoke", ["tiny"], [64], reps=1, warmup_steps=1, n_train=600, data_dir=None, synthetic=True,
-                    reducer=args.reducer, compare_reducers=False, torch=not args.no_torch, pin=args.pin,
+                    reducer=args.reducer, compare_reducers=False, compare_dense=False, torch=not args.no_torch, pin=args.pin,
                     peak_n=256, cores=cores, mem_steps=2, clock=args.clock)
     quick = args.quick
     return Spec("quick" if quick else "full", args.nets or ["Net-1h", "Net-2h"],
@@ -106,6 +110,7 @@ def make_spec(args: argparse.Namespace, cores: int) -> Spec:
                 reps=args.reps or 3, warmup_steps=3, n_train=args.n_train or (10000 if quick else None),
                 data_dir=args.data_dir, synthetic=False, reducer=args.reducer,
                 compare_reducers=args.compare_reducers if args.compare_reducers is not None else not quick,
+                compare_dense=args.compare_dense,
                 torch=not args.no_torch, pin=args.pin, peak_n=2048, cores=cores, clock=args.clock)
 
 
@@ -122,11 +127,12 @@ class Case:
     ranks: int
     threads: int
     reducer: str = ""
+    dense: bool = False  # train.skip_zero_inputs off: the first layer on every input column
 
     @property
     def label(self) -> str:
         base = f"{self.ranks}x{self.threads}"
-        return f"{base}/{self.reducer}" if self.reducer else base
+        return f"{base}/{self.reducer}" if self.reducer else f"{base}/dense" if self.dense else base
 
 
 def cases_for(spec: Spec, net: str) -> list[Case]:
@@ -136,6 +142,8 @@ def cases_for(spec: Spec, net: str) -> list[Case]:
         out += [Case("ours", r, t), Case("gemm", r, t)]
         if spec.torch and r == 1:
             out.append(Case("torch", 1, t))
+    if spec.compare_dense:
+        out += [Case("ours", 1, 1, dense=True), Case("gemm", 1, 1, dense=True)]
     if spec.compare_reducers and net == "Net-1h" and spec.cores > 1:
         out += [Case("ours", spec.cores, 1, red) for red in ("blocking", "overlap", "shm") if red != spec.reducer]
     return out
@@ -392,10 +400,10 @@ class Worker:
 
     # -- setup
 
-    def config(self, layers: list[int], batch: int, reducer: str) -> Any:
+    def config(self, layers: list[int], batch: int, reducer: str, dense: bool = False) -> Any:
         from . import config
 
-        return config.load(None, self.spec.overrides(layers, batch, reducer))
+        return config.load(None, self.spec.overrides(layers, batch, reducer, dense))
 
     def data(self, cfg: Any) -> Any:
         """The data set, loaded once per worker (every rank holds all of it, as in pbp_hpc.train)."""
@@ -459,9 +467,9 @@ class Worker:
             if case.kind == "torch" or comm == self.MPI.COMM_NULL:
                 continue
             red = case.reducer or spec.reducer
-            key = Case("ours", case.ranks, 0, red)
+            key = Case("ours", case.ranks, 0, red, case.dense)
             if key not in runs:  # one State per rank count and reducer, shared by its thread counts
-                st = self.state(self.config(layers, batch, red), comm)
+                st = self.state(self.config(layers, batch, red, case.dense), comm)
                 states.append(st)
                 runs[key] = OurRun(st)
                 n = len(st.data.train)
@@ -487,6 +495,11 @@ class Worker:
                     timings[case].comm.append(res[1])
                 _idle_sync(self.world)
             self.say(f"{net} batch {batch}: repetition {rep + 1} of {spec.reps} done")
+        active = {}  # mean fraction of the input columns the first layer used, per State (rank 0's)
+        for c in cases:
+            st = runs[Case("ours", c.ranks, 0, c.reducer or spec.reducer, c.dense)].st if c.kind == "ours" and c in runs else None
+            if st is not None and st.skip is not None:
+                active[c.label] = st.skip.summary()["mean_active_fraction"]
         for st in states:
             close = getattr(st.reducer, "close", None)
             if close is not None:
@@ -495,7 +508,8 @@ class Worker:
         gc.collect()
         return {"net": net, "layers": layers, "batch": batch, "n_train": n, "memory": memory,
                 "cases": [{"kind": c.kind, "ranks": c.ranks, "threads": c.threads, "reducer": c.reducer or spec.reducer,
-                           "label": c.label, "times": timings[c].times, "comm": timings[c].comm} for c in cases]}
+                           "label": c.label, "times": timings[c].times, "comm": timings[c].comm,
+                           "active": active.get(c.label) if c.kind == "ours" else None} for c in cases]}
 
     def run_case(self, case: Case, runs: dict[Case, Any], order: np.ndarray, batch: int, steps: int,
                  rep: int) -> Optional[tuple[float, float]]:
@@ -793,7 +807,7 @@ def rows_of(records: list[dict[str, Any]], spec: Spec) -> list[dict[str, Any]]:
                 continue
             r, t, label = c["ranks"], c["threads"], c["label"]
             tpe = med[("ours", r, t, label)]
-            gemm = med.get(("gemm", r, t, f"{r}x{t}")) if not _variant(c) else None
+            gemm = med.get(("gemm", r, t, label))
             torch = med.get(("torch", 1, r * t, f"1x{r * t}"))
             comm = _median(c["comm"]) if r > 1 else None
             mem = [m for m in g["memory"].get(str(r), [])]
@@ -804,7 +818,7 @@ def rows_of(records: list[dict[str, Any]], spec: Spec) -> list[dict[str, Any]]:
             rows.append({
                 "net": g["net"], "layers": g["layers"], "batch": g["batch"], "split": label, "ranks": r, "threads": t,
                 "reducer": c["reducer"], "n_train": g["n_train"], "times": c["times"],
-                "tpe": tpe, "gflops": flops / tpe / 1e9 if tpe else None,
+                "tpe": tpe, "gflops": flops / tpe / 1e9 if tpe else None, "active": c.get("active"),
                 "peak_frac": (flops / tpe / 1e9) / peaks[f"{r}x{t}"] if tpe and f"{r}x{t}" in peaks else None,
                 "gemm": gemm, "gemm_ratio": tpe / gemm if tpe and gemm else None,
                 "torch": torch, "torch_ratio": tpe / torch if tpe and torch else None,
@@ -830,7 +844,8 @@ def _fmt(v: Any, fmt: str) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     cells = [COLUMNS] + [[
         r["net"], str(r["batch"]), r["split"], _fmt(r["tpe"], ".3f"), _fmt(r["gflops"], ".1f"),
-        _fmt(None if r["peak_frac"] is None else 100 * r["peak_frac"], ".0f"), _fmt(r["gemm"], ".3f"),
+        _fmt(None if r["peak_frac"] is None else 100 * r["peak_frac"], ".0f"),
+        _fmt(100.0 if r["active"] is None else 100 * r["active"], ".0f"), _fmt(r["gemm"], ".3f"),
         _fmt(r["gemm_ratio"], ".3f"), _fmt(r["torch"], ".3f"), _fmt(r["torch_ratio"], ".2f"),
         _fmt(r["speedup"], ".2f"), _fmt(None if r["comm_frac"] is None else 100 * r["comm_frac"], ".1f"),
         _fmt(r["rss_mb"], ".0f"), _fmt(r["budget_mb"], ".0f"), _fmt(r["heap"], ".1f"), "*" if r["best"] else "",
@@ -901,6 +916,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--reducer", default="shm", choices=["blocking", "overlap", "shm"], help="reducer of multi-rank cases")
     p.add_argument("--compare-reducers", action=argparse.BooleanOptionalAction, default=None,
                    help="add Net-1h rows for the other reducers (default: on in full mode)")
+    p.add_argument("--compare-dense", action=argparse.BooleanOptionalAction, default=True,
+                   help="add 1 x 1 rows (/dense) with train.skip_zero_inputs off: every input column in the GEMMs")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                    help="pin rank i of an r x t case to cores i*t..i*t+t-1, as mpiexec -bind-to core:t (default on)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch columns")

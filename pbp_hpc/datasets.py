@@ -35,6 +35,10 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+_BYTE_SCALE = np.float32(1.0 / 255.0)
+assert np.float32(255) * _BYTE_SCALE == 1.0  # float32 rounding: the ones column of active_features_into
+
+
 class ArraySource:
     """Examples held in memory as uint8 pixels (4x smaller than float32), scaled on the fly."""
 
@@ -66,8 +70,9 @@ class ArraySource:
                              spare: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
         """The batch with only its active columns (active_inputs.ActiveInputs chooses them).
 
-        Returns the active columns, with the n x k batch in flat[:n * k]; or None, with the
-        full n x d batch there. The whole batch's bytes are gathered first, so that the columns
+        Returns the active columns, with the n x (k + 1) batch in flat[:n * (k + 1)], its last
+        column ones (active_inputs folds the bias into the product); or None, with the full
+        n x d batch there. The whole batch's bytes are gathered first, so that the columns
         are known before any float is written. `spare`: bytes free until the batch is built
         (the caller's activation buffer, say), used for the compacted bytes if large enough.
         """
@@ -78,19 +83,21 @@ class ArraySource:
         np.take(self.images, idx, axis=0, out=u8, mode="clip")
         cols = active.choose(u8)
         if cols is None:
-            np.multiply(u8, np.float32(1.0 / 255.0), out=flat[: n * d].reshape(n, d), casting="unsafe")
+            np.multiply(u8, _BYTE_SCALE, out=flat[: n * d].reshape(n, d), casting="unsafe")
             return None
         k = cols.shape[0]
-        if spare is None or spare.shape[0] < n * k:
-            if self._u8c is None or self._u8c.shape[0] < n * k:
-                self._u8c = np.empty(n * d, dtype=np.uint8)
+        size = n * (k + 1)
+        if spare is None or spare.shape[0] < size:
+            if self._u8c is None or self._u8c.shape[0] < size:
+                self._u8c = np.empty(n * (d + 1), dtype=np.uint8)
             spare = self._u8c
-        u8c = spare[: n * k].reshape(n, k)
+        u8c = spare[:size].reshape(n, k + 1)
         # Column by column is slow (np.take: ~0.5 ms at 1024 x 610); the active columns of
         # image data come in runs (a row of pixels each), and slices copy 2x faster.
         for src, dst, width in active.runs():
             u8c[:, dst : dst + width] = u8[:, src : src + width]
-        np.multiply(u8c, np.float32(1.0 / 255.0), out=flat[: n * k].reshape(n, k), casting="unsafe")
+        u8c[:, k] = 255  # scaled below to exactly 1.0 (checked at import): the bias's column, in the same pass
+        np.multiply(u8c, _BYTE_SCALE, out=flat[:size].reshape(n, k + 1), casting="unsafe")
         return cols
 
 

@@ -124,8 +124,13 @@ class Workspace:
         return self._scratch_views[key]
 
 
-def forward(xp: ModuleType, ws: list[Array], bs: list[Array], x: Array, work: Workspace, n: int) -> Array:
-    """Activations of every layer for the first n rows of x, into work.acts; returns a_L."""
+def forward(xp: ModuleType, ws: list[Array], bs: list[Optional[Array]], x: Array, work: Workspace, n: int) -> Array:
+    """Activations of every layer for the first n rows of x, into work.acts; returns a_L.
+
+    A bias given as None is folded into the layer's product: its input ends with a column of
+    ones and its weights with the bias row (what active_inputs does for the first layer);
+    backward_sum then takes the bias's gradient from the weight-gradient GEMM.
+    """
     a = x[:n, ...]  # explicit trailing axes: the Array API has no implicit ones
     for l, (w, b) in enumerate(zip(ws, bs)):
         z = work.acts[l][:n, ...]
@@ -179,7 +184,8 @@ def backward_sum(
             back = work.scratch_like(n, a_in.shape[1])
             ops.gemm(xp, d, _t(xp, ws[l]), back)
         ops.gemm(xp, _t(xp, a_in), d, gws[l], alpha=scale, beta=beta)
-        ops.gemm(xp, work.ones[:, :n], d, _row(xp, gbs[l]), alpha=scale, beta=beta)
+        if gbs[l] is not None:  # None: the bias's gradient came out of the GEMM above (see forward)
+            ops.gemm(xp, work.ones[:, :n], d, _row(xp, gbs[l]), alpha=scale, beta=beta)
         if layer_done is not None:
             layer_done(l)  # before the input gradient, so sending overlaps that GEMM
         if back is not None:

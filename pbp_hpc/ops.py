@@ -62,13 +62,17 @@ def gemm(xp: ModuleType, a: Array, b: Array, out: Array, alpha: float = 1.0, bet
     return out
 
 
-def linear_(xp: ModuleType, a: Array, w: Array, b: Array, out: Array, scale: float = 1.0) -> Array:
+def linear_(xp: ModuleType, a: Array, w: Array, b: Optional[Array], out: Array, scale: float = 1.0) -> Array:
     """out <- scale * (a @ w + b), the bias row broadcast over the rows.
 
     Fast path: out is first filled with scale * b and the GEMM adds scale * a @ w to it
     (beta=1): the bias costs a write where `out += b` costs a read and a write, and the
     scale costs nothing. Scaling by a power of two is exact, so both paths agree bit for bit.
+    b None: the bias is already in the product (a column of ones in a, the bias row in w).
     """
+    if b is None:
+        gemm(xp, a, w, out, alpha=scale)
+        return out
     if has_gemm(xp):
         xp.multiply(b, scale, out=out)  # broadcast over the rows
         return gemm(xp, a, w, out, alpha=scale, beta=1.0)

@@ -315,6 +315,40 @@ def statuses(path: str | Path) -> dict[str, str]:
         return {key: _attr_str(g.attrs["status"]) for key, g in f["runs"].items()}
 
 
+# What a run was, as opposed to how it went: the attributes `identities` reads.
+IDENTITY_INT_ATTRS = ("point", "repetition", "batch_size", "ranks", "threads_per_rank", "warmup_epochs")
+IDENTITY_STR_ATTRS = ("sweep", "implementation", "network", "status")
+
+
+def identities(path: str | Path) -> dict[str, dict[str, Any]]:
+    """key -> what each run of a results file was ({} if the file does not exist yet).
+
+    Each value holds the attributes IDENTITY_INT_ATTRS and IDENTITY_STR_ATTRS (None where absent,
+    as read_runs gives them) and `config` (the run configuration, a dict; {} if none was recorded).
+    Cheap like `statuses`: attributes only, no per-epoch dataset is read.
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    with _open_checked(path) as f:
+        for key, g in f["runs"].items():
+            a = g.attrs
+            try:
+                ident: dict[str, Any] = {}
+                for name in IDENTITY_INT_ATTRS:
+                    v = int(a[name])
+                    ident[name] = None if v == -1 else v
+                for name in IDENTITY_STR_ATTRS:
+                    ident[name] = _attr_str(a[name])
+                config = json.loads(_attr_str(a["config"]))
+                ident["config"] = config if isinstance(config, dict) else {}
+            except (KeyError, ValueError, OSError) as exc:
+                raise ResultsError(f"{path}: run {key} does not follow schema version {SCHEMA_VERSION} ({exc})") from None
+            out[key] = ident
+    return out
+
+
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 

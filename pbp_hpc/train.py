@@ -266,16 +266,17 @@ def _compacted_step(st: State, idx: np.ndarray) -> None:
     cols = st.data.train.active_features_into(idx, st.x_flat, skip, spare)
     datasets.fill_targets(st.data.train, idx, st.work.y, st.rows)
     if cols is None:  # too many active columns to pay: the plain step on the full batch
-        x, ws = st.work.x, st.ws
-    else:
-        x = st.x_flat[: n * cols.shape[0]].reshape(n, cols.shape[0])
-        ws = [skip.weights(st.ws[0], st.grad[st.layout.w_slices[0]]), *st.ws[1:]]
-    model.forward(xp, ws, st.bs, x, st.work, n)
+        x, ws, bs = st.work.x, st.ws, st.bs
+    else:  # k columns and the ones that carry the bias; the first layer's bias inside its GEMMs
+        x = st.x_flat[: n * (cols.shape[0] + 1)].reshape(n, cols.shape[0] + 1)
+        ws = [skip.weights(st.ws[0], st.bs[0], st.grad[st.layout.layer_slice(0)]), *st.ws[1:]]
+        bs = [None, *st.bs[1:]]
+    model.forward(xp, ws, bs, x, st.work, n)
     if st.fused:
-        model.backward_sum(xp, ws, ws, st.bs, x, st.work.y, st.work, n, st.loss_slot,
+        model.backward_sum(xp, ws, ws, bs, x, st.work.y, st.work, n, st.loss_slot,
                            st.reducer.layer_done, scale=-st.cfg.train.learning_rate / n, accumulate=True)
         if cols is not None:
-            skip.put_weights(st.ws[0], ws[0])
+            skip.put_weights(st.ws[0], st.bs[0], ws[0])
         return
     if cols is None:
         model.backward_sum(xp, ws, st.gws, st.gbs, x, st.work.y, st.work, n, st.loss_slot, st.reducer.layer_done)
@@ -284,10 +285,10 @@ def _compacted_step(st: State, idx: np.ndarray) -> None:
 
     def done(l: int) -> None:
         if l == 0:  # scattered into the flat gradient (over the gathered weights) before it can be sent
-            skip.put_gradient(st.gws[0], gc)
+            skip.put_gradient(st.gws[0], st.gbs[0], gc)
         st.reducer.layer_done(l)
 
-    model.backward_sum(xp, ws, [gc, *st.gws[1:]], st.gbs, x, st.work.y, st.work, n, st.loss_slot, done)
+    model.backward_sum(xp, ws, [gc, *st.gws[1:]], [None, *st.gbs[1:]], x, st.work.y, st.work, n, st.loss_slot, done)
 
 
 def evaluate(st: State, source: datasets.Source) -> float:

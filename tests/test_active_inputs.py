@@ -62,7 +62,9 @@ def test_the_compacted_batch_holds_the_active_columns_of_the_full_batch(mnist_di
     flat = np.empty(64 * 784, dtype=np.float32)
     cols = data.train.active_features_into(idx, flat, act)
     assert cols is not None and 0 < cols.shape[0] < 0.9 * 784
-    np.testing.assert_array_equal(flat[: 64 * cols.shape[0]].reshape(64, -1), full[:, cols])
+    x = flat[: 64 * (cols.shape[0] + 1)].reshape(64, -1)  # the active columns, then ones (the bias's column)
+    np.testing.assert_array_equal(x[:, :-1], full[:, cols])
+    np.testing.assert_array_equal(x[:, -1], 1)
     assert not full[:, np.setdiff1d(np.arange(784), cols)].any()
 
 

@@ -90,6 +90,23 @@ def test_records_of_several_files_are_read_together_in_key_order(tmp_path):
     assert [r["point"] for r in results.read_runs([a, b])] == [0, 1, 2]
 
 
+def test_identities_are_what_each_run_was_read_from_attributes_only(tmp_path, monkeypatch):
+    path = tmp_path / "r.h5"
+    assert results.identities(path) == {}
+    results.append_run(path, record(point=2))
+    results.append_run(path, {"sweep": "demo", "point": 5, "repetition": 0, "status": "failed",
+                              "implementation": "blas-serial", "error": "boom"})
+    monkeypatch.setattr(results, "_read_run", None)  # no epoch is read (that is read_runs' job)
+    ids = results.identities(path)
+    assert ids["demo.p0002.r0"] == {"sweep": "demo", "point": 2, "repetition": 0, "implementation": "hybrid",
+                                    "network": "[784, 16, 10]", "batch_size": 66, "ranks": 2, "threads_per_rank": 1,
+                                    "warmup_epochs": 1, "status": "ok",
+                                    "config": {"model": {"layers": [784, 16, 10]}, "train": {"batch_size": 66}}}
+    bare = ids["demo.p0005.r0"]
+    assert bare["config"] == {} and bare["batch_size"] is None and bare["ranks"] is None and bare["network"] == ""
+    assert {k: v["status"] for k, v in ids.items()} == results.statuses(path)
+
+
 def test_appending_a_recorded_key_is_refused_unless_replacing(tmp_path):
     path = tmp_path / "r.h5"
     results.append_run(path, record(status="failed", epochs=[], error="boom"))

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pbp_hpc import hybrid, provenance, results, sweep
-from pbp_hpc.errors import ConfigError
+from pbp_hpc.errors import ConfigError, ResultsError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BASE = {
@@ -463,3 +463,135 @@ def test_sigusr1_checkpoints_the_running_point_and_the_next_run_resumes_it(tmp_p
     assert run["epochs"][0]["partial"]  # resumed mid-epoch from the checkpoint
     assert not (tmp_path / ".r.h5.checkpoints").exists()
     assert log.read_text().count("-m pbp_hpc.train") == 2  # one log, both attempts
+
+
+# ---------------------------------------------------------------------------------------------
+# A recorded run is only skipped (or retried) as its point's if it was that point
+
+
+def test_a_rerun_after_point_0_changed_refuses_to_run_and_leaves_the_results_file_alone(tmp_path):
+    path = write(tmp_path, axes={"implementation": ["blas-serial"], "batch_size": [16, 64]})
+    res = tmp_path / "r.h5"
+    # --data-dir is recorded in the runs' config (data.dir) but says where the data was, not what ran
+    p = sweep_cli(path, "--results", res, "--data-dir", tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    before = res.read_bytes()
+    again = sweep_cli(path, "--results", res)  # unchanged sweep file: every run is its point's
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "0 ok" in again.stdout and "2 already recorded" in again.stdout and res.read_bytes() == before
+
+    write(tmp_path, axes={"implementation": ["blas-serial"], "batch_size": [32, 64]})  # point 0 now B=32; point 1 as was
+    assert [p.batch_size for p in sweep.expand(path).points] == [32, 64]
+    logs = {f.name: f.read_text() for f in (tmp_path / "r.logs").iterdir()}
+    for extra in ([], ["--point", "0"], ["--point", "1"], ["--retry-failed"], ["--dry-run"]):
+        bad = sweep_cli(path, "--results", res, *extra)
+        assert bad.returncode == 2, (extra, bad.stdout + bad.stderr)
+        err = bad.stderr
+        assert f"results file {res} holds 1 run(s) under keys of sweep 'demo'" in err, err
+        assert "demo.p0000.r0: recorded blas-serial [784, 16, 10] float32 B=16 1x1, status ok; point 0 is now " \
+               "blas-serial [784, 16, 10] float32 B=32 1x1" in err
+        assert "batch_size: recorded 16, the sweep file now gives 32" in err
+        assert "Nothing was run" in err and "--results NEW.h5" in err and f"move {res} away" in err
+        assert "demo.p0001" not in err and "Traceback" not in err  # point 1 is still its own run
+        assert bad.stdout == ""  # nothing ran, nothing was skipped
+    assert res.read_bytes() == before
+    assert {f.name: f.read_text() for f in (tmp_path / "r.logs").iterdir()} == logs
+    assert not (tmp_path / ".r.h5.checkpoints").exists()
+
+    listed = sweep_cli(path, "--list", "--results", res)  # --list still lists, and says which runs are another point's
+    assert listed.returncode == 0, listed.stderr
+    rows = listed.stdout.splitlines()
+    assert rows[1].endswith("recorded (ok) BY ANOTHER POINT: batch_size: recorded 16, the sweep file now gives 32")
+    assert rows[2].endswith("recorded (ok)") and "1 run(s) in" in listed.stdout
+
+    fresh = tmp_path / "new.h5"  # what the message says to do
+    ok = sweep_cli(path, "--results", fresh)
+    assert ok.returncode == 0 and "2 ok" in ok.stdout, ok.stdout + ok.stderr
+    assert [r["batch_size"] for r in results.read_runs(fresh)] == [32, 64] and res.read_bytes() == before
+
+
+def _record_failed(sw: sweep.Sweep, res: Path) -> None:
+    """Record every point of sw as a failed run, as the sweep records a run that failed to start (cheap: nothing runs)."""
+    for point in sw.points:
+        results.append_run(res, sweep.make_record(sw, point, 0, sweep.Outcome("failed", None, "boom", 0.1)))
+
+
+def test_what_makes_a_recorded_run_another_point_and_what_does_not(tmp_path):
+    res = tmp_path / "r.h5"
+    _record_failed(sweep.expand(write(tmp_path, axes={"implementation": ["blas-serial", "hybrid"], "ranks": [1, 2]})), res)
+    recorded = results.identities(res)
+    assert recorded["demo.p0001.r0"]["implementation"] == "hybrid" and recorded["demo.p0001.r0"]["ranks"] == 2
+    assert recorded["demo.p0001.r0"]["config"]["train"]["epochs"] == 2
+
+    def diffs(**spec):
+        sw = sweep.expand(write(tmp_path, **{"axes": {"implementation": ["blas-serial", "hybrid"], "ranks": [1, 2]}, **spec}))
+        return sweep.mismatches(sw, recorded)
+
+    assert diffs() == {}
+    # not the run's identity: where data and checkpoints were, the progress bar, oversubscribe: true, a network's name
+    assert diffs(oversubscribe=True, set={"train.progress": True, "checkpoint.every_epochs": 1, "data.download": False}) == {}
+    assert diffs(networks={"tiny": [784, 16, 10]}, axes={"implementation": ["blas-serial", "hybrid"], "ranks": [1, 2],
+                                                         "network": ["tiny"]}) == {}
+    # the run's identity: anything else that changes what is computed
+    assert diffs(set={"train.epochs": 3}) == {k: ["train.epochs: recorded 2, the sweep file now gives 3"]
+                                              for k in ("demo.p0000.r0", "demo.p0001.r0")}
+    assert diffs(axes={"implementation": ["blas-serial", "hybrid"], "ranks": [1, 2], "dtype": ["float64"]})[
+        "demo.p0000.r0"] == ['dtype: recorded "float32", the sweep file now gives "float64"']
+    assert diffs(axes={"implementation": ["blas-serial", "hybrid"], "ranks": [1, 2], "network": [[784, 8, 10]]})[
+        "demo.p0000.r0"] == ["layers: recorded [784, 16, 10], the sweep file now gives [784, 8, 10]"]
+    swapped = diffs(axes={"implementation": ["hybrid", "blas-serial"], "ranks": [1, 2]})  # reordered: points swap
+    assert swapped["demo.p0000.r0"] == ['implementation: recorded "blas-serial", the sweep file now gives "hybrid"',
+                                        "ranks: recorded 1, the sweep file now gives 2"]
+    assert diffs(warmup_epochs=0)["demo.p0000.r0"] == ["train.warmup_epochs: recorded 1, the sweep file now gives 0"]
+    # a run recorded with less (no config, no batch): only what it has can differ
+    bare = tmp_path / "bare.h5"
+    results.append_run(bare, {"sweep": "demo", "point": 0, "repetition": 0, "status": "failed",
+                              "implementation": "blas-serial", "network": "net1h", "error": "boom"})
+    sw = sweep.expand(write(tmp_path, axes={"implementation": ["blas-serial"]}))
+    assert sweep.mismatches(sw, results.identities(bare)) == {
+        "demo.p0000.r0": ['network: recorded "net1h", the sweep file now gives "[784, 16, 10]"']}
+
+
+def test_fewer_points_than_recorded_is_a_note_not_an_error(tmp_path):
+    res = tmp_path / "r.h5"
+    _record_failed(sweep.expand(write(tmp_path, axes={"implementation": ["blas-serial"], "batch_size": [16, 32, 64]})), res)
+    sw = sweep.expand(write(tmp_path, axes={"implementation": ["blas-serial"], "batch_size": [16, 32]}))
+    assert set(sweep.check_recorded(sw, res)) == {f"demo.p{i:04d}.r0" for i in range(3)}
+    lines = sweep.list_lines(sw, sweep.Options(results=res))
+    assert lines[-1].startswith(f"note: {res} also holds 1 run(s) of sweep demo that are no point of")
+    assert "(demo.p0002.r0: the sweep file has 2 points x 1 repetition(s)); they stay in the file" in lines[-1]
+
+
+def test_retry_failed_never_retries_another_points_run(tmp_path):
+    res = tmp_path / "r.h5"
+    path = write(tmp_path, axes={"implementation": ["blas-serial"], "batch_size": [16]})
+    _record_failed(sweep.expand(path), res)
+    before = res.read_bytes()
+    write(tmp_path, axes={"implementation": ["blas-serial"], "batch_size": [32]})
+    p = sweep_cli(path, "--results", res, "--retry-failed", "--point", "0")
+    assert p.returncode == 2 and "batch_size: recorded 16, the sweep file now gives 32" in p.stderr, p.stdout + p.stderr
+    assert "status failed" in p.stderr and p.stdout == "" and res.read_bytes() == before
+
+
+def test_best_says_when_the_recorded_split_was_chosen_for_other_cores(tmp_path, four_core_splits):
+    res = tmp_path / "r.h5"
+    spec = {"axes": {"implementation": ["hybrid"], "batch_size": [64]}, "hybrid_split": "best"}
+    _record_failed(sweep.expand(write(tmp_path, cores=4, **spec)), res)  # 2x2 on 4 cores
+    assert sweep.check_recorded(sweep.expand(write(tmp_path, cores=4, **spec)), res)
+    two = sweep.expand(write(tmp_path, cores=2, **spec))  # 2x1 on 2 cores
+    with pytest.raises(ResultsError) as err:
+        sweep.check_recorded(two, res)
+    msg = str(err.value)
+    assert "threads_per_rank: recorded 2, the sweep file now gives 1" in msg
+    assert "(hybrid_split: best chose 2x1 here: " in msg and "the recorded run got its split for other cores" in msg
+
+
+def test_switching_hybrid_split_to_best_renumbers_points_and_is_caught(tmp_path, four_core_splits):
+    res = tmp_path / "r.h5"
+    axes = {"implementation": ["hybrid"], "batch_size": [64, 256], "ranks": [2, 4], "threads_per_rank": [1]}
+    _record_failed(sweep.expand(write(tmp_path, axes=axes, cores=4)), res)  # 64 2x1, 64 4x1, 256 2x1, 256 4x1
+    best = sweep.expand(write(tmp_path, axes=axes, cores=4, hybrid_split="best"))  # 64 at 2x2, 256 at 4x1
+    bad = sweep.mismatches(best, results.identities(res))
+    assert bad["demo.p0000.r0"][0] == "threads_per_rank: recorded 1, the sweep file now gives 2"
+    assert bad["demo.p0000.r0"][1].startswith("(hybrid_split: best chose 2x2 here: fastest measured split")
+    assert bad["demo.p0001.r0"] == ["batch_size: recorded 64, the sweep file now gives 256"]
