@@ -36,8 +36,6 @@ class ActiveInputs:
         self.mask = np.zeros(n_in, dtype=np.uint8)  # OR of the batch's bytes: nonzero where active
         self.active = np.zeros(n_in, dtype=bool)
         self.cols: Optional[np.ndarray] = None  # this step's active columns, or None: a plain step
-        self.inactive: Optional[np.ndarray] = None
-        self._own: Optional[np.ndarray] = None  # room for k x n_out, where the caller has none spare
         self.steps = 0  # steps run compacted, and the columns they kept, for the result
         self.kept = 0
 
@@ -50,7 +48,6 @@ class ActiveInputs:
             self.cols = None
             return None
         self.cols = cols
-        self.inactive = None  # computed when a gradient needs scattering
         self.steps += 1
         self.kept += cols.shape[0]
         return cols
@@ -66,17 +63,13 @@ class ActiveInputs:
         bounds = [0, *starts.tolist(), cols.shape[0]]
         return [(int(cols[a]), a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
 
-    def rows(self, flat: Optional[np.ndarray]) -> np.ndarray:
-        """A (k + 1) x n_out matrix in flat (if it has room) or in a buffer of our own, made once."""
+    def rows(self, flat: np.ndarray) -> np.ndarray:
+        """A (k + 1) x n_out matrix at the start of flat, which has room for (n_in + 1) x n_out:
+        the first layer's part of the gradient buffer."""
         assert self.cols is not None
-        size = (self.cols.shape[0] + 1) * self.n_out
-        if flat is None or flat.shape[0] < size:
-            if self._own is None:
-                self._own = np.empty((self.n_in + 1) * self.n_out, dtype=self.dtype)  # pages touched: k + 1 rows
-            flat = self._own
-        return flat[:size].reshape(-1, self.n_out)
+        return flat[: (self.cols.shape[0] + 1) * self.n_out].reshape(-1, self.n_out)
 
-    def weights(self, w1: np.ndarray, b1: np.ndarray, flat: Optional[np.ndarray]) -> np.ndarray:
+    def weights(self, w1: np.ndarray, b1: np.ndarray, flat: np.ndarray) -> np.ndarray:
         """W_1's rows for this step's active columns, then b_1, gathered into rows(flat).
 
         With the batch's column of ones (the compacted batch ends with one), the bias is
@@ -93,13 +86,23 @@ class ActiveInputs:
         w1[self.cols] = wc[:-1]
         b1[...] = wc[-1]
 
-    def put_gradient(self, g1: np.ndarray, gb1: np.ndarray, gc: np.ndarray) -> None:
-        """The full first-layer gradient from its active rows: zero rows where the batch had zeros."""
-        if self.inactive is None:
-            self.inactive = np.flatnonzero(~self.active)
-        g1[self.inactive] = 0
-        g1[self.cols] = gc[:-1]
-        gb1[...] = gc[-1]
+    def expand_gradient(self, flat: np.ndarray) -> None:
+        """In place: the compact gradient rows(flat) (k active rows, then the bias's) become the
+        first layer's full gradient, flat viewed as (n_in + 1) x n_out: W_1's rows, then b_1.
+
+        Row i moves to row cols[i] >= i, so moving the last rows first never overwrites a row
+        still to move; rows of inactive columns get zeros.
+        """
+        assert self.cols is not None
+        g = flat[: (self.n_in + 1) * self.n_out].reshape(self.n_in + 1, self.n_out)
+        k = self.cols.shape[0]
+        g[self.n_in] = g[k]  # the bias's row: k < n_in, and no active row lies above k
+        end = self.n_in
+        for src, dst, width in reversed(self.runs()):
+            g[src : src + width] = g[dst : dst + width]  # numpy copies overlapping slices correctly
+            g[src + width : end] = 0
+            end = src
+        g[:end] = 0
 
     def summary(self) -> dict[str, Any]:
         """For the run's result: how often the first layer ran compacted, and how compact."""

@@ -167,14 +167,22 @@ class State:
         # than the gradient buffer, and one update pass per step is nothing at that size.
         self.fused = (comm.size == 1 and cfg.algorithm == "batched" and ops.has_gemm(xp)
                       and self.max_local <= model.Workspace.BLOCK_ROWS)
-        self.work = model.Workspace(self.layout, self.max_local, xp, dtype, full_scratch=self.fused)
-        self.rows = np.arange(self.work.max_batch)
         # The first layer on the batch's nonzero input columns only (active_inputs): CPU, uint8 data.
+        # Its gathered weights and its gradient live in the first layer's part of the gradient buffer.
         self.skip: Optional[active_inputs.ActiveInputs] = None
         if (xp is np and cfg.algorithm == "batched" and cfg.train.skip_zero_inputs
                 and datasets.has_active_features(data.train)):
             self.skip = active_inputs.ActiveInputs(self.layout.sizes[0], self.layout.sizes[1], dtype)
+        self.work = model.Workspace(self.layout, self.max_local, xp, dtype, full_scratch=self.fused)
+        self.rows = np.arange(self.work.max_batch)
+        if self.skip is not None:
+            # The batch, compacted or not. One rank (fused) never writes the gradient buffer:
+            # the batch goes there too when it fits beside the gathered weights (Net-2h), and
+            # the workspace's own batch buffer is never touched (memory is paged in on first write).
             self.x_flat = self.work.x.reshape(-1)
+            rest = self.grad[self.layout.layer_slice(0).stop : self.n_params]
+            if self.fused and rest.shape[0] >= self.x_flat.shape[0]:
+                self.x_flat = rest[: self.x_flat.shape[0]]
         self.gpu: dict[str, Any] = {}  # device path: which reducer and why, for the result
         self.sync = gpu.stream_sync(xp)  # waits for queued device work; a no-op on numpy
         if xp is np:
@@ -254,11 +262,11 @@ def local_step(st: State, idx: np.ndarray) -> None:
 def _compacted_step(st: State, idx: np.ndarray) -> None:
     """local_step where the first layer may run on the batch's active input columns alone.
 
-    No memory of its own at large batches: the gathered rows of W_1 live in the first layer's
-    part of the gradient buffer (unused by one rank; elsewhere not written before the backward
-    pass reaches the first layer), the compacted bytes in the activations (not written before
-    the forward pass), and the first layer's compact gradient in the backward pass's scratch
-    (free by then).
+    No memory of its own: the gathered rows of W_1 live in the first layer's part of the
+    gradient buffer (unused by one rank; elsewhere not written before the backward pass
+    reaches the first layer), the compacted bytes in the activations (not written before the
+    forward pass). Several ranks: the first layer's compact gradient overwrites the gathered
+    weights and is then spread over its rows in place.
     """
     n, xp, skip = idx.shape[0], st.xp, st.skip
     assert skip is not None
@@ -266,7 +274,7 @@ def _compacted_step(st: State, idx: np.ndarray) -> None:
     cols = st.data.train.active_features_into(idx, st.x_flat, skip, spare)
     datasets.fill_targets(st.data.train, idx, st.work.y, st.rows)
     if cols is None:  # too many active columns to pay: the plain step on the full batch
-        x, ws, bs = st.work.x, st.ws, st.bs
+        x, ws, bs = _batch_x(st, n), st.ws, st.bs
     else:  # k columns and the ones that carry the bias; the first layer's bias inside its GEMMs
         x = st.x_flat[: n * (cols.shape[0] + 1)].reshape(n, cols.shape[0] + 1)
         ws = [skip.weights(st.ws[0], st.bs[0], st.grad[st.layout.layer_slice(0)]), *st.ws[1:]]
@@ -281,14 +289,23 @@ def _compacted_step(st: State, idx: np.ndarray) -> None:
     if cols is None:
         model.backward_sum(xp, ws, st.gws, st.gbs, x, st.work.y, st.work, n, st.loss_slot, st.reducer.layer_done)
         return
-    gc = skip.rows(st.work.scratch)
+    g1 = st.grad[st.layout.layer_slice(0)]
+    gc = skip.rows(g1)  # over the gathered weights, which only the forward pass read
 
     def done(l: int) -> None:
-        if l == 0:  # scattered into the flat gradient (over the gathered weights) before it can be sent
-            skip.put_gradient(st.gws[0], st.gbs[0], gc)
+        if l == 0:  # spread to the rows of the active columns before the reducer may send it
+            skip.expand_gradient(g1)
         st.reducer.layer_done(l)
 
     model.backward_sum(xp, ws, [gc, *st.gws[1:]], [None, *st.gbs[1:]], x, st.work.y, st.work, n, st.loss_slot, done)
+
+
+def _batch_x(st: State, n: int) -> Any:
+    """The full n x d batch buffer: the workspace's, or where State put it beside the skip's."""
+    if st.skip is None:
+        return st.work.x
+    d = st.layout.sizes[0]
+    return st.x_flat[: n * d].reshape(n, d)
 
 
 def evaluate(st: State, source: datasets.Source) -> float:
@@ -301,8 +318,9 @@ def evaluate(st: State, source: datasets.Source) -> float:
     chunk = st.work.max_batch
     for start in range(lo, hi, chunk):
         idx = datasets.index_range(source, start, min(hi, start + chunk))
-        datasets.fill_batch(source, idx, st.work.x, st.work.y, st.xp, st.rows)
-        pred = model.predict_into(st.xp, st.ws, st.bs, st.work.x, st.work, idx.shape[0])
+        x = _batch_x(st, chunk)
+        datasets.fill_batch(source, idx, x, st.work.y, st.xp, st.rows)
+        pred = model.predict_into(st.xp, st.ws, st.bs, x, st.work, idx.shape[0])
         correct += datasets.count_correct(source, pred, idx)  # device data: summed there, read once below
     return st.comm.allreduce(int(correct), op=MPI.SUM) / n_total
 

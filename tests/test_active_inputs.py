@@ -40,6 +40,22 @@ def test_the_active_columns_are_gathered_as_runs_of_consecutive_columns():
     assert act.runs() == [(2, 0, 3), (9, 3, 1), (15, 4, 2)]  # (column, position in the batch, length)
 
 
+def test_the_compact_gradient_expands_in_place_to_the_full_first_layer_gradient():
+    u8 = np.zeros((2, 12), dtype=np.uint8)
+    u8[0, [0, 3, 4, 5, 9]] = 1
+    u8[1, [10, 11]] = 1
+    act = active_inputs.ActiveInputs(12, 3, np.float64)
+    cols = act.choose(u8)
+    flat = np.full(13 * 3, np.nan)  # W_1 (12 x 3) then b_1, as in the gradient buffer
+    compact = np.arange(1.0, (len(cols) + 1) * 3 + 1).reshape(-1, 3)  # k rows, then the bias's
+    act.rows(flat)[...] = compact
+    act.expand_gradient(flat)
+    want = np.zeros((13, 3))
+    want[cols] = compact[:-1]
+    want[12] = compact[-1]
+    np.testing.assert_array_equal(flat.reshape(13, 3), want)
+
+
 def test_an_all_zero_batch_keeps_the_plain_path():
     assert active_inputs.ActiveInputs(20, 4, np.float32).choose(np.zeros((3, 20), dtype=np.uint8)) is None
 
