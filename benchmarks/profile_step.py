@@ -1,0 +1,100 @@
+"""Where a training step's time goes: cProfile of pbp_hpc.train's step loop, grouped by kind.
+
+    python benchmarks/profile_step.py --net Net-1h --batch 1024 --data-dir DIR
+    mpiexec -n 2 -bind-to core:1 python benchmarks/profile_step.py --batch 128 --data-dir DIR
+    python benchmarks/profile_step.py --batch 1024 --set train.skip_zero_inputs=false   # every input column
+
+Rank 0 profiles its own steps (the step loop of pbp_hpc.bench: local step, reducer, update)
+and prints milliseconds per step by group (GEMM, elementwise, batch, skip bookkeeping, reducer
+and update) and the functions behind them. The profiler's own cost is spread over every Python
+call, so compare groups within one run; the benchmark (python -m pbp_hpc.bench) is what times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+from pathlib import Path
+
+import numpy as np
+from mpi4py import MPI
+from threadpoolctl import threadpool_limits
+
+from pbp_hpc import bench, config, datasets, train
+
+GROUPS = {  # function name -> group (what is not listed is "other": Python glue, views, small ops)
+    "gemm": "GEMM", "matmul": "GEMM",
+    "tanh_sigmoid_": "elementwise", "sigmoid_delta_": "elementwise", "subtract": "elementwise",
+    "sum_squares": "elementwise", "linear_": "elementwise",
+    "active_features_into": "batch", "fill_targets": "batch", "fill_batch": "batch", "features_into": "batch",
+    "choose": "skip bookkeeping", "runs": "skip bookkeeping", "weights": "skip bookkeeping",
+    "put_weights": "skip bookkeeping", "expand_gradient": "skip bookkeeping",
+    "finish": "reducer", "update": "reducer", "sync_barrier": "reducer (waiting)", "Allreduce": "reducer",
+    "axpy": "update", "axpy_": "update", "apply_update": "update",
+}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--net", default="Net-1h", choices=["Net-1h", "Net-2h"])
+    p.add_argument("--batch", type=int, default=1024, help="global batch size")
+    p.add_argument("--steps", type=int, default=50, help="profiled steps (after 5 unprofiled ones)")
+    p.add_argument("--threads", type=int, default=1, help="BLAS threads per rank")
+    p.add_argument("--data-dir", help="MNIST IDX folder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    args = p.parse_args()
+    world = MPI.COMM_WORLD
+    items = [f"model.layers={bench.NETWORKS[args.net]}", f"train.batch_size={args.batch}", "train.progress=false",
+             "parallel.reducer=shm" if world.size > 1 else "parallel.reducer=blocking", *args.set]
+    if args.data_dir:
+        items.append(f"data.dir={args.data_dir}")
+    cfg = config.load(None, items)
+    data = datasets.load(cfg, world.size, Path(args.data_dir) if args.data_dir else None)
+    st = train.State(cfg, world, np, data)
+    run = bench.OurRun(st)
+    order = train.epoch_order(0, 0, len(data.train), True)
+    B = args.batch
+    batches = [order[(s * B) % (len(order) - B) :][:B] for s in range(args.steps + 5)]
+    prof = cProfile.Profile()
+    with threadpool_limits(limits=args.threads, user_api="blas"):
+        for g in batches[:5]:
+            run.step(g)
+        world.Barrier()
+        prof.enable()
+        for g in batches[5:]:
+            run.step(g)
+        prof.disable()
+    if world.rank == 0:
+        report(pstats.Stats(prof), args.steps, st, args.threads)
+    close = getattr(st.reducer, "close", None)
+    if close is not None:
+        close()
+    return 0
+
+
+def report(stats: pstats.Stats, steps: int, st: train.State, threads: int) -> None:
+    per = {}  # group -> ms per step (own time of the functions in it)
+    rows = []
+    for (file, _, name), (_, _, tottime, _, _) in stats.stats.items():  # type: ignore[attr-defined]
+        group = GROUPS.get(name, "other") if "pbp_hpc" in file or name.startswith("<") else "other"
+        if name.startswith("<method 'take'"):
+            group = "gathers"  # np.take: the batch's rows, and W_1's active rows
+        ms = 1e3 * tottime / steps
+        per[group] = per.get(group, 0.0) + ms
+        rows.append((ms, group, f"{Path(file).name}:{name}" if file != "~" else name))
+    total = sum(per.values())
+    print(f"{st.comm.size} rank(s) x {threads} BLAS thread(s), batch {st.cfg.train.batch_size}, layers {st.layout.sizes}, "
+          f"skip_zero_inputs={st.cfg.train.skip_zero_inputs}: {total:.2f} ms per step (rank 0, profiled)")
+    for group, ms in sorted(per.items(), key=lambda kv: -kv[1]):
+        print(f"  {group:17s} {ms:7.3f} ms  {100 * ms / total:5.1f}%")
+    print("  top functions:")
+    for ms, group, where in sorted(rows, reverse=True)[:12]:
+        print(f"    {ms:7.3f} ms  {group:17s} {where}")
+    if st.skip is not None:
+        print(f"  active input columns: {st.skip.summary()}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
