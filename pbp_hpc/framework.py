@@ -8,6 +8,9 @@ arithmetic is PyTorch's: eager mode, autograd, torch.optim.SGD, torch's own thre
 in float64 its parameters equal pbp_hpc's to rounding, and its timings are a framework's.
 
 One process, no MPI: a multi-rank request is refused rather than silently run on one rank.
+Started by `mpiexec -n P` anyway, every rank loads its configuration and checks the world
+together (train.together): a bad configuration on any rank, or P > 1, ends every rank with
+exit 2 and one message from rank 0, never P copies of it nor a rank left waiting.
 Checkpointing and fault injection are pbp_hpc.train's; this runner ignores those settings.
 """
 
@@ -24,10 +27,10 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from . import config as configmod, datasets, model, provenance
+from . import datasets, model, provenance
 from .config import Config
 from .errors import ConfigError, DataError, DivergenceError, PbpError, WorldSizeError
-from .train import epoch_order
+from .train import epoch_order, load_config, report_failure, together
 
 Log = Callable[[str], None]
 EVAL_CHUNK = 4096  # examples per forward pass when measuring accuracy
@@ -135,9 +138,9 @@ def evaluate(torch: ModuleType, net: Any, source: datasets.Source, buf: Batches)
 def run(cfg: Config, log: Optional[Log] = None, quiet: bool = False, return_params: bool = False,
         directory: Optional[Path] = None) -> dict[str, Any]:
     """Train as the config says with PyTorch; return a record shaped like train.run's."""
+    check_single_process(cfg)
     torch = import_torch()
     say = log if (log is not None and not quiet) else (lambda s: None)
-    check_single_process(cfg)
     threads = choose_threads(cfg)
     torch.set_num_threads(threads)
     if directory is None and cfg.data.name != "synthetic":
@@ -226,6 +229,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--data-dir", help="folder with the four MNIST-format IDX files; same as data.dir")
     p.add_argument("--json", action="store_true", help="print one JSON result object to stdout (logs go to stderr)")
     p.add_argument("--quiet", "-q", action="store_true", help="no per-epoch lines")
+    p.set_defaults(resume=False)  # train.load_config's namespace; this runner never resumes
     return p.parse_args(argv)
 
 
@@ -238,11 +242,19 @@ def _exit_code(exc: BaseException) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from mpi4py import MPI  # initialised by the train import
+
     args = parse_args(argv)
     out = sys.stderr if args.json else sys.stdout
+    comm = MPI.COMM_WORLD
+    # Under `mpiexec -n P` every rank is started on its own, maybe with other arguments (MPMD):
+    # a failure on one rank is raised on all (train.together), printed once by rank 0, exit 2.
     try:
-        overrides = list(args.overrides) + ([f"data.dir={args.data_dir}"] if args.data_dir else [])
-        cfg = configmod.load(args.config, overrides)
+        cfg = together(comm, lambda: load_config(args))
+        together(comm, lambda: check_single_process(cfg))  # P > 1: refused on every rank
+    except Exception as exc:  # noqa: BLE001 - every failure must end the world, not hang it
+        return report_failure(exc, comm)
+    try:  # one process from here on: its errors are the run's, with their own exit codes
         result = run(cfg, log=lambda s: print(s, file=out, flush=True), quiet=args.quiet)
     except DivergenceError as exc:
         if args.json:

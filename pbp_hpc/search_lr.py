@@ -3,6 +3,9 @@
 Trains once per rate on the 5:1 train/validation split, picks the rate with the best
 validation accuracy (ties go to the smaller rate: the safer one), and reports the test
 accuracy reached with it. All ranks take part in every training, as in a normal run.
+
+Setup errors are collective, as in pbp_hpc.train: a bad configuration or --grid on any rank
+(an MPMD launch can give ranks different arguments) ends every rank with exit 2 and one message.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from typing import Any, Optional
 from mpi4py import MPI
 
 from . import config as configmod
-from .errors import DivergenceError
-from .train import install_signal_handlers, report_failure, run
+from .errors import ConfigError, DivergenceError
+from .train import install_signal_handlers, load_config, report_failure, report_interrupt, run, together
 
 REPORT_GRID = [0.001, 0.002, 0.01, 0.1, 0.5, 1.0]
 
@@ -48,6 +51,25 @@ def search(cfg: configmod.Config, grid: list[float], comm: MPI.Comm = MPI.COMM_W
             "ranks": comm.size, "config": cfg.to_dict()}
 
 
+def load_search(args: argparse.Namespace) -> configmod.Config:
+    """This rank's configuration and a check of its --grid; raises ConfigError (run under `together`)."""
+    if any(lr <= 0 for lr in args.grid):
+        raise ConfigError(f"--grid rates must be positive, got {args.grid}")
+    return load_config(args)
+
+
+def check_same_grid(grid: list[float], comm: MPI.Comm) -> None:
+    """Every rank must try the same rates, or a rank with fewer trials leaves the others waiting.
+
+    Every rank compares the same gathered list, so they all raise or none does (collective).
+    """
+    grids = comm.allgather(list(grid))
+    bad = [r for r, g in enumerate(grids) if g != grids[0]]
+    if bad:
+        raise ConfigError(f"ranks {bad} were given a different --grid from rank 0 ({grids[0]}); "
+                          "every rank must try the same learning rates")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pbp_hpc.search_lr", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", "-c")
@@ -55,22 +77,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--data-dir")
     p.add_argument("--grid", type=float, nargs="+", default=REPORT_GRID, help=f"rates to try (default: the report's {REPORT_GRID})")
     p.add_argument("--json", action="store_true", help="print one JSON object with every trial to stdout")
+    p.set_defaults(resume=False)  # train.load_config's namespace; a search always starts from scratch
     args = p.parse_args(argv)
     comm = MPI.COMM_WORLD
     out = sys.stderr if args.json else sys.stdout
     install_signal_handlers()
     try:
-        if any(lr <= 0 for lr in args.grid):
-            raise configmod.ConfigError(f"--grid rates must be positive, got {args.grid}")
-        overrides = list(args.overrides) + ([f"data.dir={args.data_dir}"] if args.data_dir else [])
-        cfg = configmod.load(args.config, overrides)
+        cfg = together(comm, lambda: load_search(args))  # an MPMD launch may give ranks other arguments
+        check_same_grid(args.grid, comm)
         result = search(cfg, args.grid, comm, log=lambda s: print(s, file=out, flush=True))
-    except Exception as exc:  # noqa: BLE001
+    except KeyboardInterrupt:
+        return report_interrupt(comm)
+    except Exception as exc:  # noqa: BLE001 - every failure must end the world, not hang it
         return report_failure(exc, comm)
     if args.json and comm.rank == 0:
         print(json.dumps(result), flush=True)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -69,7 +69,9 @@ def together(comm: MPI.Comm, step: Callable[[], Any], name_ranks: bool = True) -
     try:
         value, failure = step(), None
     except tuple(_SETUP_ERRORS.values()) as exc:
-        value, failure = None, (type(exc).__name__, str(exc))
+        # the error's nearest class that every rank can rebuild by name (a subclass travels as its base)
+        known = next(c.__name__ for c in type(exc).__mro__ if c.__name__ in _SETUP_ERRORS)
+        value, failure = None, (known, str(exc))
     failures = comm.allgather(failure)
     failed = [r for r, f in enumerate(failures) if f is not None]
     if not failed:
