@@ -31,11 +31,12 @@ MAX_ACTIVE = 0.9  # compact only when at least 10% of the columns drop out
 class ActiveInputs:
     """One rank's choice of active columns, and the gathers and scatters around it."""
 
-    def __init__(self, n_in: int, n_out: int, dtype: Any):
-        self.n_in, self.n_out, self.dtype = n_in, n_out, dtype
+    def __init__(self, n_in: int, n_out: int):
+        self.n_in, self.n_out = n_in, n_out
         self.mask = np.zeros(n_in, dtype=np.uint8)  # OR of the batch's bytes: nonzero where active
         self.active = np.zeros(n_in, dtype=bool)
         self.cols: Optional[np.ndarray] = None  # this step's active columns, or None: a plain step
+        self._runs: Optional[list[tuple[int, int, int]]] = None  # of cols, made on first use per batch
         self.steps = 0  # steps run compacted, and the columns they kept, for the result
         self.kept = 0
 
@@ -47,7 +48,7 @@ class ActiveInputs:
         if cols.shape[0] > MAX_ACTIVE * self.n_in or cols.shape[0] == 0:  # (all zeros: BLAS refuses K = 0)
             self.cols = None
             return None
-        self.cols = cols
+        self.cols, self._runs = cols, None
         self.steps += 1
         self.kept += cols.shape[0]
         return cols
@@ -57,11 +58,11 @@ class ActiveInputs:
         compacted batch, length)."""
         cols = self.cols
         assert cols is not None
-        if cols.shape[0] == 0:
-            return []
-        starts = np.flatnonzero(np.diff(cols) != 1) + 1
-        bounds = [0, *starts.tolist(), cols.shape[0]]
-        return [(int(cols[a]), a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+        if self._runs is None:  # the batch is gathered by them, and several ranks' gradient spread
+            starts = np.flatnonzero(np.diff(cols) != 1) + 1
+            bounds = [0, *starts.tolist(), cols.shape[0]]
+            self._runs = [(int(cols[a]), a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+        return self._runs
 
     def rows(self, flat: np.ndarray) -> np.ndarray:
         """A (k + 1) x n_out matrix at the start of flat, which has room for (n_in + 1) x n_out:

@@ -64,7 +64,7 @@ class ArraySource:
             hi = min(n, lo + self.CHUNK)
             u8 = self._u8[: hi - lo]
             np.take(self.images, idx[lo:hi], axis=0, out=u8, mode="clip")  # "raise" would buffer the copy
-            np.multiply(u8, np.float32(1.0 / 255.0), out=out[lo:hi], casting="unsafe")
+            np.multiply(u8, _BYTE_SCALE, out=out[lo:hi], casting="unsafe")
 
     def active_features_into(self, idx: np.ndarray, flat: np.ndarray, active: Any,
                              spare: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
@@ -369,7 +369,7 @@ class DeviceArraySource(DeviceSource):
         super().__init__(xp, labels.shape[0], n_classes)
         self.pixels = xp.asarray(np.ascontiguousarray(pixels))
         self.labels = xp.asarray(labels.astype(np.int64))
-        scale = np.float32(1.0 / 255.0) if pixels.dtype == np.uint8 else np.float32(1.0)
+        scale = _BYTE_SCALE if pixels.dtype == np.uint8 else np.float32(1.0)
         self.scale = xp.asarray(np.array([scale], dtype=np.float32))  # shape (1,): float32 arithmetic, as on the host
 
     def labels_of(self, idx: Any) -> Any:

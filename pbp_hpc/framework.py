@@ -30,7 +30,7 @@ import numpy as np
 from . import datasets, model, provenance
 from .config import Config
 from .errors import ConfigError, DataError, DivergenceError, PbpError, WorldSizeError
-from .train import epoch_order, load_config, report_failure, together
+from .train import add_config_arguments, epoch_order, load_config, report_failure, together
 
 Log = Callable[[str], None]
 EVAL_CHUNK = 4096  # examples per forward pass when measuring accuracy
@@ -223,10 +223,7 @@ def _result(cfg: Config, layout: model.Layout, n_train: int, threads: int, info:
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pbp_hpc.framework", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", "-c", help="YAML run configuration, the same files pbp_hpc.train reads")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set parallel.threads_per_rank=1 (repeatable)")
-    p.add_argument("--data-dir", help="folder with the four MNIST-format IDX files; same as data.dir")
+    add_config_arguments(p)  # the same files and overrides pbp_hpc.train reads
     p.add_argument("--json", action="store_true", help="print one JSON result object to stdout (logs go to stderr)")
     p.add_argument("--quiet", "-q", action="store_true", help="no per-epoch lines")
     p.set_defaults(resume=False)  # train.load_config's namespace; this runner never resumes

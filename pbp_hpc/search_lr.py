@@ -19,7 +19,7 @@ from mpi4py import MPI
 
 from . import config as configmod
 from .errors import ConfigError, DivergenceError
-from .train import install_signal_handlers, load_config, report_failure, report_interrupt, run, together
+from .train import add_config_arguments, install_signal_handlers, load_config, report_failure, report_interrupt, run, together
 
 REPORT_GRID = [0.001, 0.002, 0.01, 0.1, 0.5, 1.0]
 
@@ -72,9 +72,7 @@ def check_same_grid(grid: list[float], comm: MPI.Comm) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pbp_hpc.search_lr", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", "-c")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--data-dir")
+    add_config_arguments(p)
     p.add_argument("--grid", type=float, nargs="+", default=REPORT_GRID, help=f"rates to try (default: the report's {REPORT_GRID})")
     p.add_argument("--json", action="store_true", help="print one JSON object with every trial to stdout")
     p.set_defaults(resume=False)  # train.load_config's namespace; a search always starts from scratch

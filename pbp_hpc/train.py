@@ -174,7 +174,7 @@ class State:
         self.skip: Optional[active_inputs.ActiveInputs] = None
         if (xp is np and cfg.algorithm == "batched" and cfg.train.skip_zero_inputs
                 and datasets.has_active_features(data.train)):
-            self.skip = active_inputs.ActiveInputs(self.layout.sizes[0], self.layout.sizes[1], dtype)
+            self.skip = active_inputs.ActiveInputs(self.layout.sizes[0], self.layout.sizes[1])
         self.work = model.Workspace(self.layout, self.max_local, xp, dtype, full_scratch=self.fused)
         self.rows = np.arange(self.work.max_batch)
         if self.skip is not None:
@@ -185,6 +185,9 @@ class State:
             rest = self.grad[self.layout.layer_slice(0).stop : self.n_params]
             if self.fused and rest.shape[0] >= self.x_flat.shape[0]:
                 self.x_flat = rest[: self.x_flat.shape[0]]
+            self.spare_bytes = self.work.acts[0].reshape(-1).view(np.uint8)  # free until the forward pass
+            self.g1 = self.grad[self.layout.layer_slice(0)]  # the gathered W_1 rows, then their gradient
+            self.layer_done_expanding = functools.partial(_layer_done_expanding, self)
         self.gpu: dict[str, Any] = {}  # device path: which reducer and why, for the result
         self.sync = gpu.stream_sync(xp)  # waits for queued device work; a no-op on numpy
         if xp is np:
@@ -272,14 +275,13 @@ def _compacted_step(st: State, idx: np.ndarray) -> None:
     """
     n, xp, skip = idx.shape[0], st.xp, st.skip
     assert skip is not None
-    spare = st.work.acts[0].reshape(-1).view(np.uint8)
-    cols = st.data.train.active_features_into(idx, st.x_flat, skip, spare)
+    cols = st.data.train.active_features_into(idx, st.x_flat, skip, st.spare_bytes)
     datasets.fill_targets(st.data.train, idx, st.work.y, st.rows)
     if cols is None:  # too many active columns to pay: the plain step on the full batch
         x, ws, bs = _batch_x(st, n), st.ws, st.bs
     else:  # k columns and the ones that carry the bias; the first layer's bias inside its GEMMs
         x = st.x_flat[: n * (cols.shape[0] + 1)].reshape(n, cols.shape[0] + 1)
-        ws = [skip.weights(st.ws[0], st.bs[0], st.grad[st.layout.layer_slice(0)]), *st.ws[1:]]
+        ws = [skip.weights(st.ws[0], st.bs[0], st.g1), *st.ws[1:]]
         bs = [None, *st.bs[1:]]
     model.forward(xp, ws, bs, x, st.work, n)
     if st.fused:
@@ -291,15 +293,17 @@ def _compacted_step(st: State, idx: np.ndarray) -> None:
     if cols is None:
         model.backward_sum(xp, ws, st.gws, st.gbs, x, st.work.y, st.work, n, st.loss_slot, st.reducer.layer_done)
         return
-    g1 = st.grad[st.layout.layer_slice(0)]
-    gc = skip.rows(g1)  # over the gathered weights, which only the forward pass read
+    gc = skip.rows(st.g1)  # over the gathered weights, which only the forward pass read
+    model.backward_sum(xp, ws, [gc, *st.gws[1:]], [None, *st.gbs[1:]], x, st.work.y, st.work, n, st.loss_slot,
+                       st.layer_done_expanding)
 
-    def done(l: int) -> None:
-        if l == 0:  # spread to the rows of the active columns before the reducer may send it
-            skip.expand_gradient(g1)
-        st.reducer.layer_done(l)
 
-    model.backward_sum(xp, ws, [gc, *st.gws[1:]], [None, *st.gbs[1:]], x, st.work.y, st.work, n, st.loss_slot, done)
+def _layer_done_expanding(st: State, l: int) -> None:
+    """The reducer's layer_done, with the first layer's compact gradient spread over its rows
+    before the reducer may send it."""
+    if l == 0:
+        st.skip.expand_gradient(st.g1)  # type: ignore[union-attr]
+    st.reducer.layer_done(l)
 
 
 def _batch_x(st: State, n: int) -> Any:
@@ -609,12 +613,17 @@ def _result(st: State, threads: int, info: dict[str, Any], records: list[dict[st
     return out
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pbp_hpc.train", description=__doc__.split("\n\n")[0])
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """--config, --set and --data-dir, as load_config reads them (train, framework, search_lr)."""
     p.add_argument("--config", "-c", help="YAML run configuration (defaults apply where it is silent)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.learning_rate=0.1 (repeatable)")
     p.add_argument("--data-dir", help="folder with the four MNIST-format IDX files (.gz or not); same as data.dir")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pbp_hpc.train", description=__doc__.split("\n\n")[0])
+    add_config_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON result object to stdout (logs go to stderr)")
     p.add_argument("--resume", action="store_true", help="continue from checkpoint.path if it exists")
     p.add_argument("--quiet", "-q", action="store_true", help="no per-epoch lines")

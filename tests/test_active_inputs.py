@@ -26,7 +26,7 @@ def test_the_active_columns_are_those_nonzero_in_some_example():
     u8[0, 2] = 7
     u8[2, 2] = 1
     u8[1, 15] = 255
-    act = active_inputs.ActiveInputs(20, 4, np.float32)
+    act = active_inputs.ActiveInputs(20, 4)
     np.testing.assert_array_equal(act.choose(u8), [2, 15])
     assert act.summary() == {"compacted_steps": 1, "mean_active_fraction": 0.1}
 
@@ -35,7 +35,7 @@ def test_the_active_columns_are_gathered_as_runs_of_consecutive_columns():
     u8 = np.zeros((2, 20), dtype=np.uint8)
     u8[0, [2, 3, 4, 9]] = 1
     u8[1, [15, 16]] = 1
-    act = active_inputs.ActiveInputs(20, 4, np.float32)
+    act = active_inputs.ActiveInputs(20, 4)
     act.choose(u8)
     assert act.runs() == [(2, 0, 3), (9, 3, 1), (15, 4, 2)]  # (column, position in the batch, length)
 
@@ -44,7 +44,7 @@ def test_the_compact_gradient_expands_in_place_to_the_full_first_layer_gradient(
     u8 = np.zeros((2, 12), dtype=np.uint8)
     u8[0, [0, 3, 4, 5, 9]] = 1
     u8[1, [10, 11]] = 1
-    act = active_inputs.ActiveInputs(12, 3, np.float64)
+    act = active_inputs.ActiveInputs(12, 3)
     cols = act.choose(u8)
     flat = np.full(13 * 3, np.nan)  # W_1 (12 x 3) then b_1, as in the gradient buffer
     compact = np.arange(1.0, (len(cols) + 1) * 3 + 1).reshape(-1, 3)  # k rows, then the bias's
@@ -57,13 +57,13 @@ def test_the_compact_gradient_expands_in_place_to_the_full_first_layer_gradient(
 
 
 def test_an_all_zero_batch_keeps_the_plain_path():
-    assert active_inputs.ActiveInputs(20, 4, np.float32).choose(np.zeros((3, 20), dtype=np.uint8)) is None
+    assert active_inputs.ActiveInputs(20, 4).choose(np.zeros((3, 20), dtype=np.uint8)) is None
 
 
 def test_a_batch_with_few_zero_columns_keeps_the_plain_path():
     u8 = np.ones((4, 20), dtype=np.uint8)
     u8[:, 0] = 0  # 95% active: above MAX_ACTIVE
-    act = active_inputs.ActiveInputs(20, 4, np.float32)
+    act = active_inputs.ActiveInputs(20, 4)
     assert act.choose(u8) is None
     assert act.summary()["compacted_steps"] == 0
 
@@ -74,7 +74,7 @@ def test_the_compacted_batch_holds_the_active_columns_of_the_full_batch(mnist_di
     idx = np.arange(10, 74)
     full = np.empty((64, 784), dtype=np.float32)
     data.train.features_into(idx, full)
-    act = active_inputs.ActiveInputs(784, 24, np.float32)
+    act = active_inputs.ActiveInputs(784, 24)
     flat = np.empty(64 * 784, dtype=np.float32)
     cols = data.train.active_features_into(idx, flat, act)
     assert cols is not None and 0 < cols.shape[0] < 0.9 * 784
