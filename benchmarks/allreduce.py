@@ -22,7 +22,7 @@ from typing import Any, Optional
 import numpy as np
 from mpi4py import MPI
 
-from pbp_hpc import perfmodel
+from pbp_hpc.analyze import perfmodel
 
 DEFAULT_SIZES = [2**k for k in range(3, 27, 2)]  # 8 B .. 64 MiB, every factor of 4
 

@@ -22,7 +22,10 @@ import numpy as np
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
-from pbp_hpc import bench, config, datasets, train
+from pbp_hpc import bench
+from pbp_hpc import config
+from pbp_hpc.data import datasets
+from pbp_hpc import train
 
 GROUPS = {  # function name -> group (what is not listed is "other": Python glue, views, small ops)
     "gemm": "GEMM", "matmul": "GEMM",

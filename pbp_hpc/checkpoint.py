@@ -17,7 +17,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .errors import PbpError
+from pbp_hpc.errors import PbpError
 
 FORMAT = "pbp_hpc-checkpoint"
 VERSION = 1

@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from .errors import ConfigError
+from pbp_hpc.errors import ConfigError
 
 
 def _scalar_kind(annotation: Any) -> Any:

@@ -27,10 +27,12 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from . import datasets, model, provenance
-from .config import Config
-from .errors import ConfigError, DataError, DivergenceError, PbpError, WorldSizeError
-from .train import add_config_arguments, epoch_order, load_config, report_failure, together
+from pbp_hpc.data import datasets
+from pbp_hpc.engine import model
+from pbp_hpc.parallel import provenance
+from pbp_hpc.config import Config
+from pbp_hpc.errors import ConfigError, DataError, DivergenceError, PbpError, WorldSizeError
+from pbp_hpc.train import add_config_arguments, epoch_order, load_config, report_failure, together
 
 Log = Callable[[str], None]
 EVAL_CHUNK = 4096  # examples per forward pass when measuring accuracy
@@ -144,7 +146,7 @@ def run(cfg: Config, log: Optional[Log] = None, quiet: bool = False, return_para
     threads = choose_threads(cfg)
     torch.set_num_threads(threads)
     if directory is None and cfg.data.name != "synthetic":
-        from .mnist import resolve_data_dir
+        from pbp_hpc.data.mnist import resolve_data_dir
 
         directory = resolve_data_dir(cfg.data.dir, download=cfg.data.download)
     data = datasets.load(cfg, 1, directory)

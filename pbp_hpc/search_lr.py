@@ -17,9 +17,9 @@ from typing import Any, Optional
 
 from mpi4py import MPI
 
-from . import config as configmod
-from .errors import ConfigError, DivergenceError
-from .train import add_config_arguments, install_signal_handlers, load_config, report_failure, report_interrupt, run, together
+from pbp_hpc import config as configmod
+from pbp_hpc.errors import ConfigError, DivergenceError
+from pbp_hpc.train import add_config_arguments, install_signal_handlers, load_config, report_failure, report_interrupt, run, together
 
 REPORT_GRID = [0.001, 0.002, 0.01, 0.1, 0.5, 1.0]
 

@@ -29,10 +29,20 @@ import psutil
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
-from . import active_inputs, backend, checkpoint, comm as reducers, config as configmod, datasets, gpu, model, naive, ops, provenance
-from .config import Config
-from .errors import ConfigError, DataError, DivergenceError, InjectedFault, PbpError, WorldSizeError
-from .checkpoint import CheckpointError
+from pbp_hpc.engine import active_inputs
+from pbp_hpc.engine import backend
+from pbp_hpc import checkpoint
+from pbp_hpc.parallel import comm as reducers
+from pbp_hpc import config as configmod
+from pbp_hpc.data import datasets
+from pbp_hpc.parallel import gpu
+from pbp_hpc.engine import model
+from pbp_hpc.engine import naive
+from pbp_hpc.engine import ops
+from pbp_hpc.parallel import provenance
+from pbp_hpc.config import Config
+from pbp_hpc.errors import ConfigError, DataError, DivergenceError, InjectedFault, PbpError, WorldSizeError
+from pbp_hpc.checkpoint import CheckpointError
 
 Log = Callable[[str], None]
 
@@ -133,7 +143,7 @@ def resolve_data(cfg: Config, comm: MPI.Comm) -> Optional[Path]:
     answer: Any = None
     if comm.rank == 0:
         try:
-            from .mnist import resolve_data_dir
+            from pbp_hpc.data.mnist import resolve_data_dir
 
             answer = str(resolve_data_dir(cfg.data.dir, download=cfg.data.download))
         except DataError as exc:

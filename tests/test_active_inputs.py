@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from pbp_hpc import active_inputs, config, datasets, train
+from pbp_hpc.engine import active_inputs
+from pbp_hpc import config
+from pbp_hpc.data import datasets
+from pbp_hpc import train
 
 WORLD = MPI.COMM_WORLD
 

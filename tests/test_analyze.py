@@ -13,7 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from pbp_hpc import analyze, perfmodel
+from pbp_hpc import analyze
+from pbp_hpc.analyze import perfmodel
 
 FLOPS = 1_000_000  # flops per example: GFLOP/s = 1e6 * examples / TPE / 1e9
 N = 1000  # examples per epoch
@@ -270,7 +271,6 @@ def test_json_output_holds_every_table(capsys, tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("pbp_hpc.results") is None, reason="pbp_hpc.results (the HDF5 store) is not written yet")
 def test_cli_prints_the_tables_for_an_hdf5_results_file(tmp_path):
     from pbp_hpc import results
-
     path = tmp_path / "small.h5"
     for i, r in enumerate(scaling_records()[:6] + scaling_records()[-1:]):
         results.append_run(path, {**r, "point": i})

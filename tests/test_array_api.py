@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from pbp_hpc import config, model, ops, train
+from pbp_hpc import config
+from pbp_hpc.engine import model
+from pbp_hpc.engine import ops
+from pbp_hpc import train
 
 xs = pytest.importorskip("array_api_strict", reason="array_api_strict is in the test extra: pip install .[test]")
 

@@ -10,8 +10,12 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from pbp_hpc import bench, config, datasets, hybrid, train
-from pbp_hpc.provenance import cores_available
+from pbp_hpc import bench
+from pbp_hpc import config
+from pbp_hpc.data import datasets
+from pbp_hpc.parallel import hybrid
+from pbp_hpc import train
+from pbp_hpc.parallel.provenance import cores_available
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,9 @@ import pytest
 from mpi4py import MPI
 
 from helpers import MPIEXEC, last_json
-from pbp_hpc import checkpoint, config, train
+from pbp_hpc import checkpoint
+from pbp_hpc import config
+from pbp_hpc import train
 from pbp_hpc.checkpoint import CheckpointError
 from pbp_hpc.errors import ConfigError
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from helpers import MPIEXEC, last_json
-from pbp_hpc.idx import write_idx
+from pbp_hpc.data.idx import write_idx
 
 PY = [sys.executable, "-m", "pbp_hpc.train"]
 TINY = ["--set", "data.name=synthetic", "--set", "data.n_train=600", "--set", "model.layers=[784, 16, 10]",
@@ -109,8 +109,8 @@ def test_a_huge_learning_rate_saturates_the_sigmoids_rather_than_producing_nan()
     """
     from mpi4py import MPI
 
-    from pbp_hpc import config, train as trainmod
-
+    from pbp_hpc import config
+    from pbp_hpc import train as trainmod
     cfg = config.load(None, ["data.name=synthetic", "data.n_train=240", "model.layers=[784, 16, 10]",
                              "train.batch_size=20", "train.epochs=2", "train.learning_rate=1e6", "train.progress=false"])
     res = trainmod.run(cfg, MPI.COMM_SELF, return_params=True)
@@ -179,7 +179,6 @@ def _cli(tmp_path, args: list[str], process: bool, capsys) -> tuple[int, str, st
     import subprocess
 
     from pbp_hpc import train as trainmod
-
     if process:
         p = subprocess.run([*PY, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
         return p.returncode, p.stdout, p.stderr

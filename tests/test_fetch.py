@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from pbp_hpc.errors import DataError
-from pbp_hpc.fetch import MNIST_FILES, default_cache_dir, fetch_mnist, verify_sha256
-from pbp_hpc.mnist import find_files, resolve_data_dir
+from pbp_hpc.data.fetch import MNIST_FILES, default_cache_dir, fetch_mnist, verify_sha256
+from pbp_hpc.data.mnist import find_files, resolve_data_dir
 
 
 def sha256(path: Path) -> str:

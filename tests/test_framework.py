@@ -15,7 +15,9 @@ torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install 
 
 from mpi4py import MPI  # noqa: E402
 
-from pbp_hpc import config, framework, train  # noqa: E402
+from pbp_hpc import config
+from pbp_hpc import framework
+from pbp_hpc import train  # noqa: E402
 
 JSON_KEYS = {"status", "config", "ranks", "threads_per_rank", "test_accuracy", "total_time_s", "n_train", "n_params",
              "flops_per_example", "warmup_epochs", "median_epoch_time_s", "epochs", "provenance"}

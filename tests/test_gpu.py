@@ -17,7 +17,12 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from pbp_hpc import backend, config, datasets, gpu, model, train
+from pbp_hpc.engine import backend
+from pbp_hpc import config
+from pbp_hpc.data import datasets
+from pbp_hpc.parallel import gpu
+from pbp_hpc.engine import model
+from pbp_hpc import train
 
 cp = pytest.importorskip("cupy", reason="CuPy is not importable here: pip install .[gpu] (CUDA 12) or cupy-cuda13x")
 

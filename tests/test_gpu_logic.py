@@ -13,7 +13,12 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from pbp_hpc import comm as reducers, config, datasets, gpu, model, train
+from pbp_hpc.parallel import comm as reducers
+from pbp_hpc import config
+from pbp_hpc.data import datasets
+from pbp_hpc.parallel import gpu
+from pbp_hpc.engine import model
+from pbp_hpc import train
 from pbp_hpc.errors import ConfigError
 
 from helpers import run_cmd

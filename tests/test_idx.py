@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from pbp_hpc.errors import DataError
-from pbp_hpc.idx import read_idx, write_idx
+from pbp_hpc.data.idx import read_idx, write_idx
 
 DTYPES = ["uint8", "int8", "int16", "int32", "float32", "float64"]
 SHAPES = [(7,), (3, 5), (4, 2, 3), (2, 3, 1, 2)]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from pbp_hpc.errors import DataError
-from pbp_hpc.idx import write_idx
-from pbp_hpc.mnist import IDX_NAMES, find_files, load_mnist, resolve_data_dir
+from pbp_hpc.data.idx import write_idx
+from pbp_hpc.data.mnist import IDX_NAMES, find_files, load_mnist, resolve_data_dir
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from pbp_hpc import model, naive
+from pbp_hpc.engine import model
+from pbp_hpc.engine import naive
 
 
 def _problem(sizes, n, seed=1, dtype=np.float64):

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from pbp_hpc import config, train
+from pbp_hpc import config
+from pbp_hpc import train
 
 WORLD = MPI.COMM_WORLD
 

@@ -201,6 +201,7 @@ def test_another_schema_or_version_is_a_results_error(tmp_path):
 WRITER = """
 import json, sys
 from pbp_hpc import results
+
 path, start, template = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 for point in range(start, start + 100000):
     results.append_run(path, dict(template, point=point))

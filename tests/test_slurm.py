@@ -626,8 +626,8 @@ def test_real_sweep_array_merges_and_analyzes(slurm_cluster, tmp_path):
     """`python -m pbp_hpc.sweep jobs/slurm_smoke.yaml --slurm`: the real array of 4 points (two 1-rank,
     two 2-rank over srun --mpi=pmi2), then the real merge + analysis job."""
     _mpi_plugin_or_skip()
-    from pbp_hpc import results as results_mod, sweep as sweep_mod
-
+    from pbp_hpc import results as results_mod
+    from pbp_hpc import sweep as sweep_mod
     jobfile = REPO / "jobs" / "slurm_smoke.yaml"
     points = sweep_mod.expand(jobfile).points
     assert len(points) == 4 and {p.ranks for p in points} == {1, 2}
@@ -698,7 +698,6 @@ def test_real_train_usr1_requeues_and_resumes(slurm_cluster, tmp_path):
     the second run resumes from the checkpoint and finishes."""
     _mpi_plugin_or_skip()
     from pbp_hpc import checkpoint
-
     env = dict(_real_env(), PBP_CONFIG=str(REPO / "configs" / "synthetic.yaml"))
     args = ["--set", "model.layers=[784,16,10]", "--set", "data.n_train=1200", "--set", "data.n_test=200",
             "--set", f"train.epochs={TRAIN_EPOCHS}", "--set", "train.batch_size=100",

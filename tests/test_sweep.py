@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pbp_hpc import hybrid, provenance, results, sweep
+from pbp_hpc.parallel import hybrid
+from pbp_hpc.parallel import provenance
+from pbp_hpc import results
+from pbp_hpc import sweep
 from pbp_hpc.errors import ConfigError, ResultsError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -53,7 +53,7 @@ import numpy as np
 NETWORKS = {"Net-1h": [784, 1024, 10], "Net-2h": [784, 1024, 1024, 10], "tiny": [784, 32, 10]}
 LEARNING_RATE = 0.1  # any stable rate: timings do not depend on it
 SEED = 0
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SPLITS = REPO / "benchmarks" / "hybrid_splits.json"
 
 COLUMNS = ["net", "batch", "split", "TPE s", "GFLOP/s", "peak%", "in%", "GEMM s", "/GEMM", "torch s", "/torch",
@@ -231,8 +231,8 @@ class OurRun:
         self.st = st
 
     def step(self, gidx: np.ndarray) -> float:
-        from . import comm as reducers, train
-
+        from pbp_hpc.parallel import comm as reducers
+        from pbp_hpc import train
         st = self.st
         lo, hi = train.my_share(gidx.shape[0], st.comm.size, st.comm.rank)
         st.grad[st.n_params + reducers.STOP_SLOT] = 0.0
@@ -264,8 +264,7 @@ class GemmReplay:
     """
 
     def __init__(self, run: OurRun, batch: int, n: int):
-        from . import train
-
+        from pbp_hpc import train
         st = run.st
         self.st, self.comm = st, st.comm
         self.n_full, rest = n // batch, n % batch
@@ -275,8 +274,8 @@ class GemmReplay:
 
     @staticmethod
     def _record(run: OurRun, share: tuple[int, int]) -> list[tuple[Any, ...]]:
-        from . import ops, train
-
+        from pbp_hpc.engine import ops
+        from pbp_hpc import train
         calls: list[tuple[Any, ...]] = []
         real_gemm, real_matmul = ops.gemm, ops.matmul
         inside = [False]
@@ -305,7 +304,7 @@ class GemmReplay:
         return calls
 
     def epoch(self, steps: int, clock: Callable[[], float]) -> tuple[float, float]:
-        from .ops import gemm
+        from pbp_hpc.engine.ops import gemm
 
         self.saved[...] = self.st.theta
         self.comm.Barrier()
@@ -379,8 +378,8 @@ class Worker:
     def _warm_libraries(self) -> None:
         """Import what the cases use and let BLAS allocate its work buffers, so that the
         footprint taken as the baseline is the code's, and the growth above it the data's."""
-        from . import ops, train  # noqa: F401
-
+        from pbp_hpc.engine import ops
+        from pbp_hpc import train  # noqa: F401
         ops.has_gemm(np)  # binds numpy's BLAS for gemm and axpy
         a = np.ones((512, 512), dtype=np.float32)
         with self.blas.limit(limits=self.spec.cores, user_api="blas"):
@@ -402,27 +401,24 @@ class Worker:
     # -- setup
 
     def config(self, layers: list[int], batch: int, reducer: str, dense: bool = False) -> Any:
-        from . import config
-
+        from pbp_hpc import config
         return config.load(None, self.spec.overrides(layers, batch, reducer, dense))
 
     def data(self, cfg: Any) -> Any:
         """The data set, loaded once per worker (every rank holds all of it, as in pbp_hpc.train)."""
-        from . import datasets
-
+        from pbp_hpc.data import datasets
         key = json.dumps([cfg.data.model_dump(mode="json"), cfg.model.layers[0], cfg.model.layers[-1]])
         if key not in self.data_cache:
             directory = None
             if cfg.data.name != "synthetic":
-                from .mnist import resolve_data_dir
+                from pbp_hpc.data.mnist import resolve_data_dir
 
                 directory = resolve_data_dir(cfg.data.dir, download=True)
             self.data_cache[key] = datasets.load(cfg, 1, directory)
         return self.data_cache[key]
 
     def state(self, cfg: Any, comm: Any) -> Any:
-        from . import train
-
+        from pbp_hpc import train
         return train.State(cfg, comm, np, self.data(cfg))
 
     # -- peak
@@ -454,7 +450,7 @@ class Worker:
     # -- one group
 
     def group(self, net: str, batch: int) -> dict[str, Any]:
-        from .train import epoch_order
+        from pbp_hpc.train import epoch_order
 
         spec = self.spec
         layers = NETWORKS[net]
@@ -551,8 +547,7 @@ class Worker:
         return out
 
     def _memory_case(self, cfg: Any, comm: Any) -> dict[str, Any]:
-        from . import comm as reducers
-
+        from pbp_hpc.parallel import comm as reducers
         data = self.data(cfg)
         ok = _reset_peak_rss()
         st = self.state(cfg, comm)
@@ -609,8 +604,7 @@ class Worker:
     # -- main
 
     def main(self) -> None:
-        from . import provenance
-
+        from pbp_hpc.parallel import provenance
         spec = self.spec
         self.say(f"load average {os.getloadavg()[0]:.2f}; measuring SGEMM peak")
         peak = self.measure_peak()
@@ -665,7 +659,7 @@ def torch_worker() -> int:
     try:
         import torch
 
-        from . import framework
+        from pbp_hpc import framework
     except ImportError as exc:
         print(json.dumps({"error": f"PyTorch is not importable: {exc}"}), flush=True)
         return 0
@@ -696,13 +690,14 @@ class TorchRun:
     """pbp_hpc.framework's network, optimiser and batches; its epoch loop without evaluation."""
 
     def __init__(self, torch: Any, framework: Any, overrides: list[str]):
-        from . import config, datasets, model
-
+        from pbp_hpc import config
+        from pbp_hpc.data import datasets
+        from pbp_hpc.engine import model
         self.torch = torch
         cfg = config.load(None, overrides)
         directory = None
         if cfg.data.name != "synthetic":
-            from .mnist import resolve_data_dir
+            from pbp_hpc.data.mnist import resolve_data_dir
 
             directory = resolve_data_dir(cfg.data.dir, download=False)
         self.data = datasets.load(cfg, 1, directory)
@@ -713,7 +708,7 @@ class TorchRun:
         self.B, self.lr = cfg.train.batch_size, cfg.train.learning_rate
 
     def epoch(self, epoch: int, steps: Optional[int], clock: Callable[[], float]) -> float:
-        from .train import epoch_order
+        from pbp_hpc.train import epoch_order
 
         torch, B, n = self.torch, self.B, len(self.data.train)
         order = epoch_order(SEED, epoch, n, True)
@@ -790,7 +785,7 @@ def _median(xs: list[float]) -> Optional[float]:
 
 def rows_of(records: list[dict[str, Any]], spec: Spec) -> list[dict[str, Any]]:
     """One row per (network, batch, split), with every column computed."""
-    from .model import flops_per_example
+    from pbp_hpc.engine.model import flops_per_example
 
     head = next(r for r in records if r["type"] == "header")
     peaks = head["peak_gflops"]
@@ -887,8 +882,7 @@ def _check(what: str, value: float, op: str, limit: float) -> str:
 
 def write_splits(path: Path, rows: list[dict[str, Any]], cores: int, host: str) -> None:
     """Merge this run's best splits into the JSON file pbp_hpc.hybrid reads."""
-    from . import hybrid
-
+    from pbp_hpc.parallel import hybrid
     doc = hybrid.load(path) or {"about": hybrid.FILE_DOC, "machines": {}}
     machine = doc["machines"].setdefault(f"{cores} cores", {"cores": cores, "networks": {}})
     machine["host"] = host
@@ -941,7 +935,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.worker:
         Worker(Spec(**json.loads(args.worker))).main()
         return 0
-    from .provenance import cores_available
+    from pbp_hpc.parallel.provenance import cores_available
 
     spec = make_spec(args, args.cores or cores_available())
     load_start = os.getloadavg()

@@ -1,6 +1,6 @@
 """How to split a node's cores into MPI ranks x BLAS threads, as `python -m pbp_hpc.bench` measured.
 
-    from pbp_hpc.hybrid import best_split, mpi_flavour, mpiexec_args
+    from pbp_hpc.parallel.hybrid import best_split, mpi_flavour, mpiexec_args
     ranks, threads = best_split("Net-1h", 1024, cores=2)
     cmd = ["mpiexec", *mpiexec_args(ranks, threads, mpi_flavour("mpiexec")), "python", "-m", "pbp_hpc.train",
            "--set", f"parallel.threads_per_rank={threads}", "--set", "parallel.reducer=shm", ...]
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_PATH = REPO / "benchmarks" / "hybrid_splits.json"
 FILE_DOC = ("Fastest ranks x threads split per machine (by core count), network (layer sizes) and global batch "
             "size, written by `python -m pbp_hpc.bench`; read by pbp_hpc.hybrid.best_split. tpe_s: the median "

@@ -124,7 +124,7 @@ def load_alpha_beta(path: str) -> AlphaBeta:
     """Read alpha_s and beta_s_per_byte from a benchmarks/allreduce.py JSON file."""
     import json
 
-    from .errors import ConfigError
+    from pbp_hpc.errors import ConfigError
 
     try:
         with open(path) as f:

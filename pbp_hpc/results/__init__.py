@@ -34,7 +34,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import h5py
 import numpy as np
 
-from .errors import ResultsError
+from pbp_hpc.errors import ResultsError
 
 SCHEMA = "pbp_hpc-results"
 SCHEMA_VERSION = 1

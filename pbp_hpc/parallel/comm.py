@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Protocol
 import numpy as np
 from mpi4py import MPI
 
-from .model import Layout
+from pbp_hpc.engine.model import Layout
 
 EXTRAS = 2  # slots after the gradients
 LOSS_SLOT = 0  # offsets within the extras
@@ -256,7 +256,7 @@ class SharedMemoryReducer:
         """
         if self.shared is None:
             return False
-        from .ops import axpy_
+        from pbp_hpc.engine.ops import axpy_
 
         t = time.perf_counter()
         for part in (self.parts if self.acc is None else [self.acc]):
@@ -347,7 +347,7 @@ class NcclReducer:
         import numpy as np
         from cupy.cuda import nccl
 
-        from .errors import ConfigError
+        from pbp_hpc.errors import ConfigError
 
         if not getattr(nccl, "available", True):
             raise ConfigError("parallel.gpu_reducer=nccl but CuPy cannot load the NCCL library "

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from . import perfmodel
-from .errors import ConfigError, PbpError, ResultsError
+from pbp_hpc.analyze import perfmodel
+from pbp_hpc.errors import ConfigError, PbpError, ResultsError
 
 Record = dict[str, Any]
 
@@ -621,7 +621,7 @@ def read_records(paths: list[str]) -> list[Record]:
                 raise ResultsError(f"cannot read run records from {p}: {exc}") from None
     if h5:
         try:
-            from .results import read_runs
+            from pbp_hpc.results import read_runs
         except ImportError as exc:
             raise ResultsError(f"reading HDF5 results needs pbp_hpc.results ({exc})") from None
         records += read_runs(h5)
@@ -655,8 +655,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.csv:
             write_csv(tables, Path(args.csv))
         if args.plots:
-            from . import figures
-
+            from pbp_hpc.analyze import figures
             written = figures.write_all(points, Path(args.plots), ab, args.max_ranks)
             print(f"wrote {len(written)} figure(s) to {args.plots}", file=sys.stderr)
     except PbpError as exc:
@@ -669,10 +668,3 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("\n\n".join(t.render() for t in tables))
     return 0
 
-
-if __name__ == "__main__":
-    # Run the imported module's main, not this __main__ copy's: pbp_hpc.figures imports
-    # pbp_hpc.analyze, and its Case/Point classes must be the ones the points are made of.
-    from pbp_hpc import analyze as _module
-
-    sys.exit(_module.main())

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from . import ops
+from pbp_hpc.engine import ops
 
 Array = Any
 

@@ -19,8 +19,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullLocator
 
-from . import analyze, perfmodel
-from .analyze import Case, Point
+from pbp_hpc import analyze
+from pbp_hpc.analyze import perfmodel
+from pbp_hpc.analyze import Case, Point
 
 COLORS = {"naive-serial": "tab:brown", "example-parallel": "tab:orange", "blas-serial": "tab:blue",
           "blas-threaded": "tab:cyan", "hybrid": "tab:green", "gpu": "tab:red", "framework": "tab:purple"}

@@ -6,7 +6,7 @@ from types import ModuleType
 
 import numpy as np
 
-from .errors import ConfigError
+from pbp_hpc.errors import ConfigError
 
 
 def namespace(name: str) -> ModuleType:

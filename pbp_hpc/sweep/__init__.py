@@ -41,10 +41,14 @@ from typing import Any, Callable, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from . import config as configmod, hybrid, model, provenance, results
-from .errors import ConfigError, PbpError, ResultsError
+from pbp_hpc import config as configmod
+from pbp_hpc.parallel import hybrid
+from pbp_hpc.engine import model
+from pbp_hpc.parallel import provenance
+from pbp_hpc import results
+from pbp_hpc.errors import ConfigError, PbpError, ResultsError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NETWORKS: dict[str, list[int]] = {"net1h": [784, 1024, 10], "net2h": [784, 1024, 1024, 10]}
 Implementation = Literal["naive-serial", "example-parallel", "blas-serial", "blas-threaded", "hybrid", "gpu", "framework"]
 AXES = ("implementation", "network", "dtype", "batch_size", "batch_per_rank", "ranks", "threads_per_rank")
@@ -612,8 +616,7 @@ def base_record(sweep: Sweep, point: Point, repetition: int) -> dict[str, Any]:
 
 
 def _package_version() -> str:
-    from . import __version__
-
+    from pbp_hpc import __version__
     return __version__
 
 

@@ -9,12 +9,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from pbp_hpc import __version__
 
 
 def git_revision() -> str:
     """The source tree's commit (with '-dirty' for local changes), or 'unknown' outside git."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     try:
         rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5)
         if rev.returncode != 0:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .model import Layout, views
+from pbp_hpc.engine.model import Layout, views
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

@@ -20,9 +20,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import DataError
-from .fetch import DEFAULT_MIRRORS, default_cache_dir, fetch_mnist
-from .idx import read_idx
+from pbp_hpc.errors import DataError
+from pbp_hpc.data.fetch import DEFAULT_MIRRORS, default_cache_dir, fetch_mnist
+from pbp_hpc.data.idx import read_idx
 
 IDX_NAMES: dict[str, str] = {
     "train_images": "train-images-idx3-ubyte",

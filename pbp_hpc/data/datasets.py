@@ -19,9 +19,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import backend, ops
-from .config import Config
-from .errors import DataError
+from pbp_hpc.engine import backend
+from pbp_hpc.engine import ops
+from pbp_hpc.config import Config
+from pbp_hpc.errors import DataError
 
 _NOISE_ROWS = 1031  # prime, so the two hashed rows rarely repeat as a pair
 _TEST_STREAM = 1 << 40  # synthetic test indices live far from train/validation indices
@@ -223,7 +224,7 @@ def has_active_features(source: Source) -> bool:
 
 
 def _load_idx(cfg: Config, directory: Path) -> Data:
-    from .mnist import load_mnist
+    from pbp_hpc.data.mnist import load_mnist
 
     arrays = load_mnist(directory)
     n_train = arrays.train_labels.shape[0]

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Sequence
 
-from .errors import DataError
+from pbp_hpc.errors import DataError
 
 MNIST_FILES: dict[str, str] = {
     "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",

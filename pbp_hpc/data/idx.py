@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from pbp_hpc.errors import DataError
 
 # Type code -> big-endian dtype (the format says big-endian for every multi-byte type).
 _DTYPES = {

@@ -23,9 +23,10 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 from mpi4py import MPI
 
-from . import backend, comm as reducers
-from .errors import ConfigError
-from .model import Layout
+from pbp_hpc.engine import backend
+from pbp_hpc.parallel import comm as reducers
+from pbp_hpc.errors import ConfigError
+from pbp_hpc.engine.model import Layout
 
 CUDA_AWARE_ENV = "PBP_HPC_CUDA_AWARE"  # "1": trust MPI with device pointers, "0": never
 GPU_REDUCERS = ("auto", "cuda-aware", "staged", "nccl")

@@ -1,0 +1,5 @@
+import sys
+
+from pbp_hpc.sweep import main
+
+sys.exit(main())
