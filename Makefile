@@ -32,11 +32,14 @@ run: setup
 	$(MPIEXEC) -n $(RANKS) $(PY) -m pbp_hpc.train --config $(CONFIG) $(DATA_ARG)
 
 # The whole suite: serially, then the in-process MPI tests under 2 and 3 ranks
-# (pytest-mpi skips @pytest.mark.mpi tests unless --with-mpi is given).
+# (pytest-mpi skips @pytest.mark.mpi tests unless --with-mpi is given). Every test runs under a
+# time limit (pytest-timeout, pyproject.toml). Under mpiexec, tests/mpi_harness.py makes a failure
+# or a timeout on any rank end the whole job at once (so the MPI runs stop at the first failure,
+# printed to stderr with its rank), and only rank 0 prints the report; -rs: the skip reasons.
 test: setup
 	PBP_HPC_TEST_DATA=$(abspath ../shared/data/mnist) $(PY) -m pytest -q -rs -p no:cacheprovider
-	$(MPIEXEC) -n 2 $(PY) -m pytest -q -p no:cacheprovider --with-mpi -m mpi
-	$(MPIEXEC) -n 3 $(PY) -m pytest -q -p no:cacheprovider --with-mpi -m mpi
+	$(MPIEXEC) -n 2 $(PY) -m pytest -q -rs -p no:cacheprovider --with-mpi -m mpi
+	$(MPIEXEC) -n 3 $(PY) -m pytest -q -rs -p no:cacheprovider --with-mpi -m mpi
 
 bench: setup
 	$(PY) -m pbp_hpc.bench

@@ -4,7 +4,7 @@
     mpiexec -n 2 -bind-to core:1 python benchmarks/profile_step.py --batch 128 --data-dir DIR
     python benchmarks/profile_step.py --batch 1024 --set train.skip_zero_inputs=false   # every input column
 
-Rank 0 profiles its own steps (the step loop of pbp_hpc.bench: local step, reducer, update)
+Rank 0 profiles its own steps (the strategy's step, as pbp_hpc.train and pbp_hpc.bench run it)
 and prints milliseconds per step by group (GEMM, elementwise, batch, skip bookkeeping, reducer
 and update) and the functions behind them. The profiler's own cost is spread over every Python
 call, so compare groups within one run; the benchmark (python -m pbp_hpc.bench) is what times.
@@ -29,13 +29,14 @@ from pbp_hpc import train
 
 GROUPS = {  # function name -> group (what is not listed is "other": Python glue, views, small ops)
     "gemm": "GEMM", "matmul": "GEMM",
-    "tanh_sigmoid_": "elementwise", "sigmoid_delta_": "elementwise", "subtract": "elementwise",
+    "tanh_sigmoid_": "elementwise", "sigmoid_delta_": "elementwise", "tanh_": "elementwise", "tanh_delta_": "elementwise",
+    "relu_": "elementwise", "relu_delta_": "elementwise", "log_softmax_": "elementwise", "value_": "elementwise", "delta_": "elementwise", "subtract": "elementwise",
     "sum_squares": "elementwise", "linear_": "elementwise",
     "active_features_into": "batch", "fill_targets": "batch", "fill_batch": "batch", "features_into": "batch",
     "choose": "skip bookkeeping", "runs": "skip bookkeeping", "weights": "skip bookkeeping",
     "put_weights": "skip bookkeeping", "expand_gradient": "skip bookkeeping",
-    "finish": "reducer", "update": "reducer", "sync_barrier": "reducer (waiting)", "Allreduce": "reducer",
-    "axpy": "update", "axpy_": "update", "apply_update": "update",
+    "finish": "reducer", "updated": "reducer", "sync_barrier": "reducer (waiting)", "Allreduce": "reducer",
+    "axpy": "update", "axpy_": "update", "apply": "update",
 }
 
 
@@ -71,9 +72,7 @@ def main() -> int:
         prof.disable()
     if world.rank == 0:
         report(pstats.Stats(prof), args.steps, st, args.threads)
-    close = getattr(st.reducer, "close", None)
-    if close is not None:
-        close()
+    st.close()
     return 0
 
 
@@ -95,8 +94,8 @@ def report(stats: pstats.Stats, steps: int, st: train.State, threads: int) -> No
     print("  top functions:")
     for ms, group, where in sorted(rows, reverse=True)[:12]:
         print(f"    {ms:7.3f} ms  {group:17s} {where}")
-    if st.skip is not None:
-        print(f"  active input columns: {st.skip.summary()}")
+    if getattr(st.local, "skip", None) is not None:
+        print(f"  active input columns: {st.local.skip.summary()}")
 
 
 if __name__ == "__main__":

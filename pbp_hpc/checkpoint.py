@@ -4,6 +4,15 @@ The data order is a pure function of (seed, epoch), so "where we are" is just (e
 no RNG state object needs saving, and the resumed run draws the same permutations.
 Written atomically: a temporary file in the same directory, fsync, then rename, so a kill
 at any moment leaves either the old checkpoint or the new one, never a torn file.
+
+The format (VERSION 1): root attributes `format`, `version`, `epoch`, `step` (the next
+position to run), `meta` (JSON: what pbp_hpc.resume needs to check and continue a run);
+dataset `theta` (the flat parameters); group `state` (optional): one dataset per named buffer
+of the optimizer's or the strategy's state, each shaped like theta or as its owner says.
+Adding a field: an optional attribute or dataset that a reader can do without (state/NAME,
+a new key in meta) needs no new version; load() returns it when present and its reader
+decides what its absence means. A field whose absence or old meaning would make a resumed run
+compute something else needs VERSION + 1, and load() keeps reading the older versions.
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import h5py
 import numpy as np
@@ -27,16 +36,17 @@ class CheckpointError(PbpError):
     """A checkpoint cannot be read, or does not belong to this run."""
 
 
-def save(path: str | Path, theta: np.ndarray, epoch: int, step: int, meta: dict[str, Any]) -> None:
-    """Write a checkpoint: next position to run is (epoch, step); meta is JSON-able."""
+def save(path: str | Path, theta: np.ndarray, epoch: int, step: int, meta: dict[str, Any],
+         state: Optional[dict[str, np.ndarray]] = None) -> None:
+    """Write a checkpoint: next position to run is (epoch, step); meta is JSON-able; state: named buffers."""
     path = Path(path)
     try:
-        _save(path, theta, epoch, step, meta)
+        _save(path, theta, epoch, step, meta, state or {})
     except OSError as exc:  # disk full, quota, directory gone: the user's to fix, not a traceback
         raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
 
 
-def _save(path: Path, theta: np.ndarray, epoch: int, step: int, meta: dict[str, Any]) -> None:
+def _save(path: Path, theta: np.ndarray, epoch: int, step: int, meta: dict[str, Any], state: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -48,6 +58,10 @@ def _save(path: Path, theta: np.ndarray, epoch: int, step: int, meta: dict[str, 
             f.attrs["step"] = step
             f.attrs["meta"] = json.dumps(meta)
             f.create_dataset("theta", data=theta)
+            if state:
+                group = f.create_group("state")
+                for name, buf in state.items():
+                    group.create_dataset(name, data=buf)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -75,6 +89,7 @@ def load(path: str | Path) -> dict[str, Any]:
                 "epoch": int(f.attrs["epoch"]),
                 "step": int(f.attrs["step"]),
                 "meta": json.loads(f.attrs["meta"]),
+                "state": {name: ds[...] for name, ds in f["state"].items()} if "state" in f else {},
             }
     except CheckpointError:
         raise

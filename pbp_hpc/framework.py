@@ -2,14 +2,18 @@
 
 The report compared its own code with Theano; this is that row today. Same configuration,
 same examples in the same order (datasets.load and train.epoch_order), same starting
-parameters (model.glorot_uniform), same sigmoid network, the same loss (0.5 * ||a - y||^2
-summed over the batch) and the same update (theta -= lr / B * summed gradient). Only the
-arithmetic is PyTorch's: eager mode, autograd, torch.optim.SGD, torch's own thread pool. So
-in float64 its parameters equal pbp_hpc's to rounding, and its timings are a framework's.
+parameters (model.init_params), the same network (model.activation: nn.Sigmoid, nn.Tanh or
+nn.ReLU after each Linear; with model.loss cross_entropy the last Linear gives the logits),
+the same loss (mse: 0.5 * ||a - y||^2; cross_entropy: -sum y log softmax; summed over the batch)
+and the same update: the mean gradient g / B into torch.optim.SGD with optimizer.momentum,
+nesterov and optimizer.weight_decay (pbp_hpc's optimizers are PyTorch's form), at the
+schedule's learning rate for the step (engine.schedules.Schedule). Only the arithmetic is
+PyTorch's: eager mode, autograd, torch.optim.SGD, torch's own thread pool. So in float64 its
+parameters equal pbp_hpc's to rounding, and its timings are a framework's.
 
 One process, no MPI: a multi-rank request is refused rather than silently run on one rank.
 Started by `mpiexec -n P` anyway, every rank loads its configuration and checks the world
-together (train.together): a bad configuration on any rank, or P > 1, ends every rank with
+together (runtime.together): a bad configuration on any rank, or P > 1, ends every rank with
 exit 2 and one message from rank 0, never P copies of it nor a rank left waiting.
 Checkpointing and fault injection are pbp_hpc.train's; this runner ignores those settings.
 """
@@ -28,11 +32,13 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from pbp_hpc.data import datasets
-from pbp_hpc.engine import model
+from pbp_hpc.engine import activations, losses, model
+from pbp_hpc.engine.schedules import Schedule
 from pbp_hpc.parallel import provenance
 from pbp_hpc.config import Config
 from pbp_hpc.errors import ConfigError, DataError, DivergenceError, PbpError, WorldSizeError
-from pbp_hpc.train import add_config_arguments, epoch_order, load_config, report_failure, together
+from pbp_hpc.parallel.runtime import add_config_arguments, load_config, report_failure, threads_for, together
+from pbp_hpc.train import epoch_order
 
 Log = Callable[[str], None]
 EVAL_CHUNK = 4096  # examples per forward pass when measuring accuracy
@@ -71,29 +77,46 @@ def check_single_process(cfg: Config) -> None:
 
 
 def choose_threads(cfg: Config) -> int:
-    cores = provenance.cores_available()
-    wanted = cfg.parallel.threads_per_rank
-    if wanted is None:
-        return cores
-    if wanted > cores and not cfg.parallel.oversubscribe:
-        raise ConfigError(f"parallel.threads_per_rank={wanted} but only {cores} cores are available; "
-                          "lower it, or set parallel.oversubscribe=true to run anyway")
-    return wanted
+    """One process: the config's threads, or every core it may use (pbp_hpc's rule for one rank)."""
+    return threads_for(cfg, 1, provenance.cores_available())[0]
 
 
-def build_network(torch: ModuleType, layout: model.Layout, theta: np.ndarray) -> Any:
-    """Linear+Sigmoid layers holding the flat parameters (pbp_hpc stores W as n_in x n_out; torch as out x in)."""
+def build_network(torch: ModuleType, layout: model.Layout, theta: np.ndarray, activation: str = "sigmoid",
+                  loss: str = "mse") -> Any:
+    """Linear layers holding the flat parameters (pbp_hpc stores W as n_in x n_out; torch as out x in),
+    each followed by the activation's torch module, but the last where the loss wants logits."""
     nn = torch.nn
     dtype = getattr(torch, str(theta.dtype))
+    act, out_act = activations.get(activation), losses.get(loss).output_activation
     layers: list[Any] = []
     ws, bs = model.views(theta, layout, np)
     with torch.no_grad():
-        for w, b in zip(ws, bs):
+        for l, (w, b) in enumerate(zip(ws, bs)):
             lin = nn.Linear(w.shape[0], w.shape[1], dtype=dtype)
             lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(w.T)))
             lin.bias.copy_(torch.from_numpy(b.copy()))
-            layers += [lin, nn.Sigmoid()]
+            layers.append(lin)
+            if l < len(ws) - 1 or out_act:
+                layers.append(getattr(nn, act.torch_name)())
     return nn.Sequential(*layers)
+
+
+def make_optimizer(torch: ModuleType, net: Any, cfg: Config) -> Any:
+    """torch.optim.SGD doing what optimizer.name does in pbp_hpc (engine/optimizers/, PyTorch's form)."""
+    o = cfg.optimizer
+    if o.name not in ("sgd", "momentum", "nesterov"):
+        raise ConfigError(f"optimizer.name={o.name}: pbp_hpc.framework knows sgd, momentum and nesterov")
+    mu = 0.0 if o.name == "sgd" else o.momentum
+    # nesterov at momentum 0 is plain SGD (torch refuses the combination)
+    return torch.optim.SGD(net.parameters(), lr=cfg.train.learning_rate, momentum=mu,
+                           nesterov=o.name == "nesterov" and mu > 0, weight_decay=o.weight_decay)
+
+
+def build(torch: ModuleType, cfg: Config, layout: model.Layout) -> tuple[Any, Any]:
+    """The network, from pbp_hpc's initial parameters for this config, and its optimizer."""
+    theta = model.init_params(layout, cfg.train.seed, cfg.model.dtype, init=cfg.model.init)
+    net = build_network(torch, layout, theta, cfg.model.activation, cfg.model.loss)
+    return net, make_optimizer(torch, net, cfg)
 
 
 def flat_parameters(net: Any, layout: model.Layout) -> np.ndarray:
@@ -151,17 +174,18 @@ def run(cfg: Config, log: Optional[Log] = None, quiet: bool = False, return_para
         directory = resolve_data_dir(cfg.data.dir, download=cfg.data.download)
     data = datasets.load(cfg, 1, directory)
     layout = model.Layout(cfg.model.layers)
-    net = build_network(torch, layout, model.glorot_uniform(layout, cfg.train.seed, cfg.model.dtype))
-    opt = torch.optim.SGD(net.parameters(), lr=cfg.train.learning_rate)
+    net, opt = build(torch, cfg, layout)
     buf = Batches(torch, cfg.model.layers[0], cfg.model.layers[-1], max(cfg.train.batch_size, EVAL_CHUNK), cfg.model.dtype)
     info = provenance.collect()
     info["framework"] = {"name": "torch", "version": torch.__version__, "num_threads": torch.get_num_threads(),
                          "num_interop_threads": torch.get_num_interop_threads(),
                          "mkl": bool(torch.backends.mkl.is_available()), "openmp": bool(torch.backends.openmp.is_available())}
     say(f"pbp_hpc.framework: torch {torch.__version__} x {threads} thread(s), layers {cfg.model.layers}, "
-        f"{cfg.model.dtype}, batch {cfg.train.batch_size}, lr {cfg.train.learning_rate}, {len(data.train)} examples from {data.origin}")
+        f"{cfg.model.activation}, {cfg.model.loss}, {cfg.model.dtype}, {cfg.optimizer.name}, batch {cfg.train.batch_size}, "
+        f"lr {cfg.train.learning_rate} ({cfg.schedule.name}), {len(data.train)} examples from {data.origin}")
+    schedule = Schedule(cfg, -(-len(data.train) // cfg.train.batch_size))
     t_run = time.perf_counter()
-    records = [_epoch(torch, net, opt, cfg, data, buf, epoch, say) for epoch in range(cfg.train.epochs)]
+    records = [_epoch(torch, net, opt, cfg, data, buf, epoch, schedule, say) for epoch in range(cfg.train.epochs)]
     test_acc = evaluate(torch, net, data.test, buf)
     total = time.perf_counter() - t_run
     say(f"test accuracy {100 * test_acc:.2f}%  ({len(data.test)} examples), total {total:.2f}s")
@@ -171,21 +195,35 @@ def run(cfg: Config, log: Optional[Log] = None, quiet: bool = False, return_para
     return result
 
 
-def _epoch(torch: ModuleType, net: Any, opt: Any, cfg: Config, data: datasets.Data, buf: Batches, epoch: int, say: Log) -> dict[str, Any]:
-    n_train, B, lr = len(data.train), cfg.train.batch_size, cfg.train.learning_rate
+def train_step(torch: ModuleType, net: Any, opt: Any, buf: Batches, source: datasets.Source, idx: np.ndarray,
+               lr: float, loss: str = "mse") -> float:
+    """One optimizer step on the examples idx of source at learning rate lr: their summed loss.
+
+    The optimizer gets the mean gradient (summed gradient / len(idx): a short last batch
+    divides by its own size), as pbp_hpc's optimizers do, so weight decay and momentum act on
+    the same quantity. The loss's .item() is the one host sync per step, as in train.
+    pbp_hpc.bench times these steps as the PyTorch peer."""
+    x, y = buf.fill(source, idx)
+    opt.zero_grad(set_to_none=False)
+    total = losses.get(loss).torch_sum(torch, net(x), y)
+    (total / idx.shape[0]).backward()
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.step()
+    return total.item()  # the one host sync per step, as in train
+
+
+def _epoch(torch: ModuleType, net: Any, opt: Any, cfg: Config, data: datasets.Data, buf: Batches, epoch: int,
+           schedule: Schedule, say: Log) -> dict[str, Any]:
+    n_train, B = len(data.train), cfg.train.batch_size
+    steps = -(-n_train // B)
     order = epoch_order(cfg.train.seed, epoch, n_train, cfg.train.shuffle)
     loss_sum, compute = 0.0, 0.0
     t0 = time.perf_counter()
-    for step in range(-(-n_train // B)):
+    for step in range(steps):
         tc = time.perf_counter()
-        idx = order[step * B : (step + 1) * B]
-        x, y = buf.fill(data.train, idx)
-        opt.zero_grad(set_to_none=False)
-        loss = 0.5 * torch.nn.functional.mse_loss(net(x), y, reduction="sum")
-        loss.backward()
-        opt.param_groups[0]["lr"] = lr / idx.shape[0]  # summed gradient / B: a short last batch divides by its own size
-        opt.step()
-        step_loss = loss.item()  # the one host sync per step, as in train
+        lr = schedule(epoch * steps + step)
+        step_loss = train_step(torch, net, opt, buf, data.train, order[step * B : (step + 1) * B], lr, cfg.model.loss)
         compute += time.perf_counter() - tc
         if not math.isfinite(step_loss):
             raise DivergenceError(f"training diverged at epoch {epoch} step {step}: loss is {step_loss} "
@@ -228,7 +266,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     add_config_arguments(p)  # the same files and overrides pbp_hpc.train reads
     p.add_argument("--json", action="store_true", help="print one JSON result object to stdout (logs go to stderr)")
     p.add_argument("--quiet", "-q", action="store_true", help="no per-epoch lines")
-    p.set_defaults(resume=False)  # train.load_config's namespace; this runner never resumes
+    p.set_defaults(resume=False)  # runtime.load_config's namespace; this runner never resumes
     return p.parse_args(argv)
 
 
@@ -247,7 +285,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = sys.stderr if args.json else sys.stdout
     comm = MPI.COMM_WORLD
     # Under `mpiexec -n P` every rank is started on its own, maybe with other arguments (MPMD):
-    # a failure on one rank is raised on all (train.together), printed once by rank 0, exit 2.
+    # a failure on one rank is raised on all (runtime.together), printed once by rank 0, exit 2.
     try:
         cfg = together(comm, lambda: load_config(args))
         together(comm, lambda: check_single_process(cfg))  # P > 1: refused on every rank

@@ -19,7 +19,9 @@ from mpi4py import MPI
 
 from pbp_hpc import config as configmod
 from pbp_hpc.errors import ConfigError, DivergenceError
-from pbp_hpc.train import add_config_arguments, install_signal_handlers, load_config, report_failure, report_interrupt, run, together
+from pbp_hpc.parallel.runtime import (add_config_arguments, install_signal_handlers, load_config, report_failure,
+                                      report_interrupt, together)
+from pbp_hpc.train import run
 
 REPORT_GRID = [0.001, 0.002, 0.01, 0.1, 0.5, 1.0]
 
@@ -75,7 +77,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     add_config_arguments(p)
     p.add_argument("--grid", type=float, nargs="+", default=REPORT_GRID, help=f"rates to try (default: the report's {REPORT_GRID})")
     p.add_argument("--json", action="store_true", help="print one JSON object with every trial to stdout")
-    p.set_defaults(resume=False)  # train.load_config's namespace; a search always starts from scratch
+    p.set_defaults(resume=False)  # runtime.load_config's namespace; a search always starts from scratch
     args = p.parse_args(argv)
     comm = MPI.COMM_WORLD
     out = sys.stderr if args.json else sys.stdout

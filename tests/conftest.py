@@ -7,9 +7,25 @@ from pathlib import Path
 
 import pytest
 
+# Under `mpiexec -n P pytest --with-mpi`: a failure or a timeout on any rank ends every rank, and
+# only rank 0 prints the report (see tests/mpi_harness.py; serial runs are left as they are).
+pytest_plugins = ["mpi_harness"]
+
 # The jobs the tests launch use OFI: the MPICH wheel's default UCX netmod now and then fails
 # MPI_Init when several jobs start at once (pmodels/mpich#7417). See the Makefile.
 os.environ.setdefault("MPIR_CVAR_CH4_NETMOD", "ofi")
+
+# Every test runs under pytest-timeout's `timeout` (pyproject.toml: 300 s, more than 10x the slowest
+# test measured). A `slurm` test may also pay for the session's test bed: `testbed.sh start` (its own
+# limit: 900 s, apt-get included on a fresh machine) in the first, `stop` (300 s) in the last, plus
+# its own waits (up to ~400 s), so these get SLURM_TIMEOUT unless they carry their own timeout mark.
+SLURM_TIMEOUT = 1800
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("slurm") is not None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SLURM_TIMEOUT))
 
 _MNIST_NAMES = (
     "train-images-idx3-ubyte.gz",

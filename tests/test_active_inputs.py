@@ -12,12 +12,13 @@ from pbp_hpc.engine import active_inputs
 from pbp_hpc import config
 from pbp_hpc.data import datasets
 from pbp_hpc import train
+from helpers import REPORT_SETUP
 
 WORLD = MPI.COMM_WORLD
 
 
 def mnist_cfg(mnist_dir, **over):
-    base = {"model.layers": "[784, 24, 10]", "model.dtype": "float64", "data.name": "mnist", "data.dir": str(mnist_dir),
+    base = {**REPORT_SETUP, "model.layers": "[784, 24, 10]", "model.dtype": "float64", "data.name": "mnist", "data.dir": str(mnist_dir),
             "data.n_train": 1200, "data.n_test": 200, "train.epochs": 2, "train.batch_size": 64,
             "train.learning_rate": 0.5, "train.eval_every": 0, "train.progress": "false"}
     base.update({k: str(v) for k, v in over.items()})

@@ -302,3 +302,143 @@ def test_allreduce_benchmark_writes_alpha_beta_that_analyze_reads(tmp_path):
     assert "busbw GB/s" in proc.stdout and "alpha =" in proc.stdout
     ab = analyze.choose_alpha_beta([], str(out))
     assert ab.alpha_s >= 0 and ab.beta_s_per_byte >= 0 and len(json.loads(out.read_text())["samples"]) == 3
+
+
+# --- time to accuracy ----------------------------------------------------------------------
+
+SGD = {"optimizer": {"name": "sgd", "momentum": 0.9, "weight_decay": 0.0},
+       "schedule": {"name": "constant", "warmup_epochs": 0.0, "scale_with_batch": False, "base_batch": 256,
+                    "step_epochs": 10.0, "gamma": 0.1, "min_lr": 0.0}}
+NESTEROV = {"optimizer": {"name": "nesterov", "momentum": 0.9, "weight_decay": 0.0},
+            "schedule": {**SGD["schedule"], "name": "cosine", "warmup_epochs": 1.0, "scale_with_batch": True}}
+
+
+def tta_rec(batch, ranks=1, variant=SGD, epochs_to=2.0, tpe=1.0, reached=True, target=0.95, rep=0, point=0, lr=0.1,
+            warmup=1, passes=10):
+    """A run that trained to a target: `epochs_to` epochs at `tpe` s each (reached), or 4 epochs that fell short.
+
+    Its curve climbs linearly from 0.5 to the target (or to 0.9 when it falls short) over `passes` passes."""
+    spent = epochs_to if reached else 4.0
+    n_full = int(spent)
+    times = [tpe] * n_full + ([tpe * (spent - n_full)] if spent > n_full else [])
+    r = rec("hybrid" if ranks > 1 else "blas-serial", ranks=ranks, batch=batch, times=tuple(times), warmup=warmup,
+            rep=rep, point=point, partial=[False] * n_full + [True] * (len(times) - n_full))
+    r["config"].update(variant)
+    r["config"]["train"].update({"learning_rate": lr, "target_accuracy": target})
+    top = target if reached else 0.9
+    steps_per_epoch = math.ceil(N / batch)
+    curve = [{"epoch": int(spent * k / passes), "step": round(spent * steps_per_epoch * k / passes),
+              "epochs": spent * k / passes, "time_s": spent * tpe * k / passes, "wall_s": spent * tpe * k / passes * 1.1,
+              "val_accuracy": 0.5 + (top - 0.5) * k / passes, "loss": 0.1} for k in range(1, passes + 1)]
+    r.update({"evaluations": curve, "train_time_s": spent * tpe, "eval_time_s": 0.1 * passes,
+              "best_val_accuracy": top, "ended_early": "target reached" if reached else None,
+              "target": {"accuracy": target, "reached": reached, "val_accuracy": top if reached else None,
+                         "time_s": spent * tpe if reached else None, "eval_time_s": 0.1 * passes,
+                         "wall_s": spent * tpe * 1.1 if reached else None, "epochs": spent if reached else None,
+                         "steps": curve[-1]["step"] if reached else None}})
+    return r
+
+
+def tta_records():
+    """net1h, B = 16..4096, 1 and 2 ranks, two optimizers: more epochs but shorter epochs as B grows.
+
+    sgd does not reach the target at B >= 2048; nesterov needs half sgd's epochs."""
+    out = []
+    for v, variant in enumerate((SGD, NESTEROV)):
+        for i, B in enumerate((16, 32, 64, 128, 256, 512, 1024, 2048, 4096)):
+            for P in (1, 2):
+                epochs = (1 + B / 256) / (2 if variant is NESTEROV else 1)
+                tpe = (0.5 + 16 / B) / (1.6 if P == 2 else 1)
+                out.append(tta_rec(B, P, variant, epochs, tpe, reached=not (variant is SGD and B >= 2048),
+                                   point=100 * v + 10 * i + P))
+    return out
+
+
+def test_time_to_target_rows_are_the_medians_of_the_runs_that_reached_it():
+    recs = [tta_rec(64, epochs_to=2.5, tpe=2.0, rep=0), tta_rec(64, epochs_to=3.5, tpe=2.0, rep=1),
+            tta_rec(64, epochs_to=4.5, tpe=2.0, rep=2), tta_rec(128, reached=False),
+            tta_rec(256, epochs_to=1.0, tpe=1.0), tta_rec(256, epochs_to=2.0, tpe=1.0, reached=False, rep=1),
+            rec("blas-serial", batch=64)]  # no target: not in these rows
+    rows = analyze.time_to_target_rows(recs)
+    assert [(r["batch_size"], r["reps"], r["reached"]) for r in rows] == [(64, 3, 3), (128, 1, 0), (256, 2, 1)]
+    b64, b128, b256 = rows
+    assert (b64["time_to_target_s"], b64["time_min_s"], b64["time_max_s"]) == (7.0, 5.0, 9.0)  # 3.5 epochs x 2 s
+    assert (b64["epochs_to_target"], b64["eval_time_s"], b64["status"]) == (3.5, 1.0, "reached")
+    assert b64["tpe_s"] == 2.0 and b64["tpe_from"] == "timed epochs"  # the full epoch after the warm-up
+    assert b64["variant"] == "sgd, constant, lr 0.1" and b64["target"] == 0.95
+    assert b128["time_to_target_s"] is None and b128["status"] == "not reached (best 90.00%)"
+    assert b256["status"] == "1 of 2 reached" and b256["time_to_target_s"] == 1.0
+    # B=256 reached in its first (warm-up) epoch: no timed epoch, so TPE = time / epochs to target
+    assert analyze.effective_tpe(recs[4]) == (1.0, "target")
+    assert [r["best"] for r in rows] == [True, False, False]  # the fastest where every run reached it
+    assert analyze.best_line(rows).startswith("fastest to 95%: B=64, blas-serial 1x1, sgd, constant, lr 0.1: 7 s")
+
+
+def test_the_variant_names_optimizer_schedule_and_rate_and_old_records_read_as_the_defaults():
+    assert analyze.variant_of(tta_rec(64, variant=NESTEROV, lr=0.05)) == "nesterov 0.9, cosine +1ep warm-up, lr 0.05xB/256"
+    step = {"optimizer": {"name": "momentum", "momentum": 0.8, "weight_decay": 1e-4},
+            "schedule": {"name": "step", "step_epochs": 5, "gamma": 0.5}}
+    assert analyze.variant_of(tta_rec(64, variant=step)) == "momentum 0.8 wd 0.0001, step x0.5 every 5ep, lr 0.1"
+    assert analyze.variant_of(rec("blas-serial")) == "sgd, constant, lr ?"  # a record from before the sections
+
+
+def test_the_table_says_when_no_run_reached_the_target_and_is_absent_without_targets():
+    missed = [tta_rec(64, reached=False), tta_rec(256, reached=False, point=1)]
+    [table] = [t for t in analyze.build_tables([], [], perfmodel.DEFAULT, records=missed) if t.name == "time_to_accuracy"]
+    text = table.render()
+    assert text.count("not reached") == 2 and "no run reached 95%; closest: B=64" in text
+    plain = [rec("blas-serial")]
+    assert all(t.name != "time_to_accuracy" for t in analyze.build_tables(*analyze.aggregate(plain), perfmodel.DEFAULT,
+                                                                            records=plain))
+
+
+def test_a_run_that_reached_its_target_in_the_warmup_is_not_a_problem_row():
+    early = tta_rec(16, epochs_to=0.5, tpe=2.0)  # stopped mid-way through its warm-up epoch
+    points, problems = analyze.aggregate([early])
+    assert points == [] and problems == []
+    [row] = analyze.time_to_target_rows([early])
+    assert (row["time_to_target_s"], row["tpe_s"], row["tpe_from"]) == (1.0, 2.0, "time / epochs to target")
+
+
+def test_cli_prints_time_to_accuracy_beside_performance_and_draws_its_figures(tmp_path, capsys):
+    src = tmp_path / "tta.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in tta_records()))
+    fig = tmp_path / "fig"
+    assert analyze.main([str(src), "--plots", str(fig), "--csv", str(tmp_path / "csv")]) == 0
+    out = capsys.readouterr().out
+    perf, tta = out.index("Performance: net1h"), out.index("Time to 95% validation accuracy: net1h (float32, 1000 training")
+    assert perf < tta < out.index("Runs not in the tables above")
+    assert "fastest to 95%: B=" in out and "nesterov 0.9, cosine +1ep warm-up, lr 0.1xB/256" in out
+    assert out.count("not reached") >= 4  # sgd at B = 2048 and 4096, on 1 and 2 ranks
+    for stem in ("accuracy_vs_time", "time_to_target_vs_batch", "epochs_tpe_vs_batch"):
+        png = fig / f"{stem}_net1h_to95.png"
+        assert png.is_file() and png.stat().st_size > 10_000, png
+    assert (tmp_path / "csv" / "time_to_accuracy.csv").stat().st_size > 0
+    assert analyze.main([str(src), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["tables"]["time_to_accuracy"]
+    assert len(rows) == 36 and sum(r["best"] for r in rows) == 1
+
+
+def test_time_to_accuracy_from_an_hdf5_file_of_a_real_run(tmp_path):
+    """End to end: train to a target on synthetic data, record it as a sweep would, analyze the file."""
+    from mpi4py import MPI
+
+    from pbp_hpc import config, results, train
+
+    cfg = config.from_dict({"data": {"name": "synthetic", "n_train": 1200, "n_test": 200}, "model": {"layers": [784, 16, 10]},
+                            "train": {"epochs": 3, "batch_size": 32, "learning_rate": 0.5, "eval_every_steps": 10,
+                                      "target_accuracy": 0.5, "progress": False},
+                            "optimizer": {"name": "nesterov"}, "parallel": {"threads_per_rank": 1}}, "test")
+    run = train.run(cfg, MPI.COMM_SELF, quiet=True)
+    assert run["target"]["reached"] and len(run["evaluations"]) >= 2
+    path = tmp_path / "tta.h5"
+    results.append_run(path, {**run, "sweep": "tta", "point": 0, "repetition": 0, "implementation": "blas-serial",
+                              "network": "tiny", "batch_size": 32})
+    [back] = results.read_runs(path)
+    assert back["evaluations"] == run["evaluations"] and back["target"] == run["target"]
+    proc = subprocess.run([sys.executable, "-m", "pbp_hpc.analyze", str(path), "--plots", str(tmp_path / "fig")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Time to 50% validation accuracy: tiny (float32, 1000 training examples)" in proc.stdout
+    assert "fastest to 50%: B=32, blas-serial 1x1, nesterov 0.9, constant, lr 0.5" in proc.stdout
+    assert (tmp_path / "fig" / "accuracy_vs_time_tiny_to50.png").is_file()

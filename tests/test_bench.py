@@ -2,8 +2,10 @@
 no test here asserts a time (the machine may be shared)."""
 
 import json
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +47,7 @@ def test_smoke_table_has_every_column_and_every_split(smoke):
 def test_smoke_header_reports_load_blas_and_threads(smoke):
     stdout, _ = smoke
     assert "load average at start:" in stdout
-    assert "BLAS: openblas" in stdout or "BLAS:" in stdout
+    assert re.search(r"^BLAS: \w+", stdout, re.M), "the header names the BLAS library in use"
     assert "OPENBLAS_CORETYPE" in stdout
     assert "SGEMM" in stdout and "goals:" in stdout
 
@@ -75,7 +77,7 @@ def test_gemm_replay_records_every_matmul_of_a_step(layers):
     assert len(replay.full) == L + 2 * L + (L - 1)
     assert replay.n_full == len(st.data.train) // 32 and len(replay.last) == len(replay.full)
     theta = st.theta.copy()
-    replay.epoch(replay.n_full + 1, bench.time.perf_counter)
+    replay.epoch(replay.n_full + 1, time.perf_counter)
     np.testing.assert_array_equal(st.theta, theta)  # the fused update's GEMMs leave the parameters as they were
 
 

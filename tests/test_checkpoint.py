@@ -26,10 +26,11 @@ from pbp_hpc import config
 from pbp_hpc import train
 from pbp_hpc.checkpoint import CheckpointError
 from pbp_hpc.errors import ConfigError
+from helpers import REPORT_SETUP
 
 PY = [sys.executable, "-m", "pbp_hpc.train"]
 STEPS = 10  # per epoch: 240 examples, 1/6 for validation, batches of 20
-SETTINGS = {"data.name": "synthetic", "data.n_train": "240", "model.layers": "[784, 16, 10]", "train.batch_size": "20",
+SETTINGS = {**REPORT_SETUP, "data.name": "synthetic", "data.n_train": "240", "model.layers": "[784, 16, 10]", "train.batch_size": "20",
             "train.epochs": "3", "train.learning_rate": "0.5", "train.progress": "false", "checkpoint.path": "ck.h5"}
 BOUND = 60  # seconds any one job may take
 

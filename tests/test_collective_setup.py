@@ -108,8 +108,8 @@ def test_framework_refuses_parallel_ranks_above_one_with_exit_2(mpi_job):
 def test_a_subclass_of_a_setup_error_fails_every_rank_as_its_base_class():
     from mpi4py import MPI
 
-    from pbp_hpc import train
     from pbp_hpc.errors import ConfigError
+    from pbp_hpc.parallel import runtime
 
     class TorchMissing(ConfigError):
         pass
@@ -118,5 +118,5 @@ def test_a_subclass_of_a_setup_error_fails_every_rank_as_its_base_class():
         raise TorchMissing("torch is not installed")
 
     with pytest.raises(ConfigError, match="torch is not installed") as info:
-        train.together(MPI.COMM_SELF, step)
+        runtime.together(MPI.COMM_SELF, step)
     assert info.value.on_all_ranks

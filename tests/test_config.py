@@ -12,13 +12,25 @@ def write(tmp_path, text, name="run.yaml"):
     return p
 
 
-def test_defaults_are_the_reports_net1h_on_mnist():
+def test_defaults_are_net1h_on_mnist_set_up_to_train_fast():
     cfg = config.load()
-    assert cfg.model.layers == [784, 1024, 10]
-    assert (cfg.model.activation, cfg.model.dtype, cfg.backend) == ("sigmoid", "float32", "numpy")
+    assert cfg.model.layers == [784, 1024, 10] and (cfg.model.dtype, cfg.backend) == ("float32", "numpy")
+    assert (cfg.model.activation, cfg.model.loss, cfg.model.init) == ("relu", "cross_entropy", "he_uniform")
+    assert (cfg.optimizer.name, cfg.schedule.name, cfg.train.batch_size) == ("nesterov", "cosine", 1024)
 
 
-@pytest.mark.parametrize("name", ["mnist_net1h.yaml", "mnist_net2h.yaml", "quickstart.yaml", "synthetic.yaml"])
+def test_the_report_configs_state_the_reports_setup_whatever_the_defaults():
+    from pathlib import Path
+
+    for net, layers in (("net1h", [784, 1024, 10]), ("net2h", [784, 1024, 1024, 10])):
+        cfg = config.load(Path(__file__).resolve().parents[1] / "configs" / f"report_{net}.yaml")
+        assert cfg.model.layers == layers
+        assert (cfg.model.activation, cfg.model.loss, cfg.model.init) == ("sigmoid", "mse", "glorot_uniform")
+        assert (cfg.optimizer.name, cfg.schedule.name, cfg.schedule.warmup_epochs) == ("sgd", "constant", 0)
+
+
+@pytest.mark.parametrize("name", ["mnist_net1h.yaml", "mnist_net2h.yaml", "report_net1h.yaml", "report_net2h.yaml",
+                                  "quickstart.yaml", "synthetic.yaml"])
 def test_shipped_configs_load(name):
     from pathlib import Path
 

@@ -18,6 +18,7 @@ from mpi4py import MPI  # noqa: E402
 from pbp_hpc import config
 from pbp_hpc import framework
 from pbp_hpc import train  # noqa: E402
+from helpers import REPORT_SETUP
 
 JSON_KEYS = {"status", "config", "ranks", "threads_per_rank", "test_accuracy", "total_time_s", "n_train", "n_params",
              "flops_per_example", "warmup_epochs", "median_epoch_time_s", "epochs", "provenance"}
@@ -25,7 +26,7 @@ EPOCH_KEYS = {"epoch", "loss", "val_accuracy", "time_s", "compute_s", "allreduce
 
 
 def tiny(**over):
-    base = {"model.layers": "[784, 12, 7, 10]", "model.dtype": "float64", "data.name": "synthetic",
+    base = {**REPORT_SETUP, "model.layers": "[784, 12, 7, 10]", "model.dtype": "float64", "data.name": "synthetic",
             "data.n_train": 60, "data.n_test": 20, "train.epochs": 2, "train.batch_size": 8,
             "train.learning_rate": 0.5, "train.eval_every": 0, "train.progress": "false",
             "parallel.threads_per_rank": 1}
@@ -41,9 +42,58 @@ def test_parameters_after_training_equal_pbp_hpc_in_float64(batch):
     assert not np.array_equal(ours["params"], framework.model.glorot_uniform(
         framework.model.Layout(cfg.model.layers), cfg.train.seed, "float64")), "training must have moved the parameters"
     np.testing.assert_allclose(theirs["params"], ours["params"], rtol=0, atol=1e-9)
+    assert len(theirs["epochs"]) == len(ours["epochs"]) == cfg.train.epochs  # no pair left out by zip
     for a, b in zip(theirs["epochs"], ours["epochs"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-9)
     assert theirs["test_accuracy"] == ours["test_accuracy"]
+
+
+OPTIMIZED = {  # each beside plain SGD: momentum and nesterov with weight decay, a schedule with warm-up
+    "momentum-cosine": {"optimizer.name": "momentum", "optimizer.momentum": 0.9, "optimizer.weight_decay": 1e-3,
+                        "schedule.name": "cosine", "schedule.warmup_epochs": 0.5, "schedule.min_lr": 0.01},
+    "nesterov-cosine": {"optimizer.name": "nesterov", "optimizer.momentum": 0.9, "optimizer.weight_decay": 1e-3,
+                        "schedule.name": "cosine", "schedule.warmup_epochs": 0.5},
+    "nesterov-relu-ce": {"optimizer.name": "nesterov", "optimizer.momentum": 0.8, "optimizer.weight_decay": 5e-4,
+                         "schedule.name": "cosine", "schedule.warmup_epochs": 1, "model.activation": "relu",
+                         "model.loss": "cross_entropy"},
+    "sgd-decay-step": {"optimizer.weight_decay": 1e-2, "schedule.name": "step", "schedule.step_epochs": 1,
+                       "schedule.gamma": 0.5, "schedule.scale_with_batch": "true", "schedule.base_batch": 26,
+                       "schedule.warmup_epochs": 0.5},
+    "nesterov-momentum-0": {"optimizer.name": "nesterov", "optimizer.momentum": 0.0},  # torch refuses it: plain SGD
+}
+
+
+@pytest.mark.parametrize("case", list(OPTIMIZED))
+def test_optimizers_and_schedules_equal_pbp_hpc_in_float64(case):
+    """torch.optim.SGD(momentum, nesterov, weight_decay) on the mean gradient, the learning rate
+    set per step from the schedule: pbp_hpc's optimizers are PyTorch's form. Batches of 13 leave a
+    short last batch, where a summed-gradient formulation would scale the momentum wrongly."""
+    cfg = tiny(**{"train.batch_size": 13, "train.epochs": 3, **OPTIMIZED[case]})
+    ours = train.run(cfg, MPI.COMM_SELF, return_params=True)
+    theirs = framework.run(cfg, return_params=True)
+    np.testing.assert_allclose(theirs["params"], ours["params"], rtol=0, atol=1e-10)
+    assert len(theirs["epochs"]) == len(ours["epochs"]) == cfg.train.epochs
+    for a, b in zip(theirs["epochs"], ours["epochs"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-10)
+    assert theirs["test_accuracy"] == ours["test_accuracy"]
+
+
+def test_the_optimizer_is_torch_sgd_with_the_configs_settings():
+    layout = framework.model.Layout([5, 4, 3])
+    cfg = tiny(**{"optimizer.name": "nesterov", "optimizer.momentum": 0.7, "optimizer.weight_decay": 0.01})
+    net, opt = framework.build(torch, cfg, layout)
+    group = opt.param_groups[0]
+    assert (group["momentum"], group["nesterov"], group["weight_decay"], group["dampening"]) == (0.7, True, 0.01, 0)
+    assert framework.make_optimizer(torch, net, tiny(**{"optimizer.name": "sgd"})).param_groups[0]["momentum"] == 0
+
+
+@pytest.mark.parametrize("act,loss,modules", [("sigmoid", "mse", ["Linear", "Sigmoid"] * 2),
+                                              ("tanh", "cross_entropy", ["Linear", "Tanh", "Linear"]),
+                                              ("relu", "mse", ["Linear", "ReLU"] * 2)])
+def test_the_network_has_the_configs_activation_and_a_linear_output_for_cross_entropy(act, loss, modules):
+    layout = framework.model.Layout([5, 4, 3])
+    net = framework.build_network(torch, layout, framework.model.glorot_uniform(layout, 0, "float64"), act, loss)
+    assert [type(m).__name__ for m in net] == modules
 
 
 def test_layout_round_trip_keeps_parameters_bit_for_bit():

@@ -20,9 +20,11 @@ from mpi4py import MPI
 from pbp_hpc.engine import backend
 from pbp_hpc import config
 from pbp_hpc.data import datasets
-from pbp_hpc.parallel import gpu
+from pbp_hpc.data import device as device_data
+from pbp_hpc.parallel import gpu, reducers
 from pbp_hpc.engine import model
 from pbp_hpc import train
+from helpers import REPORT_SETUP
 
 cp = pytest.importorskip("cupy", reason="CuPy is not importable here: pip install .[gpu] (CUDA 12) or cupy-cuda13x")
 
@@ -42,7 +44,7 @@ HAS_STRICT = importlib.util.find_spec("array_api_strict") is not None
 
 
 def small(**over):
-    base = {
+    base = {**REPORT_SETUP,
         "model.layers": "[784, 24, 10]", "model.dtype": "float64", "data.name": "synthetic",
         "data.n_train": 240, "data.n_test": 60, "train.epochs": 2, "train.learning_rate": 0.5,
         "train.batch_size": 16, "train.eval_every": 1, "train.progress": "false",
@@ -95,7 +97,7 @@ def test_the_result_records_the_device_and_the_reducer():
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_device_data_is_bit_for_bit_the_host_data(dtype):
     src = datasets.SyntheticSource(500, 784, 10, seed=2, noise=0.35, offset=123)
-    dev = datasets.device_source(src, cp, 784)
+    dev = device_data.device_source(src, cp, 784)
     idx = np.array([0, 499, 7, 7, 250])
     hx, hy = np.zeros((5, 784), dtype=dtype), np.zeros((5, 10), dtype=dtype)
     datasets.fill_batch(src, idx, hx, hy, np, np.arange(5))
@@ -106,20 +108,19 @@ def test_device_data_is_bit_for_bit_the_host_data(dtype):
     images = np.random.default_rng(0).integers(0, 256, (20, 784), dtype=np.uint8)
     arr = datasets.ArraySource(images, np.arange(20) % 10, 10)
     datasets.fill_batch(arr, idx % 20, hx, hy, np, np.arange(5))
-    datasets.fill_batch(datasets.device_source(arr, cp, 784), cp.asarray(idx % 20), x, y, cp, None)
+    datasets.fill_batch(device_data.device_source(arr, cp, 784), cp.asarray(idx % 20), x, y, cp, None)
     np.testing.assert_array_equal(x.get(), hx)
 
 
 def test_device_order_equals_the_cpu_namespaces():
-    np.testing.assert_array_equal(datasets.device_epoch_order(cp, 4, 1, 60000, True).get(),
-                                  datasets.device_epoch_order(np, 4, 1, 60000, True))
+    np.testing.assert_array_equal(device_data.device_epoch_order(cp, 4, 1, 60000, True).get(),
+                                  device_data.device_epoch_order(np, 4, 1, 60000, True))
 
 
 def test_the_staging_buffer_is_pinned_and_allocated_once():
     layout = model.Layout([784, 16, 10])
-    buf = cp.zeros((layout.n_params + 2,), dtype=cp.float32)
-    reducer, record = gpu.make_reducer("staged", MPI.COMM_SELF, buf, layout, cp)
-    assert record["gpu_reducer"] == "staged"
+    reducer = reducers.make(small(backend="cupy", **{"parallel.gpu_reducer": "staged"}), MPI.COMM_SELF, layout, cp)
+    assert reducer.describe()["gpu_reducer"] == "staged"
     assert isinstance(reducer.host.base, cp.cuda.PinnedMemoryPointer)
 
 
@@ -149,14 +150,13 @@ def test_a_training_step_copies_nothing_between_host_and_device(monkeypatch):
     B = 512
     cfg = small(backend="cupy", **{"train.batch_size": B, "data.n_train": 4 * B, "model.layers": "[784, 64, 10]"})
     gpu.select_device(MPI.COMM_SELF, cp)
-    data = datasets.to_device(datasets.load(cfg, 1), cp)
+    data = device_data.to_device(datasets.load(cfg, 1), cp)
     st = train.State(cfg, MPI.COMM_SELF, cp, data)
-    order = datasets.device_epoch_order(cp, 0, 0, len(data.train), True)
+    order = device_data.device_epoch_order(cp, 0, 0, len(data.train), True)
 
     def step(k):
-        train.local_step(st, order[k * B : (k + 1) * B])
-        st.params_grad *= -0.1 / B
-        st.theta += st.params_grad
+        st.local(order[k * B : (k + 1) * B])
+        st.strategy.update(0.1, B)  # the optimizer's update, without the step's one host sync
 
     step(0)  # warm-up: gather buffers, one-hot tables and kernels are made once
     cp.cuda.get_current_stream().synchronize()

@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from pbp_hpc.parallel import comm as reducers
+from pbp_hpc.parallel import reducers
+from pbp_hpc.parallel.reducers.blocking import BlockingReducer
+from pbp_hpc.parallel.reducers.device import CudaAwareReducer, StagedReducer
 from pbp_hpc import config
 from pbp_hpc.data import datasets
+from pbp_hpc.data import device as device_data
 from pbp_hpc.parallel import gpu
 from pbp_hpc.engine import model
 from pbp_hpc import train
@@ -140,28 +143,25 @@ def test_unknown_reducer_setting():
         gpu.resolve_reducer("mpi", True)
 
 
-def device_buffer(xp, layout):
-    return xp.zeros((reducers.buffer_size(layout),), dtype=xp.float64)
-
-
 @pytest.mark.parametrize("xp", [np, xs], ids=["numpy", "strict"])
 @pytest.mark.parametrize("env,setting,kind", [
-    ("1", "auto", reducers.CudaAwareReducer), ("0", "auto", reducers.StagedReducer),
-    ("1", "staged", reducers.StagedReducer), ("0", "cuda-aware", reducers.CudaAwareReducer),
+    ("1", "auto", CudaAwareReducer), ("0", "auto", StagedReducer),
+    ("1", "staged", StagedReducer), ("0", "cuda-aware", CudaAwareReducer),
 ])
 def test_make_reducer_follows_the_override_and_records_it(monkeypatch, xp, env, setting, kind):
     monkeypatch.setenv(gpu.CUDA_AWARE_ENV, env)
     layout = model.Layout([5, 3, 2])
-    reducer, record = gpu.make_reducer(setting, MPI.COMM_SELF, device_buffer(xp, layout), layout, xp)
-    assert isinstance(reducer, kind)
+    cfg = config.load(None, [f"parallel.gpu_reducer={setting}", "model.dtype=float64"])
+    reducer = reducers.make_device(cfg, MPI.COMM_SELF, layout, xp)
+    record = reducer.describe()
+    assert isinstance(reducer, kind) and record["reducer"] == record["gpu_reducer"]
     assert record["gpu_reducer"] == gpu.resolve_reducer(setting, env == "1")
     assert record["gpu_reducer_setting"] == setting and record["cuda_aware_mpi"] is (env == "1")
 
 
 def test_nccl_needs_cupy():
-    layout = model.Layout([5, 2])
     with pytest.raises(ConfigError, match="nccl needs backend: cupy"):
-        gpu.make_reducer("nccl", MPI.COMM_SELF, device_buffer(xs, layout), layout, xs)
+        gpu.choose_reducer("nccl", MPI.COMM_SELF, xs)
 
 
 def test_training_records_the_reducer_choice(monkeypatch):
@@ -177,16 +177,26 @@ def test_training_records_the_reducer_choice(monkeypatch):
 # ---- the reducers under MPI, numpy and strict arrays standing in for device arrays -----------
 
 
-def filled(xp, layout, rank):
-    host = np.random.default_rng(rank).standard_normal(reducers.buffer_size(layout))
-    return xp.asarray(host.copy()), host  # a copy: np.asarray would alias the reference
+def filled(red, rank):
+    """The reducer's buffer filled with this rank's values; returns a host copy of them."""
+    host = np.random.default_rng(rank).standard_normal(red.grad.shape[0])
+    red.grad[...] = red.xp.asarray(host.copy())  # a copy: np.asarray would alias the reference
+    return host
+
+
+def blocking_sum(layout, host):
+    ref = BlockingReducer(WORLD, layout, np.float64, np)
+    ref.grad[...] = host
+    ref.finish()
+    return ref.grad
 
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("xp", [np, xs], ids=["numpy", "strict"])
 def test_staged_reducer_equals_blocking(xp):
     layout = model.Layout([7, 5, 3])
-    buf, host_copy = filled(xp, layout, WORLD.rank)
+    red = StagedReducer(WORLD, layout, xp.float64, xp)
+    host_copy = filled(red, WORLD.rank)
     calls = []
     to_host, to_device = gpu.host_copies(xp)
 
@@ -198,14 +208,11 @@ def test_staged_reducer_equals_blocking(xp):
         calls.append("to_device")
         to_device(host, dev)
 
-    staging = np.empty(reducers.buffer_size(layout))
-    red = reducers.StagedReducer(WORLD, buf, layout, staging, down, up, sync=lambda: calls.append("sync"))
+    red.to_host, red.to_device, red.sync = down, up, lambda: calls.append("sync")
     for l in reversed(range(layout.n_layers)):
         red.layer_done(l)
     red.finish()
-    ref = host_copy.copy()
-    reducers.BlockingReducer(WORLD, ref, layout).finish()
-    np.testing.assert_array_equal(np.asarray(buf), ref)
+    np.testing.assert_array_equal(np.asarray(red.grad), blocking_sum(layout, host_copy))
     assert calls == ["sync", "to_host", "to_device"] and red.seconds > 0
 
 
@@ -213,20 +220,13 @@ def test_staged_reducer_equals_blocking(xp):
 @pytest.mark.parametrize("xp", [np, xs], ids=["numpy", "strict"])
 def test_cuda_aware_reducer_syncs_then_reduces_the_buffer_in_place(xp):
     layout = model.Layout([7, 5, 3])
-    buf, host_copy = filled(xp, layout, WORLD.rank)
+    red = CudaAwareReducer(WORLD, layout, xp.float64, xp)
+    host_copy = filled(red, WORLD.rank)
     seen = []
-    red = reducers.CudaAwareReducer(WORLD, buf, layout, sync=lambda: seen.append(np.asarray(buf).copy()))
+    red.sync = lambda: seen.append(np.asarray(red.grad).copy())
     red.finish()
-    ref = host_copy.copy()
-    reducers.BlockingReducer(WORLD, ref, layout).finish()
-    np.testing.assert_array_equal(np.asarray(buf), ref)
+    np.testing.assert_array_equal(np.asarray(red.grad), blocking_sum(layout, host_copy))
     assert len(seen) == 1 and np.array_equal(seen[0], host_copy)  # synced before the Allreduce
-
-
-def test_staging_buffer_of_the_wrong_size_is_refused():
-    layout = model.Layout([4, 2])
-    with pytest.raises(ValueError, match="staging buffer"):
-        reducers.StagedReducer(MPI.COMM_SELF, np.zeros(reducers.buffer_size(layout)), layout, np.zeros(3), *gpu.host_copies(np))
 
 
 @pytest.mark.mpi(min_size=2)
@@ -261,7 +261,7 @@ def host_sources():
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_device_sources_fill_exactly_what_the_host_sources_fill(xp, name, dtype):
     src = host_sources()[name]
-    dev = datasets.device_source(src, xp, 784)
+    dev = device_data.device_source(src, xp, 784)
     idx = np.array([4, 0, 2, 2, len(src) - 1])
     hx, hy = np.full((8, 784), 7.0, dtype=dtype), np.full((8, 10), 7.0, dtype=dtype)
     datasets.fill_batch(src, idx, hx, hy, np, np.arange(8))
@@ -275,27 +275,27 @@ def test_device_sources_fill_exactly_what_the_host_sources_fill(xp, name, dtype)
 
 @pytest.mark.parametrize("xp", [np, xs], ids=["numpy", "strict"])
 def test_counting_correct_predictions_on_the_device(xp):
-    src = datasets.device_source(host_sources()["array"], xp, 784)
-    idx = datasets.index_range(src, 10, 20)
+    src = device_data.device_source(host_sources()["array"], xp, 784)
+    idx = device_data.index_range(src, 10, 20)
     labels = np.arange(10, 20) % 10
     pred = xp.asarray(np.where(labels % 3 == 0, labels, (labels + 1) % 10))
-    assert int(datasets.count_correct(src, pred, idx)) == int(np.count_nonzero(labels % 3 == 0))
+    assert int(device_data.count_correct(src, pred, idx)) == int(np.count_nonzero(labels % 3 == 0))
 
 
 @pytest.mark.parametrize("xp", [np, xs], ids=["numpy", "strict"])
 def test_device_order_is_a_permutation_drawn_from_seed_and_epoch(xp):
-    order = lambda seed, epoch, n=1000: np.asarray(datasets.device_epoch_order(xp, seed, epoch, n, True))
+    order = lambda seed, epoch, n=1000: np.asarray(device_data.device_epoch_order(xp, seed, epoch, n, True))
     a = order(0, 0)
     np.testing.assert_array_equal(np.sort(a), np.arange(1000))
     np.testing.assert_array_equal(order(0, 0), a)  # every rank draws the same one
     assert not np.array_equal(order(0, 1), a) and not np.array_equal(order(1, 0), a)
     assert not np.array_equal(a, np.arange(1000))
-    np.testing.assert_array_equal(np.asarray(datasets.device_epoch_order(xp, 0, 0, 5, False)), np.arange(5))
+    np.testing.assert_array_equal(np.asarray(device_data.device_epoch_order(xp, 0, 0, 5, False)), np.arange(5))
 
 
 def test_device_order_is_the_same_in_every_namespace():
-    np.testing.assert_array_equal(np.asarray(datasets.device_epoch_order(xs, 3, 2, 777, True)),
-                                  datasets.device_epoch_order(np, 3, 2, 777, True))
+    np.testing.assert_array_equal(np.asarray(device_data.device_epoch_order(xs, 3, 2, 777, True)),
+                                  device_data.device_epoch_order(np, 3, 2, 777, True))
 
 
 # ---- configuration and the CLI without CuPy ----------------------------------------------------

@@ -14,12 +14,13 @@ from mpi4py import MPI
 
 from pbp_hpc import config
 from pbp_hpc import train
+from helpers import REPORT_SETUP
 
 WORLD = MPI.COMM_WORLD
 
 
 def small(**over):
-    base = {
+    base = {**REPORT_SETUP,
         "model.layers": "[784, 24, 10]", "model.dtype": "float64", "data.name": "synthetic",
         "data.n_train": 120, "data.n_test": 30, "train.epochs": 2, "train.learning_rate": 0.5,
         "train.eval_every": 0, "train.progress": "false",

@@ -1,4 +1,4 @@
-"""The report's figures as PNG files, from the points pbp_hpc.analyze computes.
+"""The report's figures as PNG files, from the points pbp_hpc.analyze.points aggregates.
 
 Per network (and precision / data size, when several were measured): time per epoch,
 GFLOP/s and speedup against batch size (the report's figures 5-10), strong and weak scaling
@@ -19,9 +19,11 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullLocator
 
-from pbp_hpc import analyze
 from pbp_hpc.analyze import perfmodel
-from pbp_hpc.analyze import Case, Point
+from pbp_hpc.analyze.models import ModelSeries, choose_alpha_beta, model_series, predict
+from pbp_hpc.analyze.points import Case, Point
+from pbp_hpc.analyze.records import IMPLEMENTATIONS
+from pbp_hpc.analyze.scaling import performance_rows, strong_scaling_rows, weak_scaling_rows
 
 COLORS = {"naive-serial": "tab:brown", "example-parallel": "tab:orange", "blas-serial": "tab:blue",
           "blas-threaded": "tab:cyan", "hybrid": "tab:green", "gpu": "tab:red", "framework": "tab:purple"}
@@ -62,7 +64,7 @@ def _style(impl: str, i: int, cores: int = 1) -> dict[str, Any]:
 
 def batch_figures(points: list[Point], outdir: Path, slugs: dict[Case, str]) -> list[Path]:
     """Figures 5-10: TPE, GFLOP/s and speedup against batch size, one line per configuration."""
-    rows = analyze.performance_rows(points)
+    rows = performance_rows(points)
     written: list[Path] = []
     by_case: dict[Case, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -81,7 +83,7 @@ def batch_figures(points: list[Point], outdir: Path, slugs: dict[Case, str]) -> 
             fig, (ax,) = _new(f"{case.label()}\n{ylabel.split(' (')[0]} vs batch size")
             fig.set_size_inches(9.0, 4.8)
             drawn = 0
-            for i, ((impl, P, T), lrows) in enumerate(sorted(lines.items(), key=lambda kv: analyze.IMPLEMENTATIONS.index(kv[0][0]) if kv[0][0] in analyze.IMPLEMENTATIONS else 99)):
+            for i, ((impl, P, T), lrows) in enumerate(sorted(lines.items(), key=lambda kv: IMPLEMENTATIONS.index(kv[0][0]) if kv[0][0] in IMPLEMENTATIONS else 99)):
                 pts = sorted((r["batch_size"], r[key], r) for r in lrows if r.get(key) is not None)
                 if not pts:
                     continue
@@ -105,7 +107,8 @@ def batch_figures(points: list[Point], outdir: Path, slugs: dict[Case, str]) -> 
 
 
 def strong_figures(points: list[Point], outdir: Path, slugs: dict[Case, str]) -> list[Path]:
-    rows = analyze.strong_scaling_rows(points)
+    """Per case: speedup and efficiency against ranks at a fixed global batch, with the ideal line."""
+    rows = strong_scaling_rows(points)
     written: list[Path] = []
     by_case: dict[Case, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -134,7 +137,8 @@ def strong_figures(points: list[Point], outdir: Path, slugs: dict[Case, str]) ->
 
 
 def weak_figures(points: list[Point], outdir: Path) -> list[Path]:
-    rows = analyze.weak_scaling_rows(points)
+    """Per network and precision (a weak series may span data sizes): time per step and efficiency."""
+    rows = weak_scaling_rows(points)
     written: list[Path] = []
     for (network, dtype), nrows in _group(rows, lambda r: (r["network"], r["dtype"])).items():
         fig, (ax_t, ax_e) = _new(f"{network} ({dtype}): weak scaling (fixed batch per rank)", ncols=2)
@@ -162,8 +166,8 @@ def model_figures(points: list[Point], outdir: Path, slugs: dict[Case, str], ab:
     """Predicted speedup to max_ranks (lines) with the measured speedups (markers), per network."""
     written: list[Path] = []
     grid = perfmodel.rank_grid(max_ranks)
-    by_case: dict[Case, list[analyze.ModelSeries]] = defaultdict(list)
-    for s in analyze.model_series(points):
+    by_case: dict[Case, list[ModelSeries]] = defaultdict(list)
+    for s in model_series(points):
         by_case[s.case].append(s)
     for case, series in by_case.items():
         fig, (ax,) = _new(f"{case.label()}: alpha-beta model\nalpha={ab.alpha_s * 1e6:.3g} us, "
@@ -172,7 +176,7 @@ def model_figures(points: list[Point], outdir: Path, slugs: dict[Case, str], ab:
         ax.plot(grid, grid, "k--", linewidth=1, label="ideal (S = P)")
         for i, s in enumerate(series):
             color = f"C{i % 10}"
-            ax.plot(grid, analyze.predict(s, grid, ab), color=color, label=f"model {s.label}")
+            ax.plot(grid, predict(s, grid, ab), color=color, label=f"model {s.label}")
             if s.measured:
                 ax.plot([p.ranks for p in s.measured], [s.base.tpe_s / p.tpe_s for p in s.measured], linestyle="none",
                         marker=MARKERS[i % len(MARKERS)], markersize=8, color=color, label=f"measured {s.label}")
@@ -201,7 +205,7 @@ def write_all(points: list[Point], outdir: Path, ab: Optional[perfmodel.AlphaBet
               max_ranks: int = perfmodel.MAX_RANKS) -> list[Path]:
     """Every figure the data supports; returns the paths written."""
     outdir.mkdir(parents=True, exist_ok=True)
-    ab = ab or analyze.choose_alpha_beta(points)
+    ab = ab or choose_alpha_beta(points)
     cases = sorted({p.case for p in points})
     networks = [c.network for c in cases]
     slugs = {c: _slug(c, networks.count(c.network) == 1) for c in cases}

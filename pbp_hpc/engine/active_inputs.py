@@ -65,8 +65,8 @@ class ActiveInputs:
         return self._runs
 
     def rows(self, flat: np.ndarray) -> np.ndarray:
-        """A (k + 1) x n_out matrix at the start of flat, which has room for (n_in + 1) x n_out:
-        the first layer's part of the gradient buffer."""
+        """A (k + 1) x n_out matrix at the start of flat, which has room for (n_in + 1) x n_out
+        (the step's gathered-weights buffer, or the first layer's part of the gradient buffer)."""
         assert self.cols is not None
         return flat[: (self.cols.shape[0] + 1) * self.n_out].reshape(-1, self.n_out)
 

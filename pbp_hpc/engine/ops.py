@@ -8,9 +8,10 @@ calls numpy directly, which is what lets the strict-namespace tests catch a nump
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 Array = Any
 
@@ -29,7 +30,33 @@ def has_out(xp: ModuleType) -> bool:
         return _HAS_OUT.setdefault(xp, xp.__name__.split(".")[0] in ("numpy", "cupy"))
 
 
+_recording: Optional[list[tuple[Any, ...]]] = None  # see recording_gemms
+
+
+@contextlib.contextmanager
+def recording_gemms() -> Iterator[list[tuple[Any, ...]]]:
+    """Every gemm() and matmul() call made inside the block, as (a, b, out, alpha, beta).
+
+    The benchmark replays a real step's products alone (its GEMM-only time). A flag read by
+    the kernels themselves, not a patched module attribute, so it sees every caller however
+    it imported them.
+    """
+    global _recording
+    calls: list[tuple[Any, ...]] = []
+    _recording = calls
+    try:
+        yield calls
+    finally:
+        _recording = None
+
+
 def matmul(xp: ModuleType, a: Array, b: Array, out: Array) -> Array:
+    if _recording is not None:
+        _recording.append((a, b, out, 1.0, 0.0))
+    return _matmul(xp, a, b, out)
+
+
+def _matmul(xp: ModuleType, a: Array, b: Array, out: Array) -> Array:
     if has_out(xp):
         return xp.matmul(a, b, out=out)
     out[...] = xp.matmul(a, b)
@@ -51,10 +78,12 @@ def gemm(xp: ModuleType, a: Array, b: Array, out: Array, alpha: float = 1.0, bet
     over `out`; BLAS does both inside the GEMM for free. On numpy whose BLAS is callable
     (has_gemm), this calls it directly; elsewhere it is matmul plus the passes.
     """
+    if _recording is not None:
+        _recording.append((a, b, out, alpha, beta))
     if xp.__name__ == "numpy" and _cblas.gemm(a, b, out, alpha, beta):
         return out
     if beta == 0.0:
-        matmul(xp, a, b, out)
+        _matmul(xp, a, b, out)
         if alpha != 1.0:
             out *= alpha
     else:  # a temporary: callers accumulate only where has_gemm(xp)
@@ -216,47 +245,6 @@ def add_row(xp: ModuleType, a: Array, row: Array) -> Array:
     return a
 
 
-def tanh_sigmoid_(xp: ModuleType, z: Array) -> Array:
-    """In place: z <- 0.5 * tanh(z) + 0.5, which is sigmoid(2 z): the sigmoid of an input already halved.
-
-    The tanh form never overflows (exp(-z) does for z < -88 in float32), and the halving is
-    folded into the GEMM's alpha by the caller, so this is one vectorised pass plus two cheap ones.
-    """
-    if has_out(xp):
-        xp.tanh(z, out=z)
-    else:
-        z[...] = xp.tanh(z)
-    z *= 0.5
-    z += 0.5
-    return z
-
-
-def sigmoid_grad_mul_(xp: ModuleType, d: Array, a: Array, scratch: Array) -> Array:
-    """In place: d <- d * a * (1 - a), the chain rule through a sigmoid whose output is a."""
-    if has_out(xp):
-        xp.subtract(1, a, out=scratch)
-    else:
-        scratch[...] = 1 - a
-    d *= a
-    d *= scratch
-    return d
-
-
-def sigmoid_delta_(xp: ModuleType, a: Array, g: Array) -> Array:
-    """In place: a <- g * a * (1 - a), the chain rule through a sigmoid whose output was a.
-
-    The result replaces the activations (backward_sum needs them no more), and g, the
-    incoming gradient, is used as scratch: three passes and no buffer of its own.
-    """
-    if has_out(xp):
-        g *= a
-        xp.subtract(1, a, out=a)
-        a *= g
-    else:
-        a[...] = g * a * (1 - a)
-    return a
-
-
 def subtract(xp: ModuleType, a: Array, b: Array, out: Array) -> Array:
     if has_out(xp):
         return xp.subtract(a, b, out=out)
@@ -270,22 +258,39 @@ def sum_rows(xp: ModuleType, a: Array, ones: Array, out: Array) -> Array:
 
 
 def axpy_(xp: ModuleType, alpha: float, x: Array, y: Array) -> Array:
-    """In place: y <- y + alpha * x, for 1-D x and y (the parameter update). x may be overwritten.
+    """In place: y <- y + alpha * x, for 1-D x and y (the parameter update); x is left as it is.
 
     On numpy this is BLAS axpy, from the BLAS numpy itself uses (see _Cblas): one pass that
     reads x and updates y, where `x *= alpha; y += x` makes two passes over buffers too large
     for the cache. (Not scipy's axpy: scipy bundles a second OpenBLAS with a thread pool of its
-    own, which a thread limit set before scipy is first imported does not reach.) Other
-    namespaces with `out=`, and numpy without a callable BLAS, scale x in place and add it;
-    the rest evaluate the expression.
+    own, which a thread limit set before scipy is first imported does not reach.) On CuPy, one
+    fused elementwise kernel. Elsewhere (numpy without a callable BLAS, Array API namespaces)
+    the expression, with a temporary.
     """
     if xp.__name__ == "numpy" and _cblas.axpy(alpha, x, y):
         return y
-    if has_out(xp):
-        xp.multiply(x, alpha, out=x)
-        xp.add(y, x, out=y)
-    else:
-        y += alpha * x
+    kernel = _axpy_kernel(xp)
+    if kernel is not None:
+        kernel(x, alpha, y)
+        return y
+    y += alpha * x
+    return y
+
+
+_AXPY_KERNELS: dict[ModuleType, Any] = {}
+
+
+def _axpy_kernel(xp: ModuleType) -> Any:
+    """CuPy's y += a * x as one kernel, made once; None where xp has no ElementwiseKernel."""
+    if xp not in _AXPY_KERNELS:
+        make = getattr(xp, "ElementwiseKernel", None)
+        _AXPY_KERNELS[xp] = make("T x, T a", "T y", "y += a * x", "pbp_hpc_axpy") if make is not None else None
+    return _AXPY_KERNELS[xp]
+
+
+def scale_(xp: ModuleType, alpha: float, y: Array) -> Array:
+    """In place: y <- alpha * y."""
+    y *= alpha
     return y
 
 
@@ -293,3 +298,9 @@ def sum_squares(xp: ModuleType, a: Array) -> Array:
     """sum(a * a) as a 0-d array on the device; no host sync here."""
     flat = xp.reshape(a, (-1,))
     return xp.vecdot(flat, flat) if hasattr(xp, "vecdot") else xp.dot(flat, flat)
+
+
+def inner(xp: ModuleType, a: Array, b: Array) -> Array:
+    """sum(a * b) over every entry, as a 0-d array on the device; no host sync here."""
+    fa, fb = xp.reshape(a, (-1,)), xp.reshape(b, (-1,))
+    return xp.vecdot(fa, fb) if hasattr(xp, "vecdot") else xp.dot(fa, fb)

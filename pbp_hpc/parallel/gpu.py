@@ -24,9 +24,7 @@ import numpy as np
 from mpi4py import MPI
 
 from pbp_hpc.engine import backend
-from pbp_hpc.parallel import comm as reducers
 from pbp_hpc.errors import ConfigError
-from pbp_hpc.engine.model import Layout
 
 CUDA_AWARE_ENV = "PBP_HPC_CUDA_AWARE"  # "1": trust MPI with device pointers, "0": never
 GPU_REDUCERS = ("auto", "cuda-aware", "staged", "nccl")
@@ -214,8 +212,8 @@ def host_copies(xp: ModuleType) -> tuple[Callable[[Any, np.ndarray], None], Call
     return to_host, to_device
 
 
-def make_reducer(setting: str, comm: MPI.Comm, buf: Any, layout: Layout, xp: ModuleType) -> tuple[reducers.Reducer, dict[str, Any]]:
-    """The reducer for a device buffer, and the record of the choice for the result JSON.
+def choose_reducer(setting: str, comm: MPI.Comm, xp: ModuleType) -> tuple[str, dict[str, Any]]:
+    """The device reducer's name for a `parallel.gpu_reducer` setting, and the record of the choice.
 
     Detection is collective, failures included: the ranks take the most cautious answer, so
     they all choose alike, and a bad override on one rank stops them all instead of one.
@@ -234,14 +232,4 @@ def make_reducer(setting: str, comm: MPI.Comm, buf: Any, layout: Layout, xp: Mod
     name = resolve_reducer(setting, agreed)
     if name == "nccl" and not is_cupy(xp):
         raise ConfigError("parallel.gpu_reducer=nccl needs backend: cupy")
-    sync = stream_sync(xp)
-    reducer: reducers.Reducer
-    if name == "nccl":
-        reducer = reducers.NcclReducer(comm, buf, layout)
-    elif name == "cuda-aware":
-        reducer = reducers.CudaAwareReducer(comm, buf, layout, sync)
-    else:
-        host = pinned_empty(xp, buf.shape[0], backend.to_host(buf[:1]).dtype)  # allocated once
-        reducer = reducers.StagedReducer(comm, buf, layout, host, *host_copies(xp), sync=sync)
-    record = {"gpu_reducer": name, "gpu_reducer_setting": setting, "cuda_aware_mpi": agreed, "cuda_aware_reason": how}
-    return reducer, record
+    return name, {"gpu_reducer": name, "gpu_reducer_setting": setting, "cuda_aware_mpi": agreed, "cuda_aware_reason": how}

@@ -1,0 +1,103 @@
+"""What the benchmark measures: the Spec sent to the workers, the splits of the cores, and the
+cases of one (network, batch) group, with the config overrides each case trains under."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Optional
+
+from pbp_hpc.parallel import hybrid
+
+NETWORKS = {**hybrid.NAMES, "tiny": [784, 32, 10]}  # Net-1h and Net-2h as pbp_hpc.hybrid names them
+LEARNING_RATE = 0.1  # any stable rate: timings do not depend on it
+SEED = 0
+
+
+@dataclass
+class Spec:
+    """Everything the worker needs; sent to it as JSON."""
+
+    mode: str
+    nets: list[str]
+    batches: list[int]
+    reps: int
+    warmup_steps: int
+    n_train: Optional[int]  # None: the whole training split
+    data_dir: Optional[str]
+    synthetic: bool
+    reducer: str
+    compare_reducers: bool
+    compare_dense: bool  # add 1 x 1 rows with train.skip_zero_inputs off
+    torch: bool
+    pin: bool
+    peak_n: int  # side of the square SGEMM that defines peak
+    cores: int
+    mem_steps: int = 3
+    clock: str = "wall"  # or "cpu": one-thread cases timed by CPU time (see Worker.cpu_clock)
+
+    def overrides(self, layers: list[int], batch: int, reducer: str, dense: bool = False) -> list[str]:
+        """`--set` items for a config with this network, batch and reducer (dense: every input column)."""
+        # the report's setup, stated (the built-in defaults are another): sigmoid, MSE, plain SGD
+        out = [f"model.layers={layers}", f"train.batch_size={batch}", f"train.learning_rate={LEARNING_RATE}",
+               "model.activation=sigmoid", "model.loss=mse", "model.init=glorot_uniform", "optimizer.name=sgd",
+               "schedule.name=constant", "schedule.warmup_epochs=0",
+               f"train.seed={SEED}", "model.dtype=float32", f"parallel.reducer={reducer}", "train.progress=false",
+               f"train.skip_zero_inputs={'false' if dense else 'true'}"]
+        if self.synthetic:
+            out += ["data.name=synthetic", "data.n_test=10"]
+        elif self.data_dir:
+            out.append(f"data.dir={self.data_dir}")
+        if self.n_train is not None:
+            out.append(f"data.n_train={self.n_train}")
+        return out
+
+
+def make_spec(args: argparse.Namespace, cores: int) -> Spec:
+    if args.smoke:
+        return Spec("smoke", ["tiny"], [64], reps=1, warmup_steps=1, n_train=600, data_dir=None, synthetic=True,
+                    reducer=args.reducer, compare_reducers=False, compare_dense=False, torch=not args.no_torch, pin=args.pin,
+                    peak_n=256, cores=cores, mem_steps=2, clock=args.clock)
+    quick = args.quick
+    return Spec("quick" if quick else "full", args.nets or ["Net-1h", "Net-2h"],
+                args.batches or ([128, 1024] if quick else [128, 1024, 4096]),
+                reps=args.reps or 3, warmup_steps=3, n_train=args.n_train or (10000 if quick else None),
+                data_dir=args.data_dir, synthetic=False, reducer=args.reducer,
+                compare_reducers=args.compare_reducers if args.compare_reducers is not None else not quick,
+                compare_dense=args.compare_dense,
+                torch=not args.no_torch, pin=args.pin, peak_n=2048, cores=cores, clock=args.clock)
+
+
+def splits_of(cores: int) -> list[tuple[int, int]]:
+    """Every way to use all the cores as ranks x threads, after the 1 x 1 baseline."""
+    out = [(1, 1)]
+    out += [(r, cores // r) for r in range(1, cores + 1) if cores % r == 0 and (r, cores // r) != (1, 1)]
+    return out
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str  # ours | gemm | torch
+    ranks: int
+    threads: int
+    reducer: str = ""
+    dense: bool = False  # train.skip_zero_inputs off: the first layer on every input column
+
+    @property
+    def label(self) -> str:
+        base = f"{self.ranks}x{self.threads}"
+        return f"{base}/{self.reducer}" if self.reducer else f"{base}/dense" if self.dense else base
+
+
+def cases_for(spec: Spec, net: str, batch: int) -> list[Case]:
+    """The cases of one (network, batch) group, interleaved by split."""
+    out: list[Case] = []
+    for r, t in splits_of(spec.cores):
+        out += [Case("ours", r, t), Case("gemm", r, t)]
+        if spec.torch and r == 1:
+            out.append(Case("torch", 1, t))
+    if spec.compare_dense and batch == 1024:  # one batch size: the full run must stay under 10 minutes
+        out += [Case("ours", 1, 1, dense=True), Case("gemm", 1, 1, dense=True)]
+    if spec.compare_reducers and net == "Net-1h" and spec.cores > 1:
+        out += [Case("ours", spec.cores, 1, red) for red in ("blocking", "overlap", "shm") if red != spec.reducer]
+    return out

@@ -1,0 +1,148 @@
+"""`python -m pbp_hpc.bench`: the arguments, the header lines, the worker job's launch, and main.
+
+The parent process imports neither MPI nor torch: it starts `mpiexec -n C python -m
+pbp_hpc.bench --worker SPEC` (pbp_hpc.bench.worker), whose rank 0 starts the PyTorch child
+(`--torch-worker`, pbp_hpc.bench.peers); both are dispatched by main().
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from pbp_hpc.bench.cases import NETWORKS, Spec, make_spec
+from pbp_hpc.bench.table import checks, rows_of, table, write_splits
+from pbp_hpc.parallel import hybrid
+
+TITLE = "Training at the BLAS limit: time per epoch against the GEMMs alone, PyTorch, and more ranks."
+DEFAULT_SPLITS = hybrid.DEFAULT_PATH  # the file pbp_hpc.hybrid reads by default
+THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE", "OMP_WAIT_POLICY")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def blas_summary() -> list[str]:
+    from threadpoolctl import threadpool_info
+
+    return [f"{d.get('internal_api')} {d.get('version')} core type {d.get('architecture')} "
+            f"({d.get('threading_layer')}, {Path(d.get('filepath', '')).name})" for d in threadpool_info()]
+
+
+def header_lines(spec: Spec, load_start: tuple[float, float, float]) -> list[str]:
+    env = ", ".join(f"{k}={os.environ[k]}" for k in THREAD_VARS if k in os.environ) or "none set"
+    return [
+        f"pbp_hpc.bench ({spec.mode}): {platform.node()}, {cpu_model()}, {spec.cores} cores, {platform.platform()}",
+        f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}"
+        + ("   << busy machine: ratios are measured side by side, absolute times are not to be trusted"
+           if load_start[0] > 0.5 else ""),
+        "BLAS: " + "; ".join(blas_summary()),
+        f"thread settings in the caller's environment: {env} (cases set theirs: threadpoolctl, torch.set_num_threads);"
+        f" OPENBLAS_CORETYPE {os.environ.get('OPENBLAS_CORETYPE', 'not set (OpenBLAS detects the core)')}",
+        f"data: {'synthetic' if spec.synthetic else 'MNIST'}, {spec.n_train or 'all 50,000'} training examples; "
+        f"float32; {spec.reps} timed epochs per case after {spec.warmup_steps} warm-up steps, medians; "
+        f"reducer {spec.reducer}; ranks {'pinned to their cores (-bind-to core:t)' if spec.pin else 'not pinned'}; clock: "
+        + ("wall" if spec.clock == "wall" else "CPU time for 1-thread cases (ranks x 1, torch 1 thread), wall otherwise"),
+    ]
+
+
+def launch(spec: Spec, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Run the worker job; return its JSON records."""
+    bindir = Path(sys.executable).parent
+    mpiexec = str(bindir / "mpiexec") if (bindir / "mpiexec").exists() else (shutil.which("mpiexec") or "mpiexec")
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    cmd = [mpiexec, "-n", str(spec.cores), sys.executable, "-m", "pbp_hpc.bench", "--worker", json.dumps(spec.__dict__)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, timeout=args.timeout)
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0:
+        raise SystemExit(f"pbp_hpc.bench: the worker job failed (exit {proc.returncode}); its output is above")
+    return records
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pbp_hpc.bench", description=TITLE,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="batches 128 and 1024 on 10,000 examples (under 2 minutes)")
+    mode.add_argument("--smoke", action="store_true", help="a tiny network on synthetic data, one epoch (for tests)")
+    p.add_argument("--data-dir", help="MNIST IDX folder (else data.dir's usual search: $PBP_HPC_DATA, the cache)")
+    p.add_argument("--nets", nargs="+", choices=[k for k in NETWORKS if k != "tiny"], help="networks (default both)")
+    p.add_argument("--batches", nargs="+", type=int, help="global batch sizes")
+    p.add_argument("--reps", type=int, help="timed epochs per case (default 3)")
+    p.add_argument("--n-train", type=int, help="use the first N MNIST training images (5/6 of them train)")
+    p.add_argument("--reducer", default="shm", choices=["blocking", "overlap", "shm"], help="reducer of multi-rank cases")
+    p.add_argument("--compare-reducers", action=argparse.BooleanOptionalAction, default=None,
+                   help="add Net-1h rows for the other reducers (default: on in full mode)")
+    p.add_argument("--compare-dense", action=argparse.BooleanOptionalAction, default=True,
+                   help="add a 1 x 1 row at batch 1024 (/dense) with train.skip_zero_inputs off: every input column in the GEMMs")
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                   help="pin rank i of an r x t case to cores i*t..i*t+t-1, as mpiexec -bind-to core:t (default on)")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch columns")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: time one-thread cases by CPU time (for a machine others are using; see README)")
+    p.add_argument("--cores", type=int, help="cores to use (default: this process's affinity)")
+    p.add_argument("--json", help="also write every measurement to this file")
+    p.add_argument("--splits", help=f"write the best splits here (default {DEFAULT_SPLITS.relative_to(hybrid.REPO)}; "
+                                     "'' for nowhere; never in --smoke)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds before the worker job is killed")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.torch_worker:
+        from pbp_hpc.bench.peers import torch_worker
+
+        return torch_worker()
+    if args.worker:
+        from pbp_hpc.bench.worker import Worker
+
+        Worker(Spec(**json.loads(args.worker))).main()
+        return 0
+    from pbp_hpc.parallel.provenance import cores_available
+
+    spec = make_spec(args, args.cores or cores_available())
+    load_start = os.getloadavg()
+    t0 = time.perf_counter()
+    for line in header_lines(spec, load_start):
+        print(line, flush=True)
+    records = launch(spec, args)
+    head = next(r for r in records if r["type"] == "header")
+    end = next((r for r in records if r["type"] == "end"), {"load": [float("nan")] * 3})
+    prov = head.get("provenance", {})
+    torch_info = head.get("torch") or {}
+    peaks = ", ".join(f"{k} {v:.1f}" for k, v in head["peak_gflops"].items())
+    print(f"MPI: {prov.get('mpi_library', '?')}; PyTorch: {torch_info.get('version', torch_info.get('error', 'not run'))}")
+    print(f"SGEMM {spec.peak_n}^2 peak GFLOP/s by split (ranks x threads): {peaks}")
+    rows = rows_of(records, spec)
+    print()
+    print(table(rows))
+    print()
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in end['load'])}; wall time {time.perf_counter() - t0:.0f} s")
+    print("goals:")
+    print("\n".join(checks(rows, spec.cores)))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"spec": spec.__dict__, "load_start": load_start, "records": records,
+                                               "rows": rows}, indent=1))
+    splits = DEFAULT_SPLITS if args.splits is None else (Path(args.splits) if args.splits else None)
+    if splits is not None and spec.mode != "smoke" and spec.cores > 1:
+        write_splits(splits, rows, spec.cores, platform.node())
+        print(f"best splits written to {splits}")
+    return 0

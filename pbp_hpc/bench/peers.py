@@ -1,0 +1,118 @@
+"""The PyTorch peer: pbp_hpc.framework's training, timed in a child process of rank 0.
+
+Rank 0 drives it over pipes with JSON lines (TorchClient); the child (torch_worker, started as
+`python -m pbp_hpc.bench --torch-worker`) is no MPI rank, so torch's memory and thread pools
+stay out of ours. Its steps are framework.train_step, the step `python -m pbp_hpc.framework` runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Optional
+
+from pbp_hpc.bench.cases import SEED
+
+
+class TorchClient:
+    """PyTorch in a child process of rank 0, driven over pipes with JSON lines."""
+
+    def __init__(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "HYDRA_", "MPIR_", "MPICH_", "OMPI_"))}
+        self.proc = subprocess.Popen([sys.executable, "-m", "pbp_hpc.bench", "--torch-worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env)
+        self.info = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if not line:
+            return {"error": f"torch worker exited ({self.proc.poll()})"}
+        return json.loads(line)
+
+    def ask(self, **msg: Any) -> dict[str, Any]:
+        if self.proc.poll() is not None or "error" in self.info:
+            return {"error": self.info.get("error", "torch worker is gone")}
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.ask(cmd="quit")
+            self.proc.wait(timeout=30)
+
+
+def torch_worker() -> int:
+    """Answer setup/epoch/quit requests from rank 0 on stdin; one JSON line per answer."""
+    import mpi4py
+
+    mpi4py.rc.initialize = False  # framework imports train, which imports MPI: not a rank of anything
+    try:
+        import torch
+
+        from pbp_hpc import framework
+    except ImportError as exc:
+        print(json.dumps({"error": f"PyTorch is not importable: {exc}"}), flush=True)
+        return 0
+    print(json.dumps({"version": torch.__version__, "mkl": bool(torch.backends.mkl.is_available()),
+                      "config": torch.__config__.show().splitlines()[3:5]}), flush=True)
+    run: Optional[TorchRun] = None
+    for line in sys.stdin:
+        msg = json.loads(line)
+        try:
+            if msg["cmd"] == "quit":
+                print(json.dumps({"ok": True}), flush=True)
+                return 0
+            if msg["cmd"] == "setup":
+                run = TorchRun(torch, framework, msg["overrides"])
+                print(json.dumps({"ok": True}), flush=True)
+            elif msg["cmd"] == "epoch" and run is not None:
+                torch.set_num_threads(int(msg["threads"]))
+                clock = time.thread_time if msg.get("cpu") else time.perf_counter
+                print(json.dumps({"time": run.epoch(int(msg["epoch"]), msg.get("steps"), clock)}), flush=True)
+            else:
+                print(json.dumps({"error": f"bad request {msg}"}), flush=True)
+        except Exception as exc:  # noqa: BLE001 - report, keep serving: the table shows n/a
+            print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
+    return 0
+
+
+class TorchRun:
+    """pbp_hpc.framework's network, optimiser, schedule and batches (framework.build: the config's
+    activation, loss, init and optimizer); its training steps without evaluation."""
+
+    def __init__(self, torch: Any, framework: Any, overrides: list[str]):
+        from pbp_hpc import config
+        from pbp_hpc.data import datasets
+        from pbp_hpc.engine import model
+        from pbp_hpc.engine.schedules import Schedule
+        self.torch, self.framework = torch, framework
+        cfg = config.load(None, overrides)
+        directory = None
+        if cfg.data.name != "synthetic":
+            from pbp_hpc.data.mnist import resolve_data_dir
+
+            directory = resolve_data_dir(cfg.data.dir, download=False)
+        self.data = datasets.load(cfg, 1, directory)
+        layout = model.Layout(cfg.model.layers)
+        self.net, self.opt = framework.build(torch, cfg, layout)
+        self.buf = framework.Batches(torch, cfg.model.layers[0], cfg.model.layers[-1], cfg.train.batch_size, cfg.model.dtype)
+        self.B, self.loss = cfg.train.batch_size, cfg.model.loss
+        self.steps = -(-len(self.data.train) // self.B)  # per epoch
+        self.schedule = Schedule(cfg, self.steps)
+
+    def epoch(self, epoch: int, steps: Optional[int], clock: Callable[[], float]) -> float:
+        """The first `steps` steps of an epoch (None: all of them), in train.epoch_order's order."""
+        from pbp_hpc.train import epoch_order
+
+        B, source, n = self.B, self.data.train, len(self.data.train)
+        order = epoch_order(SEED, epoch, n, True)
+        train_step, args = self.framework.train_step, (self.torch, self.net, self.opt, self.buf, source)
+        t0 = clock()
+        for step in range(steps if steps is not None else self.steps):
+            train_step(*args, order[step * B : (step + 1) * B], self.schedule(epoch * self.steps + step), self.loss)
+        return clock() - t0

@@ -1,0 +1,43 @@
+"""The optimizer interface: how a reduced gradient becomes an update of the flat parameters.
+
+The strategy calls apply(span, parts, lr, batch) for each span of the parameters this rank
+updates (the reducer's shares: everything, or one slice of node-shared parameters under shm),
+where sum(parts) is the global gradient *sum* over the span of a minibatch of `batch` examples
+and lr the learning rate of this step (the schedule's). Every rank
+applies the same update to the same values, so parameters stay identical without a broadcast.
+
+State (momentum, say) lives in buffers shaped like the parameters, which the reducer allocates
+(node-shared under shm, so each rank updates its slice of it as of the parameters), and is
+returned by state() for the checkpoint, under names of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar
+
+
+class Optimizer:
+    name: ClassVar[str] = ""
+
+    def __init__(self, cfg: Any, theta: Any, state_buffer: Callable[[], Any], xp: Any):
+        self.cfg, self.theta, self.xp = cfg, theta, xp
+        self.weight_decay = cfg.optimizer.weight_decay
+        # True where the update is theta -= lr / B * g with no state: one rank may then apply it
+        # inside the gradient GEMMs (engine.step's fused path), with no gradient buffer or pass
+        self.fusable = False
+        self._views: dict[tuple[int, int, int], Any] = {}
+
+    def view(self, buf: Any, span: slice) -> Any:
+        """buf[span], made once per (buffer, span): the spans are fixed for a run, so the step makes no view."""
+        key = (id(buf), span.start, span.stop)
+        v = self._views.get(key)
+        if v is None:
+            v = self._views[key] = buf[span]
+        return v
+
+    def apply(self, span: slice, parts: list[Any], lr: float, batch: int) -> None:
+        raise NotImplementedError
+
+    def state(self) -> dict[str, Any]:
+        """Buffers to checkpoint (name -> parameter-shaped array); restored in place by the caller."""
+        return {}

@@ -1,0 +1,54 @@
+"""Momentum SGD, heavy ball and Nesterov, in PyTorch's form (so `framework` can check it):
+
+    g' = g / B + weight_decay * theta          (g: the minibatch's gradient sum)
+    v  <- mu * v + g'
+    theta <- theta - lr * v                    (momentum)
+    theta <- theta - lr * (g' + mu * v)        (nesterov)
+
+v is one buffer shaped like the parameters (node-shared under shm, each rank updating its
+slice), zero at the start, and checkpointed as "velocity". Every operation is an in-place
+scale or axpy over the span: no temporary, whatever the size.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from pbp_hpc.engine import ops
+from pbp_hpc.engine.optimizers.base import Optimizer
+
+
+class Momentum(Optimizer):
+    name = "momentum"
+    nesterov = False
+
+    def __init__(self, cfg: Any, theta: Any, state_buffer: Callable[[], Any], xp: Any):
+        super().__init__(cfg, theta, state_buffer, xp)
+        self.mu = cfg.optimizer.momentum
+        self.velocity = state_buffer()
+
+    def apply(self, span: slice, parts: list[Any], lr: float, batch: int) -> None:
+        xp, wd = self.xp, self.weight_decay
+        theta, v = self.view(self.theta, span), self.view(self.velocity, span)
+        ops.scale_(xp, self.mu, v)
+        if wd:
+            ops.axpy_(xp, wd, theta, v)
+        for g in parts:
+            ops.axpy_(xp, 1.0 / batch, g, v)  # v = mu v + g'
+        if not self.nesterov:
+            ops.axpy_(xp, -lr, v, theta)
+            return
+        # theta - lr (g' + mu v): g' read again from its parts (and theta's own decay term)
+        if wd:
+            ops.scale_(xp, 1.0 - lr * wd, theta)
+        for g in parts:
+            ops.axpy_(xp, -lr / batch, g, theta)
+        ops.axpy_(xp, -lr * self.mu, v, theta)
+
+    def state(self) -> dict[str, Any]:
+        return {"velocity": self.velocity}
+
+
+class Nesterov(Momentum):
+    name = "nesterov"
+    nesterov = True

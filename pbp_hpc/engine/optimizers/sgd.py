@@ -1,0 +1,23 @@
+"""Plain SGD: theta <- theta - lr * (g / B + weight_decay * theta), the report's update (no decay)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from pbp_hpc.engine import ops
+from pbp_hpc.engine.optimizers.base import Optimizer
+
+
+class SGD(Optimizer):
+    name = "sgd"
+
+    def __init__(self, cfg: Any, theta: Any, state_buffer: Callable[[], Any], xp: Any):
+        super().__init__(cfg, theta, state_buffer, xp)
+        self.fusable = self.weight_decay == 0.0
+
+    def apply(self, span: slice, parts: list[Any], lr: float, batch: int) -> None:
+        theta = self.view(self.theta, span)
+        if self.weight_decay:
+            ops.scale_(self.xp, 1.0 - lr * self.weight_decay, theta)
+        for g in parts:  # one BLAS axpy pass each
+            ops.axpy_(self.xp, -lr / batch, g, theta)

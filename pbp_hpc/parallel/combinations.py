@@ -1,0 +1,45 @@
+"""Which choices go together: the one place that says so, checked when a config is loaded.
+
+A run combines independent choices: the backend, the algorithm, the strategy
+(parallel.strategy), the reducer (parallel.reducer, or parallel.gpu_reducer on a GPU) and the
+optimizer (optimizer.name). Most combinations work; the ones that do not are listed here as
+pairs, each with its reason, and a config that makes one is refused before any work with a
+message naming both choices. Adding a strategy, reducer or optimizer that cannot run with
+something is a line in RULES, not a check in the code that runs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class Rule:
+    first: tuple[str, tuple[Any, ...]]  # (config key, the values it refuses with `second`)
+    second: tuple[str, tuple[Any, ...]]
+    why: str
+
+
+RULES = [
+    Rule(("algorithm", ("per_example",)), ("backend", ("cupy",)),
+         "per_example is the numpy baseline; with backend: cupy use batched"),
+    Rule(("parallel.reducer", ("overlap", "shm")), ("backend", ("cupy",)),
+         "that reducer works on host buffers; with backend: cupy choose parallel.gpu_reducer"),
+]
+
+
+def value(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def violation(cfg: Any) -> Optional[str]:
+    """The first rule the config breaks, in words naming both choices; None if it breaks none."""
+    for rule in RULES:
+        (k1, bad1), (k2, bad2) = rule.first, rule.second
+        v1, v2 = value(cfg, k1), value(cfg, k2)
+        if v1 in bad1 and v2 in bad2:
+            return f"{k1}={v1} does not go with {k2}={v2}: {rule.why}"
+    return None

@@ -1,0 +1,169 @@
+"""The gradient sum through node-wide shared memory: no message, no copy.
+
+Every rank's gradient buffer is a row of one MPI-3 shared window, and the node holds one copy
+of the parameters (and of any optimizer state). finish(): each rank posts its extras (loss,
+stop flag) to its mailbox; after a barrier every rank adds up the mailboxes into its own row.
+shares(): each of the node's P ranks updates its 1/P slice of the shared parameters from every
+rank's row of that slice, in rank order (so the bits do not depend on who sums); updated() is
+a barrier, after which every rank sees the new parameters (and no rank writes its gradient
+again before every rank has read it). Two barriers per step, no buffer for the sum. Per rank
+and step that reads the gradients once and updates 1/P of theta, where MPI_Allreduce copies
+the buffer through MPI's cells and back and every rank then updates all of theta. On several
+nodes, a slice's node sum is allreduced among the ranks owning that slice on every node (1/P
+of the buffer each); each node keeps a copy.
+
+The mailboxes alternate between steps: a rank a step ahead posts to the other one, so it
+cannot overwrite extras a slower rank is still adding up.
+
+After finish() this rank's buffer holds the global extras but its own gradient: the global
+gradient is only ever seen slice by slice, through shares().
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import numpy as np
+from mpi4py import MPI
+
+from pbp_hpc.parallel.reducers.base import EXTRAS, Fill, Reducer
+
+
+class _SharedRows:
+    """One gradient row per rank and the node's parameter-shaped buffers, in shared windows."""
+
+    def __init__(self, comm: MPI.Comm, n: int, dtype: Any):
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
+        sizes = set(comm.allgather(node.size))
+        if len(sizes) != 1:
+            node.Free()
+            raise ValueError(f"parallel.reducer=shm needs the same number of ranks on every node, got {sorted(sizes)}")
+        self.cross: Optional[MPI.Comm] = None
+        self.own_local = node.size < comm.size
+        if self.own_local:  # several nodes: a window per node, and the ranks that own the same slice
+            self.local, self.cross = node, comm.Split(node.rank, key=comm.rank)
+        else:  # one node: comm itself (a new communicator costs MPI shared buffers of its own)
+            node.Free()
+            self.local = comm
+        self.dtype, self.item = dtype, np.dtype(dtype).itemsize
+        # each rank's row: its buffer [gradients | extras], then two mailboxes for its extras
+        width = n + 3 * EXTRAS
+        self.win = MPI.Win.Allocate_shared(width * self.item, self.item, comm=self.local)
+        self.win.Lock_all(MPI.MODE_NOCHECK)  # one passive epoch for the run; Sync() orders loads and stores
+        full = [np.frombuffer(self.win.Shared_query(r)[0], dtype=dtype, count=width) for r in range(self.local.size)]
+        self.rows = [f[: n + EXTRAS] for f in full]
+        self.mailboxes = [[f[n + EXTRAS + k * EXTRAS : n + EXTRAS + (k + 1) * EXTRAS] for f in full] for k in (0, 1)]
+        full[self.local.rank][...] = 0
+        self.wins = [self.win]
+
+    def node_buffer(self, n: int) -> np.ndarray:
+        """n values in a window of their own, one copy per node, zeroed (collective)."""
+        win = MPI.Win.Allocate_shared(n * self.item if self.local.rank == 0 else 0, self.item, comm=self.local)
+        win.Lock_all(MPI.MODE_NOCHECK)
+        self.wins.append(win)
+        buf = np.frombuffer(win.Shared_query(0)[0], dtype=self.dtype, count=n)
+        if self.local.rank == 0:
+            buf[...] = 0
+        return buf
+
+    def sync_barrier(self) -> None:
+        """A barrier that also orders every rank's loads and stores to the windows around it."""
+        for w in self.wins:
+            w.Sync()
+        self.local.Barrier()
+        for w in self.wins:
+            w.Sync()
+
+    def free(self) -> None:
+        for w in self.wins:
+            w.Unlock_all()
+            w.Free()
+        self.wins = []
+        if self.own_local:
+            self.local.Free()
+        if self.cross is not None:
+            self.cross.Free()
+
+
+class SharedMemoryReducer(Reducer):
+    name = "shm"
+    sums_in_update = True
+    ALIGN = 16  # slice boundaries on 64-byte lines (float32), so no two ranks write one line
+
+    def __init__(self, comm: MPI.Comm, layout: Any, dtype: Any, xp: Any):
+        if xp is not np:
+            raise ValueError("parallel.reducer=shm works on host (numpy) buffers")
+        self.shared: Optional[_SharedRows] = None
+        super().__init__(comm, layout, dtype, xp)  # calls allocate(), which makes the windows
+        if self.shared is None:  # one rank: a plain buffer, and nothing to share
+            return
+        n, P, r = self.n, self.shared.local.size, self.shared.local.rank
+        lo, hi = (min(n, n * k // P // self.ALIGN * self.ALIGN) if k < P else n for k in (r, r + 1))
+        parts = [row[lo:hi] for row in self.shared.rows]  # this rank's slice of every rank's gradient
+        self.step = 0
+        # several nodes: the slice's sum is needed whole, for the Allreduce across nodes
+        self.acc = np.empty(hi - lo, dtype=dtype) if self.shared.cross is not None else None
+        self.parts = parts
+        self._shares = [(slice(lo, hi), parts if self.acc is None else [self.acc])]
+
+    def allocate(self, size: int) -> Any:
+        if self.comm.size == 1:
+            return super().allocate(size)
+        self.shared = _SharedRows(self.comm, self.n, self.dtype)
+        return self.shared.rows[self.shared.local.rank]
+
+    def parameters(self, fill: Fill) -> Any:
+        """The node's one copy of the parameters, filled by the node's first rank."""
+        if self.shared is None:
+            return super().parameters(fill)
+        theta = self.shared.node_buffer(self.n)
+        if self.shared.local.rank == 0:
+            fill(theta)
+        self.shared.sync_barrier()
+        return theta
+
+    def state_buffer(self) -> Any:
+        if self.shared is None:
+            return super().state_buffer()
+        buf = self.shared.node_buffer(self.n)
+        self.shared.sync_barrier()
+        return buf
+
+    def finish(self) -> None:
+        shared = self.shared
+        if shared is None:
+            return
+        t = time.perf_counter()
+        mail = shared.mailboxes[self.step % 2]
+        self.step += 1
+        mail[shared.local.rank][...] = self.extras
+        shared.sync_barrier()  # every rank's gradient is in its row, its extras in its mailbox
+        _sum(mail, self.extras)  # only this rank reads or writes its own row's extras
+        if shared.cross is not None:
+            _sum(self.parts, self.acc)
+            shared.cross.Allreduce(MPI.IN_PLACE, self.acc, op=MPI.SUM)
+            shared.cross.Allreduce(MPI.IN_PLACE, self.extras, op=MPI.SUM)
+        self.seconds += time.perf_counter() - t
+
+    def updated(self) -> None:
+        if self.shared is None:
+            return
+        t = time.perf_counter()
+        self.shared.sync_barrier()  # the whole of theta is new before any rank's next forward pass
+        self.seconds += time.perf_counter() - t
+
+    def close(self) -> None:
+        """Free the windows (collective). Without it they live until MPI_Finalize."""
+        if self.shared is not None:
+            self.shared.free()
+            self.shared = None
+
+
+def _sum(parts: list[Any], out: Any) -> None:
+    if len(parts) == 1:
+        out[...] = parts[0]
+        return
+    np.add(parts[0], parts[1], out=out)
+    for part in parts[2:]:
+        out += part

@@ -1,0 +1,5 @@
+import sys
+
+from pbp_hpc.results import main
+
+sys.exit(main())

@@ -1,0 +1,82 @@
+"""What every run decides before training: BLAS threads per rank (the config, then the
+variables HPC users set, then a share of the node) and binding ranks to disjoint cores
+(only where the launcher did not, and never oversubscribed)."""
+
+import os
+
+import pytest
+
+from pbp_hpc import config
+from pbp_hpc.errors import ConfigError
+from pbp_hpc.parallel import runtime
+
+from helpers import last_json, run_cmd
+
+TINY = ["--set", "data.name=synthetic", "--set", "data.n_train=120", "--set", "train.epochs=1",
+        "--set", "model.layers=[784, 8, 10]", "--set", "train.progress=false", "--json"]
+
+
+def cfg(*items):
+    return config.load(None, list(items))
+
+
+def test_the_config_decides_first_then_the_environment_then_a_share_of_the_node():
+    env = {"OMP_NUM_THREADS": "3", "OPENBLAS_NUM_THREADS": "5"}
+    assert runtime.threads_for(cfg("parallel.threads_per_rank=1"), 2, 4, env) == (1, "parallel.threads_per_rank")
+    assert runtime.threads_for(cfg(), 2, 4, env) == (3, "OMP_NUM_THREADS=3")
+    assert runtime.threads_for(cfg(), 2, 4, {"OPENBLAS_NUM_THREADS": "5"}) == (5, "OPENBLAS_NUM_THREADS=5")
+    assert runtime.threads_for(cfg(), 2, 4, {"SLURM_CPUS_PER_TASK": "2"}) == (2, "SLURM_CPUS_PER_TASK=2")
+    assert runtime.threads_for(cfg(), 2, 8, {})[0] == 4
+
+
+def test_an_omp_list_gives_its_first_level_and_nonsense_is_passed_over():
+    assert runtime.threads_for(cfg(), 1, 4, {"OMP_NUM_THREADS": "2,1"})[0] == 2
+    assert runtime.threads_for(cfg(), 1, 4, {"OMP_NUM_THREADS": "many", "MKL_NUM_THREADS": "0"})[0] == 4
+
+
+def test_a_configured_thread_count_beyond_the_cores_is_refused_unless_oversubscribing():
+    with pytest.raises(ConfigError, match="needs 8 cores, but only 4"):
+        runtime.threads_for(cfg("parallel.threads_per_rank=4"), 2, 4, {})
+    assert runtime.threads_for(cfg("parallel.threads_per_rank=4", "parallel.oversubscribe=true"), 2, 4, {})[0] == 4
+
+
+def test_omp_num_threads_set_by_the_user_is_what_a_run_uses():
+    env = {k: v for k, v in os.environ.items() if k not in runtime.THREAD_VARS}
+    res = run_cmd(["pbp_hpc.train", *TINY], env={**env, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr
+    assert last_json(res.stdout)["threads_per_rank"] == 1 and "(OMP_NUM_THREADS=1)" in res.stderr
+    res = run_cmd(["pbp_hpc.train", *TINY, "--set", "parallel.threads_per_rank=1"], env={**env, "OMP_NUM_THREADS": "2"})
+    assert "(parallel.threads_per_rank)" in res.stderr
+
+
+two_cores = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to bind 2 ranks apart")
+
+
+@two_cores
+def test_unbound_ranks_bind_themselves_to_disjoint_cores():
+    res = run_cmd(["pbp_hpc.train", *TINY, "--set", "parallel.threads_per_rank=1"], ranks=2)
+    assert res.returncode == 0, res.stderr
+    binding = last_json(res.stdout)["provenance"]["binding"]
+    assert binding["how"].startswith("bound by pbp_hpc")
+    a, b = binding["cpus"]
+    assert len(a) == len(b) == 1 and a != b
+
+
+@two_cores
+def test_ranks_the_launcher_bound_are_left_as_they_are():
+    from helpers import MPIEXEC
+
+    res = run_cmd(["pbp_hpc.train", *TINY, "--set", "parallel.threads_per_rank=1"], ranks=2,
+                  launcher=[MPIEXEC, "-n", "2", "-bind-to", "core"])
+    assert res.returncode == 0, res.stderr
+    assert last_json(res.stdout)["provenance"]["binding"]["how"] == "bound by the launcher"
+
+
+def test_oversubscribed_ranks_and_parallel_bind_false_are_never_bound():
+    n = len(os.sched_getaffinity(0)) + 1
+    res = run_cmd(["pbp_hpc.train", *TINY, "--set", "parallel.threads_per_rank=1"], ranks=n)
+    assert res.returncode == 0, res.stderr
+    binding = last_json(res.stdout)["provenance"]["binding"]
+    assert "oversubscribed" in binding["how"] and all(c == binding["cpus"][0] for c in binding["cpus"])
+    res = run_cmd(["pbp_hpc.train", *TINY, "--set", "parallel.bind=false"], ranks=2)
+    assert last_json(res.stdout)["provenance"]["binding"]["how"] == "not bound (parallel.bind: false)"

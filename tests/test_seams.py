@@ -1,0 +1,77 @@
+"""The seams a new strategy, reducer or optimizer plugs into: one module and one registration
+line each; which combinations are valid is checked in one place, before any work; every
+reducer is closed when its run ends."""
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from pbp_hpc import config, train
+from pbp_hpc.data import datasets
+from pbp_hpc.errors import ConfigError
+from pbp_hpc.parallel import reducers
+
+from example_reducer import ReduceBcastReducer
+from helpers import REPORT_SETUP
+
+WORLD = MPI.COMM_WORLD
+
+
+def small(**over):
+    base = {**REPORT_SETUP, "model.layers": "[784, 16, 12, 10]", "model.dtype": "float64", "data.name": "synthetic",
+            "data.n_train": 120, "data.n_test": 30, "train.epochs": 2, "train.learning_rate": 0.5,
+            "train.eval_every": 0, "train.progress": "false", "train.batch_size": 10}
+    base.update({k: str(v) for k, v in over.items()})
+    return config.load(None, [f"{k}={v}" for k, v in base.items()])
+
+
+@pytest.fixture
+def reduce_bcast():
+    reducers.register("reduce-bcast", ReduceBcastReducer)  # the one line that adds a reducer
+    yield
+    reducers.HOST._entries.pop("reduce-bcast")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_reducer_registered_from_outside_trains_like_blocking(reduce_bcast):
+    blocking = train.run(small(), WORLD, return_params=True)
+    added = train.run(small(**{"parallel.reducer": "reduce-bcast"}), WORLD, return_params=True)
+    # MPI_Reduce may add the ranks' sums in another order than MPI_Allreduce: rounding only
+    np.testing.assert_allclose(added["params"], blocking["params"], rtol=1e-12, atol=1e-14)
+    assert added["epochs"][-1]["loss"] == pytest.approx(blocking["epochs"][-1]["loss"], rel=1e-12)
+    assert added["epochs"][-1]["allreduce_s"] > 0  # its time is counted as communication
+
+
+def test_an_unregistered_reducer_is_refused_naming_the_choices():
+    with pytest.raises(ConfigError, match="unknown reducer 'reduce-bcast'; choose one of blocking, overlap, shm"):
+        small(**{"parallel.reducer": "reduce-bcast"})
+
+
+def test_the_config_names_the_registered_strategy_and_optimizer():
+    cfg = small(**{"optimizer.name": "momentum"})
+    assert (cfg.parallel.strategy, cfg.optimizer.name) == ("allreduce", "momentum")
+    with pytest.raises(ConfigError, match="unknown strategy 'gossip'; choose one of allreduce"):
+        small(**{"parallel.strategy": "gossip"})
+    with pytest.raises(ConfigError, match="unknown optimizer 'adam'; choose one of sgd"):
+        small(**{"optimizer.name": "adam"})
+
+
+@pytest.mark.parametrize("over,both", [
+    ({"backend": "cupy", "algorithm": "per_example"}, ("algorithm=per_example", "backend=cupy")),
+    ({"backend": "cupy", "parallel.reducer": "shm"}, ("parallel.reducer=shm", "backend=cupy")),
+])
+def test_an_invalid_combination_is_refused_naming_both_choices(over, both):
+    with pytest.raises(ConfigError) as info:
+        small(**over)
+    assert all(choice in str(info.value) for choice in both)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_run_closes_its_shared_memory_reducer():
+    cfg = small(**{"parallel.reducer": "shm"})
+    data = datasets.load(cfg, WORLD.size)
+    with train.State(cfg, WORLD, np, data) as st:
+        assert st.reducer.shared is not None
+    assert st.reducer.shared is None  # windows and communicators freed, collectively
+    for _ in range(20):  # as search_lr runs trial after trial: nothing piles up
+        train.run(cfg, WORLD)
