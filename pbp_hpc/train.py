@@ -184,7 +184,7 @@ class Loop:
 
 
 def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool) -> dict[str, Any]:
-    cfg, comm = st.cfg, st.comm
+    cfg = st.cfg
     n_train, B = len(st.data.train), cfg.train.batch_size
     steps = -(-n_train // B)
     if cfg.debug.fail_step is not None:

@@ -29,6 +29,7 @@ class Spec:
     reducer: str
     compare_reducers: bool
     compare_dense: bool  # add 1 x 1 rows with train.skip_zero_inputs off
+    compare_optimizers: bool  # add /nesterov rows (the momentum buffer's cost) and a /default row
     torch: bool
     pin: bool
     peak_n: int  # side of the square SGEMM that defines peak
@@ -36,14 +37,11 @@ class Spec:
     mem_steps: int = 3
     clock: str = "wall"  # or "cpu": one-thread cases timed by CPU time (see Worker.cpu_clock)
 
-    def overrides(self, layers: list[int], batch: int, reducer: str, dense: bool = False) -> list[str]:
-        """`--set` items for a config with this network, batch and reducer (dense: every input column)."""
-        # the report's setup, stated (the built-in defaults are another): sigmoid, MSE, plain SGD
+    def overrides(self, layers: list[int], batch: int, reducer: str, variant: str = "") -> list[str]:
+        """`--set` items for a config with this network, batch and reducer, and a VARIANTS entry."""
         out = [f"model.layers={layers}", f"train.batch_size={batch}", f"train.learning_rate={LEARNING_RATE}",
-               "model.activation=sigmoid", "model.loss=mse", "model.init=glorot_uniform", "optimizer.name=sgd",
-               "schedule.name=constant", "schedule.warmup_epochs=0",
-               f"train.seed={SEED}", "model.dtype=float32", f"parallel.reducer={reducer}", "train.progress=false",
-               f"train.skip_zero_inputs={'false' if dense else 'true'}"]
+               *VARIANTS[variant], f"train.seed={SEED}", "model.dtype=float32", f"parallel.reducer={reducer}",
+               "train.progress=false"]
         if self.synthetic:
             out += ["data.name=synthetic", "data.n_test=10"]
         elif self.data_dir:
@@ -56,7 +54,7 @@ class Spec:
 def make_spec(args: argparse.Namespace, cores: int) -> Spec:
     if args.smoke:
         return Spec("smoke", ["tiny"], [64], reps=1, warmup_steps=1, n_train=600, data_dir=None, synthetic=True,
-                    reducer=args.reducer, compare_reducers=False, compare_dense=False, torch=not args.no_torch, pin=args.pin,
+                    reducer=args.reducer, compare_reducers=False, compare_dense=False, compare_optimizers=False, torch=not args.no_torch, pin=args.pin,
                     peak_n=256, cores=cores, mem_steps=2, clock=args.clock)
     quick = args.quick
     return Spec("quick" if quick else "full", args.nets or ["Net-1h", "Net-2h"],
@@ -64,7 +62,7 @@ def make_spec(args: argparse.Namespace, cores: int) -> Spec:
                 reps=args.reps or 3, warmup_steps=3, n_train=args.n_train or (10000 if quick else None),
                 data_dir=args.data_dir, synthetic=False, reducer=args.reducer,
                 compare_reducers=args.compare_reducers if args.compare_reducers is not None else not quick,
-                compare_dense=args.compare_dense,
+                compare_dense=args.compare_dense, compare_optimizers=args.compare_optimizers,
                 torch=not args.no_torch, pin=args.pin, peak_n=2048, cores=cores, clock=args.clock)
 
 
@@ -75,18 +73,30 @@ def splits_of(cores: int) -> list[tuple[int, int]]:
     return out
 
 
+# What each row measures: the report's setup, stated (the built-in defaults are another), and
+# variants of it that rows with a /VARIANT label add at batch 1024.
+REPORT = ["model.activation=sigmoid", "model.loss=mse", "model.init=glorot_uniform", "optimizer.name=sgd",
+          "schedule.name=constant", "schedule.warmup_epochs=0", "train.skip_zero_inputs=true"]
+VARIANTS = {
+    "": REPORT,
+    "dense": [*REPORT, "train.skip_zero_inputs=false"],  # every input column in the first layer's GEMMs
+    "nesterov": [*REPORT, "optimizer.name=nesterov"],  # what a momentum buffer costs per step
+    "default": ["train.skip_zero_inputs=true"],  # the built-in defaults: relu, cross-entropy, Nesterov, cosine
+}
+
+
 @dataclass(frozen=True)
 class Case:
     kind: str  # ours | gemm | torch
     ranks: int
     threads: int
     reducer: str = ""
-    dense: bool = False  # train.skip_zero_inputs off: the first layer on every input column
+    variant: str = ""  # a VARIANTS key
 
     @property
     def label(self) -> str:
         base = f"{self.ranks}x{self.threads}"
-        return f"{base}/{self.reducer}" if self.reducer else f"{base}/dense" if self.dense else base
+        return f"{base}/{self.reducer}" if self.reducer else f"{base}/{self.variant}" if self.variant else base
 
 
 def cases_for(spec: Spec, net: str, batch: int) -> list[Case]:
@@ -97,7 +107,11 @@ def cases_for(spec: Spec, net: str, batch: int) -> list[Case]:
         if spec.torch and r == 1:
             out.append(Case("torch", 1, t))
     if spec.compare_dense and batch == 1024:  # one batch size: the full run must stay under 10 minutes
-        out += [Case("ours", 1, 1, dense=True), Case("gemm", 1, 1, dense=True)]
+        out += [Case("ours", 1, 1, variant="dense"), Case("gemm", 1, 1, variant="dense")]
+    if spec.compare_optimizers and batch == 1024:
+        out += [Case("ours", 1, 1, variant="nesterov"), Case("ours", 1, 1, variant="default")]
+        if spec.cores > 1:
+            out.append(Case("ours", spec.cores, 1, variant="nesterov"))
     if spec.compare_reducers and net == "Net-1h" and spec.cores > 1:
         out += [Case("ours", spec.cores, 1, red) for red in ("blocking", "overlap", "shm") if red != spec.reducer]
     return out

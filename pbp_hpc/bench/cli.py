@@ -88,6 +88,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--reducer", default="shm", choices=["blocking", "overlap", "shm"], help="reducer of multi-rank cases")
     p.add_argument("--compare-reducers", action=argparse.BooleanOptionalAction, default=None,
                    help="add Net-1h rows for the other reducers (default: on in full mode)")
+    p.add_argument("--compare-optimizers", action=argparse.BooleanOptionalAction, default=True,
+                   help="add rows at batch 1024: /nesterov (the report's setup with Nesterov momentum: what its "
+                        "buffer costs per step) and /default (the built-in defaults: relu, cross-entropy, Nesterov)")
     p.add_argument("--compare-dense", action=argparse.BooleanOptionalAction, default=True,
                    help="add a 1 x 1 row at batch 1024 (/dense) with train.skip_zero_inputs off: every input column in the GEMMs")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,

@@ -55,7 +55,7 @@ class Pinning:
 
 def state_key(case: Case, reducer: str) -> Case:
     """The key of a case's State: one per rank count, reducer and density, shared by its thread counts."""
-    return Case("ours", case.ranks, 0, case.reducer or reducer, case.dense)
+    return Case("ours", case.ranks, 0, case.reducer or reducer, case.variant)
 
 
 class Worker:
@@ -104,9 +104,9 @@ class Worker:
 
     # -- setup
 
-    def config(self, layers: list[int], batch: int, reducer: str, dense: bool = False) -> Any:
+    def config(self, layers: list[int], batch: int, reducer: str, variant: str = "") -> Any:
         from pbp_hpc import config
-        return config.load(None, self.spec.overrides(layers, batch, reducer, dense))
+        return config.load(None, self.spec.overrides(layers, batch, reducer, variant))
 
     def data(self, cfg: Any) -> Any:
         """The data set, loaded once per worker (every rank holds all of it, as in pbp_hpc.train)."""
@@ -185,7 +185,7 @@ class Worker:
                 continue
             key = state_key(case, self.spec.reducer)
             if key not in runs:  # one State per rank count and reducer, shared by its thread counts
-                st = self.state(self.config(layers, batch, key.reducer, case.dense), self.comms[case.ranks])
+                st = self.state(self.config(layers, batch, key.reducer, case.variant), self.comms[case.ranks])
                 states.append(st)
                 runs[key] = OurRun(st)
                 n = len(st.data.train)
