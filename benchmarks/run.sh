@@ -8,7 +8,7 @@
 # Extra arguments go to the benchmark (--data-dir DIR, --nets, --batches, --reps, --pin, ...).
 # The table goes to the terminal and to benchmarks/results/bench-<host>-<time>.txt, every number
 # to the .json beside it; the fastest ranks x threads split per batch size is merged into
-# benchmarks/hybrid_splits.json, which pbp_hpc.hybrid.best_split reads.
+# pbp_hpc/parallel/hybrid_splits.json, which pbp_hpc.hybrid.best_split reads.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

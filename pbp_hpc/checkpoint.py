@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -75,28 +76,113 @@ def _save(path: Path, theta: np.ndarray, epoch: int, step: int, meta: dict[str, 
         raise
 
 
-def load(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by save(); raise CheckpointError naming what is wrong."""
+@dataclass(frozen=True)
+class Expect:
+    """What the run opening a checkpoint needs it to hold; load() checks every field against it.
+
+    state: each state buffer's name -> (shape, dtype) as the run allocates it; max_epoch: the
+    run's train.epochs; steps: its steps per epoch."""
+
+    n_params: int
+    dtype: str
+    state: dict[str, tuple[tuple[int, ...], str]]
+    max_epoch: int
+    steps: int
+
+
+def _bad(path: Path, field: str, problem: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path}: field {field}: {problem}; refusing it (the file is left as it is)")
+
+
+def _int_attr(f: h5py.File, path: Path, name: str) -> int:
+    if name not in f.attrs:
+        raise _bad(path, name, "missing")
+    value = f.attrs[name]
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise _bad(path, name, f"expected a non-negative integer, found {type(value).__name__} {str(value)[:40]!r}")
+    if value < 0:
+        raise _bad(path, name, f"expected a non-negative integer, found {int(value)}")
+    return int(value)
+
+
+def _array(path: Path, field: str, ds: Any, shape: Optional[tuple[int, ...]], dtype: Optional[str]) -> np.ndarray:
+    """A dataset read only once its shape and dtype are known to be the expected ones, and checked finite."""
+    if not isinstance(ds, h5py.Dataset):
+        raise _bad(path, field, f"expected an array, found a {type(ds).__name__}")
+    if ds.dtype.kind != "f":
+        raise _bad(path, field, f"expected floating-point numbers, found dtype {ds.dtype}")
+    if dtype is not None and ds.dtype != np.dtype(dtype):
+        raise _bad(path, field, f"dtype is {ds.dtype}, this run's model.dtype is {dtype}")
+    if shape is not None and tuple(ds.shape) != tuple(shape):
+        raise _bad(path, field, f"shape is {tuple(ds.shape)}, this run needs {tuple(shape)}")
+    if ds.ndim != 1 and shape is None:
+        raise _bad(path, field, f"expected a flat array, found shape {tuple(ds.shape)}")
+    value = ds[...]
+    if not np.all(np.isfinite(value)):
+        raise _bad(path, field, f"holds {int(np.size(value) - np.count_nonzero(np.isfinite(value)))} NaN or infinite value(s)")
+    return value
+
+
+def load(path: str | Path, expect: Optional[Expect] = None) -> dict[str, Any]:
+    """Read a checkpoint written by save(); raise CheckpointError naming the file and the field.
+
+    Every field is checked when opened: the format and version, epoch and step (non-negative
+    integers; with `expect`, within the run), meta (a JSON object), theta and every state
+    buffer (flat floating-point arrays, finite; with `expect`, of the run's shape and dtype)."""
     path = Path(path)
     try:
         with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != FORMAT:
-                raise CheckpointError(f"{path} is an HDF5 file but not a pbp_hpc checkpoint")
-            if int(f.attrs["version"]) != VERSION:
-                raise CheckpointError(f"{path} is checkpoint version {f.attrs['version']}, this pbp_hpc reads version {VERSION}")
-            return {
-                "theta": f["theta"][...],
-                "epoch": int(f.attrs["epoch"]),
-                "step": int(f.attrs["step"]),
-                "meta": json.loads(f.attrs["meta"]),
-                "state": {name: ds[...] for name, ds in f["state"].items()} if "state" in f else {},
-            }
+            return _load(f, path, expect)
     except CheckpointError:
         raise
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint at {path}") from None
-    except (OSError, KeyError, ValueError, TypeError, AttributeError) as exc:  # not HDF5, a field missing or mistyped
+    except (OSError, KeyError, ValueError, TypeError, AttributeError, RuntimeError) as exc:  # not HDF5, damaged
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+
+
+def _load(f: h5py.File, path: Path, expect: Optional[Expect]) -> dict[str, Any]:
+    fmt = f.attrs.get("format")
+    if isinstance(fmt, bytes):
+        fmt = fmt.decode("utf-8", "replace")
+    if fmt != FORMAT:
+        raise CheckpointError(f"{path} is an HDF5 file but not a pbp_hpc checkpoint")
+    version = f.attrs.get("version")
+    if not isinstance(version, (int, np.integer)) or isinstance(version, (bool, np.bool_)) or int(version) != VERSION:
+        raise CheckpointError(f"{path} is checkpoint version {version}, this pbp_hpc reads version {VERSION}")
+    epoch, step = _int_attr(f, path, "epoch"), _int_attr(f, path, "step")
+    raw = f.attrs.get("meta")
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    if not isinstance(raw, str):
+        raise _bad(path, "meta", f"expected a JSON text, found {type(raw).__name__}")
+    try:
+        meta = json.loads(raw, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"{c} is not a number JSON allows")))
+    except (ValueError, RecursionError) as exc:
+        raise _bad(path, "meta", f"not valid JSON ({str(exc)[:80]})") from None
+    if not isinstance(meta, dict):
+        raise _bad(path, "meta", f"expected a JSON object, found {type(meta).__name__}")
+    if "theta" not in f:
+        raise CheckpointError(f"cannot read checkpoint {path}: field theta: missing")
+    theta = _array(path, "theta", f["theta"], (expect.n_params,) if expect else None, expect.dtype if expect else None)
+    group = f["state"] if "state" in f else None
+    if group is not None and not isinstance(group, h5py.Group):
+        raise _bad(path, "state", "expected a group of arrays")
+    state = {}
+    for name in (group or {}):
+        shape, dtype = expect.state.get(name, (None, None)) if expect else (None, None)
+        state[name] = _array(path, f"state/{name}", group[name], shape, dtype)
+    if expect is not None:
+        missing = sorted(set(expect.state) - set(state))
+        if missing:
+            raise _bad(path, "state", f"lacks {', '.join(missing)}, which this run's optimizer and strategy keep")
+        if epoch > expect.max_epoch:
+            raise _bad(path, "epoch", f"{epoch} is beyond this run's train.epochs ({expect.max_epoch})")
+        if step >= expect.steps or (epoch == expect.max_epoch and step != 0):
+            raise _bad(path, "step", f"{step} is not a step of epoch {epoch} of this run ({expect.steps} steps per epoch)")
+    return {"theta": theta, "epoch": epoch, "step": step, "meta": meta, "state": state}
 
 
 def is_checkpoint(path: str | Path) -> bool:

@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from pbp_hpc.config_yaml import MAX_CONFIG_BYTES, MAX_OVERRIDE_CHARS, _Refused, _short_repr, parse_yaml
 from pbp_hpc.errors import ConfigError
 
 
@@ -109,6 +110,9 @@ class DataConfig(_Section):
     n_test: Optional[int] = Field(None, ge=0)
     scale_with_ranks: bool = False  # synthetic weak scaling: n_train is per rank
     noise: float = Field(0.35, ge=0.0)  # synthetic: spread of examples around their class prototype
+    # idx: the number of classes, when the labels do not show it (max label + 1 otherwise);
+    # it must equal model.layers[-1]
+    n_classes: Optional[int] = Field(None, ge=2)
 
 
 class TrainConfig(_Section):
@@ -166,14 +170,18 @@ class ParallelConfig(_Section):
     threads_per_rank: Optional[int] = Field(None, ge=1)  # null: cores on the node / ranks on the node
     # how ranks combine their work (pbp_hpc/parallel/strategies/): allreduce
     strategy: str = "allreduce"
-    # how a sum over ranks is carried out (pbp_hpc/parallel/reducers/): blocking, overlap, or
-    # shm (node-wide shared memory, CPU only)
-    reducer: str = "blocking"
+    # how a sum over ranks is carried out (pbp_hpc/parallel/reducers/): blocking, overlap, shm
+    # (node-wide shared memory, CPU only), or auto: shm where ranks share a node, else blocking
+    reducer: str = "auto"
     oversubscribe: bool = False  # allow ranks x threads > cores
     # ranks the launcher left unbound bind themselves to disjoint cores (runtime.bind_to_cores)
     bind: bool = True
     # backend: cupy only. auto: cuda-aware if MPI says it is (PBP_HPC_CUDA_AWARE=0|1 overrides), else staged
     gpu_reducer: Literal["auto", "cuda-aware", "staged", "nccl"] = "auto"
+    # a step whose reduction waits longer than this prints one warning naming the ranks not yet there
+    stall_warning_s: float = Field(60.0, gt=0.0)
+    # ... and longer than this aborts the job (runtime.EXIT_STALLED); null: wait for ever
+    stall_timeout_s: Optional[float] = Field(None, gt=0.0)
 
     @field_validator("strategy")
     @classmethod
@@ -202,7 +210,9 @@ class DebugConfig(_Section):
     fail_rank: Optional[int] = Field(None, ge=0)
     fail_step: Optional[int] = Field(None, ge=0)  # global step counter, from 0
     # exception: a PbpError; oserror: a Python error that is not ours; nan: NaN gradient and loss
-    fail_kind: Literal["exception", "oserror", "nan"] = "exception"
+    # stall: the rank sleeps debug.stall_s seconds (a rank stopped by SIGSTOP, say)
+    fail_kind: Literal["exception", "oserror", "nan", "stall"] = "exception"
+    stall_s: float = Field(0.0, ge=0.0)
     signal_step: Optional[int] = Field(None, ge=0)  # global step at which a SIGUSR1 is simulated
     signal_rank: Optional[int] = Field(None, ge=0)  # the rank that "receives" it; null: every rank
 
@@ -225,6 +235,9 @@ class Config(_Section):
             raise ValueError(f"model.layers[0] must be 784 for {self.data.name} (28x28 images), got {self.model.layers[0]}")
         if self.data.name in ("mnist", "fashion-mnist") and self.model.layers[-1] != 10:
             raise ValueError(f"model.layers[-1] must be 10 for {self.data.name} (10 classes), got {self.model.layers[-1]}")
+        if self.data.n_classes is not None and self.data.n_classes != self.model.layers[-1]:
+            raise ValueError(f"data.n_classes is {self.data.n_classes} but model.layers[-1] (the output layer) is "
+                             f"{self.model.layers[-1]}; they must be equal")
         if self.data.name == "synthetic" and self.model.layers[-1] < 2:
             raise ValueError("model.layers[-1] (the number of classes) must be at least 2 for synthetic data")
         from pbp_hpc.parallel import combinations
@@ -264,15 +277,13 @@ def _suggest(path: str) -> str:
     return f" (did you mean '{near[0]}'?)" if near else ""
 
 
-def _short_repr(value: Any, limit: int = 80) -> str:
-    """A value as the user wrote it, cut short: a 10,000-element list must not flood the terminal."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+MAX_ERRORS_SHOWN = 20
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
-    for e in err.errors():
+    errors = err.errors()
+    for e in errors[:MAX_ERRORS_SHOWN]:
         path = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             lines.append(f"  {path}: unknown key{_suggest(path)}")
@@ -281,6 +292,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
             shown = "" if isinstance(got, dict) else f" (got {_short_repr(got)})"
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"  {path or '(top level)'}: {msg}{shown}")
+    if len(errors) > MAX_ERRORS_SHOWN:
+        lines.append(f"  ... and {len(errors) - MAX_ERRORS_SHOWN} more")
     return f"invalid configuration in {source}:\n" + "\n".join(lines)
 
 
@@ -292,12 +305,14 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set has an empty key in {item!r}")
+    if len(raw) > MAX_OVERRIDE_CHARS:
+        raise ConfigError(f"--set {key}: value is {len(raw)} characters long, more than the {MAX_OVERRIDE_CHARS} allowed")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except RecursionError:  # PyYAML recurses once per nesting level: `[[[[...` exhausts the stack
-        raise ConfigError(f"--set {key}: value is nested too deeply") from None
+        value = parse_yaml(raw) if raw.strip() else None
+    except _Refused as exc:
+        raise ConfigError(f"--set {key}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {exc}") from None
+        raise ConfigError(f"--set {key}: value {_short_repr(raw)} is not valid YAML: {exc}") from None
     return key.split("."), value
 
 
@@ -319,15 +334,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
-        text = p.read_text()
+        with open(p, "rb") as f:  # read no more than the limit, whatever the file's size
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{p} is larger than {MAX_CONFIG_BYTES} bytes: too large to be a configuration")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {p}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {p}: {exc}") from None
     try:
-        data = yaml.safe_load(text)  # safe_load: a config must never run code (no !!python tags)
-    except RecursionError:
-        raise ConfigError(f"{p} is nested too deeply to be a configuration") from None
+        data = parse_yaml(text)  # safe: a config must never run code (no !!python tags)
+    except _Refused as exc:
+        raise ConfigError(f"{p}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p} is not valid YAML: {exc}") from None
     if data is None:

@@ -152,10 +152,10 @@ def run(cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, log: Optional[Log] = None,
             info = provenance.collect() if comm.rank == 0 else {}
             if devices is not None and comm.rank == 0:
                 info["gpus"] = devices  # every rank's device: id, name, PCI bus id
-            if st.reducer.choice:
+            if "gpu_reducer" in st.reducer.choice:
                 log(f"device reducer: {st.reducer.choice['gpu_reducer']} ({st.reducer.choice['cuda_aware_reason']})")
             log(f"pbp_hpc: {comm.size} rank(s) x {threads} thread(s) ({why_threads}), {binding['how']}, "
-                f"reducer {st.reducer.name}")
+                f"reducer {st.reducer.name} ({st.reducer.choice.get('reducer_reason', 'parallel.gpu_reducer')})")
             info["binding"] = binding  # rank 0's node
             result = _train(st, threads, info, log, quiet)
             result.update(st.reducer.choice)

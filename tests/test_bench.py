@@ -171,7 +171,7 @@ def test_choose_split_says_where_the_split_came_from(tmp_path, monkeypatch):
     missing = hybrid.choose_split("Net-1h", 128, 2, path=tmp_path / "none.json")
     assert (missing.ranks, missing.threads) == (2, 1) and "no readable splits file" in missing.origin
     monkeypatch.delenv("PBP_HPC_HYBRID_SPLITS")
-    assert hybrid.shown_path(hybrid.splits_path()) == "benchmarks/hybrid_splits.json"  # the repository's, by default
+    assert hybrid.shown_path(hybrid.splits_path()) == "pbp_hpc/parallel/hybrid_splits.json"  # the repository's, by default
 
 
 @pytest.mark.parametrize("version, flavour", [

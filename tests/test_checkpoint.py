@@ -194,7 +194,7 @@ def test_resuming_with_another_rank_count_is_refused_and_the_checkpoint_kept(tmp
 
 def test_resuming_with_other_training_settings_is_refused(tmp_path):
     train.run(cfg_of(tmp_path, debug__signal_step=4), MPI.COMM_SELF)
-    with pytest.raises(ConfigError, match="other model/data/training settings"):
+    with pytest.raises(CheckpointError, match="other model/data/training settings"):
         train.run(cfg_of(tmp_path, train__learning_rate=0.25, checkpoint__resume="true"), MPI.COMM_SELF)
 
 

@@ -80,3 +80,23 @@ def test_oversubscribed_ranks_and_parallel_bind_false_are_never_bound():
     assert "oversubscribed" in binding["how"] and all(c == binding["cpus"][0] for c in binding["cpus"])
     res = run_cmd(["pbp_hpc.train", *TINY, "--set", "parallel.bind=false"], ranks=2)
     assert last_json(res.stdout)["provenance"]["binding"]["how"] == "not bound (parallel.bind: false)"
+
+
+def _reducer_line(res):
+    assert res.returncode == 0, res.stderr
+    return next(line for line in res.stderr.splitlines() if "rank(s) x" in line)
+
+
+def test_auto_reducer_shares_memory_among_a_nodes_ranks_and_says_so():
+    from helpers import MPIEXEC
+
+    line = _reducer_line(run_cmd(["pbp_hpc.train", *TINY], ranks=2))
+    assert "reducer shm (auto: 2 ranks share each node's memory)" in line
+    two_nodes = [MPIEXEC, "-n", "4", "-ppn", "2", "-hosts", "localhost,127.0.0.1", "-launcher", "fork"]
+    line = _reducer_line(run_cmd(["pbp_hpc.train", *TINY], launcher=two_nodes))
+    assert "reducer shm (auto: 2 ranks share each node's memory, then an Allreduce across 2 nodes)" in line
+    one_each = [MPIEXEC, "-n", "2", "-ppn", "1", "-hosts", "localhost,127.0.0.1", "-launcher", "fork"]
+    line = _reducer_line(run_cmd(["pbp_hpc.train", *TINY], launcher=one_each))
+    assert "reducer blocking (auto: one rank per node, no memory to share)" in line
+    line = _reducer_line(run_cmd(["pbp_hpc.train", *TINY, "--set", "parallel.reducer=overlap"], ranks=2))
+    assert "reducer overlap (parallel.reducer)" in line

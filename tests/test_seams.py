@@ -43,7 +43,7 @@ def test_a_reducer_registered_from_outside_trains_like_blocking(reduce_bcast):
 
 
 def test_an_unregistered_reducer_is_refused_naming_the_choices():
-    with pytest.raises(ConfigError, match="unknown reducer 'reduce-bcast'; choose one of blocking, overlap, shm"):
+    with pytest.raises(ConfigError, match="unknown reducer 'reduce-bcast'; choose one of auto, blocking, overlap, shm"):
         small(**{"parallel.reducer": "reduce-bcast"})
 
 

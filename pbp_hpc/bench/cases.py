@@ -36,12 +36,19 @@ class Spec:
     cores: int
     mem_steps: int = 3
     clock: str = "wall"  # or "cpu": one-thread cases timed by CPU time (see Worker.cpu_clock)
+    jax: bool = True  # the JAX peer's cases (pbp_hpc.bench.jax_peer)
+    typed: bool = True  # an `as typed` row per group (pbp_hpc.bench.typed), run by the parent after the job
 
     def overrides(self, layers: list[int], batch: int, reducer: str, variant: str = "") -> list[str]:
         """`--set` items for a config with this network, batch and reducer, and a VARIANTS entry."""
         out = [f"model.layers={layers}", f"train.batch_size={batch}", f"train.learning_rate={LEARNING_RATE}",
                *VARIANTS[variant], f"train.seed={SEED}", "model.dtype=float32", f"parallel.reducer={reducer}",
                "train.progress=false"]
+        return out + self.data_overrides()
+
+    def data_overrides(self) -> list[str]:
+        """`--set` items for the data every case trains on."""
+        out = []
         if self.synthetic:
             out += ["data.name=synthetic", "data.n_test=10"]
         elif self.data_dir:
@@ -50,12 +57,18 @@ class Spec:
             out.append(f"data.n_train={self.n_train}")
         return out
 
+    def typed_overrides(self, layers: list[int], batch: int) -> list[str]:
+        """`--set` items of the `as typed` row: the case's network, training setup, batch and data,
+        and the epochs; none of the tuning the other rows get (reducer, threads, binding, skipping)."""
+        return [f"model.layers={layers}", f"train.batch_size={batch}", f"train.learning_rate={LEARNING_RATE}",
+                *TRAINING, f"train.epochs={self.reps + 1}", *self.data_overrides()]
+
 
 def make_spec(args: argparse.Namespace, cores: int) -> Spec:
     if args.smoke:
         return Spec("smoke", ["tiny"], [64], reps=1, warmup_steps=1, n_train=600, data_dir=None, synthetic=True,
                     reducer=args.reducer, compare_reducers=False, compare_dense=False, compare_optimizers=False, torch=not args.no_torch, pin=args.pin,
-                    peak_n=256, cores=cores, mem_steps=2, clock=args.clock)
+                    peak_n=256, cores=cores, mem_steps=2, clock=args.clock, jax=not args.no_jax, typed=args.typed)
     quick = args.quick
     return Spec("quick" if quick else "full", args.nets or ["Net-1h", "Net-2h"],
                 args.batches or ([128, 1024] if quick else [128, 1024, 4096]),
@@ -63,7 +76,8 @@ def make_spec(args: argparse.Namespace, cores: int) -> Spec:
                 data_dir=args.data_dir, synthetic=False, reducer=args.reducer,
                 compare_reducers=args.compare_reducers if args.compare_reducers is not None else not quick,
                 compare_dense=args.compare_dense, compare_optimizers=args.compare_optimizers,
-                torch=not args.no_torch, pin=args.pin, peak_n=2048, cores=cores, clock=args.clock)
+                torch=not args.no_torch, pin=args.pin, peak_n=2048, cores=cores, clock=args.clock,
+                jax=not args.no_jax, typed=args.typed)
 
 
 def splits_of(cores: int) -> list[tuple[int, int]]:
@@ -75,8 +89,9 @@ def splits_of(cores: int) -> list[tuple[int, int]]:
 
 # What each row measures: the report's setup, stated (the built-in defaults are another), and
 # variants of it that rows with a /VARIANT label add at batch 1024.
-REPORT = ["model.activation=sigmoid", "model.loss=mse", "model.init=glorot_uniform", "optimizer.name=sgd",
-          "schedule.name=constant", "schedule.warmup_epochs=0", "train.skip_zero_inputs=true"]
+TRAINING = ["model.activation=sigmoid", "model.loss=mse", "model.init=glorot_uniform", "optimizer.name=sgd",
+            "schedule.name=constant", "schedule.warmup_epochs=0"]  # what is trained, not how fast
+REPORT = [*TRAINING, "train.skip_zero_inputs=true"]
 VARIANTS = {
     "": REPORT,
     "dense": [*REPORT, "train.skip_zero_inputs=false"],  # every input column in the first layer's GEMMs
@@ -87,7 +102,7 @@ VARIANTS = {
 
 @dataclass(frozen=True)
 class Case:
-    kind: str  # ours | gemm | torch
+    kind: str  # ours | gemm | torch | jax
     ranks: int
     threads: int
     reducer: str = ""
@@ -106,6 +121,8 @@ def cases_for(spec: Spec, net: str, batch: int) -> list[Case]:
         out += [Case("ours", r, t), Case("gemm", r, t)]
         if spec.torch and r == 1:
             out.append(Case("torch", 1, t))
+        if spec.jax and r == 1:
+            out.append(Case("jax", 1, t))
     if spec.compare_dense and batch == 1024:  # one batch size: the full run must stay under 10 minutes
         out += [Case("ours", 1, 1, variant="dense"), Case("gemm", 1, 1, variant="dense")]
     if spec.compare_optimizers and batch == 1024:

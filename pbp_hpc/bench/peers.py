@@ -1,8 +1,12 @@
-"""The PyTorch peer: pbp_hpc.framework's training, timed in a child process of rank 0.
+"""The peers' shared machinery, and the PyTorch peer: a framework's training, timed in a child
+process of rank 0.
 
-Rank 0 drives it over pipes with JSON lines (TorchClient); the child (torch_worker, started as
-`python -m pbp_hpc.bench --torch-worker`) is no MPI rank, so torch's memory and thread pools
-stay out of ours. Its steps are framework.train_step, the step `python -m pbp_hpc.framework` runs.
+Rank 0 drives each peer over pipes with JSON lines (PeerClient); the child (started as `python
+-m pbp_hpc.bench --torch-worker`, or `--jax-worker T` for the JAX peer, pbp_hpc.bench.jax_peer)
+is no MPI rank, so the framework's memory and thread pools stay out of ours. Every child answers
+the same requests through serve(): setup (the config overrides of a group), epoch (the first
+`steps` steps of an epoch, timed) and quit. The PyTorch peer's steps are framework.train_step,
+the step `python -m pbp_hpc.framework` runs.
 """
 
 from __future__ import annotations
@@ -12,29 +16,32 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 from pbp_hpc.bench.cases import SEED
 
+MPI_ENV = ("PMI_", "HYDRA_", "MPIR_", "MPICH_", "OMPI_")  # a child must not think it is a rank
 
-class TorchClient:
-    """PyTorch in a child process of rank 0, driven over pipes with JSON lines."""
 
-    def __init__(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "HYDRA_", "MPIR_", "MPICH_", "OMPI_"))}
-        self.proc = subprocess.Popen([sys.executable, "-m", "pbp_hpc.bench", "--torch-worker"], stdin=subprocess.PIPE,
+class PeerClient:
+    """A peer in a child process of rank 0, driven over pipes with JSON lines."""
+
+    def __init__(self, name: str, args: list[str]) -> None:
+        self.name = name
+        env = {k: v for k, v in os.environ.items() if not k.startswith(MPI_ENV)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "pbp_hpc.bench", *args], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env)
         self.info = self._read()
 
     def _read(self) -> dict[str, Any]:
         line = self.proc.stdout.readline() if self.proc.stdout else ""
         if not line:
-            return {"error": f"torch worker exited ({self.proc.poll()})"}
+            return {"error": f"{self.name} worker exited ({self.proc.poll()})"}
         return json.loads(line)
 
     def ask(self, **msg: Any) -> dict[str, Any]:
         if self.proc.poll() is not None or "error" in self.info:
-            return {"error": self.info.get("error", "torch worker is gone")}
+            return {"error": self.info.get("error", f"{self.name} worker is gone")}
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(msg) + "\n")
         self.proc.stdin.flush()
@@ -46,8 +53,49 @@ class TorchClient:
             self.proc.wait(timeout=30)
 
 
+class TorchClient(PeerClient):
+    """PyTorch in a child process of rank 0; one child serves every thread count."""
+
+    def __init__(self) -> None:
+        super().__init__("torch", ["--torch-worker"])
+
+
+class PeerRun(Protocol):
+    def epoch(self, epoch: int, steps: Optional[int], clock: Callable[[], float]) -> float: ...
+
+
+def serve(info: dict[str, Any], setup: Callable[[list[str]], PeerRun], threads: Callable[[int], None],
+          cpu_clock: Callable[[], float]) -> int:
+    """Print `info`, then answer setup/epoch/quit requests from rank 0 on stdin; one JSON line per answer.
+
+    threads(t): make the next epoch run on t threads (or raise: the table shows n/a);
+    cpu_clock: the peer's CPU-time clock for `cpu` epochs (the clock that counts its compute threads).
+    """
+    print(json.dumps(info), flush=True)
+    run: Optional[PeerRun] = None
+    for line in sys.stdin:
+        msg = json.loads(line)
+        try:
+            if msg["cmd"] == "quit":
+                print(json.dumps({"ok": True}), flush=True)
+                return 0
+            if msg["cmd"] == "setup":
+                run = None  # the last group's buffers go before the next group's are made
+                run = setup(msg["overrides"])
+                print(json.dumps({"ok": True}), flush=True)
+            elif msg["cmd"] == "epoch" and run is not None:
+                threads(int(msg["threads"]))
+                clock = cpu_clock if msg.get("cpu") else time.perf_counter
+                print(json.dumps({"time": run.epoch(int(msg["epoch"]), msg.get("steps"), clock)}), flush=True)
+            else:
+                print(json.dumps({"error": f"bad request {msg}"}), flush=True)
+        except Exception as exc:  # noqa: BLE001 - report, keep serving: the table shows n/a
+            print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
+    return 0
+
+
 def torch_worker() -> int:
-    """Answer setup/epoch/quit requests from rank 0 on stdin; one JSON line per answer."""
+    """The PyTorch peer's child: serve() with TorchRun."""
     import mpi4py
 
     mpi4py.rc.initialize = False  # framework imports train, which imports MPI: not a rank of anything
@@ -58,27 +106,24 @@ def torch_worker() -> int:
     except ImportError as exc:
         print(json.dumps({"error": f"PyTorch is not importable: {exc}"}), flush=True)
         return 0
-    print(json.dumps({"version": torch.__version__, "mkl": bool(torch.backends.mkl.is_available()),
-                      "config": torch.__config__.show().splitlines()[3:5]}), flush=True)
-    run: Optional[TorchRun] = None
-    for line in sys.stdin:
-        msg = json.loads(line)
-        try:
-            if msg["cmd"] == "quit":
-                print(json.dumps({"ok": True}), flush=True)
-                return 0
-            if msg["cmd"] == "setup":
-                run = TorchRun(torch, framework, msg["overrides"])
-                print(json.dumps({"ok": True}), flush=True)
-            elif msg["cmd"] == "epoch" and run is not None:
-                torch.set_num_threads(int(msg["threads"]))
-                clock = time.thread_time if msg.get("cpu") else time.perf_counter
-                print(json.dumps({"time": run.epoch(int(msg["epoch"]), msg.get("steps"), clock)}), flush=True)
-            else:
-                print(json.dumps({"error": f"bad request {msg}"}), flush=True)
-        except Exception as exc:  # noqa: BLE001 - report, keep serving: the table shows n/a
-            print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
-    return 0
+    info = {"version": torch.__version__, "mkl": bool(torch.backends.mkl.is_available()),
+            "config": torch.__config__.show().splitlines()[3:5]}
+    # one thread: torch computes on the calling thread, so that thread's CPU time is the step's
+    return serve(info, lambda overrides: TorchRun(torch, framework, overrides), torch.set_num_threads, time.thread_time)
+
+
+def load_case(overrides: list[str]) -> tuple[Any, Any]:
+    """The config of a group's overrides and its data set, loaded as pbp_hpc.train loads it (one rank)."""
+    from pbp_hpc import config
+    from pbp_hpc.data import datasets
+
+    cfg = config.load(None, overrides)
+    directory = None
+    if cfg.data.name != "synthetic":
+        from pbp_hpc.data.mnist import resolve_data_dir
+
+        directory = resolve_data_dir(cfg.data.dir, download=False)
+    return cfg, datasets.load(cfg, 1, directory)
 
 
 class TorchRun:
@@ -86,18 +131,10 @@ class TorchRun:
     activation, loss, init and optimizer); its training steps without evaluation."""
 
     def __init__(self, torch: Any, framework: Any, overrides: list[str]):
-        from pbp_hpc import config
-        from pbp_hpc.data import datasets
         from pbp_hpc.engine import model
         from pbp_hpc.engine.schedules import Schedule
         self.torch, self.framework = torch, framework
-        cfg = config.load(None, overrides)
-        directory = None
-        if cfg.data.name != "synthetic":
-            from pbp_hpc.data.mnist import resolve_data_dir
-
-            directory = resolve_data_dir(cfg.data.dir, download=False)
-        self.data = datasets.load(cfg, 1, directory)
+        cfg, self.data = load_case(overrides)
         layout = model.Layout(cfg.model.layers)
         self.net, self.opt = framework.build(torch, cfg, layout)
         self.buf = framework.Batches(torch, cfg.model.layers[0], cfg.model.layers[-1], cfg.train.batch_size, cfg.model.dtype)

@@ -19,7 +19,8 @@ import numpy as np
 
 from pbp_hpc.bench.memory import measure, reset_peak_rss, rss_now
 from pbp_hpc.bench.cases import NETWORKS, SEED, Case, Spec, cases_for, splits_of
-from pbp_hpc.bench.peers import TorchClient
+from pbp_hpc.bench.jax_peer import JaxClient
+from pbp_hpc.bench.peers import PeerClient, TorchClient
 from pbp_hpc.bench.runs import GemmReplay, OurRun, Timing
 
 
@@ -72,6 +73,9 @@ class Worker:
         self.pin = Pinning(spec.pin, self.rank)
         self.comms = {r: self._first(r) for r in sorted({r for r, _ in splits_of(spec.cores)})}
         self.torch = TorchClient() if (spec.torch and self.rank == 0) else None
+        # XLA's threads are fixed when JAX starts: one child per thread count of the jax cases
+        self.jax = {t: JaxClient(t) for t in sorted({t for r, t in splits_of(spec.cores) if r == 1})} \
+            if (spec.jax and self.rank == 0) else {}
         self.base_rss = 0  # set after the peak SGEMM, which also warms BLAS's work buffers
         self.data_cache: dict[str, Any] = {}
 
@@ -159,10 +163,10 @@ class Worker:
         cases = cases_for(spec, net, batch)
         mem = self.memory(layers, batch)
         runs, states, n = self.build_runs(cases, layers, batch)
-        if self.torch is not None:
-            reply = self.torch.ask(cmd="setup", overrides=spec.overrides(layers, batch, spec.reducer))
+        for peer in self.peers():
+            reply = peer.ask(cmd="setup", overrides=spec.overrides(layers, batch, spec.reducer))
             if "error" in reply:
-                self.say(f"torch: {reply['error']}")
+                self.say(f"{peer.name}: {reply['error']}")
         timings = self.time_cases(cases, runs, net, batch, n)
         active = active_fractions(cases, runs, spec.reducer)
         for st in states:
@@ -181,7 +185,7 @@ class Worker:
         states: list[Any] = []
         n = 0
         for case in cases:
-            if case.kind == "torch" or not self._in(case.ranks):
+            if case.kind in ("torch", "jax") or not self._in(case.ranks):
                 continue
             key = state_key(case, self.spec.reducer)
             if key not in runs:  # one State per rank count and reducer, shared by its thread counts
@@ -214,11 +218,12 @@ class Worker:
 
     def run_case(self, case: Case, runs: dict[Case, Any], order: np.ndarray, batch: int, steps: int,
                  rep: int) -> Optional[tuple[float, float]]:
-        if case.kind == "torch":
-            if self.torch is None:
+        if case.kind in ("torch", "jax"):
+            peer = self.torch if case.kind == "torch" else self.jax.get(case.threads)
+            if peer is None:
                 return None
-            reply = self.torch.ask(cmd="epoch", threads=case.threads, epoch=max(rep, 0), steps=steps,
-                                   cpu=self.cpu_clock(case))
+            reply = peer.ask(cmd="epoch", threads=case.threads, epoch=max(rep, 0), steps=steps,
+                             cpu=self.cpu_clock(case))
             return (reply["time"], 0.0) if "time" in reply else None
         if not self._in(case.ranks):
             return None
@@ -228,6 +233,10 @@ class Worker:
             if case.kind == "gemm":
                 return runs[case].epoch(steps, clock)
             return runs[case].epoch(order, batch, steps, clock)
+
+    def peers(self) -> list[PeerClient]:
+        """Rank 0's peer children (none elsewhere)."""
+        return ([self.torch] if self.torch is not None else []) + list(self.jax.values())
 
     def cpu_clock(self, case: Case) -> bool:
         """--clock cpu: a one-thread case is timed by its threads' CPU time, which other
@@ -264,12 +273,13 @@ class Worker:
         self.base_rss = rss_now()  # interpreter, libraries, MPI: before any data
         info = provenance.collect() if self.rank == 0 else {}
         self.emit({"type": "header", "peak_gflops": peak, "provenance": info, "base_rss": self.base_rss,
-                   "torch": self.torch.info if self.torch else None})
+                   "torch": self.torch.info if self.torch else None,
+                   "jax": {str(t): c.info for t, c in self.jax.items()} if self.jax else None})
         for net in spec.nets:
             for batch in spec.batches:
                 self.emit({"type": "group", **self.group(net, batch)})
-        if self.torch is not None:
-            self.torch.close()
+        for peer in self.peers():
+            peer.close()
         self.emit({"type": "end", "load": os.getloadavg()})
 
 

@@ -224,7 +224,14 @@ def has_active_features(source: Source) -> bool:
 def _load_idx(cfg: Config, directory: Path) -> Data:
     from pbp_hpc.data.mnist import load_mnist
 
-    arrays = load_mnist(directory)
+    # MNIST and Fashion-MNIST have 10 classes; another IDX set as many as data.n_classes says,
+    # else as its labels show (largest + 1). Either way, the output layer must have one unit per class.
+    stated = 10 if cfg.data.name in ("mnist", "fashion-mnist") else cfg.data.n_classes
+    arrays = load_mnist(directory, stated)
+    if arrays.n_classes != cfg.model.layers[-1]:
+        raise DataError(f"{directory} holds {arrays.n_classes} classes ({arrays.n_classes_from}) but model.layers[-1] "
+                        f"(the output layer) is {cfg.model.layers[-1]}; make them equal (data.n_classes states the count "
+                        "when the labels do not show it)")
     n_train = arrays.train_labels.shape[0]
     if cfg.data.n_train is not None:
         if cfg.data.n_train > n_train:

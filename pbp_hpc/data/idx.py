@@ -8,8 +8,10 @@ Every failure a damaged or mistaken file can cause is a DataError naming the fil
 from __future__ import annotations
 
 import gzip
+import os
 import zlib
 from pathlib import Path
+from typing import BinaryIO, Optional
 
 import numpy as np
 
@@ -30,44 +32,100 @@ _GZIP_MAGIC = b"\x1f\x8b"
 MAX_DIMS = 4
 
 
-def _read_bytes(path: Path) -> bytes:
+# Stated limits: what reading an IDX file may cost, whatever its header claims.
+MAX_BYTES = int(os.environ.get("PBP_HPC_IDX_MAX_BYTES", 8 << 30))  # decompressed data; EMNIST is < 1 GiB
+# deflate cannot do better than 1032:1, so a gzip file claiming more than this many bytes per
+# compressed byte is lying about its size: refused before anything is inflated
+MAX_GZIP_RATIO = 1032
+_CHUNK = 1 << 20
+
+
+def _open(path: Path) -> tuple[BinaryIO, int, bool]:
+    """(stream of the IDX bytes, size of the file on disk, whether it is gzip)."""
     try:
-        raw = path.read_bytes()
+        f = open(path, "rb")
+        size = os.fstat(f.fileno()).st_size
     except OSError as e:  # missing, a directory, unreadable: all the user's to fix
         raise DataError(f"cannot read IDX file {path}: {e.strerror or e}") from e
-    # Sniff the magic rather than trust the name: browsers sometimes decompress a
-    # download and keep the .gz name, and some mirrors compress without renaming.
-    if not raw.startswith(_GZIP_MAGIC):
-        return raw
     try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as e:  # bad header, truncated stream, bad CRC
+        # Sniff the magic rather than trust the name: browsers sometimes decompress a
+        # download and keep the .gz name, and some mirrors compress without renaming.
+        magic = f.read(2)
+        f.seek(0)
+    except OSError as e:
+        f.close()
+        raise DataError(f"cannot read IDX file {path}: {e.strerror or e}") from e
+    if magic == _GZIP_MAGIC:
+        return gzip.GzipFile(fileobj=f, mode="rb"), size, True  # type: ignore[return-value]
+    return f, size, False
+
+
+def _read_exactly(stream: BinaryIO, out: memoryview, path: Path) -> int:
+    """Fill out from stream as far as it goes; the number of bytes read."""
+    got = 0
+    while got < len(out):
+        n = stream.readinto(out[got : got + _CHUNK])  # type: ignore[attr-defined]
+        if not n:
+            break
+        got += n
+    return got
+
+
+def read_idx(path: str | Path, max_bytes: Optional[int] = None) -> np.ndarray:
+    """Return the array stored in an IDX file (gzip or not), native-endian, shape as in the header.
+
+    The header is read first and checked against the stated limits (max_bytes, default
+    MAX_BYTES, of data; MAX_GZIP_RATIO for a compressed file; the file's size for an
+    uncompressed one) before anything else is read; the data is then streamed into an array of
+    the claimed size, so memory never exceeds what the header claimed and the limits allow.
+    """
+    path = Path(path)
+    limit = MAX_BYTES if max_bytes is None else max_bytes
+    stream, disk_size, compressed = _open(path)
+    try:
+        with stream:
+            return _read_stream(stream, path, disk_size, compressed, limit)
+    except (OSError, EOFError, zlib.error) as e:  # bad gzip header, truncated stream, bad CRC
+        if isinstance(e, OSError) and not compressed:
+            raise DataError(f"cannot read IDX file {path}: {e.strerror or e}") from e
         raise DataError(f"{path}: corrupt gzip stream ({e}); download the file again") from e
 
 
-def read_idx(path: str | Path) -> np.ndarray:
-    """Return the array stored in an IDX file (gzip or not), native-endian, shape as in the header."""
-    path = Path(path)
-    data = _read_bytes(path)
-    if len(data) < 4 or data[:2] != b"\0\0":
-        raise DataError(f"{path} is not an IDX file: it starts with {data[:4].hex(' ') or 'nothing'}, expected 00 00 <type> <dims>")
-    code, ndim = data[2], data[3]
+def _read_stream(stream: BinaryIO, path: Path, disk_size: int, compressed: bool, limit: int) -> np.ndarray:
+    head = stream.read(4)
+    if len(head) < 4 or head[:2] != b"\0\0":
+        raise DataError(f"{path} is not an IDX file: it starts with {head[:4].hex(' ') or 'nothing'}, expected 00 00 <type> <dims>")
+    code, ndim = head[2], head[3]
     if code not in _DTYPES:
         raise DataError(f"{path}: unknown IDX type code 0x{code:02X} (known: 08, 09, 0B, 0C, 0D, 0E)")
     if not 1 <= ndim <= MAX_DIMS:
         raise DataError(f"{path}: header says {ndim} dimensions, expected 1 to {MAX_DIMS}")
+    dims = stream.read(4 * ndim)
     header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(f"{path} is truncated: {len(data)} bytes, too short for a {ndim}-D header")
-    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
+    if len(dims) < 4 * ndim:
+        raise DataError(f"{path} is truncated: {4 + len(dims)} bytes, too short for a {ndim}-D header")
+    shape = tuple(int(d) for d in np.frombuffer(dims, ">u4", count=ndim))
     dtype = _DTYPES[code]
     # Python ints: a hostile header (4 x 2^32) must not overflow into a plausible size.
-    expected = header + dtype.itemsize * int(np.prod(shape, dtype=object))
-    if len(data) != expected:
-        problem = "truncated" if len(data) < expected else "followed by trailing bytes"
-        raise DataError(f"{path} is {problem}: shape {shape} of {dtype.name} needs {expected} bytes, found {len(data)}")
+    payload = dtype.itemsize * int(np.prod(shape, dtype=object))
+    expected = header + payload
+    if not compressed and disk_size != expected:
+        problem = "truncated" if disk_size < expected else "followed by trailing bytes"
+        raise DataError(f"{path} is {problem}: shape {shape} of {dtype.name} needs {expected} bytes, found {disk_size}")
+    if payload > limit:
+        raise DataError(f"{path}: header claims shape {shape} of {dtype.name}, {payload} bytes of data, more than the "
+                        f"limit of {limit} bytes (PBP_HPC_IDX_MAX_BYTES)")
+    if compressed and expected > MAX_GZIP_RATIO * disk_size + 1024:
+        raise DataError(f"{path} is truncated: shape {shape} of {dtype.name} needs {expected} bytes, more than "
+                        f"{disk_size} compressed bytes can hold")
+    out = np.empty(payload, dtype=np.uint8)  # pages are touched only as data arrives
+    got = _read_exactly(stream, memoryview(out), path)
+    if got < payload:
+        raise DataError(f"{path} is truncated: shape {shape} of {dtype.name} needs {expected} bytes, found {header + got}")
+    if stream.read(1):
+        raise DataError(f"{path} is followed by trailing bytes: shape {shape} of {dtype.name} needs {expected} bytes, found more")
     # astype copies: the result is writable, native-endian and owns its memory.
-    return np.frombuffer(data, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    return out.view(dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 def write_idx(path: str | Path, array: np.ndarray) -> None:

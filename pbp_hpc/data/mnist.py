@@ -30,7 +30,7 @@ IDX_NAMES: dict[str, str] = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-N_CLASSES = 10
+N_CLASSES = 10  # MNIST's and Fashion-MNIST's; another IDX set has as many as its labels say
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,8 @@ class MnistArrays:
     test_images: np.ndarray
     test_labels: np.ndarray
     image_shape: tuple[int, int]
+    n_classes: int = N_CLASSES  # stated (load_mnist's n_classes), else the largest label + 1
+    n_classes_from: str = ""  # where n_classes comes from, in words, for messages
 
 
 def candidate_names(base: str) -> list[str]:
@@ -111,27 +113,37 @@ def _read(path: Path, ndim: int, what: str) -> np.ndarray:
     return array
 
 
-def _split(files: dict[str, Path], part: str) -> tuple[np.ndarray, np.ndarray]:
+def _split(files: dict[str, Path], part: str, n_classes: int | None) -> tuple[np.ndarray, np.ndarray]:
     images_path, labels_path = files[f"{part}_images"], files[f"{part}_labels"]
     images = _read(images_path, 3, "images")
     labels = _read(labels_path, 1, "labels")
     if len(images) != len(labels):
         raise DataError(f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels")
-    bad = np.flatnonzero(labels >= N_CLASSES)
-    if bad.size:
-        i = int(bad[0])
-        raise DataError(f"{labels_path}: label {int(labels[i])} at index {i} is outside 0..{N_CLASSES - 1} ({bad.size} such labels)")
+    if n_classes is not None:
+        bad = np.flatnonzero(labels >= n_classes)
+        if bad.size:
+            i = int(bad[0])
+            raise DataError(f"{labels_path}: label {int(labels[i])} at index {i} is outside 0..{n_classes - 1} "
+                            f"({bad.size} such labels)")
     return images, labels
 
 
-def load_mnist(directory: Path) -> MnistArrays:
-    """Load and check the four files in `directory`; raise DataError naming the file on any problem."""
+def load_mnist(directory: Path, n_classes: int | None = N_CLASSES) -> MnistArrays:
+    """Load and check the four files in `directory`; raise DataError naming the file on any problem.
+
+    n_classes: the number of classes the set has (every label must be below it); None: as
+    many as the labels show (the largest label in either file + 1)."""
     directory = Path(directory)
     files = find_files(directory)
     if files is None:
         raise DataError(f"cannot load the data set: {_missing_message(directory)}. {_HOW_TO_PROVIDE}")
-    train_images, train_labels = _split(files, "train")
-    test_images, test_labels = _split(files, "test")
+    train_images, train_labels = _split(files, "train", n_classes)
+    test_images, test_labels = _split(files, "test", n_classes)
+    if n_classes is None:
+        top = max(int(train_labels.max()), int(test_labels.max()))
+        n_classes, why = top + 1, f"the largest label in {files['train_labels']} and {files['test_labels']} is {top}"
+    else:
+        why = f"{n_classes} classes stated"
     if train_images.shape[1:] != test_images.shape[1:]:
         raise DataError(
             f"image sizes differ: {files['train_images']} holds {train_images.shape[1:]} images, "
@@ -144,4 +156,6 @@ def load_mnist(directory: Path) -> MnistArrays:
         test_images=test_images.reshape(len(test_images), rows * cols),
         test_labels=test_labels,
         image_shape=(rows, cols),
+        n_classes=n_classes,
+        n_classes_from=why,
     )

@@ -6,7 +6,7 @@
            "--set", f"parallel.threads_per_rank={threads}", "--set", "parallel.reducer=shm", ...]
 
 The benchmark times every split of the cores (1 x 2 and 2 x 1 on two cores) for each
-network and batch size and merges the fastest into benchmarks/hybrid_splits.json (or the
+network and batch size and merges the fastest into pbp_hpc/parallel/hybrid_splits.json (or the
 file $PBP_HPC_HYBRID_SPLITS names). Unmeasured combinations fall back to one rank per core
 and one thread per rank, the split that needs no threaded BLAS. `python -m pbp_hpc.sweep`
 uses choose_split (best_split with its origin in words) for `hybrid_split: best`, and
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_PATH = REPO / "benchmarks" / "hybrid_splits.json"
+DEFAULT_PATH = Path(__file__).resolve().parent / "hybrid_splits.json"  # shipped in the package
 FILE_DOC = ("Fastest ranks x threads split per machine (by core count), network (layer sizes) and global batch "
             "size, written by `python -m pbp_hpc.bench`; read by pbp_hpc.hybrid.best_split. tpe_s: the median "
             "time per epoch of each split tried.")
@@ -47,7 +47,7 @@ def network_key(network: Network) -> str:
 
 
 def splits_path(path: Optional[Path] = None) -> Path:
-    """The splits file read: `path`, else $PBP_HPC_HYBRID_SPLITS, else benchmarks/hybrid_splits.json."""
+    """The splits file read: `path`, else $PBP_HPC_HYBRID_SPLITS, else pbp_hpc/parallel/hybrid_splits.json."""
     return Path(path) if path is not None else Path(os.environ.get("PBP_HPC_HYBRID_SPLITS") or DEFAULT_PATH)
 
 
@@ -206,3 +206,25 @@ def mpiexec_args(ranks: int, threads: int, flavour: Optional[str] = MPICH) -> li
     if flavour is not None:
         raise ValueError(f"unknown MPI flavour {flavour!r}: use {MPICH!r}, {OPENMPI!r} or None")
     return args
+
+
+def best_threads(network: Network, batch_size: int, cores: int, ranks: int,
+                 path: Optional[Path] = None) -> Optional[tuple[int, str]]:
+    """Threads per rank for `ranks` ranks on a node of `cores` cores: the fastest measured split
+    with that many ranks (same core count, the nearest batch size within NEAREST), and where
+    it came from; None without such a measurement."""
+    doc = load(path)
+    file = shown_path(splits_path(path))
+    machine = next((m for m in (doc or {}).get("machines", {}).values() if isinstance(m, dict) and m.get("cores") == cores), None)
+    batches = (((machine or {}).get("networks") or {}).get(network_key(network)) or {}).get("batches") or {}
+    measured = {int(b): v for b, v in batches.items() if str(b).isdigit() and int(b) > 0 and isinstance(v, dict)}
+    if not measured:
+        return None
+    nearest = min(measured, key=lambda b: (abs(math.log(b / max(1, batch_size))), b))
+    if abs(math.log(nearest / max(1, batch_size))) > math.log(NEAREST):
+        return None
+    timed = {t: tpe for (r, t), tpe in _measured_splits(measured[nearest], cores).items() if r == ranks}
+    if not timed:
+        return None
+    threads = min(timed, key=lambda t: (timed[t], t))
+    return threads, f"fastest measured split for {ranks} rank(s) on {cores} cores at B={nearest}, {file}"

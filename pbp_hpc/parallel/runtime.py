@@ -120,6 +120,11 @@ def threads_for(cfg: Config, on_node: int, cores: int, env: Mapping[str, str] = 
         from_env = _env_threads(env)
         if from_env is not None:
             return from_env
+        from pbp_hpc.parallel import hybrid
+
+        measured = hybrid.best_threads(cfg.model.layers, cfg.train.batch_size, cores, on_node)
+        if measured is not None and on_node * measured[0] <= cores:
+            return measured
         return max(1, cores // on_node), f"{cores} core(s) shared by {on_node} rank(s) on the node"
     if wanted > 1 and on_node * wanted > cores and not cfg.parallel.oversubscribe:
         raise ConfigError(

@@ -1,0 +1,76 @@
+"""The `as typed` rows: `mpiexec -n C python -m pbp_hpc.train` as a user types it, timed.
+
+For each (network, batch) group the parent runs, after the worker job (never beside it: they
+would share the cores), the command with only the group's network, training setup, batch and
+data settings (Spec.typed_overrides) and none of the tuning the other rows get: no binding
+flags, the config's default reducer, no threads setting, no thread variables in the
+environment. It trains spec.reps + 1 epochs; the row's times are the `time_s` of the epochs
+after the first (train's own per-epoch time: the slowest rank, evaluation excluded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from pbp_hpc.bench.cases import NETWORKS, Spec
+
+THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def mpiexec() -> str:
+    """The mpiexec beside this Python (the venv's MPI), else the one on PATH."""
+    bindir = Path(sys.executable).parent
+    return str(bindir / "mpiexec") if (bindir / "mpiexec").exists() else (shutil.which("mpiexec") or "mpiexec")
+
+
+def command(spec: Spec, layers: list[int], batch: int) -> list[str]:
+    sets = [arg for item in spec.typed_overrides(layers, batch) for arg in ("--set", item)]
+    return [mpiexec(), "-n", str(spec.cores), sys.executable, "-m", "pbp_hpc.train", *sets, "--json"]
+
+
+def shown(cmd: list[str]) -> str:
+    """The command as a user would type it: `mpiexec` and `python`, not their full paths."""
+    short = ["mpiexec" if i == 0 else "python" if a == sys.executable else a for i, a in enumerate(cmd)]
+    return shlex.join(short)
+
+
+def run(spec: Spec, net: str, batch: int, timeout: Optional[float] = None) -> dict[str, Any]:
+    """One group's `as typed` record (type "typed"); `error` says why it has no times."""
+    layers = NETWORKS[net]
+    cmd = command(spec, layers, batch)
+    rec: dict[str, Any] = {"type": "typed", "net": net, "layers": layers, "batch": batch, "command": shown(cmd),
+                           "times": [], "comm": []}
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_ENV}
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**rec, "error": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {**rec, "error": f"exit {proc.returncode}: {tail}"}
+    out = json.loads(lines[-1])
+    if out.get("status") != "ok":
+        return {**rec, "error": f"status {out.get('status')}: {out.get('error', '')}"}
+    epochs = [e for e in out["epochs"] if not e["partial"]]
+    timed = epochs[1:]  # the first epoch pays for warming up
+    cfg = out.get("config", {})
+    active = out.get("active_inputs") or {}
+    return {**rec, "times": [e["time_s"] for e in timed],
+            "comm": [e["allreduce_s"] / e["time_s"] for e in timed if e["time_s"] > 0],
+            "first": epochs[0]["time_s"] if epochs else None, "n_train": out["n_train"], "ranks": out["ranks"],
+            "threads": out["threads_per_rank"], "reducer": cfg.get("parallel", {}).get("reducer"),
+            "reducer_reason": out.get("reducer_reason"), "dtype": cfg.get("model", {}).get("dtype"),
+            "binding": (out.get("provenance") or {}).get("binding", {}).get("how"),
+            "active": active.get("mean_active_fraction")}
+
+
+def run_all(spec: Spec, timeout: Optional[float] = None) -> list[dict[str, Any]]:
+    return [run(spec, net, batch, timeout) for net in spec.nets for batch in spec.batches]
