@@ -14,7 +14,7 @@ RANKS  ?= 2
 export MPIR_CVAR_CH4_NETMOD ?= ofi
 CONFIG ?= configs/mnist_net1h.yaml
 
-.PHONY: setup run test test-serial test-mpi test-slurm bench clean
+.PHONY: setup run test test-serial test-mpi test-slurm bench clean soak
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	# optional, so a failure to get it only skips those.
 	$(PY) -m pip install -q -e '.[mpich,test]'
 	-$(PY) -m pip install -q 'torch==2.13.0' || echo "torch not installed: framework rows will be skipped"
+	-$(PY) -m pip install -q 'jax[cpu]==0.10.2' || echo "jax not installed (optional, the jax extra): the benchmark's jax columns will say n/a"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -40,6 +41,13 @@ test: setup
 	PBP_HPC_TEST_DATA=$(abspath ../shared/data/mnist) $(PY) -m pytest -q -rs -p no:cacheprovider
 	$(MPIEXEC) -n 2 $(PY) -m pytest -q -rs -p no:cacheprovider --with-mpi -m mpi
 	$(MPIEXEC) -n 3 $(PY) -m pytest -q -rs -p no:cacheprovider --with-mpi -m mpi
+
+# The soak test: a 100-point sweep (jobs/soak_tiny.yaml) run while processes are killed at random
+# (ranks, mpiexec, the sweep itself; SIGKILL and SIGTERM), until every point is recorded; it fails
+# if any point is lost, recorded twice or not ok, or a temporary file or checkpoint is left.
+SOAK_SEED ?= 0
+soak: setup
+	$(PY) benchmarks/soak.py --seed $(SOAK_SEED)
 
 bench: setup
 	$(PY) -m pbp_hpc.bench

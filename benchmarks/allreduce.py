@@ -6,7 +6,7 @@ Times MPI_Allreduce(SUM) of float32 buffers from 8 bytes to 64 MiB (the gradient
 and Net-2h are 3.2 and 7.4 MB), the same call pbp_hpc.train's blocking reducer makes. Each
 size is run until `--seconds` have passed (at least `--min-reps` times); an iteration's time
 is the slowest rank's, starting from a barrier; the table shows the median and minimum.
-Rank 0 prints the table and alpha, beta fitted with pbp_hpc.perfmodel; give the JSON file to
+Rank 0 prints the table and alpha, beta fitted with pbp_hpc.analyze.perfmodel; give the JSON file to
 `python -m pbp_hpc.analyze --alpha-beta FILE` to use them in the scaling model.
 """
 
@@ -65,7 +65,7 @@ def table(rows: list[dict[str, Any]], ranks: int, ab: perfmodel.AlphaBeta) -> st
         lines.append(f"{r['bytes']:>10d}  {t * 1e6:>10.2f}  {r['min_s'] * 1e6:>10.2f}  {r['bytes'] / t / 1e9:>10.3f}  "
                      f"{busbw:>10.3f}  {model * 1e6:>10.2f}  {r['reps']:>6d}")
     lines.append(f"fit (medians, relative least squares): {ab.describe()}")
-    lines.append("model: T(P, n) = 2 log2(P) alpha + 2 (P-1)/P n beta  (Rabenseifner; see pbp_hpc/perfmodel.py)")
+    lines.append("model: T(P, n) = 2 log2(P) alpha + 2 (P-1)/P n beta  (Rabenseifner; see pbp_hpc/analyze/perfmodel.py)")
     return "\n".join(lines)
 
 

@@ -40,8 +40,10 @@ def main() -> int:
     p.add_argument("after", type=Path)
     p.add_argument("--reps", type=int, default=3, help="benchmark runs per tree, interleaved")
     p.add_argument("--limit", type=float, default=0.05, help="flag rows this much slower (fraction)")
-    p.add_argument("bench_args", nargs="*", help="arguments of python -m pbp_hpc.bench (after --)")
-    args = p.parse_args()
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = p.parse_args(argv[:cut])
+    args.bench_args = argv[cut + 1 :]  # python -m pbp_hpc.bench's own arguments, after --
     runs: dict[str, list[dict]] = {"before": [], "after": []}
     for rep in range(args.reps):
         for which in ("before", "after"):

@@ -22,7 +22,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import h5py
 import numpy as np
@@ -44,7 +44,8 @@ def save(path: str | Path, theta: np.ndarray, epoch: int, step: int, meta: dict[
     try:
         _save(path, theta, epoch, step, meta, state or {})
     except OSError as exc:  # disk full, quota, directory gone: the user's to fix, not a traceback
-        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
+        why = "No space left on device" if "No space left on device" in str(exc) else (exc.strerror or str(exc))
+        raise CheckpointError(f"cannot write checkpoint {path}: {why}") from None
 
 
 def _save(path: Path, theta: np.ndarray, epoch: int, step: int, meta: dict[str, Any], state: dict[str, np.ndarray]) -> None:
@@ -125,16 +126,18 @@ def _array(path: Path, field: str, ds: Any, shape: Optional[tuple[int, ...]], dt
     return value
 
 
-def load(path: str | Path, expect: Optional[Expect] = None) -> dict[str, Any]:
+def load(path: str | Path, expect: Optional[Expect] = None,
+         check_meta: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
     """Read a checkpoint written by save(); raise CheckpointError naming the file and the field.
 
     Every field is checked when opened: the format and version, epoch and step (non-negative
     integers; with `expect`, within the run), meta (a JSON object), theta and every state
-    buffer (flat floating-point arrays, finite; with `expect`, of the run's shape and dtype)."""
+    buffer (flat floating-point arrays, finite; with `expect`, of the run's shape and dtype).
+    check_meta(meta): the reader's own checks of meta, run before the arrays are read."""
     path = Path(path)
     try:
         with h5py.File(path, "r") as f:
-            return _load(f, path, expect)
+            return _load(f, path, expect, check_meta)
     except CheckpointError:
         raise
     except FileNotFoundError:
@@ -143,7 +146,8 @@ def load(path: str | Path, expect: Optional[Expect] = None) -> dict[str, Any]:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
 
 
-def _load(f: h5py.File, path: Path, expect: Optional[Expect]) -> dict[str, Any]:
+def _load(f: h5py.File, path: Path, expect: Optional[Expect],
+          check_meta: Optional[Callable[[dict[str, Any]], None]]) -> dict[str, Any]:
     fmt = f.attrs.get("format")
     if isinstance(fmt, bytes):
         fmt = fmt.decode("utf-8", "replace")
@@ -166,6 +170,8 @@ def _load(f: h5py.File, path: Path, expect: Optional[Expect]) -> dict[str, Any]:
         raise _bad(path, "meta", f"expected a JSON object, found {type(meta).__name__}")
     if "theta" not in f:
         raise CheckpointError(f"cannot read checkpoint {path}: field theta: missing")
+    if check_meta is not None:
+        check_meta(meta)
     theta = _array(path, "theta", f["theta"], (expect.n_params,) if expect else None, expect.dtype if expect else None)
     group = f["state"] if "state" in f else None
     if group is not None and not isinstance(group, h5py.Group):

@@ -32,3 +32,18 @@ class WorldSizeError(PbpError):
 
 class InjectedFault(PbpError):
     """A test-only fault requested through `debug.fail_rank` / `debug.fail_step`."""
+
+
+class StallError(PbpError):
+    """A step waited longer than parallel.stall_timeout_s for other ranks (one stopped, hung or lost)."""
+
+
+class Stopped(BaseException):
+    """SIGTERM/SIGUSR1 outside the training loop: setup, download, evaluation, writing results.
+
+    A BaseException, as KeyboardInterrupt is, so that no `except Exception` on the way swallows it;
+    the entry point ends the run with runtime.EXIT_STOPPED + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum

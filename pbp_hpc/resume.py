@@ -104,10 +104,8 @@ def _read(path: Path, cfg: Optional[Config] = None, expect: Optional[checkpoint.
     """The checkpoint at path, every field checked against this run; None if there is none."""
     if not path.exists():
         return None
-    ck = checkpoint.load(path, expect)
-    if cfg is not None:
-        _check_meta(path, ck["meta"], cfg, ranks)
-    elif not {"resume_key", "ranks", "records"} <= ck["meta"].keys():
+    ck = checkpoint.load(path, expect, check_meta=None if cfg is None else lambda m: _check_meta(path, m, cfg, ranks))
+    if cfg is None and not {"resume_key", "ranks", "records"} <= ck["meta"].keys():
         raise CheckpointError(f"{path} is a pbp_hpc checkpoint without the resume information (resume_key, ranks, records)")
     return ck
 

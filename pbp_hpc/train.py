@@ -30,7 +30,7 @@ from pbp_hpc.config import Config
 from pbp_hpc.data import datasets, device as device_data
 from pbp_hpc.engine import backend, model, optimizers, step as local_steps
 from pbp_hpc.engine.schedules import Schedule
-from pbp_hpc.errors import DataError, DivergenceError, InjectedFault
+from pbp_hpc.errors import DataError, DivergenceError, InjectedFault, Stopped
 from pbp_hpc.parallel import gpu, provenance, reducers, runtime, strategies
 from pbp_hpc.parallel.reducers.base import LOSS_SLOT
 
@@ -70,8 +70,11 @@ class State:
     def __enter__(self) -> "State":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        # After a failure on some ranks, freeing is collective (shared windows) and the others may
+        # never join it: the process is ending (or aborting the world), which frees it anyway.
+        if exc_type is None or self.comm.size == 1:
+            self.close()
 
 
 def epoch_order(seed: int, epoch: int, n: int, shuffle: bool) -> np.ndarray:
@@ -93,6 +96,9 @@ def _inject_fault(st: State, global_step: int) -> None:
     """debug.fail_*: the failure paths proven on purpose (tests)."""
     dbg = st.cfg.debug
     if global_step != dbg.fail_step or dbg.fail_rank not in (None, st.comm.rank):
+        return
+    if dbg.fail_kind == "stall":  # a rank that stops answering for a while (SIGSTOP, a swapping node)
+        time.sleep(dbg.stall_s)
         return
     if dbg.fail_kind == "nan":  # what an overflow does: this step's gradient and loss become NaN
         st.grad[0] = float("nan")
@@ -195,30 +201,31 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
         f"{cfg.algorithm}, {cfg.optimizer.name}, batch {B}, lr {cfg.train.learning_rate} ({cfg.schedule.name}), "
         f"{n_train} training examples from {st.data.origin}")
     ended: Optional[str] = None  # why the run ended before its last epoch (target, early stopping)
-    for epoch in range(start_epoch, cfg.train.epochs):
-        first = start_step if epoch == start_epoch else 0
-        rec, stopped, ended = _epoch(st, loop, epoch, first, quiet)
-        if stopped is not None and stopped[1] < steps and ended is None:  # mid-epoch: the part-epoch is not recorded
-            return _stop(st, threads, info, loop, stopped, log)
-        last = epoch == cfg.train.epochs - 1
-        if ended is None and ((cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0) or last):
-            if not loop.tracker.curve or loop.tracker.curve[-1]["step"] != (epoch + 1) * steps:
-                ended = loop.tracker.evaluate(epoch, (epoch + 1) * steps, loop.train_s, loop.wall())
-        point = loop.tracker.curve[-1] if loop.tracker.curve else None
-        rec["val_accuracy"] = point["val_accuracy"] if point and point["step"] == epoch * steps + rec["steps_done"] else None
-        loop.records.append(rec)
-        va = "   n/a" if rec["val_accuracy"] is None else f"{100 * rec['val_accuracy']:6.2f}%"
-        log(f"epoch {epoch:3d}  loss {rec['loss']:.5f}  val_acc {va}  time {rec['time_s']:.3f}s  "
-            f"(compute {rec['compute_s']:.3f}s, allreduce {rec['allreduce_s']:.3f}s)  {rec['gflops']:.1f} GFLOP/s")
-        if not bool(st.xp.all(st.xp.isfinite(st.theta))):
-            raise DivergenceError(f"training diverged in epoch {epoch}: parameters are no longer finite", epoch, steps - 1)
-        if ended is not None:
-            log(f"stopping after epoch {epoch}: {ended}")
-            break
-        if stopped is not None and not last:  # asked at an epoch's last step: it is recorded
-            return _stop(st, threads, info, loop, (epoch + 1, 0, stopped[2]), log)
-        if cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0 and not last:
-            resume.save(st, epoch + 1, 0, loop.records, loop.extra())
+    with runtime.training_loop():  # a stop signal: checkpoint-and-stop; outside it, runtime.Stopped at once
+        for epoch in range(start_epoch, cfg.train.epochs):
+            first = start_step if epoch == start_epoch else 0
+            rec, stopped, ended = _epoch(st, loop, epoch, first, quiet)
+            if stopped is not None and stopped[1] < steps and ended is None:  # mid-epoch: the part-epoch is not recorded
+                return _stop(st, threads, info, loop, stopped, log)
+            last = epoch == cfg.train.epochs - 1
+            if ended is None and ((cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0) or last):
+                if not loop.tracker.curve or loop.tracker.curve[-1]["step"] != (epoch + 1) * steps:
+                    ended = loop.tracker.evaluate(epoch, (epoch + 1) * steps, loop.train_s, loop.wall())
+            point = loop.tracker.curve[-1] if loop.tracker.curve else None
+            rec["val_accuracy"] = point["val_accuracy"] if point and point["step"] == epoch * steps + rec["steps_done"] else None
+            loop.records.append(rec)
+            va = "   n/a" if rec["val_accuracy"] is None else f"{100 * rec['val_accuracy']:6.2f}%"
+            log(f"epoch {epoch:3d}  loss {rec['loss']:.5f}  val_acc {va}  time {rec['time_s']:.3f}s  "
+                f"(compute {rec['compute_s']:.3f}s, allreduce {rec['allreduce_s']:.3f}s)  {rec['gflops']:.1f} GFLOP/s")
+            if not bool(st.xp.all(st.xp.isfinite(st.theta))):
+                raise DivergenceError(f"training diverged in epoch {epoch}: parameters are no longer finite", epoch, steps - 1)
+            if ended is not None:
+                log(f"stopping after epoch {epoch}: {ended}")
+                break
+            if stopped is not None and not last:  # asked at an epoch's last step: it is recorded
+                return _stop(st, threads, info, loop, (epoch + 1, 0, stopped[2]), log)
+            if cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0 and not last:
+                resume.save(st, epoch + 1, 0, loop.records, loop.extra())
     test_acc = evaluation.accuracy(st, st.data.test)
     total = loop.wall()
     shown = "n/a (no test examples)" if test_acc is None else f"{100 * test_acc:.2f}%"
@@ -239,8 +246,13 @@ def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
     cfg, comm, strategy, steps, tracker = st.cfg, st.comm, st.strategy, loop.steps, loop.tracker
     n_train, B = len(st.data.train), cfg.train.batch_size
     order = _epoch_order(st, epoch, n_train)
-    comm.Barrier()  # epochs start together, so the slowest rank's time is the epoch's time
+    st.reducer.watch.enter()  # the stall check covers the loop's own collectives too
+    try:
+        comm.Barrier()  # epochs start together, so the slowest rank's time is the epoch's time
+    finally:
+        st.reducer.watch.leave()
     t0, compute0, comm0, eval0 = time.perf_counter(), strategy.compute_s, st.reducer.seconds, tracker.eval_s
+    stalled0 = st.reducer.watch.stalled_s
     loss_sum, seen, stopped, ended, done = 0.0, 0, None, None, first
     bar = _progress(cfg, comm, steps - first, epoch, quiet)
     for step in range(first, steps):
@@ -263,7 +275,8 @@ def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
     if bar is not None:
         bar.close()
     wall = time.perf_counter() - t0 - (tracker.eval_s - eval0)
-    slow = runtime.slowest(comm, [wall, strategy.compute_s - compute0, st.reducer.seconds - comm0])
+    slow = runtime.slowest(comm, [wall, strategy.compute_s - compute0, st.reducer.seconds - comm0,
+                                  st.reducer.watch.stalled_s - stalled0], st.reducer.watch)
     loop.train_s += float(slow[0])
     flops = model.flops_per_example(cfg.model.layers) * seen
     return {
@@ -277,6 +290,8 @@ def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
         "examples": seen,
         "steps_done": done,
         "partial": first > 0 or done < steps,
+        # seconds of steps that waited past parallel.stall_warning_s for another rank (the slowest rank's)
+        "stalled_s": float(slow[3]),
     }, stopped, ended
 
 
@@ -329,7 +344,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     comm = MPI.COMM_WORLD
     args = parse_args(argv)
     out = sys.stderr if args.json else sys.stdout
-    runtime.install_signal_handlers()
+    runtime.install_signal_handlers(stop_outside_loop=True)
     try:
         cfg = runtime.together(comm, lambda: runtime.load_config(args))  # an MPMD launch may give ranks other arguments
         result = run(cfg, comm, log=lambda s: print(s, file=out, flush=True), quiet=args.quiet)
@@ -340,11 +355,38 @@ def main(argv: Optional[list[str]] = None) -> int:
         return runtime.report_failure(exc, comm)
     except KeyboardInterrupt:
         return runtime.report_interrupt(comm)
+    except Stopped as exc:  # SIGTERM/SIGUSR1 outside the training loop
+        return runtime.report_stopped(exc, comm)
     except Exception as exc:  # noqa: BLE001 - every failure must end the world, not hang it
         return runtime.report_failure(exc, comm)
     if args.json and comm.rank == 0:
-        print(json.dumps(result), flush=True)
+        print(json.dumps(finite_json(result), allow_nan=False), flush=True)
     return 0
+
+
+def finite_json(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with every NaN or infinite float made null, each listed in record["notes"].
+
+    JSON has no NaN: Python's json writes a bare NaN that strict readers refuse. A timing or a
+    rate can be undefined (an epoch of zero duration, a median of nothing): null says so."""
+    notes: list[str] = list(record.get("notes") or [])
+
+    def clean(value: Any, where: str) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+            notes.append(f"{where} was {float(value)} (undefined), written as null")
+            return None
+        if isinstance(value, np.generic):
+            return value.item()
+        return value
+
+    out = clean({k: v for k, v in record.items() if k != "notes"}, "")
+    if notes:
+        out["notes"] = notes
+    return out
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The benchmark runs end to end and reports every column; the hybrid-split lookup. Correctness only:
 no test here asserts a time (the machine may be shared)."""
 
+import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -19,29 +21,107 @@ from pbp_hpc.parallel import hybrid
 from pbp_hpc import train
 from pbp_hpc.parallel.provenance import cores_available
 
+HAS_JAX = importlib.util.find_spec("jax") is not None
+HAS_TORCH = importlib.util.find_spec("torch") is not None
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "smoke.json"
-    proc = subprocess.run([sys.executable, "-m", "pbp_hpc.bench", "--smoke", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600)
+
+def _run_smoke(out, *args, env=None):
+    proc = subprocess.run([sys.executable, "-m", "pbp_hpc.bench", "--smoke", "--json", str(out), *args],
+                          capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout, json.loads(out.read_text())
 
 
-def test_smoke_table_has_every_column_and_every_split(smoke):
-    stdout, _ = smoke
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    return _run_smoke(tmp_path_factory.mktemp("bench") / "smoke.json")
+
+
+def _table(stdout):
+    """The table's header and its rows, split into cells (`as typed` as one cell)."""
     lines = stdout.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("net "))
-    assert lines[head].split() == " ".join(bench.COLUMNS).split()
-    rows = [line.split() for line in lines[head + 2 :] if line.startswith("tiny")]
+    rows = [line.replace(bench.TYPED, bench.TYPED.replace(" ", "_")).split()
+            for line in lines[head + 2 :] if line.startswith("tiny")]
+    return lines[head], rows
+
+
+def test_smoke_table_has_every_column_and_every_split(smoke):
+    stdout, _ = smoke
+    head, rows = _table(stdout)
+    assert head.split() == " ".join(bench.COLUMNS).split()
+    assert "jax s" in bench.COLUMNS and "/jax" in bench.COLUMNS and "torch s" in bench.COLUMNS
     splits = [f"{r}x{t}" for r, t in bench.splits_of(cores_available())]
-    assert [row[2] for row in rows] == splits
+    assert [row[2] for row in rows] == splits + ["as_typed"]  # then the row of `mpiexec ... pbp_hpc.train`
     for row in rows:  # every measured column has a value; best is '*' or empty
         assert len(row) in (len(bench.COLUMNS) - 1, len(bench.COLUMNS))
-        for column in ("TPE s", "peak%", "in%", "GEMM s", "RSS MB"):
+        for column in ("TPE s", "GFLOP/s", "peak%", "in%", "GEMM s", "speedup"):
             assert row[bench.COLUMNS.index(column)] != "n/a", column
-    assert sum(line.split()[-1] == "*" for line in lines[head + 2 : head + 2 + len(rows)]) == (cores_available() > 1)
+        assert (row[bench.COLUMNS.index("jax s")] != "n/a") == HAS_JAX, "the JAX peer runs where JAX imports"
+        assert (row[bench.COLUMNS.index("/jax")] != "n/a") == HAS_JAX
+        assert (row[bench.COLUMNS.index("torch s")] != "n/a") == HAS_TORCH
+    for row in rows[:-1]:
+        assert row[bench.COLUMNS.index("RSS MB")] != "n/a"
+    typed = rows[-1]  # no memory columns, never the best split
+    assert typed[bench.COLUMNS.index("RSS MB")] == "n/a" and typed[-1] != "*"
+    assert sum(row[-1] == "*" for row in rows) == (cores_available() > 1)
+
+
+def test_smoke_header_shows_the_peers_and_the_typed_command(smoke):
+    stdout, _ = smoke
+    jax_line = re.search(r"JAX: (.*)$", stdout, re.M)
+    assert jax_line, "the header names the JAX peer"
+    if HAS_JAX:
+        assert re.match(r"\d+\.\d+", jax_line.group(1)) and "1 thread on cores" in jax_line.group(1)
+    else:
+        assert "not importable" in jax_line.group(1)
+    typed = re.search(r"^as typed, tiny batch 64: (.*)$", stdout, re.M)
+    assert typed, stdout
+    cmd = typed.group(1)
+    assert cmd.startswith(f"mpiexec -n {cores_available()} python -m pbp_hpc.train --set")
+    assert "--json" in cmd and "train.epochs=2" in cmd  # reps + 1: the first epoch is not timed
+    for tuning in ("-bind-to", "parallel.", "threads", "skip_zero_inputs"):
+        assert tuning not in cmd, tuning
+
+
+def test_jax_not_importable_is_n_a_with_the_reason_in_the_header(tmp_path):
+    """A `jax` that fails to import (as where it is not installed): the run ends normally, every
+    jax cell is n/a and the header says why."""
+    fake = tmp_path / "site" / "jax"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no jax here (test)')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
+    stdout, doc = _run_smoke(tmp_path / "nojax.json", "--no-torch", "--no-typed", env=env)
+    assert re.search(r"JAX: n/a, JAX is not importable: no jax here \(test\)", stdout), stdout
+    _, rows = _table(stdout)
+    assert rows and all(row[bench.COLUMNS.index(c)] == "n/a" for row in rows for c in ("jax s", "/jax"))
+    assert all(row[bench.COLUMNS.index("TPE s")] != "n/a" for row in rows)
+    assert all(r["jax"] is None and r["jax_ratio"] is None for r in doc["rows"])
+
+
+@pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 1e-5)])
+def test_the_jax_peer_trains_what_train_trains(dtype, tol):
+    """The JAX peer's network, loss, update and data order are pbp_hpc's: after an epoch and a few
+    steps of the next (a short last batch included) its parameters are train's to rounding."""
+    jax = pytest.importorskip("jax")
+    from pbp_hpc.bench.jax_peer import JaxRun
+
+    spec = bench.make_spec(bench.parse_args(["--smoke"]), 1)
+    overrides = spec.overrides([784, 16, 10], 64, "blocking") + [f"model.dtype={dtype}", "data.n_train=300"]
+    run = JaxRun(jax, overrides)
+    run.epoch(0, None, time.perf_counter)
+    run.epoch(1, 2, time.perf_counter)
+    cfg = config.load(None, overrides)
+    st = train.State(cfg, MPI.COMM_SELF, np, datasets.load(cfg, 1, None))
+    ours, n = bench.OurRun(st), len(st.data.train)
+    assert n % 64, "the epoch ends with a short batch"
+    for epoch, steps in ((0, -(-n // 64)), (1, 2)):
+        order = train.epoch_order(bench.SEED, epoch, n, True)
+        for s in range(steps):
+            ours.step(order[s * 64 : (s + 1) * 64])
+    assert run.flat_params().dtype == st.theta.dtype
+    np.testing.assert_allclose(run.flat_params(), st.theta, rtol=0, atol=tol)
+    st.close()
 
 
 def test_smoke_header_reports_load_blas_and_threads(smoke):
@@ -54,9 +134,15 @@ def test_smoke_header_reports_load_blas_and_threads(smoke):
 
 def test_smoke_json_has_the_numbers_behind_the_table(smoke):
     _, doc = smoke
-    rows = doc["rows"]
+    rows = [r for r in doc["rows"] if r["kind"] == "ours"]
     assert rows and all(r["tpe"] > 0 and r["gemm"] > 0 and r["budget_mb"] > 0 for r in rows)
     assert all(r["heap"] is not None for r in rows)
+    assert all(("jax" in r and "jax_ratio" in r and "torch" in r) for r in doc["rows"])
+    typed = [r for r in doc["rows"] if r["kind"] == "typed"]
+    assert [(r["net"], r["batch"], r["split"]) for r in typed] == [("tiny", 64, bench.TYPED)]
+    assert typed[0]["tpe"] > 0 and typed[0]["ranks"] == cores_available() and typed[0]["error"] is None
+    rec = next(r for r in doc["records"] if r["type"] == "typed")
+    assert len(rec["times"]) == doc["spec"]["reps"]  # the epochs after the first
     if cores_available() > 1:
         multi = [r for r in rows if r["ranks"] > 1]
         assert multi and all(r["comm_frac"] is not None and r["speedup"] is not None for r in multi)

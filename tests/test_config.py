@@ -30,6 +30,7 @@ def test_the_report_configs_state_the_reports_setup_whatever_the_defaults():
 
 
 @pytest.mark.parametrize("name", ["mnist_net1h.yaml", "mnist_net2h.yaml", "report_net1h.yaml", "report_net2h.yaml",
+                                  "sigmoid_mse_net1h.yaml", "sigmoid_mse_net2h.yaml",
                                   "quickstart.yaml", "synthetic.yaml"])
 def test_shipped_configs_load(name):
     from pathlib import Path

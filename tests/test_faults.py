@@ -223,7 +223,7 @@ def test_bad_configuration_is_one_clear_message_and_exit_2(tmp_path, capsys, cas
     ("truncated", "is truncated"),
     ("wrong magic", "is not an IDX file"),
     ("count mismatch", "holds 40 images but"),
-    ("label out of range", "label 12 at index 3 is outside 0..9"),
+    ("label out of range", "holds 13 classes (the largest label in"),
 ])
 def test_a_damaged_data_file_is_named_and_nothing_runs(tmp_path, capsys, damage, message):
     data = tmp_path / "data"

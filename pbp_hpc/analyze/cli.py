@@ -41,6 +41,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.max_ranks < 2:
             raise ConfigError("--max-ranks must be at least 2")
+        for option, value in (("--plots", args.plots), ("--csv", args.csv)):
+            if value and Path(value).exists() and not Path(value).is_dir():
+                raise ConfigError(f"{option} {value}: a file of that name exists; {option} names a directory to write into")
         records = read_records(args.files)
         if not records:
             raise ResultsError(f"no runs in {', '.join(args.files)}")
@@ -58,6 +61,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"wrote {len(written)} figure(s) to {args.plots}", file=sys.stderr)
     except PbpError as exc:
         print(f"pbp_hpc.analyze: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a directory that cannot be made or written: the user's to fix
+        print(f"pbp_hpc.analyze: error: cannot write {exc.filename or args.plots or args.csv}: {exc.strerror or exc}",
+              file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(as_json(tables, ab), indent=1))

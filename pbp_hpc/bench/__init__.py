@@ -1,9 +1,9 @@
-"""Training at the BLAS limit: time per epoch against the GEMMs alone, PyTorch, and more ranks.
+"""Training at the BLAS limit: time per epoch against the GEMMs alone, PyTorch, JAX, and more ranks.
 
     python -m pbp_hpc.bench [--quick | --smoke] [--data-dir DIR] [--json FILE] [--splits FILE]
 
 Prints one table. For each network, batch size and split of this node's cores into
-ranks x threads (plus 1 x 1, the baseline), a row says:
+ranks x threads (plus 1 x 1, the baseline), and for the command a user types (`as typed`), a row says:
 
   TPE          median training time per epoch (slowest rank; epoch loop as in pbp_hpc.train)
   GFLOP/s      model.flops_per_example x examples / TPE: the dense network's work, whatever was skipped
@@ -14,6 +14,9 @@ ranks x threads (plus 1 x 1, the baseline), a row says:
   /GEMM        TPE / GEMM: what everything that is not a GEMM costs
   torch        PyTorch eager, same network, update, batch, data order; threads = ranks x threads
   /torch       TPE / torch
+  jax          JAX, jit-compiled, the same network, update, batch, data order, data on the device;
+               XLA on ranks x threads threads (one child process per thread count)
+  /jax         TPE / jax
   speedup      TPE(1 x 1) / TPE
   comm%        the reducer's share of the epoch (slowest rank)
   RSS, budget  peak resident memory per rank (MB), and dataset + parameters + gradients + one
@@ -21,11 +24,18 @@ ranks x threads (plus 1 x 1, the baseline), a row says:
   heap B/step  growth of the traced heap per step over 400 steps (tracemalloc, after gc): 0.0 = nothing kept
   best         * on the fastest split of all the cores (written to --splits for pbp_hpc.hybrid)
 
+The `as typed` row of each (network, batch) is `mpiexec -n C python -m pbp_hpc.train --set ...
+--json` with the group's network, training setup, batch and data and no tuning flags (no
+binding, the default reducer, no threads setting), run by the parent after the job for reps + 1
+epochs: its TPE is the median of train's own epoch times after the first; its other columns
+compare it with the job's cases of the split it ran as (C x 1 unless the defaults change).
+
 How: the parent starts one `mpiexec -n C` job (C = cores); every case runs inside it, so
 cases are measured side by side: each repetition runs one epoch of every case, in rotated
 order, and the table shows medians. A case with fewer ranks runs on the first ranks while
 the others sleep (not spin) in a non-blocking barrier. Rank 0 drives PyTorch in a child
-process of its own, so torch's memory and thread pools stay out of our ranks.
+process of its own, and JAX in one per thread count, so their memory and thread pools stay out
+of our ranks.
 
 Modes: full (default; Net-1h and Net-2h, batches 128, 1024, 4096, all of MNIST's 50,000
 training examples, about 8 minutes on 2 idle cores), --quick (batches 128 and 1024, 10,000
@@ -33,18 +43,19 @@ examples: GFLOP/s do not depend on the data size; under 2 minutes), --smoke (a t
 on synthetic data, one epoch: for the tests).
 
 Modules: cases (the Spec, splits and cases), runs (our timed epochs and the GEMM replay),
-memory (RSS, budget, heap growth), peers (the PyTorch child), worker (the MPI job), table
-(rows, table, goals, the splits file), cli (arguments, header, launch, main).
+memory (RSS, budget, heap growth), peers (the peers' client and serving loop, the PyTorch
+child), jax_peer (the JAX child), typed (the `as typed` runs), worker (the MPI job), table (rows,
+table, goals, the splits file), cli (arguments, header, launch, main).
 """
 
 from pbp_hpc.bench.cases import LEARNING_RATE, NETWORKS, SEED, Case, Spec, cases_for, make_spec, splits_of
 from pbp_hpc.bench.cli import launch, main, parse_args
 from pbp_hpc.bench.memory import dataset_bytes
 from pbp_hpc.bench.runs import GemmReplay, OurRun, Timing
-from pbp_hpc.bench.table import COLUMNS, GOALS, checks, rows_of, table, write_splits
+from pbp_hpc.bench.table import COLUMNS, GOALS, TYPED, checks, rows_of, table, write_splits
 
 __all__ = [
-    "COLUMNS", "GOALS", "LEARNING_RATE", "NETWORKS", "SEED", "Case", "GemmReplay", "OurRun", "Spec", "Timing",
+    "COLUMNS", "GOALS", "LEARNING_RATE", "TYPED", "NETWORKS", "SEED", "Case", "GemmReplay", "OurRun", "Spec", "Timing",
     "cases_for", "checks", "dataset_bytes", "launch", "main", "make_spec", "parse_args", "rows_of", "splits_of",
     "table", "write_splits",
 ]

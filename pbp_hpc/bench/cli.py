@@ -1,8 +1,10 @@
 """`python -m pbp_hpc.bench`: the arguments, the header lines, the worker job's launch, and main.
 
-The parent process imports neither MPI nor torch: it starts `mpiexec -n C python -m
+The parent process imports neither MPI nor torch nor JAX: it starts `mpiexec -n C python -m
 pbp_hpc.bench --worker SPEC` (pbp_hpc.bench.worker), whose rank 0 starts the PyTorch child
-(`--torch-worker`, pbp_hpc.bench.peers); both are dispatched by main().
+(`--torch-worker`, pbp_hpc.bench.peers) and a JAX child per thread count (`--jax-worker T`,
+pbp_hpc.bench.jax_peer); all three are dispatched by main(). After the job, the parent runs the
+`as typed` commands (pbp_hpc.bench.typed), one `mpiexec -n C python -m pbp_hpc.train` per group.
 """
 
 from __future__ import annotations
@@ -11,13 +13,13 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
+from pbp_hpc.bench import typed
 from pbp_hpc.bench.cases import NETWORKS, Spec, make_spec
 from pbp_hpc.bench.table import checks, rows_of, table, write_splits
 from pbp_hpc.parallel import hybrid
@@ -52,7 +54,7 @@ def header_lines(spec: Spec, load_start: tuple[float, float, float]) -> list[str
         + ("   << busy machine: ratios are measured side by side, absolute times are not to be trusted"
            if load_start[0] > 0.5 else ""),
         "BLAS: " + "; ".join(blas_summary()),
-        f"thread settings in the caller's environment: {env} (cases set theirs: threadpoolctl, torch.set_num_threads);"
+        f"thread settings in the caller's environment: {env} (cases set theirs: threadpoolctl, torch.set_num_threads, XLA by cores);"
         f" OPENBLAS_CORETYPE {os.environ.get('OPENBLAS_CORETYPE', 'not set (OpenBLAS detects the core)')}",
         f"data: {'synthetic' if spec.synthetic else 'MNIST'}, {spec.n_train or 'all 50,000'} training examples; "
         f"float32; {spec.reps} timed epochs per case after {spec.warmup_steps} warm-up steps, medians; "
@@ -61,12 +63,23 @@ def header_lines(spec: Spec, load_start: tuple[float, float, float]) -> list[str
     ]
 
 
+def jax_summary(infos: Optional[dict[str, Any]]) -> str:
+    """The JAX children as the header shows them: version, and each one's threads; or why none ran."""
+    if not infos:
+        return "not run"
+    errors = {i["error"] for i in infos.values() if "error" in i}
+    if errors:
+        return "n/a, " + "; ".join(sorted(errors))
+    first = next(iter(infos.values()))
+    parts = [f"{t} thread{'s' if int(t) > 1 else ''} on cores {','.join(map(str, i.get('cpus', [])))}"
+             + (f" (XLA_FLAGS={i['xla_flags']})" if int(t) == 1 and i.get("xla_flags") else "") for t, i in infos.items()]
+    return f"{first.get('version')} ({first.get('backend')}; jit, data on the device; " + ", ".join(parts) + ")"
+
+
 def launch(spec: Spec, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run the worker job; return its JSON records."""
-    bindir = Path(sys.executable).parent
-    mpiexec = str(bindir / "mpiexec") if (bindir / "mpiexec").exists() else (shutil.which("mpiexec") or "mpiexec")
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    cmd = [mpiexec, "-n", str(spec.cores), sys.executable, "-m", "pbp_hpc.bench", "--worker", json.dumps(spec.__dict__)]
+    env = {k: v for k, v in os.environ.items() if k not in typed.THREAD_ENV}
+    cmd = [typed.mpiexec(), "-n", str(spec.cores), sys.executable, "-m", "pbp_hpc.bench", "--worker", json.dumps(spec.__dict__)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, timeout=args.timeout)
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0:
@@ -96,6 +109,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                    help="pin rank i of an r x t case to cores i*t..i*t+t-1, as mpiexec -bind-to core:t (default on)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch columns")
+    p.add_argument("--no-jax", action="store_true", help="skip the JAX columns")
+    p.add_argument("--typed", action=argparse.BooleanOptionalAction, default=True,
+                   help="add an `as typed` row per network and batch: `mpiexec -n C python -m pbp_hpc.train` with "
+                        "the group's settings and no tuning flags, run after the job (default on)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="cpu: time one-thread cases by CPU time (for a machine others are using; see README)")
     p.add_argument("--cores", type=int, help="cores to use (default: this process's affinity)")
@@ -105,6 +122,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=3600, help="seconds before the worker job is killed")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--jax-worker", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -114,6 +132,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         from pbp_hpc.bench.peers import torch_worker
 
         return torch_worker()
+    if args.jax_worker is not None:
+        from pbp_hpc.bench.jax_peer import jax_worker
+
+        return jax_worker(args.jax_worker)
     if args.worker:
         from pbp_hpc.bench.worker import Worker
 
@@ -127,12 +149,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     for line in header_lines(spec, load_start):
         print(line, flush=True)
     records = launch(spec, args)
+    if spec.typed:
+        print(f"[bench] as typed: {spec.cores} ranks, after the job", file=sys.stderr, flush=True)
+        records += typed.run_all(spec, args.timeout)
     head = next(r for r in records if r["type"] == "header")
     end = next((r for r in records if r["type"] == "end"), {"load": [float("nan")] * 3})
     prov = head.get("provenance", {})
     torch_info = head.get("torch") or {}
     peaks = ", ".join(f"{k} {v:.1f}" for k, v in head["peak_gflops"].items())
-    print(f"MPI: {prov.get('mpi_library', '?')}; PyTorch: {torch_info.get('version', torch_info.get('error', 'not run'))}")
+    print(f"MPI: {prov.get('mpi_library', '?')}; PyTorch: {torch_info.get('version', torch_info.get('error', 'not run'))}; "
+          f"JAX: {jax_summary(head.get('jax'))}")
+    for rec in (r for r in records if r["type"] == "typed"):
+        print(f"as typed, {rec['net']} batch {rec['batch']}: {rec['command']}"
+              + (f"  << no times: {rec['error']}" if rec.get("error") else
+                 f"  ({rec.get('ranks')} x {rec.get('threads')}, reducer {rec.get('reducer_reason') or rec.get('reducer')}"
+                 + (f"; {rec['binding']}" if rec.get("binding") else "") + ")"))
     print(f"SGEMM {spec.peak_n}^2 peak GFLOP/s by split (ranks x threads): {peaks}")
     rows = rows_of(records, spec)
     print()

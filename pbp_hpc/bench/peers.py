@@ -24,14 +24,23 @@ MPI_ENV = ("PMI_", "HYDRA_", "MPIR_", "MPICH_", "OMPI_")  # a child must not thi
 
 
 class PeerClient:
-    """A peer in a child process of rank 0, driven over pipes with JSON lines."""
+    """A peer in a child process of rank 0, driven over pipes with JSON lines.
+
+    The child starts at once; its first line (`info`: versions, or the error that stops it) is
+    read when first asked for, so that several children can start side by side."""
 
     def __init__(self, name: str, args: list[str]) -> None:
         self.name = name
         env = {k: v for k, v in os.environ.items() if not k.startswith(MPI_ENV)}
         self.proc = subprocess.Popen([sys.executable, "-m", "pbp_hpc.bench", *args], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env)
-        self.info = self._read()
+        self._info: Optional[dict[str, Any]] = None
+
+    @property
+    def info(self) -> dict[str, Any]:
+        if self._info is None:
+            self._info = self._read()
+        return self._info
 
     def _read(self) -> dict[str, Any]:
         line = self.proc.stdout.readline() if self.proc.stdout else ""

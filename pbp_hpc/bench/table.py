@@ -14,8 +14,9 @@ from pbp_hpc.bench.cases import Spec, splits_of
 from pbp_hpc.parallel import hybrid
 
 COLUMNS = ["net", "batch", "split", "TPE s", "GFLOP/s", "peak%", "in%", "GEMM s", "/GEMM", "torch s", "/torch",
-           "speedup", "comm%", "RSS MB", "budget MB", "heap B/step", "best"]
+           "jax s", "/jax", "speedup", "comm%", "RSS MB", "budget MB", "heap B/step", "best"]
 GOALS = {"gemm_1024": 1.08, "gemm_128": 1.20, "torch": 0.80, "speedup_1024": 1.85, "speedup_128": 1.60}
+TYPED = "as typed"  # the split column of the rows of `mpiexec -n C python -m pbp_hpc.train` (bench.typed)
 
 
 def _median(xs: list[float]) -> Optional[float]:
@@ -23,11 +24,13 @@ def _median(xs: list[float]) -> Optional[float]:
 
 
 def rows_of(records: list[dict[str, Any]], spec: Spec) -> list[dict[str, Any]]:
-    """One row per (network, batch, split), with every column computed."""
+    """One row per (network, batch, split), with every column computed; then the group's `as typed`
+    row where the records have one."""
     from pbp_hpc.engine.model import flops_per_example
 
     head = next(r for r in records if r["type"] == "header")
     peaks = head["peak_gflops"]
+    typed = {(r["net"], r["batch"]): r for r in records if r["type"] == "typed"}
     rows: list[dict[str, Any]] = []
     for g in (r for r in records if r["type"] == "group"):
         by = {(c["kind"], c["ranks"], c["threads"], c["label"]): c for c in g["cases"]}
@@ -44,6 +47,7 @@ def rows_of(records: list[dict[str, Any]], spec: Spec) -> list[dict[str, Any]]:
             tpe = med[("ours", r, t, label)]
             gemm = med.get(("gemm", r, t, label))
             torch = med.get(("torch", 1, r * t, f"1x{r * t}"))
+            jax = med.get(("jax", 1, r * t, f"1x{r * t}"))
             comm = _median(c["comm"]) if r > 1 else None
             mem = [m for m in g["memory"].get(str(r), [])]
             peak_rss = max((m["peak_rss"] for m in mem), default=None)
@@ -51,12 +55,14 @@ def rows_of(records: list[dict[str, Any]], spec: Spec) -> list[dict[str, Any]]:
             growth = max((m["heap_growth"] / m["steps"] for m in mem), default=None)
             base_rss = g["memory"]["base_rss"]
             rows.append({
-                "net": g["net"], "layers": g["layers"], "batch": g["batch"], "split": label, "ranks": r, "threads": t,
+                "net": g["net"], "layers": g["layers"], "batch": g["batch"], "split": label, "kind": "ours",
+                "ranks": r, "threads": t,
                 "reducer": c["reducer"], "n_train": g["n_train"], "times": c["times"],
                 "tpe": tpe, "gflops": flops / tpe / 1e9 if tpe else None, "active": c.get("active"),
                 "peak_frac": (flops / tpe / 1e9) / peaks[f"{r}x{t}"] if tpe and f"{r}x{t}" in peaks else None,
                 "gemm": gemm, "gemm_ratio": tpe / gemm if tpe and gemm else None,
                 "torch": torch, "torch_ratio": tpe / torch if tpe and torch else None,
+                "jax": jax, "jax_ratio": tpe / jax if tpe and jax else None,
                 "speedup": base / tpe if base and tpe else None, "comm_frac": comm,
                 "rss_mb": (peak_rss - base_rss) / 2**20 if peak_rss and not _variant(c) else None,
                 "rss_abs_mb": peak_rss / 2**20 if peak_rss and not _variant(c) else None,
@@ -64,7 +70,33 @@ def rows_of(records: list[dict[str, Any]], spec: Spec) -> list[dict[str, Any]]:
                 "heap": growth if not _variant(c) else None,
                 "best": (r, t) == best and not _variant(c),
             })
+        if (g["net"], g["batch"]) in typed:
+            rows.append(_typed_row(typed[(g["net"], g["batch"])], g, med, base, flops, peaks, spec))
     return rows
+
+
+def _typed_row(rec: dict[str, Any], g: dict[str, Any], med: dict[Any, Optional[float]], base: Optional[float],
+               flops: float, peaks: dict[str, float], spec: Spec) -> dict[str, Any]:
+    """The `as typed` row: its epochs' times, against the job's cases of the split it ran as
+    (C ranks x the threads train chose): that split's GEMMs and peak, the peers on C threads."""
+    r, t = rec.get("ranks") or spec.cores, rec.get("threads") or 1
+    tpe = _median(rec["times"])
+    flops = flops / g["n_train"] * rec.get("n_train", g["n_train"])
+    gemm = med.get(("gemm", r, t, f"{r}x{t}"))
+    torch, jax = med.get(("torch", 1, r * t, f"1x{r * t}")), med.get(("jax", 1, r * t, f"1x{r * t}"))
+    comm = _median(rec["comm"]) if r > 1 else None
+    return {
+        "net": g["net"], "layers": g["layers"], "batch": g["batch"], "split": TYPED, "kind": "typed",
+        "ranks": r, "threads": t, "reducer": rec.get("reducer"), "n_train": rec.get("n_train", g["n_train"]),
+        "times": rec["times"], "command": rec.get("command"), "error": rec.get("error"),
+        "tpe": tpe, "gflops": flops / tpe / 1e9 if tpe else None, "active": rec.get("active"),
+        "peak_frac": (flops / tpe / 1e9) / peaks[f"{r}x{t}"] if tpe and f"{r}x{t}" in peaks else None,
+        "gemm": gemm, "gemm_ratio": tpe / gemm if tpe and gemm else None,
+        "torch": torch, "torch_ratio": tpe / torch if tpe and torch else None,
+        "jax": jax, "jax_ratio": tpe / jax if tpe and jax else None,
+        "speedup": base / tpe if base and tpe else None, "comm_frac": comm,
+        "rss_mb": None, "rss_abs_mb": None, "budget_mb": None, "heap": None, "best": False,
+    }
 
 
 def _variant(c: dict[str, Any]) -> bool:
@@ -80,8 +112,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     cells = [COLUMNS] + [[
         r["net"], str(r["batch"]), r["split"], _fmt(r["tpe"], ".3f"), _fmt(r["gflops"], ".1f"),
         _fmt(None if r["peak_frac"] is None else 100 * r["peak_frac"], ".0f"),
-        _fmt(100.0 if r["active"] is None else 100 * r["active"], ".0f"), _fmt(r["gemm"], ".3f"),
-        _fmt(r["gemm_ratio"], ".3f"), _fmt(r["torch"], ".3f"), _fmt(r["torch_ratio"], ".2f"),
+        _fmt(None if r["tpe"] is None else 100.0 if r["active"] is None else 100 * r["active"], ".0f"),
+        _fmt(r["gemm"], ".3f"), _fmt(r["gemm_ratio"], ".3f"), _fmt(r["torch"], ".3f"), _fmt(r["torch_ratio"], ".2f"),
+        _fmt(r.get("jax"), ".3f"), _fmt(r.get("jax_ratio"), ".2f"),
         _fmt(r["speedup"], ".2f"), _fmt(None if r["comm_frac"] is None else 100 * r["comm_frac"], ".1f"),
         _fmt(r["rss_mb"], ".0f"), _fmt(r["budget_mb"], ".0f"), _fmt(r["heap"], ".1f"), "*" if r["best"] else "",
     ] for r in rows]
@@ -95,7 +128,7 @@ def checks(rows: list[dict[str, Any]], cores: int) -> list[str]:
     """The issue's goals, each as measured in this run."""
     out = []
     for r in rows:
-        if "/" in r["split"]:
+        if "/" in r["split"] or r.get("kind", "ours") != "ours":
             continue
         if r["ranks"] == 1 and r["gemm_ratio"] is not None:
             limit = GOALS["gemm_1024"] if r["batch"] >= 1024 else GOALS["gemm_128"]
@@ -126,7 +159,8 @@ def write_splits(path: Path, rows: list[dict[str, Any]], cores: int, host: str) 
         if r["best"]:
             net = machine["networks"].setdefault(hybrid.network_key(r["layers"]), {"name": r["net"], "batches": {}})
             tried = {x["split"]: round(x["tpe"], 4) for x in rows if x["net"] == r["net"] and x["batch"] == r["batch"]
-                     and x["ranks"] * x["threads"] == cores and "/" not in x["split"] and x["tpe"]}
+                     and x["ranks"] * x["threads"] == cores and "/" not in x["split"] and x["tpe"]
+                     and x.get("kind", "ours") == "ours"}
             net["batches"][str(r["batch"])] = {"ranks": r["ranks"], "threads": r["threads"], "tpe_s": tried}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")

@@ -76,6 +76,8 @@ class Worker:
         # XLA's threads are fixed when JAX starts: one child per thread count of the jax cases
         self.jax = {t: JaxClient(t) for t in sorted({t for r, t in splits_of(spec.cores) if r == 1})} \
             if (spec.jax and self.rank == 0) else {}
+        for peer in self.peers():  # the children start side by side; all are up before anything is timed
+            peer.info
         self.base_rss = 0  # set after the peak SGEMM, which also warms BLAS's work buffers
         self.data_cache: dict[str, Any] = {}
 

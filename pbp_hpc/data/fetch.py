@@ -13,9 +13,11 @@ import hashlib
 import http.client
 import os
 import tempfile
+import threading
+import time
 import urllib.request
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 from pbp_hpc.errors import DataError
 
@@ -33,6 +35,7 @@ DEFAULT_MIRRORS: tuple[str, ...] = (
 )
 
 _CHUNK = 1 << 16
+DEADLINE_S = 600.0  # the whole download (four files, ~11 MB): minutes even on a slow link
 _HOW_TO_PROVIDE = (
     "To provide the files by hand, put the four files "
     + ", ".join(MNIST_FILES)
@@ -68,36 +71,69 @@ def verify_sha256(path: Path, expected: str) -> None:
         raise DataError(f"{path}: SHA-256 checksum mismatch: expected {expected.lower()}, got {actual}")
 
 
-def _download(url: str, target: Path, expected: str, timeout: float) -> None:
-    """Fetch url to target, or raise DataError and leave nothing behind."""
+def _stream(url: str, out: Any, timeout: float, cancel: threading.Event, failure: list[BaseException]) -> None:
+    """In a thread: url's body into out, until done, failed or cancelled."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            while not cancel.is_set():
+                chunk = response.read1(_CHUNK)  # what has arrived: a slow server cannot hold one read for long
+                if not chunk:
+                    return
+                out.write(chunk)
+    except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+        failure.append(e)
+
+
+def _download(url: str, target: Path, expected: str, timeout: float, deadline: float) -> None:
+    """Fetch url to target by time.monotonic() `deadline`, or raise DataError and leave nothing behind.
+
+    The transfer runs in a daemon thread that this one waits for until the deadline: a server
+    that sends a byte every few seconds, or holds the headers back, cannot make it last longer,
+    and a stop signal (runtime.Stopped) interrupts the wait at once."""
     try:
         fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     except OSError as e:
         raise DataError(f"cannot create a temporary file in {target.parent}: {e.strerror or e}") from e
     tmp = Path(tmp_name)
+    cancel = threading.Event()
     try:
         with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as response:
-                    for chunk in iter(lambda: response.read(_CHUNK), b""):
-                        out.write(chunk)
-            # URLError/HTTPError/timeouts/disk full are OSErrors; IncompleteRead is not; ValueError: bad URL.
-            except (OSError, http.client.HTTPException, ValueError) as e:
-                raise DataError(str(e) or type(e).__name__) from e
+            failure: list[BaseException] = []
+            left = deadline - time.monotonic()
+            worker = threading.Thread(target=_stream, args=(url, out, max(0.1, min(timeout, left)), cancel, failure),
+                                      daemon=True, name="pbp_hpc-download")
+            worker.start()
+            worker.join(max(0.0, left))
+            if worker.is_alive():
+                raise DataError(f"did not finish within the overall deadline ({_budget[0]:g} s for the whole download); "
+                                "the connection is too slow or stalled")
+            if failure:
+                e = failure[0]
+                # URLError/HTTPError/timeouts/disk full are OSErrors; IncompleteRead is not; ValueError: bad URL.
+                if isinstance(e, (OSError, http.client.HTTPException, ValueError)):
+                    raise DataError(str(e) or type(e).__name__) from e
+                raise e
         actual = _sha256(tmp)
         if actual != expected:
             raise DataError(f"SHA-256 checksum mismatch for {target.name}: expected {expected}, got {actual}; file refused")
         os.replace(tmp, target)
     finally:
+        cancel.set()  # a transfer still running stops at its next chunk
         tmp.unlink(missing_ok=True)  # no-op after a successful replace
 
 
-def _fetch_one(name: str, dest: Path, mirrors: Sequence[str], timeout: float) -> None:
+_budget = [0.0]  # the deadline in force, in seconds, for messages
+
+
+def _fetch_one(name: str, dest: Path, mirrors: Sequence[str], timeout: float, deadline: float) -> None:
     failures = []
     for mirror in mirrors:
         url = mirror.rstrip("/") + "/" + name
+        if time.monotonic() >= deadline:
+            failures.append(f"  {url}: not tried: the overall deadline ({_budget[0]:g} s) has passed")
+            continue
         try:
-            _download(url, dest / name, MNIST_FILES[name], timeout)
+            _download(url, dest / name, MNIST_FILES[name], timeout, deadline)
             return
         except DataError as e:
             failures.append(f"  {url}: {e}")
@@ -105,9 +141,16 @@ def _fetch_one(name: str, dest: Path, mirrors: Sequence[str], timeout: float) ->
     raise DataError(f"could not download {name} into {dest}; every mirror failed:\n{listed}\n{_HOW_TO_PROVIDE}")
 
 
-def fetch_mnist(dest: Path, mirrors: Sequence[str] = DEFAULT_MIRRORS, timeout: float = 30.0) -> Path:
-    """Make sure dest holds the four verified MNIST .gz files, downloading the missing ones; return dest."""
+def fetch_mnist(dest: Path, mirrors: Sequence[str] = DEFAULT_MIRRORS, timeout: float = 30.0,
+                deadline_s: Optional[float] = None) -> Path:
+    """Make sure dest holds the four verified MNIST .gz files, downloading the missing ones; return dest.
+
+    timeout: seconds any one network operation may wait; deadline_s (default DEADLINE_S,
+    $PBP_HPC_FETCH_DEADLINE): seconds the whole download may take, however the server behaves."""
     dest = Path(dest).expanduser()
+    budget = deadline_s if deadline_s is not None else float(os.environ.get("PBP_HPC_FETCH_DEADLINE") or DEADLINE_S)
+    _budget[0] = budget
+    deadline = time.monotonic() + budget
     if isinstance(mirrors, str):  # a lone URL would otherwise be iterated letter by letter
         mirrors = (mirrors,)
     try:
@@ -117,7 +160,7 @@ def fetch_mnist(dest: Path, mirrors: Sequence[str] = DEFAULT_MIRRORS, timeout: f
     for name, expected in MNIST_FILES.items():
         target = dest / name
         if not target.exists():
-            _fetch_one(name, dest, mirrors, timeout)
+            _fetch_one(name, dest, mirrors, timeout, deadline)
             continue
         # An existing file is never deleted: it may be the user's own (another data set by the
         # same name), so say what is wrong and let them decide.

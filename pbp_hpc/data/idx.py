@@ -124,8 +124,12 @@ def _read_stream(stream: BinaryIO, path: Path, disk_size: int, compressed: bool,
         raise DataError(f"{path} is truncated: shape {shape} of {dtype.name} needs {expected} bytes, found {header + got}")
     if stream.read(1):
         raise DataError(f"{path} is followed by trailing bytes: shape {shape} of {dtype.name} needs {expected} bytes, found more")
+    try:
+        array = out.view(dtype).reshape(shape)
+    except ValueError as e:  # an empty array whose other dimensions overflow numpy's index type
+        raise DataError(f"{path}: shape {shape} cannot be held by an array ({e})") from None
     # astype copies: the result is writable, native-endian and owns its memory.
-    return out.view(dtype).reshape(shape).astype(dtype.newbyteorder("="))
+    return array.astype(dtype.newbyteorder("="))
 
 
 def write_idx(path: str | Path, array: np.ndarray) -> None:

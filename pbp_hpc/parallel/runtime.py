@@ -9,6 +9,7 @@ wait forever in their next collective.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -22,12 +23,14 @@ from pbp_hpc import config as configmod
 from pbp_hpc.checkpoint import CheckpointError
 from pbp_hpc.config import Config
 from pbp_hpc.engine.model import Layout
-from pbp_hpc.errors import ConfigError, DataError, DivergenceError, PbpError, WorldSizeError
+from pbp_hpc.errors import ConfigError, DataError, DivergenceError, PbpError, StallError, Stopped, WorldSizeError
 from pbp_hpc.parallel import provenance
 
 EXIT_FAILED = 1  # one rank's failure: the world was aborted
 EXIT_SETUP = 2  # a bad config, data or checkpoint, or a world that does not match it
 EXIT_DIVERGED = 3  # the loss or the parameters stopped being finite
+EXIT_STALLED = 4  # a step waited longer than parallel.stall_timeout_s for another rank: the world was aborted
+EXIT_STOPPED = 128  # + the signal's number (143: SIGTERM, 138: SIGUSR1): stopped outside the training loop
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 
 # Errors every rank raises together (same config, same reduced values): they end the job
@@ -37,17 +40,39 @@ COLLECTIVE_EXIT = {ConfigError: EXIT_SETUP, WorldSizeError: EXIT_SETUP, Divergen
 # the on_all_ranks marker, so they too are printed once and end the job with EXIT_SETUP.
 _SETUP_ERRORS = {cls.__name__: cls for cls in (ConfigError, DataError, WorldSizeError, CheckpointError)}
 
+# Errors one rank raises alone that have an exit code of their own (the world is aborted with it)
+_ALONE_EXIT = {StallError: EXIT_STALLED}
+
 _stop_signal: list[int] = []  # signals received; a list so the handler need not rebind a global
+# [raise Stopped outside the loop, inside the training loop now]
+_mode = [False, False]
 
 
 def _on_signal(signum: int, frame: Any) -> None:
     _stop_signal.append(signum)
+    if _mode[0] and not _mode[1]:
+        raise Stopped(signum)
 
 
-def install_signal_handlers() -> None:
-    """SIGUSR1 (Slurm's warning before the time limit) and SIGTERM ask for a checkpoint-and-stop."""
+def install_signal_handlers(stop_outside_loop: bool = False) -> None:
+    """SIGUSR1 (Slurm's warning before the time limit) and SIGTERM ask for a checkpoint-and-stop.
+
+    stop_outside_loop: outside training_loop() (setup, download, evaluation, writing results) the
+    handler raises Stopped at once, so that no phase outside the loop can outlast a stop request;
+    inside it, it only sets the flag the loop reads at its next step (checkpoint-and-stop)."""
+    _mode[0] = stop_outside_loop
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, _on_signal)
+
+
+@contextlib.contextmanager
+def training_loop() -> Any:
+    """The part of a run where a stop signal means checkpoint-and-stop at the next step."""
+    _mode[1] = True
+    try:
+        yield
+    finally:
+        _mode[1] = False
 
 
 def stop_signalled() -> bool:
@@ -164,13 +189,24 @@ def bind_to_cores(cfg: Config, comm: MPI.Comm, threads: int) -> dict[str, Any]:
         elif on_node * threads > len(sets[0]):
             how = f"not bound ({on_node} ranks x {threads} threads on {len(sets[0])} CPUs: oversubscribed)"
         else:
-            mine = sets[0][local * threads : (local + 1) * threads]
-            for task in os.listdir("/proc/self/task"):  # sched_setaffinity(0) would bind this thread only
-                os.sched_setaffinity(int(task), mine)
-            how = f"bound by pbp_hpc to {threads} core(s) per rank"
+            how = _bind(sets[0][local * threads : (local + 1) * threads], threads)
+            mine = sorted(os.sched_getaffinity(0))
         return {"how": how, "cpus": node.allgather(mine)}
     finally:
         node.Free()
+
+
+def _bind(cpus: list[int], threads: int) -> str:
+    """Bind every thread of this process to cpus (sched_setaffinity(0) would bind the calling one only)."""
+    try:
+        for task in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(task), cpus)
+            except ProcessLookupError:  # a thread that ended meanwhile
+                pass
+    except OSError as exc:  # a container that forbids it: run unbound, and say so
+        return f"not bound ({exc.strerror or exc})"
+    return f"bound by pbp_hpc to {threads} core(s) per rank"
 
 
 def check_world(cfg: Config, comm: MPI.Comm) -> None:
@@ -208,10 +244,17 @@ def check_memory(cfg: Config, world_size: int) -> None:
         )
 
 
-def slowest(comm: MPI.Comm, values: list[float]) -> np.ndarray:
-    """Element-wise max over ranks: an epoch lasts as long as its slowest rank."""
+def slowest(comm: MPI.Comm, values: list[float], watch: Any = None) -> np.ndarray:
+    """Element-wise max over ranks: an epoch lasts as long as its slowest rank. watch: a
+    reducers.base.StallWatch that notices a rank stalled here (enter/leave around the wait)."""
     out = np.array(values, dtype=np.float64)
-    comm.Allreduce(MPI.IN_PLACE, out, op=MPI.MAX)
+    if watch is not None:
+        watch.enter()
+    try:
+        comm.Allreduce(MPI.IN_PLACE, out, op=MPI.MAX)
+    finally:
+        if watch is not None:
+            watch.leave()
     return out
 
 
@@ -245,9 +288,32 @@ def report_failure(exc: BaseException, comm: MPI.Comm) -> int:
         import traceback
 
         traceback.print_exception(exc, file=sys.stderr)
+    code = next((c for t, c in _ALONE_EXIT.items() if isinstance(exc, t)), EXIT_FAILED)
     if comm.size > 1:
-        comm.Abort(EXIT_FAILED)  # the other ranks are blocked in a collective: without this they hang
-    return EXIT_FAILED
+        _let_the_launcher_read()
+        comm.Abort(code)  # the other ranks are blocked in a collective: without this they hang
+    return code
+
+
+def _let_the_launcher_read() -> None:
+    """Before MPI_Abort: the launcher forwards a rank's stderr through a pipe, and an abort that
+    comes at once can cut off the end of what was just printed (a traceback's last lines)."""
+    sys.stderr.flush()
+    import time
+
+    time.sleep(0.3)
+
+
+def report_stopped(exc: Stopped, comm: MPI.Comm) -> int:
+    """SIGTERM/SIGUSR1 outside the training loop: end the whole job now, exit EXIT_STOPPED + signal."""
+    name = signal.Signals(exc.signum).name if exc.signum in signal.Signals._value2member_map_ else str(exc.signum)
+    code = EXIT_STOPPED + exc.signum
+    print(f"pbp_hpc: rank {comm.rank} of {comm.size} stopped by {name} outside the training loop (setup, download, "
+          "evaluation or writing results): nothing more was written; run the same command again", file=sys.stderr, flush=True)
+    if comm.size > 1:
+        _let_the_launcher_read()
+        comm.Abort(code)  # the other ranks may be waiting for this one in a collective
+    return code
 
 
 def report_interrupt(comm: MPI.Comm) -> int:

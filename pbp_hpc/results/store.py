@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import h5py
+import numpy as np
 
 from pbp_hpc.errors import ResultsError
 from pbp_hpc.results.schema import (READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION, _attr_str, _check_record, _init_file,
@@ -60,7 +61,13 @@ def _open_checked(path: Path) -> h5py.File:
 
 
 def _version(f: h5py.File) -> int:
-    return int(f.attrs.get("schema_version", -1))
+    raw = f.attrs.get("schema_version", -1)
+    if isinstance(raw, np.ndarray) and raw.shape == ():
+        raw = raw[()]
+    if isinstance(raw, (bool, np.bool_)) or not isinstance(raw, (int, np.integer)):
+        raise ResultsError(f"{f.filename}: root attribute schema_version is {str(raw)[:40]!r}, not an integer: "
+                           "damaged or not written by pbp_hpc")
+    return int(raw)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -137,6 +144,13 @@ def append_run(path: str | Path, record: dict[str, Any], replace: bool = False) 
     path = Path(path)
     _check_record(record)
     key = record_key(record)
+    try:
+        _append(path, key, record, replace)
+    except OSError as exc:  # disk full, quota, permissions: the file is as it was (written aside, then renamed)
+        raise ResultsError(f"cannot record run {key} in {path}: {exc.strerror or exc} (the file is unchanged)") from None
+
+
+def _append(path: Path, key: str, record: dict[str, Any], replace: bool) -> None:
     with _locked(path):
         _remove_stale_temps(path)
         exists = path.exists()

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from pbp_hpc.errors import ConfigError
 from pbp_hpc.parallel import hybrid
 from pbp_hpc.sweep.expand import Point, Sweep, available_cores
 from pbp_hpc.sweep.spec import yaml_value
@@ -38,7 +39,12 @@ def launcher_prefix(launcher: str, ranks: int, threads: int, bind: bool = False)
     else:
         mpiexec = default_mpiexec()
         return [mpiexec, *hybrid.mpiexec_args(ranks, threads, hybrid.mpi_flavour(mpiexec) if bind else None)]
-    words = [w.format(ranks=ranks, threads=threads) for w in shlex.split(template)]
+    var = "PBP_SRUN" if launcher == "srun" else "PBP_MPIEXEC"
+    try:
+        words = [w.format(ranks=ranks, threads=threads) for w in shlex.split(template)]
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:  # {rank}, {0}, an unmatched { or quote
+        raise ConfigError(f"{var}={template!r} is not a usable launcher template ({type(exc).__name__}: {exc}); it may "
+                          "use {ranks} and {threads}, and {{ }} for literal braces") from None
     return words if "{ranks}" in template else [*words, "-n", str(ranks)]
 
 

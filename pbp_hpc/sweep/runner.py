@@ -12,11 +12,15 @@ from typing import Any, Optional
 
 from pbp_hpc import results
 from pbp_hpc.engine import model
+from pbp_hpc.errors import ResultsError
 from pbp_hpc.parallel import provenance
 from pbp_hpc.sweep.expand import Point, Sweep, available_cores, describe, skip_reason
 from pbp_hpc.sweep.identity import check_recorded, stale_note
 from pbp_hpc.sweep.launch import checkpoint_path, child_env, command
 from pbp_hpc.sweep.process import Outcome, Stop, execute
+
+
+EXIT_NOT_RECORDED = 4  # a finished run could not be written to the results file (disk full)
 
 
 @dataclass
@@ -99,7 +103,13 @@ def run_sweep(sweep: Sweep, opts: Options, stop: Stop, say: Any = print) -> int:
         if outcome.status == "interrupted":
             say(f"[{i}/{len(todo)}] {key}: interrupted by signal {stop.signals[0]}; not recorded (it resumes on the next run)")
             break
-        results.append_run(opts.results, make_record(sweep, point, rep, outcome), replace=retry)
+        try:
+            results.append_run(opts.results, make_record(sweep, point, rep, outcome), replace=retry)
+        except ResultsError as exc:  # a full disk, say: the run is done but not recorded
+            say(f"[{i}/{len(todo)}] {key}: {outcome.status} but not recorded: {exc}. Its checkpoint {ckpt} is kept: "
+                "run the sweep again once there is room, and it records the run without training it again")
+            say(f"sweep {sweep.spec.name}: stopped: the results file cannot be written")
+            return EXIT_NOT_RECORDED
         ckpt.unlink(missing_ok=True)
         counts[outcome.status] += 1
         say(f"[{i}/{len(todo)}] {key} {describe(point)}: {_summary(outcome)}")

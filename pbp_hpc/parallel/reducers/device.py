@@ -32,7 +32,11 @@ class CudaAwareReducer(Reducer):
             return
         t = time.perf_counter()
         self.sync()
-        self.comm.Allreduce(MPI.IN_PLACE, self.grad, op=MPI.SUM)
+        self.watch.enter()  # the stall check
+        try:
+            self.comm.Allreduce(MPI.IN_PLACE, self.grad, op=MPI.SUM)
+        finally:
+            self.watch.leave()
         self.seconds += time.perf_counter() - t
 
 
@@ -57,7 +61,11 @@ class StagedReducer(Reducer):
         t = time.perf_counter()
         self.sync()  # the copy below is ordered on the stream anyway; this keeps `seconds` honest
         self.to_host(self.grad, self.host)
-        self.comm.Allreduce(MPI.IN_PLACE, self.host, op=MPI.SUM)
+        self.watch.enter()  # the stall check
+        try:
+            self.comm.Allreduce(MPI.IN_PLACE, self.host, op=MPI.SUM)
+        finally:
+            self.watch.leave()
         self.to_device(self.host, self.grad)
         self.seconds += time.perf_counter() - t
 
@@ -95,5 +103,9 @@ class NcclReducer(Reducer):
         stream = cupy.cuda.get_current_stream()
         ptr = self.grad.data.ptr
         self.nccl_comm.allReduce(ptr, ptr, self.grad.size, self.nccl_dtype, self.nccl.NCCL_SUM, stream.ptr)
-        stream.synchronize()  # so `seconds` is the reduction, not its launch
+        self.watch.enter()  # the stall check
+        try:
+            stream.synchronize()  # so `seconds` is the reduction, not its launch
+        finally:
+            self.watch.leave()
         self.seconds += time.perf_counter() - t

@@ -36,6 +36,6 @@ class OverlapReducer(Reducer):
         if not self.requests:
             return
         t = time.perf_counter()
-        MPI.Request.Waitall(self.requests)
+        self.watch.wait(self.requests)  # MPI_Waitall, with the stall check
         self.requests.clear()
         self.seconds += time.perf_counter() - t

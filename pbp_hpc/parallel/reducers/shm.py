@@ -67,11 +67,18 @@ class _SharedRows:
             buf[...] = 0
         return buf
 
-    def sync_barrier(self) -> None:
+    def sync_barrier(self, watch: Any = None) -> None:
         """A barrier that also orders every rank's loads and stores to the windows around it."""
         for w in self.wins:
             w.Sync()
-        self.local.Barrier()
+        if watch is None:
+            self.local.Barrier()
+        else:
+            watch.enter()  # the stall check
+            try:
+                self.local.Barrier()
+            finally:
+                watch.leave()
         for w in self.wins:
             w.Sync()
 
@@ -138,23 +145,28 @@ class SharedMemoryReducer(Reducer):
         mail = shared.mailboxes[self.step % 2]
         self.step += 1
         mail[shared.local.rank][...] = self.extras
-        shared.sync_barrier()  # every rank's gradient is in its row, its extras in its mailbox
+        shared.sync_barrier(self.watch)  # every rank's gradient is in its row, its extras in its mailbox
         _sum(mail, self.extras)  # only this rank reads or writes its own row's extras
         if shared.cross is not None:
             _sum(self.parts, self.acc)
-            shared.cross.Allreduce(MPI.IN_PLACE, self.acc, op=MPI.SUM)
-            shared.cross.Allreduce(MPI.IN_PLACE, self.extras, op=MPI.SUM)
+            self.watch.enter()
+            try:
+                shared.cross.Allreduce(MPI.IN_PLACE, self.acc, op=MPI.SUM)
+                shared.cross.Allreduce(MPI.IN_PLACE, self.extras, op=MPI.SUM)
+            finally:
+                self.watch.leave()
         self.seconds += time.perf_counter() - t
 
     def updated(self) -> None:
         if self.shared is None:
             return
         t = time.perf_counter()
-        self.shared.sync_barrier()  # the whole of theta is new before any rank's next forward pass
+        self.shared.sync_barrier(self.watch)  # the whole of theta is new before any rank's next forward pass
         self.seconds += time.perf_counter() - t
 
     def close(self) -> None:
         """Free the windows (collective). Without it they live until MPI_Finalize."""
+        self.watch.close()
         if self.shared is not None:
             self.shared.free()
             self.shared = None

@@ -28,6 +28,8 @@ class AllreduceStrategy(Strategy):
         super().__init__(cfg, comm, local, reducer, optimizer, xp)
         self.extras = reducer.extras
         self.sync = gpu.stream_sync(xp)  # GPU kernels run asynchronously: compute time must hold them
+        reducer.watch.warning_s = cfg.parallel.stall_warning_s  # the stall check (reducers.base.StallWatch)
+        reducer.watch.timeout_s = cfg.parallel.stall_timeout_s
 
     def step(self, gidx: Any, lr: float, stop: bool, at: tuple[int, int, int]) -> tuple[float, int]:
         B = gidx.shape[0]
@@ -38,6 +40,7 @@ class AllreduceStrategy(Strategy):
         if self.after_local is not None:
             self.after_local(at[2])
         self.sync()
+        self.reducer.watch.step = at[2]
         t_reduce = time.perf_counter()
         self.reducer.finish()
         tu = time.perf_counter()
