@@ -24,7 +24,7 @@ from pbp_hpc.engine import model
 from pbp_hpc import train
 from pbp_hpc.errors import ConfigError
 
-from helpers import run_cmd
+from helpers import REPORT_SETUP, run_cmd
 
 xs = pytest.importorskip("array_api_strict", reason="array_api_strict is in the test extra: pip install .[test]")
 
@@ -235,7 +235,8 @@ def test_device_path_training_with_either_mpi_reducer_equals_numpy(monkeypatch, 
     monkeypatch.setenv(gpu.CUDA_AWARE_ENV, aware)
     cfg = config.load(None, ["data.name=synthetic", "data.n_train=90", "data.n_test=20", "model.layers=[784, 12, 10]",
                              "train.epochs=2", "train.batch_size=9", "train.shuffle=false", "train.progress=false",
-                             "model.dtype=float64"])
+                             "model.dtype=float64", "parallel.reducer=blocking",  # the host reference: one Allreduce, as on the device
+                             *[f"{k}={v}" for k, v in REPORT_SETUP.items()]])
     got = train.run(cfg, WORLD, return_params=True, xp=xs)
     ref = train.run(cfg, WORLD, return_params=True)
     assert got["gpu_reducer"] == ("cuda-aware" if aware == "1" else "staged")
