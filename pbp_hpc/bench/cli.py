@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from pbp_hpc.bench import typed
+import pbp_hpc.bench.typed as typed
 from pbp_hpc.bench.cases import NETWORKS, Spec, make_spec
 from pbp_hpc.bench.table import checks, rows_of, table, write_splits
 from pbp_hpc.parallel import hybrid
