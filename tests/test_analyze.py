@@ -4,7 +4,6 @@ Records are plain dicts shaped as the results contract says (what `train --json`
 the sweep's keys), with round numbers so every expected value can be checked by hand.
 """
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -268,7 +267,6 @@ def test_json_output_holds_every_table(capsys, tmp_path):
     assert out["tables"]["problems"][0]["error"] == "no CUDA device"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pbp_hpc.results") is None, reason="pbp_hpc.results (the HDF5 store) is not written yet")
 def test_cli_prints_the_tables_for_an_hdf5_results_file(tmp_path):
     from pbp_hpc import results
     path = tmp_path / "small.h5"
