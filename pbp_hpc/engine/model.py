@@ -118,10 +118,6 @@ def flops_per_example(sizes: list[int]) -> int:
     return 2 * sum(pairs) + 2 * sum(pairs) + 2 * sum(pairs[1:])
 
 
-def forward_flops_per_example(sizes: list[int]) -> int:
-    return 2 * sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
-
-
 class Workspace:
     """Buffers for one rank's largest local batch, allocated once and reused every step."""
 

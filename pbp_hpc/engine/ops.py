@@ -252,11 +252,6 @@ def subtract(xp: ModuleType, a: Array, b: Array, out: Array) -> Array:
     return out
 
 
-def sum_rows(xp: ModuleType, a: Array, ones: Array, out: Array) -> Array:
-    """out <- sum over rows of a, as ones @ a: a BLAS gemv, faster than a reduction."""
-    return matmul(xp, ones, a, out)
-
-
 def axpy_(xp: ModuleType, alpha: float, x: Array, y: Array) -> Array:
     """In place: y <- y + alpha * x, for 1-D x and y (the parameter update); x is left as it is.
 
