@@ -168,8 +168,14 @@ class ScheduleConfig(_Section):
 class ParallelConfig(_Section):
     ranks: Optional[int] = Field(None, ge=1)  # expected world size; null accepts any
     threads_per_rank: Optional[int] = Field(None, ge=1)  # null: cores on the node / ranks on the node
-    # how ranks combine their work (pbp_hpc/parallel/strategies/): allreduce
+    # how ranks combine their work (pbp_hpc/parallel/strategies/): allreduce (the report's
+    # Algorithm 5), local_sgd, async_ps, ssp, hogwild (docs/strategies.md)
     strategy: str = "allreduce"
+    local_steps: int = Field(4, ge=1)  # local_sgd: local steps between parameter averages (k)
+    staleness_bound: int = Field(2, ge=0)  # ssp: how many updates a worker may run ahead of the slowest (s)
+    # async_ps, ssp, hogwild: the workers meet every this many global steps (stop requests, the
+    # loss, the divergence check; hogwild across nodes: the average of the nodes' parameters)
+    meet_every_steps: int = Field(16, ge=1)
     # how a sum over ranks is carried out (pbp_hpc/parallel/reducers/): blocking, overlap, shm
     # (node-wide shared memory, CPU only), or auto: shm where ranks share a node, else blocking
     reducer: str = "auto"
@@ -196,6 +202,15 @@ class ParallelConfig(_Section):
         from pbp_hpc.parallel import reducers
 
         return _registered("reducer", reducers.names(), v)
+
+
+class StudyConfig(_Section):
+    """Settings of a study, not of training: a straggler to measure strategies against
+    (pbp_hpc/parallel/straggler.py)."""
+
+    straggler_factor: float = Field(1.0, ge=1.0)  # a slowed rank's steps take this many times as long; 1: none
+    straggler: Literal["fixed", "random"] = "fixed"  # fixed: straggler_rank; random: a rank drawn per step
+    straggler_rank: Optional[int] = Field(None, ge=0)  # fixed: which rank; null: the last
 
 
 class CheckpointConfig(_Section):
@@ -227,6 +242,7 @@ class Config(_Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    study: StudyConfig = Field(default_factory=StudyConfig)
     debug: DebugConfig = Field(default_factory=DebugConfig)
 
     @model_validator(mode="after")
@@ -240,6 +256,9 @@ class Config(_Section):
                              f"{self.model.layers[-1]}; they must be equal")
         if self.data.name == "synthetic" and self.model.layers[-1] < 2:
             raise ValueError("model.layers[-1] (the number of classes) must be at least 2 for synthetic data")
+        rank = self.study.straggler_rank
+        if rank is not None and self.parallel.ranks is not None and rank >= self.parallel.ranks:
+            raise ValueError(f"study.straggler_rank is {rank} but parallel.ranks is {self.parallel.ranks}")
         from pbp_hpc.parallel import combinations
 
         broken = combinations.violation(self)

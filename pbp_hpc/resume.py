@@ -30,9 +30,13 @@ def checkpoint_path(cfg: Config) -> Path:
 def resume_key(cfg: Config) -> dict[str, Any]:
     """The settings a checkpoint must share with the run that resumes it."""
     d = cfg.to_dict()
-    return {"model": d["model"], "data": d["data"], "algorithm": d["algorithm"], "optimizer": d["optimizer"],
-            "schedule": d["schedule"],
-            "train": {k: d["train"][k] for k in ("batch_size", "learning_rate", "seed", "shuffle")}}
+    key = {"model": d["model"], "data": d["data"], "algorithm": d["algorithm"], "optimizer": d["optimizer"],
+           "schedule": d["schedule"],
+           "train": {k: d["train"][k] for k in ("batch_size", "learning_rate", "seed", "shuffle")}}
+    if cfg.parallel.strategy != "allreduce":  # (absent for allreduce: checkpoints from before strategies still resume)
+        p = d["parallel"]
+        key["strategy"] = {k: p[k] for k in ("strategy", "local_steps", "staleness_bound", "meet_every_steps")}
+    return key
 
 
 def check_target(cfg: Config) -> None:

@@ -46,22 +46,25 @@ class State:
 
     def __init__(self, cfg: Config, comm: MPI.Comm, xp: ModuleType, data: datasets.Data):
         self.cfg, self.comm, self.xp, self.data = cfg, comm, xp, data
+        self.fault_fired = False  # debug.fail_*: injected once
         self.layout = model.Layout(cfg.model.layers)
         self.n_params = self.layout.n_params
+        self.strategy = strategies.make(cfg, comm, xp)  # first: it decides where the parameters live
         self.reducer = reducers.make(cfg, comm, self.layout, xp)
         try:
             self.grad = self.reducer.grad
             init = functools.partial(model.init_params, self.layout, cfg.train.seed, cfg.model.dtype, init=cfg.model.init)
-            self.theta = self.reducer.parameters(lambda out: init(out=out))
-            self.optimizer = optimizers.make(cfg, self.theta, self.reducer.state_buffer, xp)
+            self.theta = self.strategy.parameters(self.reducer, lambda out: init(out=out))
+            self.optimizer = optimizers.make(cfg, self.theta, self.strategy.state_buffer(self.reducer), xp)
             max_local = -(-cfg.train.batch_size // comm.size)
-            fused = local_steps.can_fuse(cfg, comm.size, xp, max_local, self.optimizer.fusable)
+            fused = self.strategy.fusable and local_steps.can_fuse(cfg, comm.size, xp, max_local, self.optimizer.fusable)
             loss_out = self.grad[self.n_params + LOSS_SLOT : self.n_params + LOSS_SLOT + 1]
             self.local = local_steps.make_local_step(cfg, self.layout, self.theta, self.grad, loss_out, data.train, xp,
                                                      max_local, self.reducer.layer_done, fused)
-            self.strategy = strategies.make(cfg, comm, self.local, self.reducer, self.optimizer, xp)
+            self.strategy.attach(self.local, self.reducer, self.optimizer)
         except BaseException:
-            self.reducer.close()
+            self.strategy.reducer = self.reducer
+            self.strategy.close()
             raise
 
     def close(self) -> None:
@@ -95,8 +98,11 @@ def _epoch_order(st: State, epoch: int, n: int) -> Any:
 def _inject_fault(st: State, global_step: int) -> None:
     """debug.fail_*: the failure paths proven on purpose (tests)."""
     dbg = st.cfg.debug
-    if global_step != dbg.fail_step or dbg.fail_rank not in (None, st.comm.rank):
+    # the first step at or after fail_step that this rank computes: under async_ps and ssp a
+    # rank takes shares of the steps it claims, not of every step
+    if global_step < dbg.fail_step or dbg.fail_rank not in (None, st.comm.rank) or st.fault_fired:
         return
+    st.fault_fired = True
     if dbg.fail_kind == "stall":  # a rank that stops answering for a while (SIGSTOP, a swapping node)
         time.sleep(dbg.stall_s)
         return
@@ -161,12 +167,16 @@ def run(cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, log: Optional[Log] = None,
             if "gpu_reducer" in st.reducer.choice:
                 log(f"device reducer: {st.reducer.choice['gpu_reducer']} ({st.reducer.choice['cuda_aware_reason']})")
             log(f"pbp_hpc: {comm.size} rank(s) x {threads} thread(s) ({why_threads}), {binding['how']}, "
-                f"reducer {st.reducer.name} ({st.reducer.choice.get('reducer_reason', 'parallel.gpu_reducer')})")
+                f"reducer {st.reducer.name} ({st.reducer.choice.get('reducer_reason', 'parallel.gpu_reducer')}), "
+                f"strategy {st.strategy.name}")
             info["binding"] = binding  # rank 0's node
             result = _train(st, threads, info, log, quiet)
             result.update(st.reducer.choice)
+            result.update(st.strategy.describe())
             if return_params:
                 result["params"] = backend.to_host(st.theta).copy()
+                if hasattr(st.strategy, "gathered_log"):  # async_ps, ssp: (worker, clock, version read, written)
+                    result["update_log"] = st.strategy.gathered_log()
             return result
 
 
@@ -244,38 +254,38 @@ def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
     excluded); where a signal asked to stop, (epoch, next step, ranks that asked), or None; and
     why an evaluation pass ended the run, or None."""
     cfg, comm, strategy, steps, tracker = st.cfg, st.comm, st.strategy, loop.steps, loop.tracker
-    n_train, B = len(st.data.train), cfg.train.batch_size
-    order = _epoch_order(st, epoch, n_train)
+    order = _epoch_order(st, epoch, len(st.data.train))
     st.reducer.watch.enter()  # the stall check covers the loop's own collectives too
     try:
         comm.Barrier()  # epochs start together, so the slowest rank's time is the epoch's time
     finally:
         st.reducer.watch.leave()
-    t0, compute0, comm0, eval0 = time.perf_counter(), strategy.compute_s, st.reducer.seconds, tracker.eval_s
+    t0, compute0, comm0, eval0 = time.perf_counter(), strategy.compute_s, strategy.comm_s, tracker.eval_s
     stalled0 = st.reducer.watch.stalled_s
     loss_sum, seen, stopped, ended, done = 0.0, 0, None, None, first
     bar = _progress(cfg, comm, steps - first, epoch, quiet)
-    for step in range(first, steps):
-        gidx = order[step * B : min((step + 1) * B, n_train)]  # in bounds: the Array API wants it
-        g = epoch * steps + step
-        loss, stop_ranks = strategy.step(gidx, loop.schedule(g), _stop_requested(st, g), (epoch, step, g))
+    stop_of = functools.partial(_stop_requested, st)
+    while done < steps:  # blocks of steps: one step each for allreduce (parallel/strategies/base.py)
+        end = strategy.block_end(done, _block_limit(tracker, epoch, steps, done), steps, epoch)
+        loss, n, reached, stop_ranks = strategy.run_block(order, epoch, done, end, steps, loop.schedule, stop_of)
         loss_sum += loss
-        seen += gidx.shape[0]
-        done = step + 1
-        tracker.add_loss(loss, gidx.shape[0])
+        seen += n
+        tracker.add_loss(loss, n)
         if bar is not None:
-            bar.update(1)
-        if tracker.due(g) and step + 1 < steps:  # an epoch's last step: the epoch-end pass covers it
+            bar.update(reached - done)
+        done = reached
+        g = epoch * steps + done - 1  # the last step done
+        if tracker.due(g) and done < steps:  # an epoch's last step: the epoch-end pass covers it
             in_epoch = time.perf_counter() - t0 - (tracker.eval_s - eval0)
             ended = tracker.evaluate(epoch, g + 1, loop.train_s + in_epoch, loop.wall())
         if stop_ranks > 0:  # the count of ranks asked to stop, the same on all
-            stopped = (epoch, step + 1, stop_ranks)
+            stopped = (epoch, done, stop_ranks)
         if stopped is not None or ended is not None:
             break
     if bar is not None:
         bar.close()
     wall = time.perf_counter() - t0 - (tracker.eval_s - eval0)
-    slow = runtime.slowest(comm, [wall, strategy.compute_s - compute0, st.reducer.seconds - comm0,
+    slow = runtime.slowest(comm, [wall, strategy.compute_s - compute0, strategy.comm_s - comm0,
                                   st.reducer.watch.stalled_s - stalled0], st.reducer.watch)
     loop.train_s += float(slow[0])
     flops = model.flops_per_example(cfg.model.layers) * seen
@@ -293,6 +303,16 @@ def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
         # seconds of steps that waited past parallel.stall_warning_s for another rank (the slowest rank's)
         "stalled_s": float(slow[3]),
     }, stopped, ended
+
+
+def _block_limit(tracker: evaluation.Tracker, epoch: int, steps: int, step: int) -> int:
+    """Where a block starting at `step` must end at the latest: the epoch's end, or just after
+    the next step at which an evaluation pass is due (train.eval_every_steps)."""
+    every = tracker.every_steps
+    if every is None:
+        return steps
+    g = epoch * steps + step
+    return min(steps, step + (every - 1 - g % every) % every + 1)
 
 
 def _stop(st: State, threads: int, info: dict[str, Any], loop: Loop, at: tuple[int, int, int], log: Log) -> dict[str, Any]:

@@ -245,7 +245,9 @@ def test_stop_x_evaluation_is_a_local_pass():
 def test_full_disk_x_checkpoint_a_clear_message_and_no_partial_file(mpi_job, small_disk):
     disk = small_disk("256k")
     ck = disk / "ck.h5"
-    job = _job(mpi_job, 2, *TINY, "--set", f"checkpoint.path={ck}")
+    # 40 epochs (~0.1 s each): the disk is full long before the checkpoint at the end (with 3, the
+    # run could finish before _fill did, and pass without a full disk)
+    job = _job(mpi_job, 2, *TINY, "--set", "train.epochs=40", "--set", f"checkpoint.path={ck}")
     assert job.wait_for("epoch   0", 60)
     _fill(disk)  # the disk fills up during training; the checkpoint comes at the end
     rc, out, err, _ = job.finish(BOUND)

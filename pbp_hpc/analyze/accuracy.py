@@ -58,7 +58,26 @@ def variant_of(rec: Record) -> str:
     rate = "lr ?" if lr is None else f"lr {lr:g}"
     if sch.get("scale_with_batch"):
         rate += f"xB/{sch['base_batch']}"
-    return f"{words}, {schedule}, {rate}"
+    return f"{words}, {schedule}, {rate}" + study_of(rec)
+
+
+def strategy_of(rec: Record) -> str:
+    """parallel.strategy of a run (allreduce where the config predates strategies)."""
+    return str(_cfg(rec, "parallel", "strategy") or rec.get("strategy") or "allreduce")
+
+
+def straggler_of(rec: Record) -> float:
+    """study.straggler_factor of a run (1: none)."""
+    return float(_cfg(rec, "study", "straggler_factor") or 1.0)
+
+
+def study_of(rec: Record) -> str:
+    """The strategy and straggler of a run in words, where not the default: `, async_ps, straggler x4`."""
+    words = "" if strategy_of(rec) == "allreduce" else f", {strategy_of(rec)}"
+    factor = straggler_of(rec)
+    if factor != 1.0:
+        words += f", straggler x{factor:g}" + (" random" if _cfg(rec, "study", "straggler") == "random" else "")
+    return words
 
 
 def effective_tpe(rec: Record) -> tuple[Optional[float], str]:

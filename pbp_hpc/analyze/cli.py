@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from pbp_hpc.analyze import perfmodel
+from pbp_hpc.analyze import perfmodel, strategies
 from pbp_hpc.analyze.models import choose_alpha_beta
 from pbp_hpc.analyze.points import aggregate
 from pbp_hpc.analyze.records import read_records
@@ -50,14 +50,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         points, problems = aggregate(records)
         ab = choose_alpha_beta(points, args.alpha_beta, args.alpha, args.beta)
         tables = build_tables(points, problems, ab, args.max_ranks, records=records)
+        tables += strategies.tables(records)  # a strategy study's comparison (none for other runs)
         if args.csv:
             write_csv(tables, Path(args.csv))
         if args.plots:
             # Imported only here: matplotlib is slow to import, and the tables need none of it.
-            from pbp_hpc.analyze import accuracy_figures, figures
+            from pbp_hpc.analyze import accuracy_figures, figures, strategy_figures
 
             written = figures.write_all(points, Path(args.plots), ab, args.max_ranks)
             written += accuracy_figures.write_all(records, Path(args.plots))
+            written += strategy_figures.write_all(records, Path(args.plots))
             print(f"wrote {len(written)} figure(s) to {args.plots}", file=sys.stderr)
     except PbpError as exc:
         print(f"pbp_hpc.analyze: error: {exc}", file=sys.stderr)

@@ -26,6 +26,11 @@ RULES = [
          "per_example is the numpy baseline; with backend: cupy use batched"),
     Rule(("parallel.reducer", ("overlap", "shm")), ("backend", ("cupy",)),
          "that reducer works on host buffers; with backend: cupy choose parallel.gpu_reducer"),
+    Rule(("parallel.strategy", ("local_sgd", "async_ps", "ssp", "hogwild")), ("parallel.reducer", ("overlap", "shm")),
+         "that strategy does not sum a gradient every step: it averages or pushes parameters itself, "
+         "over private buffers; use parallel.reducer auto or blocking"),
+    Rule(("parallel.strategy", ("local_sgd", "async_ps", "ssp", "hogwild")), ("backend", ("cupy",)),
+         "that strategy exchanges host buffers (MPI windows, node shared memory); with backend: cupy use allreduce"),
 ]
 
 

@@ -222,6 +222,9 @@ def check_world(cfg: Config, comm: MPI.Comm) -> None:
             f"asked for {cfg.parallel.ranks} ranks (parallel.ranks) but MPI_COMM_WORLD has {comm.size}; "
             "under Slurm this usually means a wrong `srun --mpi=` plugin started separate 1-rank jobs"
         )
+    rank = cfg.study.straggler_rank
+    if rank is not None and rank >= comm.size:
+        raise ConfigError(f"study.straggler_rank is {rank} but the job has {comm.size} rank(s) (0..{comm.size - 1})")
 
 
 def check_memory(cfg: Config, world_size: int) -> None:

@@ -123,6 +123,12 @@ RUN_FIELDS: tuple[Field, ...] = (
     Field("target_wall_s", "float", old_files=None, path=("target", "wall_s")),
     Field("target_epochs", "float", old_files=None, path=("target", "epochs")),
     Field("target_steps", "int", old_files=None, path=("target", "steps")),
+    # Strategies beyond lockstep (parallel.strategy; absent before they existed: allreduce)
+    Field("strategy", "ostr", old_files=None),  # absent (older files, a run that failed early): see the config
+    Field("updates", "int", old_files=None),  # async_ps, ssp, hogwild: updates applied
+    Field("staleness_mean", "float", old_files=None),  # async_ps, ssp: updates between a read and its write
+    Field("staleness_max", "int", old_files=None),
+    Field("staleness_histogram", "json", old_files=None),  # [updates with staleness 0, 1, ...]
 )
 EPOCH_FIELDS: tuple[Column, ...] = (
     Column("epoch", "i8", -1),

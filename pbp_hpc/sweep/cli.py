@@ -31,7 +31,9 @@ def list_lines(sweep: Sweep, opts: Options) -> list[str]:
     recorded = {key: rec["status"] for key, rec in identities.items()}
     other = mismatches(sweep, identities)
     cores = available_cores(sweep.spec, opts.launcher)
-    rows = [["point", "rep", "implementation", "network", "dtype", "batch", "ranks", "threads", "state"]]
+    study = bool(sweep.spec.axes.strategy or sweep.spec.axes.straggler_factor)  # columns only where the axes are
+    rows = [["point", "rep", "implementation", "network", "dtype", "batch", "ranks", "threads",
+             *(["strategy", "straggler"] if study else []), "state"]]
     for point, rep in sorted(plan(sweep, opts), key=lambda pr: (pr[0].index, pr[1])):
         key = results.run_key(sweep.spec.name, point.index, rep)
         reason = skip_reason(point, sweep.spec, cores)
@@ -41,7 +43,8 @@ def list_lines(sweep: Sweep, opts: Options) -> list[str]:
         if point.split_origin:
             state += f"; split {point.ranks}x{point.threads} ({point.split_origin})"
         rows.append([str(point.index), str(rep), point.implementation, point.network, point.dtype, str(point.batch_size),
-                     str(point.ranks), str(point.threads), state])
+                     str(point.ranks), str(point.threads),
+                     *([point.strategy, f"x{point.straggler_factor:g}"] if study else []), state])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = [("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip() for r in rows]
     n = len(sweep.points)

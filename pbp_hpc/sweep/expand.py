@@ -33,6 +33,8 @@ class Point:
     overrides: list[str]  # --set KEY=VALUE items, after --config base (if any)
     config: dict[str, Any] = field(repr=False)
     split_origin: Optional[str] = None  # hybrid_split: best -- where (ranks, threads) came from, in words
+    strategy: str = "allreduce"  # parallel.strategy
+    straggler_factor: float = 1.0  # study.straggler_factor
 
     @property
     def rule(self) -> Rule:
@@ -51,7 +53,10 @@ class Sweep:
 def describe(point: Point) -> str:
     """A point in one line, as progress lines and identity errors show it."""
     origin = f" ({point.split_origin})" if point.split_origin else ""
-    return f"{point.implementation} {point.network} {point.dtype} B={point.batch_size} {point.ranks}x{point.threads}{origin}"
+    study = "" if point.strategy == "allreduce" else f" {point.strategy}"
+    study += f" straggler x{point.straggler_factor:g}" if point.straggler_factor != 1 else ""
+    return (f"{point.implementation} {point.network} {point.dtype} B={point.batch_size} {point.ranks}x{point.threads}"
+            f"{study}{origin}")
 
 
 def _network(spec: SweepSpec, value: Union[str, list[int]]) -> tuple[str, list[int]]:
@@ -114,8 +119,10 @@ def expand(path: str | Path) -> Sweep:
     networks = [_network(spec, n) for n in ax.network] if ax.network else [_network(spec, base_cfg.model.layers)]
     batches = ax.batch_per_rank or ax.batch_size or [base_cfg.train.batch_size]
     points: list[Point] = []
-    for impl, (net, layers), dtype, batch, ranks, threads in itertools.product(
-            ax.implementation, networks, ax.dtype or [base_cfg.model.dtype], batches, ax.ranks, ax.threads_per_rank):
+    # strategy and straggler innermost: a sweep without those axes numbers its points as before they existed
+    for impl, (net, layers), dtype, batch, ranks, threads, strategy, straggler in itertools.product(
+            ax.implementation, networks, ax.dtype or [base_cfg.model.dtype], batches, ax.ranks, ax.threads_per_rank,
+            ax.strategy or [None], ax.straggler_factor or [None]):
         split = None
         if impl == "hybrid" and best:
             # one point, where the axes' first (ranks, threads) would be: same place and number on every machine
@@ -126,7 +133,9 @@ def expand(path: str | Path) -> Sweep:
             ranks, threads = split.ranks, split.threads
         values = {"implementation": impl, "network": (net, layers), "dtype": dtype, "ranks": ranks, "threads_per_rank": threads,
                   "batch_size": batch * ranks if ax.batch_per_rank else batch,
-                  "batch_per_rank": batch if ax.batch_per_rank else None}
+                  "batch_per_rank": batch if ax.batch_per_rank else None,
+                  "strategy": strategy or base_cfg.parallel.strategy,
+                  "straggler_factor": straggler if straggler is not None else base_cfg.study.straggler_factor}
         if not RULES[impl].fits(ranks, threads):
             continue
         if spec.where and not any(_matches(r, values, spec) for r in spec.where):
@@ -151,12 +160,17 @@ def _make_point(spec: SweepSpec, path: Path, base_dict: dict[str, Any], base_ite
              "parallel.ranks": values["ranks"], "parallel.threads_per_rank": values["threads_per_rank"]}
     if spec.oversubscribe:
         fixed["parallel.oversubscribe"] = True
+    if spec.axes.strategy:
+        fixed["parallel.strategy"] = values["strategy"]
+    if spec.axes.straggler_factor:
+        fixed["study.straggler_factor"] = values["straggler_factor"]
     overrides = base_items + set_items(spec.set) + set_items(spec.implementation_set.get(impl, {})) + set_items(fixed)
     cfg = configmod.from_dict(configmod.apply_overrides(copy.deepcopy(base_dict), overrides), f"{path} (point {index})")
     if cfg.train.warmup_epochs >= cfg.train.epochs:
         raise ConfigError(f"{path}: warmup_epochs={spec.warmup_epochs} leaves no timed epoch with train.epochs={cfg.train.epochs}")
     return Point(index, impl, net, layers, values["dtype"], values["batch_size"], values["ranks"],
-                 values["threads_per_rank"], overrides, cfg.to_dict())
+                 values["threads_per_rank"], overrides, cfg.to_dict(), strategy=cfg.parallel.strategy,
+                 straggler_factor=cfg.study.straggler_factor)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from pbp_hpc.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[2]
 NETWORKS: dict[str, list[int]] = {"net1h": [784, 1024, 10], "net2h": [784, 1024, 1024, 10]}
 Implementation = Literal["naive-serial", "example-parallel", "blas-serial", "blas-threaded", "hybrid", "gpu", "framework"]
-AXES = ("implementation", "network", "dtype", "batch_size", "batch_per_rank", "ranks", "threads_per_rank")
+AXES = ("implementation", "network", "dtype", "batch_size", "batch_per_rank", "ranks", "threads_per_rank", "strategy",
+        "straggler_factor")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,25 @@ class Axes(_Strict):
     batch_per_rank: Optional[list[int]] = Field(None, min_length=1)  # weak scaling: global batch = this x ranks
     ranks: list[int] = Field(default_factory=lambda: [1], min_length=1)
     threads_per_rank: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    strategy: Optional[list[str]] = Field(None, min_length=1)  # parallel.strategy (pbp_hpc/parallel/strategies/)
+    straggler_factor: Optional[list[float]] = Field(None, min_length=1)  # study.straggler_factor (>= 1)
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategies(cls, v: Optional[list[str]]) -> Optional[list[str]]:
+        from pbp_hpc.parallel import strategies
+
+        for name in v or []:
+            if name not in strategies.names():
+                raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(strategies.names())}")
+        return v
+
+    @field_validator("straggler_factor")
+    @classmethod
+    def _factors(cls, v: Optional[list[float]]) -> Optional[list[float]]:
+        if v is not None and any(f < 1 for f in v):
+            raise ValueError(f"every straggler factor must be at least 1 (1: no straggler), got {v}")
+        return v
 
     @field_validator("batch_size", "batch_per_rank", "ranks", "threads_per_rank")
     @classmethod
@@ -186,7 +206,8 @@ def load_spec(path: str | Path) -> SweepSpec:
 
 def check_controlled(spec: SweepSpec, path: Path) -> None:
     axis_keys = {"network": "model.layers", "dtype": "model.dtype", "batch_size": "train.batch_size",
-                 "batch_per_rank": "train.batch_size"}
+                 "batch_per_rank": "train.batch_size", "strategy": "parallel.strategy",
+                 "straggler_factor": "study.straggler_factor"}
     controlled = set(CONTROLLED) | {k for a, k in axis_keys.items() if getattr(spec.axes, a) is not None}
     sources = {"set": spec.set, **{f"implementation_set.{i}": v for i, v in spec.implementation_set.items()}}
     for where, values in sources.items():

@@ -18,6 +18,9 @@ from typing import Any, Callable, ClassVar
 
 class Optimizer:
     name: ClassVar[str] = ""
+    # the state buffers it asks state_buffer for, in order (a strategy that packs the parameters
+    # and the state into one buffer, as local_sgd does, sizes it from this before building it)
+    state_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Any, theta: Any, state_buffer: Callable[[], Any], xp: Any):
         self.cfg, self.theta, self.xp = cfg, theta, xp

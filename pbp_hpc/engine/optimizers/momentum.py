@@ -21,6 +21,7 @@ from pbp_hpc.engine.optimizers.base import Optimizer
 class Momentum(Optimizer):
     name = "momentum"
     nesterov = False
+    state_names = ("velocity",)
 
     def __init__(self, cfg: Any, theta: Any, state_buffer: Callable[[], Any], xp: Any):
         super().__init__(cfg, theta, state_buffer, xp)

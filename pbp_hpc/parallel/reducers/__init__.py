@@ -71,8 +71,13 @@ def make(cfg: Any, comm: Any, layout: Any, xp: Any) -> Any:
 
     if xp is not np:
         return make_device(cfg, comm, layout, xp)
+    from pbp_hpc.parallel.strategies import SUMS_GRADIENTS
+
     name, why = cfg.parallel.reducer, "parallel.reducer"
-    if name == "auto":
+    if name == "auto" and cfg.parallel.strategy not in SUMS_GRADIENTS:
+        name, why = "blocking", (f"auto: strategy {cfg.parallel.strategy} exchanges parameters its own way; "
+                                 "its buffers are private (blocking)")
+    elif name == "auto":
         name, why = choose_auto(comm)
     reducer = HOST.load(name)(comm, layout, getattr(xp, cfg.model.dtype), xp)
     reducer.choice = {"reducer_reason": why}

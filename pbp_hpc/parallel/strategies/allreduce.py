@@ -23,13 +23,12 @@ from pbp_hpc.parallel.strategies.base import Strategy, my_share
 
 class AllreduceStrategy(Strategy):
     name = "allreduce"
+    fusable = True
 
-    def __init__(self, cfg: Any, comm: Any, local: Any, reducer: Any, optimizer: Any, xp: Any):
-        super().__init__(cfg, comm, local, reducer, optimizer, xp)
+    def attach(self, local: Any, reducer: Any, optimizer: Any) -> None:
+        super().attach(local, reducer, optimizer)
         self.extras = reducer.extras
-        self.sync = gpu.stream_sync(xp)  # GPU kernels run asynchronously: compute time must hold them
-        reducer.watch.warning_s = cfg.parallel.stall_warning_s  # the stall check (reducers.base.StallWatch)
-        reducer.watch.timeout_s = cfg.parallel.stall_timeout_s
+        self.sync = gpu.stream_sync(self.xp)  # GPU kernels run asynchronously: compute time must hold them
 
     def step(self, gidx: Any, lr: float, stop: bool, at: tuple[int, int, int]) -> tuple[float, int]:
         B = gidx.shape[0]
@@ -40,6 +39,8 @@ class AllreduceStrategy(Strategy):
         if self.after_local is not None:
             self.after_local(at[2])
         self.sync()
+        if self.straggler.active:  # study.straggler_*: a slow rank's compute (so it counts as compute)
+            self.straggler.after(at[2], time.perf_counter() - tc)
         self.reducer.watch.step = at[2]
         t_reduce = time.perf_counter()
         self.reducer.finish()
