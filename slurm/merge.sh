@@ -13,7 +13,8 @@
 #     plots/         its figures
 #
 # Environment: PBP_RESULTS_DIR (required, or the first argument), PBP_SWEEP_POINTS (optional: the
-# number of points expected, to report the missing ones), PBP_VENV / PBP_PYTHON as in train.sh.
+# number of points expected, to report the missing ones), PBP_LOG_DIR (optional: where the points'
+# logs are, for the messages; `--slurm` sets it), PBP_VENV / PBP_PYTHON as in train.sh.
 # =====================================================================================================
 #SBATCH --job-name=pbp-merge
 #SBATCH --output=%x-%j.out
@@ -52,7 +53,7 @@ shopt -s nullglob
 points=("$PBP_RESULTS_DIR"/point-*.h5)
 shopt -u nullglob
 if [ ${#points[@]} -eq 0 ]; then
-    log "no point-*.h5 in $PBP_RESULTS_DIR: every sweep point failed? (see the pbp-sweep-*.out logs)"
+    log "no point-*.h5 in $PBP_RESULTS_DIR: every sweep point failed? (see the pbp-sweep-*.out logs${PBP_LOG_DIR:+ in $PBP_LOG_DIR})"
     exit 1
 fi
 if [ -n "${PBP_SWEEP_POINTS:-}" ]; then
@@ -60,7 +61,7 @@ if [ -n "${PBP_SWEEP_POINTS:-}" ]; then
     for ((i = 0; i < PBP_SWEEP_POINTS; i++)); do
         [ -f "$PBP_RESULTS_DIR/point-$i.h5" ] || missing+=("$i")
     done
-    [ ${#missing[@]} -eq 0 ] || log "missing points (failed or cancelled): ${missing[*]}"
+    [ ${#missing[@]} -eq 0 ] || log "missing points (failed or cancelled): ${missing[*]}${PBP_LOG_DIR:+ (their logs: $PBP_LOG_DIR)}"
 fi
 log "merging ${#points[@]} point file(s) of $PBP_RESULTS_DIR"
 

@@ -4,22 +4,28 @@
 #
 # The easy way: let the helper count the points, submit this array and the merge job after it:
 #
-#     python -m pbp_hpc.sweep jobs/scaling.yaml --slurm
+#     python -m pbp_hpc.sweep jobs/strong_scaling.yaml --slurm
 #
 # It runs  sbatch --array=0-(N-1) --ntasks=... --cpus-per-task=... slurm/sweep.sh  and then
-#          sbatch --dependency=afterany:<array job id> slurm/merge.sh  (merge + analysis, see merge.sh).
+#          sbatch --dependency=afterany:<array job id> slurm/merge.sh  (merge + analysis, see merge.sh),
+# both with --output in a folder of their own beside the results: results/<name>/logs/<date-time>/.
 #
 # By hand:
-#     python -m pbp_hpc.sweep jobs/scaling.yaml --list          # prints the points; N = their number
-#     PBP_JOBFILE=jobs/scaling.yaml PBP_RESULTS_DIR=results/scaling \
-#         sbatch --array=0-11%4 --ntasks=4 slurm/sweep.sh         # 12 points, at most 4 at a time
-#     PBP_RESULTS_DIR=results/scaling sbatch --dependency=afterany:<array job id> slurm/merge.sh
+#     python -m pbp_hpc.sweep jobs/strong_scaling.yaml --list   # prints the points; N = their number
+#     PBP_JOBFILE=jobs/strong_scaling.yaml PBP_RESULTS_DIR=results/scaling-2 \
+#         sbatch --array=0-3%2 --ntasks=4 slurm/sweep.sh          # 4 points, at most 2 at a time
+#     PBP_RESULTS_DIR=results/scaling-2 sbatch --dependency=afterany:<array job id> slurm/merge.sh
 #
 # Naming: the sweep file is a YAML job file (jobs/<name>.yaml), given as PBP_JOBFILE or as the first
 # argument after the script name. Each task writes $PBP_RESULTS_DIR/point-<task id>.h5 (default
-# results directory: results/<job file name without .yaml>), and its log to
-# pbp-sweep-<array job id>_<task id>.out in the submit directory. Arguments after the job file are
+# results directory: results/<job file name without .yaml>, the same folder that `--slurm` uses), and
+# by hand its log goes to pbp-sweep-<array job id>_<task id>.out in the submit directory (choose
+# another with sbatch --output=DIR/%x-%A_%a.out; DIR must exist). Arguments after the job file are
 # passed on to `python -m pbp_hpc.sweep`.
+#
+# A point already recorded in its point-<task id>.h5 is not run again (an earlier submission into the
+# same results folder, or a requeue): the task then says so at its start, lists the point's runs and
+# their state, and ends without training. Use a new PBP_RESULTS_DIR to run the sweep afresh.
 #
 # What to edit (or override on the sbatch command line, as the helper does):
 #   --array            0-(N-1) for N points; append %K to run at most K at once. Required.
@@ -118,6 +124,14 @@ TASK_JOB=${SLURM_ARRAY_JOB_ID}_${POINT}
 
 log "array task $TASK_JOB (job $SLURM_JOB_ID, restart $RESTARTS) on ${SLURM_JOB_NODELIST:-?}: point $POINT of" \
     "$PBP_JOBFILE, ${SLURM_NTASKS:-?} ranks x $CPUS threads, srun --mpi=$MPI_PLUGIN [$MPI_LIB] -> $RESULT"
+if [ -f "$RESULT" ]; then
+    # Said first, so that a task that ends having trained nothing is not a mystery.
+    log "$RESULT exists already (written by an earlier submission into $PBP_RESULTS_DIR, or by this task" \
+        "before a requeue): the runs recorded in it are not run again. The point's runs:"
+    "$PYTHON" -m pbp_hpc.sweep "$PBP_JOBFILE" --list --point "$POINT" --results "$RESULT" --launcher srun \
+        ${1+"$@"} >&2
+    log "to run the point afresh, submit again with PBP_RESULTS_DIR set to a new folder"
+fi
 
 # ---- SIGUSR1 (time limit near): checkpoint, then requeue this task ---------------------------------------
 signals=0

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# A real, one-node Slurm cluster for tests and CI, started from a clean Debian/Ubuntu machine.
+# A real Slurm cluster (two nodes on this one host by default) for tests and CI, started from a clean
+# Debian/Ubuntu machine.
 #
-#   bash slurm/testbed.sh start  DIR   # install (if missing), configure, start, wait until the node is idle
+#   bash slurm/testbed.sh start  DIR   # install (if missing), configure, start, wait until the nodes are idle
 #   bash slurm/testbed.sh status DIR   # daemons, sinfo, squeue (exit 3 when the bed is not up)
 #   bash slurm/testbed.sh stop   DIR   # cancel jobs, stop the daemons this script started (idempotent)
 #
@@ -17,10 +18,20 @@
 #     (a munged that this script started is stopped again by `stop`);
 #   * with accounting (the default): a private MariaDB (datadir DIR/mysql, 127.0.0.1 only) and
 #     `slurmdbd -D`, so `sacct` works as on a real cluster;
-#   * writes DIR/slurm.conf (cluster "pbptest", one node named after `hostname -s` at 127.0.0.1, one
-#     partition "debug") and starts `slurmctld -D` and `slurmd -D` in the background;
-#   * waits (bounded: PBP_TESTBED_TIMEOUT s, default 60) until `sinfo` shows the node idle; prints the
-#     logs and fails otherwise. Running `start` on a bed that is up just checks it again.
+#   * writes DIR/slurm.conf (cluster "pbptest", PBP_TESTBED_NODES nodes at 127.0.0.1, one partition
+#     "debug") and starts `slurmctld -D` and one `slurmd -D -N NODE` per node in the background;
+#   * waits (bounded: PBP_TESTBED_TIMEOUT s, default 60) until `sinfo` shows every node idle; prints
+#     the logs and fails otherwise. Running `start` on a bed that is up just checks it again;
+#   * job IDs go on from where the last bed in DIR stopped (FirstJobId), so that a restarted bed does
+#     not hand out IDs whose log files (%j in --output) already exist.
+#
+# Several nodes on one host: each node is its own slurmd (`slurmd -N NAME`) with its own NodeName and
+# Port, and its own spool directory, log and PID file (%n in slurm.conf); they share NodeHostname and
+# NodeAddr 127.0.0.1. Debian's 22.05 runs them (a `--nodes=2` job gets both, SLURM_NODEID 0 and 1:
+# tests/test_slurm.py::test_train_sh_runs_on_two_nodes). What Slurm's --enable-multiple-slurmd adds
+# beyond that -- per-node cgroup paths, and accepting a munge credential that the one munged has already
+# decoded (message forwarding, past TreeWidth=50 nodes) -- this bed does not need: no cgroups
+# (proctrack/linuxproc, task/none) and far fewer than 50 nodes.
 #
 # On purpose, so that job scripts are tested honestly:
 #   * MpiDefault=none: every srun must say --mpi=pmi2 (MPICH) or --mpi=pmix (Open MPI). With a wrong
@@ -35,11 +46,13 @@
 # Environment knobs:
 #   PBP_TESTBED_ACCOUNTING  slurmdbd (default): MariaDB + slurmdbd, `sacct` works;
 #                           none: no database (faster, fewer packages); `sacct -c` only.
-#   PBP_TESTBED_CPUS        CPUs of the node (default: nproc). May exceed the real count
+#   PBP_TESTBED_NODES       nodes (default 2), named <hostname -s>-1, -2, ...
+#   PBP_TESTBED_CPUS        CPUs of each node (default: nproc, at least 4, so that the shipped sweeps,
+#                           up to 4 ranks, fit one node). May exceed the real count
 #                           (SlurmdParameters=config_overrides), to run several ranks on a small box.
-#   PBP_TESTBED_PORT        base TCP port (default 6817): slurmctld PORT, slurmd PORT+1, slurmdbd PORT+2,
-#                           MariaDB PORT+3, all on 127.0.0.1.
-#   PBP_TESTBED_TIMEOUT     seconds to wait for the node to become idle (default 60).
+#   PBP_TESTBED_PORT        base TCP port (default 6817): slurmctld PORT, first slurmd PORT+1, slurmdbd
+#                           PORT+2, MariaDB PORT+3, slurmd of node k >= 2 PORT+2+k; all on 127.0.0.1.
+#   PBP_TESTBED_TIMEOUT     seconds to wait for the nodes to become idle (default 60).
 #   PBP_TESTBED_NO_INSTALL=1  never run apt-get (exit 77 when something is missing).
 #
 # Exit codes: 0 ok; 77 this machine cannot host the bed (not root, or packages missing and no apt-get)
@@ -72,6 +85,8 @@ case $ACCOUNTING in slurmdbd | none) ;; *) die "PBP_TESTBED_ACCOUNTING must be s
 PORT=${PBP_TESTBED_PORT:-6817}
 [[ $PORT =~ ^[0-9]+$ ]] || die "PBP_TESTBED_PORT must be a number, not '$PORT'"
 [[ ${PBP_TESTBED_CPUS:-1} =~ ^[1-9][0-9]*$ ]] || die "PBP_TESTBED_CPUS must be a positive number, not '$PBP_TESTBED_CPUS'"
+NODES=${PBP_TESTBED_NODES:-2}
+[[ $NODES =~ ^[1-9][0-9]?$ ]] || die "PBP_TESTBED_NODES must be a number from 1 to 99, not '$NODES'"
 export SLURM_CONF=$CONF # for this script and the daemons it starts only
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -117,7 +132,26 @@ wait_until() { # wait_until TENTHS CMD...: poll CMD every 0.1 s, at most TENTHS 
 
 munge_ok() { command -v munge >/dev/null && munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; }
 
-node_state() { sinfo -h -N -o '%t' 2>/dev/null | head -n1; }
+node_state() { # "up" when every node is idle, mix or alloc; else the states there are, e.g. "idle unk*"
+    local states
+    states=$(sinfo -h -N -o '%t' 2>/dev/null | sort -u)
+    if [ -n "$states" ] && ! echo "$states" | grep -qvxE 'idle|mix|alloc'; then
+        echo up
+    else
+        # shellcheck disable=SC2086  # unquoted: the states on one line
+        echo $states
+    fi
+}
+
+node_names() { # the bed's node names, one a line
+    local host i
+    host=$(hostname -s 2>/dev/null || hostname)
+    for i in $(seq 1 "$NODES"); do echo "$host-$i"; done
+}
+
+node_port() { # node_port K: slurmd port of node K (1-based)
+    if [ "$1" = 1 ]; then echo $((PORT + 1)); else echo $((PORT + 2 + $1)); fi
+}
 
 dump_logs() {
     local f
@@ -130,9 +164,10 @@ dump_logs() {
     done
 }
 
-daemons() { # the daemons this bed runs, in start order
+daemons() { # the daemons this bed runs, in start order (one slurmd-NODE per node)
     [ "$ACCOUNTING" = slurmdbd ] && echo mariadb slurmdbd
-    echo slurmctld slurmd
+    echo slurmctld
+    node_names | sed 's/^/slurmd-/'
 }
 
 # slurmstepd processes forked by *our* slurmd carry SLURM_CONF=$CONF in their environment (slurmd is
@@ -165,7 +200,10 @@ do_stop() {
         fi
     fi
     # stop in reverse start order; try every PID file there is, whatever the accounting mode now
-    stop_pidfile "$PIDS/slurmd.pid" slurmd
+    local f
+    for f in "$PIDS"/slurmd*.pid; do
+        [[ $f == *.daemon.pid ]] || stop_pidfile "$f" "$(basename "$f" .pid)"
+    done
     stop_pidfile "$PIDS/slurmctld.pid" slurmctld
     for pid in $(our_stepds); do
         log "killing leftover slurmstepd $pid"
@@ -344,16 +382,23 @@ EOF
         || { cat "$LOGS/sacctmgr.out" >&2; die "sacctmgr add cluster failed"; }
 }
 
+first_job_id() { # one above the highest job ID that the last bed in DIR recorded (jobcomp.log), else 1
+    local last
+    last=$(grep -o 'JobId=[0-9]*' "$DIR/jobcomp.log" 2>/dev/null | cut -d= -f2 | sort -n | tail -n1)
+    echo $((${last:-0} + 1))
+}
+
 write_conf() {
     local host cpus mem_total mem
     host=$(hostname -s 2>/dev/null || hostname)
     cpus=${PBP_TESTBED_CPUS:-$(nproc)}
+    [ -n "${PBP_TESTBED_CPUS:-}" ] || [ "$cpus" -ge 4 ] || cpus=4
     mem_total=$(free -m | awk '/^Mem:/ {print $2}')
     mem=$((mem_total * 9 / 10))
     [ "$mem" -ge 1 ] || mem=1
     {
         cat <<EOF
-# Written by slurm/testbed.sh for a one-node test bed; \`start\` rewrites it.
+# Written by slurm/testbed.sh for a test bed of $NODES node(s) on this host; \`start\` rewrites it.
 ClusterName=pbptest
 SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$PORT
@@ -368,11 +413,12 @@ AuthInfo=cred_expire=10
 MailProg=/bin/true
 
 StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool
+# %n: the node name -- every slurmd of this host has its own spool, PID file and log
+SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$PIDS/slurmctld.daemon.pid
-SlurmdPidFile=$PIDS/slurmd.daemon.pid
+SlurmdPidFile=$PIDS/slurmd-%n.daemon.pid
 SlurmctldLogFile=$LOGS/slurmctld.log
-SlurmdLogFile=$LOGS/slurmd.log
+SlurmdLogFile=$LOGS/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 
@@ -413,13 +459,16 @@ EOF
         else
             echo "AccountingStorageType=accounting_storage/none"
         fi
-        cat <<EOF
-
-NodeName=$host NodeAddr=127.0.0.1 NodeHostname=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
-EOF
+        echo "FirstJobId=$(first_job_id)"
+        echo
+        # one slurmd per node, all on this host: distinct names and ports, the same NodeHostname
+        local k=0 name
+        for name in $(node_names); do
+            k=$((k + 1))
+            echo "NodeName=$name NodeAddr=127.0.0.1 NodeHostname=$host Port=$(node_port $k) CPUs=$cpus RealMemory=$mem State=UNKNOWN"
+        done
+        echo "PartitionName=debug Nodes=$(node_names | paste -sd,) Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO"
     } >"$CONF"
-    echo "$host" >"$DIR/nodename"
     cat >"$DIR/env.sh" <<EOF
 # Source this to use the Slurm test bed started by slurm/testbed.sh in $DIR
 export SLURM_CONF=$CONF
@@ -434,7 +483,7 @@ all_alive() {
 }
 
 do_start() {
-    local t0=$SECONDS host st n
+    local t0=$SECONDS node st n
     [ "$(id -u)" = 0 ] || skip "the Slurm test bed needs root (it installs packages and runs slurmd as root); uid is $(id -u)"
     mkdir -p "$PIDS" "$LOGS"
 
@@ -443,20 +492,20 @@ do_start() {
     else
         do_stop 2>/dev/null # leftovers of a failed or half-stopped start
         mkdir -p "$PIDS" "$LOGS"
-        local p busy=""
-        for p in $PORT $((PORT + 1)) $((PORT + 2)) $((PORT + 3)); do
+        local p busy="" k
+        for p in $PORT $((PORT + 2)) $((PORT + 3)) $(for k in $(seq 1 "$NODES"); do node_port "$k"; done); do
             port_busy "$p" && busy="$busy $p"
         done
         [ -z "$busy" ] || die "TCP port(s)$busy on 127.0.0.1 already in use (another Slurm or test bed?);" \
-            "stop it or choose other ports with PBP_TESTBED_PORT=BASE (uses BASE..BASE+3)"
+            "stop it or choose other ports with PBP_TESTBED_PORT=BASE (uses BASE..BASE+$((NODES + 2))))"
         install_packages
         start_munge
         rm -rf "$DIR/state" "$DIR/spool"
-        mkdir -p "$DIR/state" "$DIR/spool"
+        mkdir -p "$DIR/state"
+        for node in $(node_names); do mkdir -p "$DIR/spool/$node"; done
+        write_conf # before jobcomp.log goes: it reads the last job ID there
         rm -f "$DIR/jobcomp.log"
-        for n in slurmctld slurmd slurmdbd mariadb; do : >"$LOGS/$n.log"; done
-        write_conf
-        host=$(cat "$DIR/nodename")
+        for n in $(daemons); do : >"$LOGS/$n.log"; done
         [ "$ACCOUNTING" = slurmdbd ] && start_accounting
 
         log "starting slurmctld"
@@ -465,27 +514,29 @@ do_start() {
         ctld_up() { scontrol ping 2>/dev/null | grep -q 'is UP' || ! pid_alive "$PIDS/slurmctld.pid"; }
         wait_until 200 ctld_up
         pid_alive "$PIDS/slurmctld.pid" || { dump_logs; die "slurmctld exited at start (see the logs above)"; }
-        log "starting slurmd"
-        setsid slurmd -D -f "$CONF" -N "$host" </dev/null >"$LOGS/slurmd.out" 2>&1 &
-        echo $! >"$PIDS/slurmd.pid"
+        for node in $(node_names); do
+            log "starting slurmd for node $node"
+            setsid slurmd -D -f "$CONF" -N "$node" </dev/null >"$LOGS/slurmd-$node.out" 2>&1 &
+            echo $! >"$PIDS/slurmd-$node.pid"
+        done
     fi
 
     local timeout=${PBP_TESTBED_TIMEOUT:-60} deadline
     deadline=$((SECONDS + timeout))
     while :; do
         st=$(node_state)
-        case $st in idle | mix | alloc) break ;; esac
+        [ "$st" = up ] && break
         for n in $(daemons); do
             pid_alive "$PIDS/$n.pid" || { dump_logs; die "$n exited during start (node state '${st:-none}')"; }
         done
         if [ $SECONDS -ge $deadline ]; then
             sinfo -N -l >&2
             dump_logs
-            die "node not idle after ${timeout} s (state '${st:-none}')"
+            die "nodes not idle after ${timeout} s (state '${st:-none}')"
         fi
         sleep 0.3
     done
-    log "up in $((SECONDS - t0)) s: node $(cat "$DIR/nodename") $st, accounting $ACCOUNTING; use:  . $DIR/env.sh"
+    log "up in $((SECONDS - t0)) s: $NODES node(s) ($(node_names | paste -sd' ')) $st, accounting $ACCOUNTING; use:  . $DIR/env.sh"
     echo "export SLURM_CONF=$CONF"
 }
 

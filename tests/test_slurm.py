@@ -1,4 +1,5 @@
-"""Tests on a real one-node Slurm started by slurm/testbed.sh (Debian's Slurm 22.05, MariaDB + slurmdbd).
+"""Tests on a real Slurm started by slurm/testbed.sh (Debian's Slurm 22.05, MariaDB + slurmdbd): two nodes,
+two slurmd on this host, each with the bed's default CPUs (nproc, at least 4).
 
 The bed needs root and apt-get (or Slurm already installed); elsewhere `testbed.sh start` exits 77 and
 every test here is skipped. Set PBP_SLURM_TESTS=0 to skip them on purpose.
@@ -78,7 +79,10 @@ class JobResult:
         return self.stdout.read_text(errors="replace")
 
 
-def _free_port_base(start: int = 16817, span: int = 4) -> int:
+BED_NODES = 2  # testbed.sh's default; its ports: base .. base + nodes + 2
+
+
+def _free_port_base(start: int = 16817, span: int = BED_NODES + 3) -> int:
     """First base port >= start with base..base+span-1 all free on 127.0.0.1."""
     for base in range(start, start + 2000, span):
         ok = True
@@ -214,8 +218,9 @@ def slurm_cluster():
         pytest.skip("no bash")
     directory = Path(tempfile.mkdtemp(prefix="pbp-slurmbed-"))  # short: MariaDB's socket lives here
     port = _free_port_base()
-    cpus = max(4, os.cpu_count() or 1)  # more "CPUs" than cores is fine for these small jobs
-    env = dict(os.environ, PBP_TESTBED_PORT=str(port), PBP_TESTBED_CPUS=str(cpus))
+    # the bed's default size (no PBP_TESTBED_CPUS / _NODES), which the shipped sweeps must fit
+    env = {k: v for k, v in os.environ.items() if k not in ("PBP_TESTBED_CPUS", "PBP_TESTBED_NODES")}
+    env["PBP_TESTBED_PORT"] = str(port)
     t0 = time.monotonic()
     try:
         p = subprocess.run(["bash", str(TESTBED), "start", str(directory)], env=env, capture_output=True,
@@ -226,6 +231,8 @@ def slurm_cluster():
     if p.returncode == 77:
         shutil.rmtree(directory, ignore_errors=True)
         pytest.skip("no Slurm test bed on this machine: " + (p.stderr.strip().splitlines() or ["?"])[-1])
+    conf = directory / "slurm.conf"
+    cpus = int(re.search(r"^NodeName=.* CPUs=(\d+)", conf.read_text(), re.M).group(1)) if conf.exists() else 0
     cluster = SlurmCluster(directory, port, cpus)
     try:
         if p.returncode != 0:
@@ -624,7 +631,8 @@ def _job_report(cluster: SlurmCluster, *job_ids: str, timeout: float = 30, save:
 @retry_on_ucx_flake
 def test_real_sweep_array_merges_and_analyzes(slurm_cluster, tmp_path):
     """`python -m pbp_hpc.sweep jobs/slurm_smoke.yaml --slurm`: the real array of 4 points (two 1-rank,
-    two 2-rank over srun --mpi=pmi2), then the real merge + analysis job."""
+    two 2-rank over srun --mpi=pmi2), then the real merge + analysis job; the jobs' logs go to a folder
+    of this submission's own beside the results, none to the submit directory."""
     _mpi_plugin_or_skip()
     from pbp_hpc import results as results_mod
     from pbp_hpc import sweep as sweep_mod
@@ -635,14 +643,15 @@ def test_real_sweep_array_merges_and_analyzes(slurm_cluster, tmp_path):
     t0 = time.monotonic()
     p = slurm_cluster.run(sys.executable, "-m", "pbp_hpc.sweep", str(jobfile), "--slurm", "--results-dir",
                           str(out_dir), "--sbatch-arg=--time=10", env=_real_env(), cwd=tmp_path)
-    m = re.search(r"submitted array job (\d+) \((\d+) points\) and merge job (\d+)", p.stdout)
+    m = re.search(r"submitted array job (\d+) \((\d+) points\) and merge job (\d+).* job logs in (\S+)/$", p.stdout)
     assert m, p.stdout + p.stderr
-    array, n, merge = m.group(1), int(m.group(2)), m.group(3)
+    array, n, merge, log_dir = m.group(1), int(m.group(2)), m.group(3), Path(m.group(4))
     assert n == len(points)
+    assert log_dir.parent == out_dir / "logs", log_dir
 
     def logs() -> str:
         text = ""
-        for f in sorted(tmp_path.glob("pbp-*.out")) + sorted(out_dir.glob("point-*.logs/*.log")):
+        for f in sorted(log_dir.glob("pbp-*.out")) + sorted(out_dir.glob("point-*.logs/*.log")):
             text += f"----- {f.name} -----\n{f.read_text(errors='replace')[-3000:]}\n"
         return text
 
@@ -680,7 +689,9 @@ def test_real_sweep_array_merges_and_analyzes(slurm_cluster, tmp_path):
         else:
             assert all(e["allreduce_s"] == 0 for e in epochs), epochs
     for i in range(n):  # each task ran its own point, once
-        assert f"point {i} exited with 0" in (tmp_path / f"pbp-sweep-{array}_{i}.out").read_text()
+        assert f"point {i} exited with 0" in (log_dir / f"pbp-sweep-{array}_{i}.out").read_text()
+    assert merged_job.stdout == log_dir / f"pbp-merge-{merge}.out"
+    assert not list(tmp_path.glob("*.out")), "a job log in the submit directory"
 
     analysis = (out_dir / "analysis.txt").read_text()
     assert f"{n} run(s): {n} ok in {n} point(s), 0 not ok" in analysis, analysis
@@ -729,3 +740,110 @@ def test_real_train_usr1_requeues_and_resumes(slurm_cluster, tmp_path):
     assert "training step exited with 0" in out, out
     ck = checkpoint.load(ckpt)
     assert (ck["epoch"], ck["step"]) == (TRAIN_EPOCHS, 0), {k: v for k, v in ck.items() if k != "theta"}
+
+
+# ---------------------------------------------------------------- two nodes, and what a new user tries
+
+NODE_REPORT = """\
+#!/bin/bash
+# PBP_PYTHON for train.sh: each rank says where Slurm put it, then runs the real interpreter.
+if [ "${1:-}" = -m ] && [ "${SLURM_PROCID:-}" != "" ]; then
+    echo "rank $SLURM_PROCID of $SLURM_NTASKS: node $SLURMD_NODENAME (SLURM_NODEID=$SLURM_NODEID)" >&2
+fi
+exec @PY@ "$@"
+"""
+
+
+@retry_on_ucx_flake
+def test_train_sh_runs_on_two_nodes(slurm_cluster, tmp_path):
+    """sbatch --nodes=2 --ntasks-per-node=1 slurm/train.sh, the real pbp_hpc.train: one rank on each of
+    the bed's two nodes, both in one MPI world of 2."""
+    _mpi_plugin_or_skip()
+    python = _write(tmp_path / "python", NODE_REPORT.replace("@PY@", sys.executable))
+    env = dict(_real_env(), PBP_PYTHON=str(python), PBP_CONFIG=str(REPO / "configs" / "synthetic.yaml"))
+    args = ["--set", "model.layers=[784,16,10]", "--set", "data.n_train=1200", "--set", "data.n_test=200",
+            "--set", "train.epochs=2", "--set", "train.eval_every=0", "--set", "train.progress=false"]
+    t0 = time.monotonic()
+    job = slurm_cluster.submit(SLURM_DIR / "train.sh", *args, env=env, cwd=tmp_path,
+                               sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--time=5"])
+    res = slurm_cluster.wait_for(job, timeout=90)
+    out = res.output()
+    sys.stdout.write(f"[2-node train.sh: {time.monotonic() - t0:.1f} s]\n")
+    assert (res.state, res.exit_code) == ("COMPLETED", 0), out
+    assert res.info["NumNodes"] == "2", res.info
+    placed = dict(re.findall(r"^rank (\d) of 2: node \S+ \(SLURM_NODEID=(\d)\)$", out, re.M))
+    assert placed == {"0": "0", "1": "1"}, out  # one rank on each node
+    nodes = set(re.findall(r"^rank \d of 2: node (\S+) ", out, re.M))
+    assert len(nodes) == 2, out
+    assert "pbp_hpc: 2 rank(s)" in out, out  # one MPI world over both nodes
+    assert re.search(r"^test accuracy \d+\.\d+%", out, re.M), out
+
+
+def test_every_shipped_sweep_fits_the_default_bed(slurm_cluster):
+    """Each jobs/*.yaml's --slurm array is accepted by the bed at its default size (`sbatch --test-only`:
+    Slurm's own check, nothing runs), or refused by --slurm itself with a message saying what to add."""
+    from pbp_hpc import sweep as sweep_mod
+    from pbp_hpc.errors import ConfigError
+    checked = []
+    for jobfile in sorted((REPO / "jobs").glob("*.yaml")):
+        try:
+            array, _, env = sweep_mod.slurm_commands(sweep_mod.expand(jobfile), Path("/tmp/unused"), [], "1")
+        except ConfigError as exc:
+            assert "needs `cores:`" in str(exc), exc  # hybrid_split: best: cores must be stated first
+            continue
+        cmd = [a for a in array if a != "--parsable" and not a.startswith("--output=")]
+        p = slurm_cluster.run(cmd[0], "--test-only", *cmd[1:], check=False, env=env)
+        assert p.returncode == 0 and "to start at" in p.stderr, f"{jobfile.name}: {' '.join(cmd)}\n{p.stderr}"
+        checked.append(jobfile.stem)
+    assert {"strong_scaling", "weak_scaling", "slurm_smoke"} <= set(checked), checked
+
+
+@retry_on_ucx_flake
+def test_sweep_sh_by_hand_into_a_used_results_folder_says_it_will_not_rerun(slurm_cluster, tmp_path):
+    """`sbatch --array=0 slurm/sweep.sh JOBFILE` where point 0 is already recorded (the folder an earlier
+    submission used): the task says so, and lists the point's runs, before it ends having trained nothing."""
+    _mpi_plugin_or_skip()
+    jobfile = REPO / "jobs" / "slurm_smoke.yaml"
+    result = tmp_path / "results" / "slurm_smoke" / "point-0.h5"
+    first = subprocess.run([sys.executable, "-m", "pbp_hpc.sweep", str(jobfile), "--point", "0", "--results", str(result)],
+                           env=dict(os.environ, **_real_env()), capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0 and result.is_file(), first.stdout + first.stderr
+    job = slurm_cluster.submit(SLURM_DIR / "sweep.sh", str(jobfile), env=_real_env(), cwd=tmp_path,
+                               sbatch_args=["--array=0", "--ntasks=1", "--time=5"])
+    res = slurm_cluster.wait_for_array(job, timeout=60)[0]
+    out = res.output()
+    assert (res.state, res.exit_code) == ("COMPLETED", 0), out
+    said = out.find(f"{result.relative_to(tmp_path)} exists already")
+    listed = re.search(r"^0\s+0\s+blas-serial .* recorded \(ok\)$", out, re.M)
+    summary = out.find("1 already recorded")
+    assert 0 <= said and listed and said < listed.start() < summary, out
+
+
+def test_a_restarted_bed_numbers_jobs_on(tmp_path):
+    """testbed.sh stop + start in the same folder: the new bed's job IDs follow the old ones, so a
+    `--output=...%j.out` log of the old bed is never appended to. (A small bed of its own: 1 node,
+    no accounting, other ports.)"""
+    if os.environ.get("PBP_SLURM_TESTS", "1") == "0":
+        pytest.skip("PBP_SLURM_TESTS=0")
+    directory = Path(tempfile.mkdtemp(prefix="pbp-slurmbed2-"))
+    env = dict(os.environ, PBP_TESTBED_PORT=str(_free_port_base(start=26817, span=4)), PBP_TESTBED_NODES="1",
+               PBP_TESTBED_ACCOUNTING="none")
+    env.pop("SLURM_CONF", None)
+    bed = functools.partial(subprocess.run, env=env, capture_output=True, text=True, timeout=120)
+    cluster = SlurmCluster(directory, int(env["PBP_TESTBED_PORT"]), 0)
+    ids = []
+    try:
+        for _ in range(2):
+            p = bed(["bash", str(TESTBED), "start", str(directory)])
+            if p.returncode == 77:
+                pytest.skip("no Slurm test bed on this machine")
+            assert p.returncode == 0, p.stderr
+            job = cluster.submit("--wrap=true", sbatch_args=[f"--output={tmp_path}/job-%j.out"])
+            assert cluster.wait_for(job, timeout=30).state == "COMPLETED"
+            ids.append(int(job))
+            assert bed(["bash", str(TESTBED), "stop", str(directory)]).returncode == 0
+    finally:
+        bed(["bash", str(TESTBED), "stop", str(directory)])
+        shutil.rmtree(directory, ignore_errors=True)
+    assert ids[1] > ids[0], ids
+    assert sorted(p.name for p in tmp_path.glob("job-*.out")) == [f"job-{i}.out" for i in sorted(ids)]

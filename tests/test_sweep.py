@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -344,6 +345,28 @@ def test_slurm_dry_run_prints_the_array_and_the_merge_after_it(tmp_path):
     assert "--array=0-3 --ntasks=4 --cpus-per-task=1 --time=00:10:00" in array and array.endswith("slurm/sweep.sh")
     assert f"PBP_JOBFILE={path}" in array and f"PBP_RESULTS_DIR={tmp_path / 'out'}" in array
     assert "--dependency=afterany:" in merge and merge.endswith("slurm/merge.sh")
+    logs = re.search(r"--output=(\S+)/%x-%A_%a.out", array).group(1)  # beside the results, not the submit dir
+    assert Path(logs).parent == (tmp_path / "out" / "logs").resolve() and f"--output={logs}/%x-%j.out" in merge
+    assert f"PBP_LOG_DIR={logs}" in merge
+
+
+def test_each_slurm_submission_gets_its_own_log_folder(tmp_path):
+    """Job IDs can repeat (a restarted test bed): logs of two submissions must not share a file."""
+    first = sweep.log_dir_for(tmp_path, now=0)
+    first.mkdir(parents=True)
+    second = sweep.log_dir_for(tmp_path, now=0)  # same second
+    assert first.parent == second.parent == tmp_path / "logs" and first != second
+    assert second.name == first.name + "-2"
+
+
+def test_the_files_and_job_files_the_slurm_docs_name_exist():
+    """The Slurm templates' headers and the README show commands to copy: every jobs/, configs/ or slurm/
+    file they name is there (docs/ has made-up examples: jobs/X.yaml)."""
+    root = Path(__file__).resolve().parents[1]
+    texts = [*root.glob("slurm/*.sh"), root / "README.md"]
+    named = {(t.name, m) for t in texts for m in re.findall(r"\b((?:jobs|configs|slurm)/[\w.-]+\.(?:yaml|sh))\b", t.read_text())}
+    missing = sorted((where, f) for where, f in named if not (root / f).is_file() and "<" not in f)
+    assert named and not missing, missing
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from pbp_hpc.sweep.identity import (MAX_SHOWN_MISMATCHES, NOT_IDENTITY_KEYS, NOT
 from pbp_hpc.sweep.launch import checkpoint_path, child_env, command, default_mpiexec, launcher_prefix
 from pbp_hpc.sweep.process import STDERR_TAIL, Outcome, Stop, execute
 from pbp_hpc.sweep.runner import Options, base_record, log_path, make_record, plan, run_sweep
-from pbp_hpc.sweep.slurm import slurm_commands, submit
+from pbp_hpc.sweep.slurm import log_dir_for, slurm_commands, submit
 from pbp_hpc.sweep.spec import (AXES, CONTROLLED, NETWORKS, ROOT, RULES, Axes, Implementation, Rule, SweepSpec,
                                 load_spec)
 
@@ -44,6 +44,6 @@ __all__ = [
     "ROOT", "RULES", "STDERR_TAIL", "Axes", "Implementation", "Options", "Outcome", "Point", "Rule", "Stop", "Sweep",
     "SweepSpec", "available_cores", "base_record", "check_recorded", "checkpoint_path", "child_env", "command",
     "default_mpiexec", "describe", "dry_run_lines", "execute", "expand", "identity_differences", "launcher_prefix",
-    "list_lines", "load_spec", "log_path", "main", "make_record", "mismatches", "parse_args", "plan", "planned_cores",
+    "list_lines", "load_spec", "log_dir_for", "log_path", "main", "make_record", "mismatches", "parse_args", "plan", "planned_cores",
     "run_sweep", "skip_reason", "slurm_commands", "submit",
 ]
