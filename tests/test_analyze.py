@@ -192,10 +192,45 @@ def test_alpha_beta_fit_from_run_records_uses_per_step_allreduce_time():
     assert (flags.alpha_s, flags.beta_s_per_byte) == (1e-5, pytest.approx(4e-10, rel=1e-9))
 
 
-def test_alpha_beta_falls_back_to_defaults_when_underdetermined():
-    fit = perfmodel.fit_alpha_beta([2, 2, 1], [1000, 1000, 5], [1e-5, 1.1e-5, 0.0])  # one (P, n): alpha and beta mix
+def test_alpha_beta_without_any_allreduce_time_are_the_defaults_flagged_as_assumed():
+    fit = perfmodel.fit_alpha_beta([1], [1000], [0.0])  # one rank: no communication to learn from
     assert (fit.alpha_s, fit.beta_s_per_byte) == (perfmodel.DEFAULT_ALPHA_S, perfmodel.DEFAULT_BETA_S_PER_BYTE)
-    assert "cannot separate" in fit.source
+    assert "assumed, not measured" in fit.describe() and not fit.uncertain
+
+
+def test_one_p_and_one_size_cannot_separate_alpha_from_beta_and_print_no_value():
+    fit = perfmodel.fit_alpha_beta([2, 2, 1], [1000, 1000, 5], [1e-5, 1.1e-5, 0.0])  # one (P, n): alpha and beta mix
+    assert fit.undetermined == ("alpha", "beta") and "cannot separate" in fit.flags[0]
+    # Each time alone bounds each parameter: 2 alpha <= 1e-5 s, 1000 beta <= 1e-5 s.
+    assert fit.alpha_range == pytest.approx((0.0, 5e-6)) and fit.beta_range == pytest.approx((0.0, 1e-8))
+    text = fit.describe()
+    assert "alpha NOT DETERMINED" in text and "beta NOT DETERMINED" in text and "alpha =" not in text
+
+
+def noisy(P, n, truth, noise=(0.04, -0.03, 0.05, -0.05, 0.02, -0.01)):
+    exact = perfmodel.allreduce_time(P, n, truth)
+    return exact * (1 + np.resize(noise, len(exact)))
+
+
+def test_one_message_size_with_noise_flags_alpha_instead_of_fitting_it_to_zero():
+    # The gradient of Net-1h on 2, 3, 4 ranks: the latency term is 1% of each time, the noise 5%.
+    truth = perfmodel.AlphaBeta(1e-6, 1e-10, "truth")
+    P, n = np.array([2, 3, 4]), np.full(3, 3_180_040)
+    fit = perfmodel.fit_alpha_beta(P, n, noisy(P, n, truth))
+    assert "alpha" in fit.undetermined and any(f.startswith("one message size") for f in fit.flags)
+    assert fit.alpha_range[0] == 0.0 and fit.alpha_range[1] > truth.alpha_s
+    assert "alpha NOT DETERMINED" in fit.describe()
+
+
+def test_several_message_sizes_determine_both_with_ranges_that_hold_the_truth():
+    truth = perfmodel.AlphaBeta(5e-6, 2e-10, "truth")
+    n = np.array([8, 512, 32_768, 262_144, 2_097_152, 8_388_608])
+    P = np.full(n.size, 2)
+    fit = perfmodel.fit_alpha_beta(P, n, noisy(P, n, truth))
+    assert fit.undetermined == () and fit.flags == ()
+    assert fit.alpha_range[0] < truth.alpha_s < fit.alpha_range[1]
+    assert fit.beta_range[0] < truth.beta_s_per_byte < fit.beta_range[1]
+    assert fit.alpha_range[1] / fit.alpha_range[0] < 2  # 5% noise: a range, not a shrug
 
 
 def test_alpha_beta_file_from_the_benchmark_is_read(tmp_path):
@@ -227,6 +262,61 @@ def test_model_table_and_check_use_the_series_serial_base(grid):
     assert all(r["speedup_p1"] == pytest.approx(1.0) and "speedup_p1024" in r for r in rows)
 
 
+def test_the_projection_shows_its_range_and_no_value_for_an_undetermined_alpha(grid):
+    series = analyze.model_series(analyze.aggregate(grid)[0])
+    known = perfmodel.AlphaBeta(2e-6, 1e-10, "fit", (), (), (1e-6, 3e-6), (0.5e-10, 2e-10))
+    for r in analyze.model_rows(series, known):
+        assert r["speedup_lo_p64"] <= r["speedup_p64"] <= r["speedup_hi_p64"]
+    vague = perfmodel.AlphaBeta(0.0, 1e-10, "fit", ("alpha not determined",), ("alpha",), (0.0, 5e-5), (0.5e-10, 2e-10))
+    rows = analyze.model_rows(series, vague)
+    assert all(r["speedup_p64"] is None and r["best_ranks"] is None for r in rows)
+    assert all(r["speedup_lo_p64"] < r["speedup_hi_p64"] for r in rows)
+    model = next(t for t in analyze.build_tables(analyze.aggregate(grid)[0], [], vague) if t.name == "model")
+    text = model.render()
+    assert "alpha NOT DETERMINED" in text and "only the range" in text
+    lo, hi = rows[0]["speedup_lo_p64"], rows[0]["speedup_hi_p64"]
+    assert f"{lo:.3g}-{hi:.3g}" in text
+
+
+# --- oversubscription, spread, empty tables ------------------------------------------------
+
+
+def on_cpus(r, cpus_per_rank):
+    """The record as run with every rank seeing these CPUs (binding as train records it)."""
+    r["provenance"] = {"cores": len(cpus_per_rank), "binding": {"cpus": [cpus_per_rank] * r["ranks"], "how": "not bound"}}
+    return r
+
+
+def test_points_with_more_threads_than_cores_are_marked_oversubscribed():
+    recs = [on_cpus(tpe_rec("blas-serial", 8.0), [0, 1]), on_cpus(tpe_rec("hybrid", 5.0, ranks=2), [0, 1]),
+            on_cpus(tpe_rec("hybrid", 4.0, ranks=4), [0, 1]), on_cpus(tpe_rec("hybrid", 4.0, ranks=2, threads=2), [0, 1]),
+            tpe_rec("hybrid", 3.0, ranks=8)]  # no provenance: not known
+    points, _ = analyze.aggregate(recs)
+    over = {(p.ranks, p.threads): p.oversubscribed for p in points}
+    assert over == {(1, 1): False, (2, 1): False, (4, 1): True, (2, 2): True, (8, 1): None}
+    text = "\n".join(t.render() for t in analyze.build_tables(points, [], perfmodel.DEFAULT))
+    assert " 4x1! " in text and " 2x2! " in text and " 2x1 " in text and "oversubscribed" in text
+
+
+def test_repetitions_spreading_more_than_ten_percent_are_warned_about(capsys, tmp_path):
+    recs = [tpe_rec("blas-serial", t, rep=i) for i, t in enumerate((4.0, 5.0, 6.0))]  # 40% of the median
+    recs += [tpe_rec("blas-serial", t, rep=i, batch=200) for i, t in enumerate((5.0, 5.2, 5.1))]  # 4%
+    points, _ = analyze.aggregate(recs)
+    assert [round(p.spread, 2) for p in points] == [0.4, 0.04]
+    assert [p.spread_warning for p in points] == [True, False]
+    src = tmp_path / "runs.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in recs))
+    assert analyze.main([str(src)]) == 0
+    out, err = capsys.readouterr()
+    assert "40% <" in out and "4%" in out and "4% <" not in out
+    assert "WARNING: 1 point(s) whose repetitions' TPEs spread more than 10%" in err and "B=100" in err
+
+
+def test_a_table_without_rows_says_so_instead_of_a_bare_header():
+    t = analyze.Table("x", "Nothing here", [analyze.Column("a", "a", analyze.text)], [])
+    assert t.render() == "Nothing here\n  (none)"
+
+
 # --- the command line and the figures ------------------------------------------------------
 
 
@@ -255,6 +345,45 @@ def test_plots_writes_the_report_figures(tmp_path):
         assert (tmp_path / "fig" / f"weak_scaling_{net}_float32.png").stat().st_size > 10_000
     for name in ("performance", "strong_scaling", "weak_scaling", "model", "model_check", "problems"):
         assert (tmp_path / "csv" / f"{name}.csv").stat().st_size > 0
+
+
+def weak_records():
+    """Ten weak series: five batches per rank, hybrid at 1 and 2 threads per rank, on 2 and 4 ranks
+    of a 2-core machine, two repetitions 20% apart."""
+    out = []
+    for b in (16, 32, 64, 128, 256):
+        out += [on_cpus(tpe_rec("blas-serial", 1.0 + 0.2 * rep, batch=b, rep=rep), [0, 1]) for rep in (0, 1)]
+        for P in (2, 4):
+            for T in (1, 2):
+                out += [on_cpus(tpe_rec("hybrid", (0.6 + 0.1 * P * T) * (1 + 0.2 * rep), batch=b * P, ranks=P, threads=T,
+                                        rep=rep), [0, 1]) for rep in (0, 1)]
+    return out
+
+
+def test_figures_keep_six_series_a_panel_legends_off_the_data_and_plain_ticks(tmp_path, monkeypatch):
+    from pbp_hpc.analyze import figures
+
+    drawn = {}
+    monkeypatch.setattr(figures, "save", lambda fig, path, written: drawn.__setitem__(path.name, fig) or written.append(path))
+    points, _ = analyze.aggregate(weak_records())
+    figures.write_all(points, tmp_path, perfmodel.AlphaBeta(2e-6, 1e-10, "given", (), (), (1e-6, 4e-6), (5e-11, 2e-10)))
+    assert {"weak_scaling_net1h_float32.png", "tpe_vs_batch_net1h.png", "model_speedup_net1h.png"} <= set(drawn)
+    for name, fig in drawn.items():
+        fig.figure.draw_without_rendering()  # the panels may be a subfigure above a caption
+        assert "training examples" in fig._suptitle.get_text() and "float32" in fig._suptitle.get_text(), name
+        assert fig.legends and all(ax.get_legend() is None for ax in fig.axes), name  # one legend, below the panels
+        for ax in fig.axes:
+            series = [ln for ln in ax.get_lines() if ln.get_marker() not in (None, "None", "") and len(ln.get_xdata()) > 1]
+            colours = {ln.get_color() for ln in series}
+            assert len(colours) <= 6, (name, len(colours))
+            labels = [t.get_text() for t in ax.get_xticklabels() + ax.get_yticklabels() if t.get_text()]
+            assert labels and not any("\\times" in t or "^" in t for t in labels), (name, labels)
+    weak = drawn["weak_scaling_net1h_float32.png"]
+    assert len(weak.axes) == 4  # a row per threads-per-rank, step time beside efficiency
+    hollow = [ln for ax in weak.axes for ln in ax.get_lines() if ln.get_markerfacecolor() == "white"]
+    assert hollow  # 4 ranks on 2 cores: oversubscribed, drawn hollow
+    bars = [c for ax in weak.axes for c in ax.containers]
+    assert bars  # repetitions 20% apart: min-max error bars
 
 
 def test_json_output_holds_every_table(capsys, tmp_path):
@@ -405,7 +534,8 @@ def test_cli_prints_time_to_accuracy_beside_performance_and_draws_its_figures(tm
     assert analyze.main([str(src), "--plots", str(fig), "--csv", str(tmp_path / "csv")]) == 0
     out = capsys.readouterr().out
     perf, tta = out.index("Performance: net1h"), out.index("Time to 95% validation accuracy: net1h (float32, 1000 training")
-    assert perf < tta < out.index("Runs not in the tables above")
+    assert perf < tta and "0 not ok" in out
+    assert "Runs not in the tables above" not in out  # every run was ok: no empty table
     assert "fastest to 95%: B=" in out and "nesterov 0.9, cosine +1ep warm-up, lr 0.1xB/256" in out
     assert out.count("not reached") >= 4  # sgd at B = 2048 and 4096, on 1 and 2 ranks
     for stem in ("accuracy_vs_time", "time_to_target_vs_batch", "epochs_tpe_vs_batch"):

@@ -17,6 +17,7 @@ The modules, each importing only those above it:
     scaling    speedup, efficiency, strong and weak scaling rows
     models     alpha and beta for these runs; the model's rows
     tables     the text tables, CSV and JSON
+    figstyle   what every figure shares: series styles, panels, plain ticks, oversubscribed points
     figures    the PNG figures (matplotlib; loaded only for --plots)
     accuracy_figures  the time-to-accuracy PNG figures (likewise)
     cli        the command line
@@ -47,6 +48,7 @@ from pbp_hpc.analyze.models import (
     model_rows,
     model_series,
     predict,
+    projection,
 )
 from pbp_hpc.analyze.points import Case, Point, aggregate, case_of, find, make_point, problem_row
 from pbp_hpc.analyze.records import (
@@ -104,7 +106,7 @@ __all__ = [
     "Case", "Point", "case_of", "make_point", "problem_row", "aggregate", "find",
     "SERIAL_COUNTERPART", "MPI_IMPLEMENTATIONS", "counterpart", "fastest_serial", "efficiency", "performance_rows",
     "serial_base", "strong_scaling_rows", "step_time", "weak_scaling_rows",
-    "ModelSeries", "allreduce_samples", "choose_alpha_beta", "model_series", "predict", "model_rows", "model_check_rows",
+    "ModelSeries", "allreduce_samples", "choose_alpha_beta", "model_series", "predict", "projection", "model_rows", "model_check_rows",
     "MODEL_TABLE_RANKS", "Column", "Table", "num", "text", "PERF_COLUMNS", "PERF_NOTES", "build_tables", "write_csv", "as_json",
     "target_of", "reached", "variant_of", "effective_tpe", "time_to_target_rows", "by_target", "best_row", "best_line",
     "TTA_COLUMNS", "TTA_NOTES", "accuracy_tables",

@@ -21,49 +21,28 @@ import math
 import textwrap
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from pbp_hpc.analyze.accuracy import by_target, curves, row_key, time_to_target_rows
-from pbp_hpc.analyze.figures import MARKERS, _log2_axis, _slug
+from pbp_hpc.analyze.figstyle import MARKERS
+from pbp_hpc.analyze.figstyle import chunks as _chunks
+from pbp_hpc.analyze.figstyle import log2_axis as _log2_axis
+from pbp_hpc.analyze.figstyle import plain_log as _plain_log
+from pbp_hpc.analyze.figures import _slug
 from pbp_hpc.analyze.points import Case
 from pbp_hpc.analyze.records import Record
 
-MAX_SERIES = 6
 COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
           "tab:olive", "tab:cyan"]
 NOT_REACHED = "x"
 
 
-def _chunks(items: Sequence[Any], size: int = MAX_SERIES) -> list[list[Any]]:
-    """items in consecutive groups of at most `size`, as even as possible (9 -> 5 + 4, not 6 + 3)."""
-    if not items:
-        return []
-    n = math.ceil(len(items) / size)
-    per = math.ceil(len(items) / n)
-    return [list(items[i : i + per]) for i in range(0, len(items), per)]
-
-
 def _style(i: int) -> dict[str, Any]:
     return {"color": COLORS[i % len(COLORS)], "marker": MARKERS[i % len(MARKERS)]}
-
-
-def _plain_log(ax: Axes, axis: str = "y") -> None:
-    """A log axis whose ticks read 0.5, 1, 2, 5, 10 ... rather than 10^k: denser the fewer decades
-    the data spans (call it after plotting)."""
-    target = ax.yaxis if axis == "y" else ax.xaxis
-    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
-    lo, hi = ax.get_ylim() if axis == "y" else ax.get_xlim()
-    decades = math.log10(hi / lo) if lo > 0 and hi > lo else 3.0
-    subs = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0) if decades < 0.8 else (1.0, 2.0, 3.0, 5.0) if decades < 1.6 \
-        else (1.0, 2.0, 5.0) if decades < 3.5 else (1.0,)
-    target.set_major_locator(LogLocator(base=10, subs=subs, numticks=30))
-    target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    target.set_minor_formatter(NullFormatter())
 
 
 def _grid(title: str, n: int, ncols: int, width: float = 5.0, height: float = 3.6) -> tuple[Figure, list[Axes]]:

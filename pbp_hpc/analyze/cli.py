@@ -51,6 +51,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         ab = choose_alpha_beta(points, args.alpha_beta, args.alpha, args.beta)
         tables = build_tables(points, problems, ab, args.max_ranks, records=records)
         tables += strategies.tables(records)  # a strategy study's comparison (none for other runs)
+        for line in [f"WARNING: alpha-beta: {f}" for f in ab.flags] + [n for t in tables for n in t.notes if n.startswith("WARNING")]:
+            print(f"pbp_hpc.analyze: {line}", file=sys.stderr)  # also seen with --json, and where stdout goes to a file
         if args.csv:
             write_csv(tables, Path(args.csv))
         if args.plots:
@@ -75,6 +77,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         early = len(records) - ok - len(problems)  # ok runs that stopped at their target before a timed epoch
         print(f"{len(records)} run(s): {ok} ok in {len(points)} point(s), {len(problems)} not ok"
               + (f", {early} in the time-to-accuracy table only (target reached before a timed epoch)" if early else "") + "\n")
-        print("\n\n".join(t.render() for t in tables))
+        print("\n\n".join(t.render() for t in tables if t.rows))  # the summary line above counts the empty ones
     return 0
 

@@ -10,24 +10,38 @@ so nothing needs a display and no global pyplot state is touched.
 from __future__ import annotations
 
 import re
-import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, NullLocator
 
 from pbp_hpc.analyze import perfmodel
-from pbp_hpc.analyze.models import ModelSeries, choose_alpha_beta, model_series, predict
+from pbp_hpc.analyze.figstyle import (
+    MARKERS,
+    chunks,
+    draw_series,
+    legend_below,
+    log2_axis,
+    oversubscribed_handle,
+    panels,
+    plain_log,
+    save,
+    series_handle,
+    series_styles,
+)
+from pbp_hpc.analyze.models import ModelSeries, choose_alpha_beta, model_series, projection
 from pbp_hpc.analyze.points import Case, Point
 from pbp_hpc.analyze.records import IMPLEMENTATIONS
 from pbp_hpc.analyze.scaling import performance_rows, strong_scaling_rows, weak_scaling_rows
 
-COLORS = {"naive-serial": "tab:brown", "example-parallel": "tab:orange", "blas-serial": "tab:blue",
-          "blas-threaded": "tab:cyan", "hybrid": "tab:green", "gpu": "tab:red", "framework": "tab:purple"}
-MARKERS = "osD^v<>ph*"
+_log2_axis = log2_axis  # the name accuracy_figures imports
+__all__ = ["MARKERS", "write_all"]
 
 
 def _slug(case: Case, unique_network: bool) -> str:
@@ -35,162 +49,229 @@ def _slug(case: Case, unique_network: bool) -> str:
     return base if unique_network else f"{base}_{case.dtype}_n{case.n_train}"
 
 
-def _log2_axis(ax: Any, ticks: list[int]) -> None:
-    """A log2 x axis labelled with the measured values themselves (32, 64, ...), not 2^k."""
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted(set(ticks)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_locator(NullLocator())
+def _impl_order(impl: str) -> int:
+    return IMPLEMENTATIONS.index(impl) if impl in IMPLEMENTATIONS else 99
 
 
-def _new(title: str, ncols: int = 1) -> tuple[Figure, list[Any]]:
-    fig = Figure(figsize=(6.4 * ncols, 4.8), layout="constrained")
-    axes = fig.subplots(1, ncols, squeeze=False)[0].tolist()
-    fig.suptitle(title)
-    for ax in axes:
-        ax.grid(True, which="major", alpha=0.3)
-    return fig, axes
+def _facets(series: dict[Any, list[dict[str, Any]]], panel_of: Callable[[Any], Any]) -> list[tuple[Any, list[Any]]]:
+    """(panel key, series keys) with at most MAX_SERIES series each: series grouped by panel_of,
+    large groups split."""
+    groups: dict[Any, list[Any]] = defaultdict(list)
+    for k in series:
+        groups[panel_of(k)].append(k)
+    return [(g, chunk) for g, keys in groups.items() for chunk in chunks(keys)]
 
 
-def _save(fig: Figure, path: Path, written: list[Path]) -> None:
-    fig.savefig(path, dpi=110)
-    written.append(path)
+def _has_over(rows: list[dict[str, Any]]) -> bool:
+    return any(r.get("oversubscribed") for r in rows)
 
 
-def _style(impl: str, i: int, cores: int = 1) -> dict[str, Any]:
-    """Colour by implementation; dashed when it uses more than one core, so 1x1 and PxT differ."""
-    return {"color": COLORS.get(impl), "marker": MARKERS[i % len(MARKERS)], "linestyle": "-" if cores == 1 else "--"}
+def _legend(fig: Any, handles: list[Any], rows: list[dict[str, Any]], title: str) -> None:
+    legend_below(fig, handles + ([oversubscribed_handle()] if _has_over(rows) else []), title)
+
+
+def _reps_note(rows: list[dict[str, Any]]) -> str:
+    reps = sorted({r["reps"] for r in rows if r.get("reps")})
+    if not reps or reps == [1]:
+        return "one run per point"
+    return f"{'-'.join(map(str, (reps[0], reps[-1])) if len(reps) > 1 else str(reps[0]))} repetitions: median, bars min-max"
+
+
+BATCH_PLOTS: list[tuple[str, str, str, bool]] = [
+    ("tpe", "tpe_s", "time per epoch (s, log scale)", True),
+    ("gflops", "gflops", "GFLOP/s (log scale)", True),
+    ("speedup", "speedup", "speedup over serial counterpart (x)", False),
+]
+
+
+def _batch_range(r: dict[str, Any], key: str) -> tuple[float, float]:
+    """The value's min-max over repetitions: TPE directly; GFLOP/s and speedup scale as 1/TPE."""
+    v = r[key]
+    if key == "tpe_s":
+        return r["tpe_min_s"], r["tpe_max_s"]
+    return v * r["tpe_s"] / r["tpe_max_s"], v * r["tpe_s"] / r["tpe_min_s"]
 
 
 def batch_figures(points: list[Point], outdir: Path, slugs: dict[Case, str]) -> list[Path]:
-    """Figures 5-10: TPE, GFLOP/s and speedup against batch size, one line per configuration."""
-    rows = performance_rows(points)
+    """Figures 5-10: TPE, GFLOP/s and speedup against batch size, one series per implementation
+    and ranks x threads, at most MAX_SERIES per panel."""
     written: list[Path] = []
     by_case: dict[Case, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
+    for r in performance_rows(points):
         by_case[Case(r["network"], r["dtype"], r["n_train"])].append(r)
-    plots: list[tuple[str, str, str, bool]] = [
-        ("tpe", "tpe_s", "time per epoch (s, log scale)", True),
-        ("gflops", "gflops", "GFLOP/s (log scale)", True),
-        ("speedup", "speedup", "speedup over serial counterpart (x)", False),
-    ]
     for case, crows in by_case.items():
         lines: dict[tuple[str, int, int], list[dict[str, Any]]] = defaultdict(list)
-        for r in crows:
+        for r in sorted(crows, key=lambda r: r["batch_size"]):
             lines[(r["implementation"], r["ranks"], r["threads"])].append(r)
+        order = sorted(lines, key=lambda k: (_impl_order(k[0]), k))
+        styles = series_styles(order)
         batches = [r["batch_size"] for r in crows]
-        for stem, key, ylabel, logy in plots:
-            fig, (ax,) = _new(f"{case.label()}\n{ylabel.split(' (')[0]} vs batch size")
-            fig.set_size_inches(9.0, 4.8)
-            drawn = 0
-            for i, ((impl, P, T), lrows) in enumerate(sorted(lines.items(), key=lambda kv: IMPLEMENTATIONS.index(kv[0][0]) if kv[0][0] in IMPLEMENTATIONS else 99)):
-                pts = sorted((r["batch_size"], r[key], r) for r in lrows if r.get(key) is not None)
-                if not pts:
-                    continue
-                x, y = [p[0] for p in pts], [p[1] for p in pts]
-                yerr = None
-                if key == "tpe_s":
-                    yerr = np.array([[p[2]["tpe_s"] - p[2]["tpe_min_s"] for p in pts], [p[2]["tpe_max_s"] - p[2]["tpe_s"] for p in pts]])
-                ax.errorbar(x, y, yerr=yerr, label=f"{impl} ({P}x{T})", capsize=3, **_style(impl, i, P * T))
-                drawn += 1
-            if key == "speedup":
-                ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
-            if logy and drawn:
-                ax.set_yscale("log")
-            _log2_axis(ax, batches)
-            ax.set_xlabel("batch size B (examples, log2 scale)")
-            ax.set_ylabel(ylabel)
-            if drawn:
-                ax.legend(title="implementation (ranks x threads)", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-            _save(fig, outdir / f"{stem}_vs_batch_{slugs[case]}.png", written)
+        for stem, key, ylabel, logy in BATCH_PLOTS:
+            facets = chunks([k for k in order if any(r.get(key) is not None for r in lines[k])])
+            if not facets:
+                continue
+            fig, axes = panels(f"{case.label()}\n{ylabel.split(' (')[0]} vs batch size ({_reps_note(crows)})",
+                               len(facets), min(2, len(facets)))
+            for ax, keys in zip(axes, facets):
+                for k in keys:
+                    pts = [r for r in lines[k] if r.get(key) is not None]
+                    rng = [_batch_range(r, key) for r in pts]
+                    draw_series(ax, [r["batch_size"] for r in pts], [r[key] for r in pts], [a for a, _ in rng],
+                                [b for _, b in rng], [bool(r.get("oversubscribed")) for r in pts], styles[k],
+                                linestyle="-" if k[1] * k[2] == 1 else "--")
+                if key == "speedup":
+                    ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+                log2_axis(ax, batches)
+                if logy:
+                    plain_log(ax, "y")
+                ax.set_xlabel("batch size B (examples, log2 scale)")
+                ax.set_ylabel(ylabel)
+            handles = [series_handle(f"{i} ({P}x{T})", styles[(i, P, T)], linestyle="-" if P * T == 1 else "--")
+                       for (i, P, T) in order]
+            _legend(fig, handles, crows, "implementation (ranks x threads); dashed: more than one core")
+            save(fig, outdir / f"{stem}_vs_batch_{slugs[case]}.png", written)
     return written
+
+
+def _scaling_panels(title: str, rows: list[dict[str, Any]], series_key: Callable[[dict[str, Any]], Any],
+                    panel_key: Callable[[Any], Any], label: Callable[[Any], str],
+                    plots: list[tuple[str, Callable[[dict[str, Any]], tuple[float, float, float]], str]],
+                    ideal: list[Optional[Callable[[Axes, list[int]], None]]], legend_title: str) -> Figure:
+    """Rows of panels, one row per facet (at most MAX_SERIES series), one column per quantity:
+    each plot gives a row's (value, min, max). A series key's last element (the batch) sets its
+    colour and marker, the same in every panel; label names it in the legend."""
+    series = {k: sorted(v, key=lambda r: r["ranks"]) for k, v in _group(rows, series_key).items()}
+    facets = _facets(dict(sorted(series.items())), panel_key)
+    styles = series_styles(sorted({k[-1] for k in series}))
+    fig, axes = panels(title, len(facets) * len(plots), len(plots))
+    ranks = [r["ranks"] for r in rows]
+    for f, (group, keys) in enumerate(facets):
+        for c, (what, value, ylabel) in enumerate(plots):
+            ax = axes[f * len(plots) + c]
+            for k in keys:
+                vals = [value(r) for r in series[k]]
+                draw_series(ax, [r["ranks"] for r in series[k]], [v[0] for v in vals], [v[1] for v in vals],
+                            [v[2] for v in vals], [bool(r.get("oversubscribed")) for r in series[k]], styles[k[-1]])
+            if ideal[c] is not None:
+                ideal[c](ax, ranks)  # type: ignore[misc]
+            log2_axis(ax, ranks)
+            ax.set_xlabel("MPI ranks P (log2 scale)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{group}: {what}" if group else what, fontsize="medium")
+    handles = [series_handle(label(b), styles[b]) for b in styles]
+    handles.append(Line2D([], [], color="k", linestyle="--", linewidth=1, label="ideal"))
+    _legend(fig, handles, rows, legend_title)
+    return fig
+
+
+def _ideal_speedup(ax: Axes, ranks: list[int]) -> None:
+    grid = np.array(sorted(set(ranks)))
+    ax.plot(grid, grid / grid[0], "k--", linewidth=1)
+
+
+def _ideal_one(ax: Axes, ranks: list[int]) -> None:
+    ax.axhline(1.0, color="k", linestyle="--", linewidth=1)
+    ax.set_ylim(0, max(1.1, ax.get_ylim()[1]))
+
+
+def _panel_name(impl: str, threads: int) -> str:
+    return f"{impl}, {threads} thread(s) per rank"
 
 
 def strong_figures(points: list[Point], outdir: Path, slugs: dict[Case, str]) -> list[Path]:
-    """Per case: speedup and efficiency against ranks at a fixed global batch, with the ideal line."""
-    rows = strong_scaling_rows(points)
+    """Per case: speedup and efficiency against ranks at a fixed global batch, with the ideal line;
+    a row of panels per implementation and threads (and per MAX_SERIES batch sizes)."""
     written: list[Path] = []
     by_case: dict[Case, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
+    for r in strong_scaling_rows(points):
         by_case[Case(r["network"], r["dtype"], r["n_train"])].append(r)
     for case, crows in by_case.items():
-        fig, (ax_s, ax_e) = _new(f"{case.label()}: strong scaling (fixed global batch B and data set)", ncols=2)
-        series = _group(crows, lambda r: (r["batch_size"], r["implementation"], r["threads"]))
-        ranks = [r["ranks"] for r in crows]
-        for i, ((B, impl, T), s) in enumerate(sorted(series.items())):
-            label = f"B={B} {impl} (T={T}), from {s[0]['baseline']}"
-            ax_s.plot([r["ranks"] for r in s], [r["speedup"] for r in s], label=label, **_style(impl, i))
-            ax_e.plot([r["ranks"] for r in s], [r["efficiency"] for r in s], label=label, **_style(impl, i))
-        base = min(ranks)
-        grid = np.array(sorted(set(ranks)))
-        ax_s.plot(grid, grid / base, "k--", linewidth=1, label="ideal")
-        ax_e.axhline(1.0, color="k", linestyle="--", linewidth=1, label="ideal")
-        for ax in (ax_s, ax_e):
-            _log2_axis(ax, ranks)
-            ax.set_xlabel("MPI ranks P (log2 scale)")
-        ax_s.set_ylabel(f"speedup over {base} rank(s) (x)")
-        ax_e.set_ylabel("parallel efficiency (speedup / ideal)")
-        ax_e.set_ylim(0, max(1.1, max(r["efficiency"] for r in crows) * 1.1))
-        ax_s.legend(fontsize="small")
-        _save(fig, outdir / f"strong_scaling_{slugs[case]}.png", written)
+        eff = lambda r: (r["efficiency"], r["speedup_min"] * r["efficiency"] / r["speedup"],  # noqa: E731
+                         r["speedup_max"] * r["efficiency"] / r["speedup"])
+        fig = _scaling_panels(
+            f"{case.label()}: strong scaling (fixed global batch B and data set; {_reps_note(crows)})", crows,
+            lambda r: (_impl_order(r["implementation"]), r["implementation"], r["threads"], r["batch_size"]),
+            lambda k: _panel_name(k[1], k[2]), lambda b: f"B={b}",
+            [("speedup", lambda r: (r["speedup"], r["speedup_min"], r["speedup_max"]), "speedup over the first point (x)"),
+             ("efficiency", eff, "parallel efficiency (speedup / ideal)")],
+            [_ideal_speedup, _ideal_one], "global batch B (P=1: the serial counterpart)")
+        save(fig, outdir / f"strong_scaling_{slugs[case]}.png", written)
     return written
 
 
+def _data_size(rows: list[dict[str, Any]]) -> str:
+    sizes = sorted({r["n_train"] for r in rows})
+    if len(sizes) == 1:
+        return f"{sizes[0]} training examples"
+    return f"{sizes[0]}-{sizes[-1]} training examples (grows with P)"
+
+
 def weak_figures(points: list[Point], outdir: Path) -> list[Path]:
-    """Per network and precision (a weak series may span data sizes): time per step and efficiency."""
-    rows = weak_scaling_rows(points)
+    """Per network and precision (a weak series may span data sizes): time per step and efficiency,
+    a row of panels per implementation and threads (and per MAX_SERIES batches per rank)."""
     written: list[Path] = []
-    for (network, dtype), nrows in _group(rows, lambda r: (r["network"], r["dtype"])).items():
-        fig, (ax_t, ax_e) = _new(f"{network} ({dtype}): weak scaling (fixed batch per rank)", ncols=2)
-        series = _group(nrows, lambda r: (r["batch_per_rank"], r["implementation"], r["threads"]))
-        ranks = [r["ranks"] for r in nrows]
-        for i, ((b, impl, T), s) in enumerate(sorted(series.items())):
-            label = f"B/P={b} {impl} (T={T}), from {s[0]['baseline']}"
-            ax_t.plot([r["ranks"] for r in s], [r["step_s"] * 1e3 for r in s], label=label, **_style(impl, i))
-            ax_e.plot([r["ranks"] for r in s], [r["efficiency"] for r in s], label=label, **_style(impl, i))
-        ax_e.axhline(1.0, color="k", linestyle="--", linewidth=1, label="ideal")
-        for ax in (ax_t, ax_e):
-            _log2_axis(ax, ranks)
-            ax.set_xlabel("MPI ranks P (log2 scale)")
-        ax_t.set_ylabel("time per step (ms)")
-        ax_e.set_ylabel("weak efficiency T_step(first) / T_step(P)")
-        ax_e.set_ylim(0, max(1.1, max(r["efficiency"] for r in nrows) * 1.1))
-        ax_e.legend(fontsize="small")
+    for (network, dtype), nrows in _group(weak_scaling_rows(points), lambda r: (r["network"], r["dtype"])).items():
+        step = lambda r: (r["step_s"] * 1e3, r["step_min_s"] * 1e3, r["step_max_s"] * 1e3)  # noqa: E731
+        # The first point of a series is its own reference (efficiency 1 exactly): no bar there.
+        eff = lambda r: (r["efficiency"], r["efficiency"] * (1 if r["run"] == r["baseline"] else r["step_s"] / r["step_max_s"]),  # noqa: E731
+                         r["efficiency"] * (1 if r["run"] == r["baseline"] else r["step_s"] / r["step_min_s"]))
+        fig = _scaling_panels(
+            f"{network} ({dtype}, {_data_size(nrows)}): weak scaling (fixed batch per rank; {_reps_note(nrows)})", nrows,
+            lambda r: (_impl_order(r["implementation"]), r["implementation"], r["threads"], r["batch_per_rank"]),
+            lambda k: _panel_name(k[1], k[2]), lambda b: f"B/P={b}",
+            [("time per step", step, "time per step (ms)"), ("efficiency", eff, "weak efficiency T_step(first) / T_step(P)")],
+            [None, _ideal_one], "batch per rank B/P (P=1: the serial counterpart)")
         slug = re.sub(r"[^A-Za-z0-9]+", "-", network).strip("-")
-        _save(fig, outdir / f"weak_scaling_{slug}_{dtype}.png", written)
+        save(fig, outdir / f"weak_scaling_{slug}_{dtype}.png", written)
     return written
 
 
 def model_figures(points: list[Point], outdir: Path, slugs: dict[Case, str], ab: perfmodel.AlphaBeta,
                   max_ranks: int = perfmodel.MAX_RANKS) -> list[Path]:
-    """Predicted speedup to max_ranks (lines) with the measured speedups (markers), per network."""
+    """Predicted speedup to max_ranks (lines; a band for the range alpha and beta allow, the band
+    alone where one was not determined) with the measured speedups (markers, min-max bars)."""
     written: list[Path] = []
     grid = perfmodel.rank_grid(max_ranks)
     by_case: dict[Case, list[ModelSeries]] = defaultdict(list)
     for s in model_series(points):
         by_case[s.case].append(s)
     for case, series in by_case.items():
-        fig, (ax,) = _new(f"{case.label()}: alpha-beta model\nalpha={ab.alpha_s * 1e6:.3g} us, "
-                          f"beta={ab.beta_s_per_byte * 1e9:.3g} ns/B ({ab.source})")
-        fig.set_size_inches(11.0, 6.4)
-        ax.plot(grid, grid, "k--", linewidth=1, label="ideal (S = P)")
-        for i, s in enumerate(series):
-            color = f"C{i % 10}"
-            ax.plot(grid, predict(s, grid, ab), color=color, label=f"model {s.label}")
-            if s.measured:
-                ax.plot([p.ranks for p in s.measured], [s.base.tpe_s / p.tpe_s for p in s.measured], linestyle="none",
-                        marker=MARKERS[i % len(MARKERS)], markersize=8, color=color, label=f"measured {s.label}")
-        ax.set_yscale("log", base=2)
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        _log2_axis(ax, [int(g) for g in grid])
-        ax.set_xlabel("MPI ranks P (log2 scale)")
-        ax.set_ylabel("speedup over 1 rank (x, log2 scale)")
-        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        caption = textwrap.fill("Assumptions: " + "; ".join(perfmodel.ASSUMPTIONS) + ".", width=170)
-        fig.text(0.01, 0.005, caption, fontsize="x-small", va="bottom")
-        bottom = 0.02 + 0.025 * (caption.count("\n") + 1)
-        fig.get_layout_engine().set(rect=(0, bottom, 1, 1 - bottom))  # (left, bottom, width, height): room for the caption
-        _save(fig, outdir / f"model_speedup_{slugs[case]}.png", written)
+        styles = series_styles([s.label for s in series])
+        facets = chunks(series)
+        doubt = (f"\n{' and '.join(ab.undetermined)} not determined by the measurements: shaded, every prediction they allow"
+                 if ab.undetermined else "\nshaded: alpha and beta at the ends of their ~95% ranges" if ab.uncertain else "")
+        caption = f"alpha-beta: {ab.describe()}. Assumptions: " + "; ".join(perfmodel.ASSUMPTIONS) + "."
+        fig, axes = panels(f"{case.label()}: alpha-beta model, predicted and measured speedup{doubt}", len(facets),
+                           min(2, len(facets)), width=6.0, height=4.6, caption=caption)
+        for ax, chunk in zip(axes, facets):
+            ax.plot(grid, grid, "k--", linewidth=1)
+            for s in chunk:
+                st = styles[s.label]
+                sp, lo, hi = projection(s, grid, ab)
+                if lo is not None and hi is not None:
+                    ax.fill_between(grid, lo, hi, color=st["color"], alpha=0.15, linewidth=0)
+                if sp is not None:
+                    ax.plot(grid, sp, color=st["color"])
+                if s.measured:
+                    m = s.measured
+                    draw_series(ax, [p.ranks for p in m], [s.base.tpe_s / p.tpe_s for p in m],
+                                [s.base.tpe_s / p.tpe_max_s for p in m], [s.base.tpe_s / p.tpe_min_s for p in m],
+                                [bool(p.oversubscribed) for p in m], st, linestyle="none")
+            ax.set_yscale("log", base=2)
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_locator(NullLocator())
+            log2_axis(ax, [int(g) for g in grid])
+            ax.tick_params(axis="x", labelrotation=45)
+            ax.set_xlabel("MPI ranks P (log2 scale)")
+            ax.set_ylabel("speedup over 1 rank (x, log2 scale)")
+        handles: list[Any] = [series_handle(s.label, styles[s.label], linestyle="-" if not ab.undetermined else "none")
+                              for s in series]
+        handles.append(Line2D([], [], color="k", linestyle="--", linewidth=1, label="ideal (S = P)"))
+        if ab.uncertain:
+            handles.append(Patch(color="grey", alpha=0.3, label="model range (alpha, beta at the ends of their ranges)"))
+        handles.append(Line2D([], [], color="k", marker="o", linestyle="none", label="measured (median, bars min-max)"))
+        _legend(fig, handles, [{"oversubscribed": p.oversubscribed} for s in series for p in s.measured], "series")
+        save(fig, outdir / f"model_speedup_{slugs[case]}.png", written)
     return written
 
 

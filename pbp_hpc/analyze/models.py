@@ -8,7 +8,7 @@ which knows nothing of run records; this module connects the two.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
 
 from pbp_hpc.analyze import perfmodel
@@ -16,25 +16,54 @@ from pbp_hpc.analyze.points import Case, Point, find
 from pbp_hpc.analyze.scaling import MPI_IMPLEMENTATIONS, SERIAL_COUNTERPART
 
 
-def allreduce_samples(points: list[Point]) -> list[tuple[int, int, float]]:
-    """(P, bytes, seconds per Allreduce) from every multi-rank point with a blocking reducer."""
+def allreduce_samples(points: list[Point], between_nodes: Optional[bool] = None) -> list[tuple[int, int, float]]:
+    """(P, bytes, seconds per Allreduce) from every multi-rank point with a blocking reducer that
+    was not oversubscribed (its Allreduce time is mostly waiting for a descheduled rank); only
+    those inside one node (between_nodes False) or spanning nodes (True), if given."""
     return [(p.ranks, p.gradient_bytes, p.allreduce_per_step_s) for p in points
-            if p.ranks > 1 and p.gradient_bytes and p.allreduce_per_step_s]
+            if p.ranks > 1 and p.gradient_bytes and p.allreduce_per_step_s and not p.oversubscribed
+            and (between_nodes is None or _spans_nodes(p) == between_nodes)]
+
+
+def _spans_nodes(p: Point) -> bool:
+    return p.ranks_per_node is not None and p.ranks_per_node < p.ranks
 
 
 def choose_alpha_beta(points: list[Point], path: Optional[str] = None, alpha: Optional[float] = None,
                       beta: Optional[float] = None) -> perfmodel.AlphaBeta:
-    """Flags beat a file, a file beats the fit to these runs, the fit beats the defaults."""
+    """Flags beat a file, a file beats the fit to these runs, the fit beats the defaults.
+
+    Runs inside one node and runs across nodes are fitted apart (their networks differ); the
+    model uses the between-nodes fit when there are such runs, as that is what more ranks need."""
     if path:
         ab = perfmodel.load_alpha_beta(path)
     else:
-        samples = allreduce_samples(points)
+        across = allreduce_samples(points, between_nodes=True)
+        samples = across or allreduce_samples(points, between_nodes=False)
         ab = perfmodel.fit_alpha_beta(*zip(*samples)) if samples else perfmodel.fit_alpha_beta([], [], [])
+        if samples:
+            ab = replace(ab, source=f"{'between nodes' if across else 'inside one node'}: {ab.source}")
+        over = sum(1 for p in points if p.ranks > 1 and p.allreduce_per_step_s and p.oversubscribed)
+        if over:
+            ab = replace(ab, flags=ab.flags + (f"{over} oversubscribed point(s) left out of the fit: their Allreduce "
+                                               "times are mostly waits for a rank without a core",))
     if alpha is not None or beta is not None:
-        given = " and ".join(n for n, v in (("alpha", alpha), ("beta", beta)) if v is not None)
-        ab = perfmodel.AlphaBeta(ab.alpha_s if alpha is None else alpha, ab.beta_s_per_byte if beta is None else beta,
-                                 f"{given} from the command line; otherwise {ab.source}")
+        ab = _given(ab, alpha, beta)
     return ab
+
+
+def _given(ab: perfmodel.AlphaBeta, alpha: Optional[float], beta: Optional[float]) -> perfmodel.AlphaBeta:
+    """ab with alpha and/or beta replaced by exact given values; what the other one keeps of the
+    fit (its range, its flags) stays."""
+    given = " and ".join(n for n, v in (("alpha", alpha), ("beta", beta)) if v is not None)
+    kept = [n for n, v in (("alpha", alpha), ("beta", beta)) if v is None]
+    exact = lambda v, rng: (v, v) if v is not None else rng  # noqa: E731
+    ranges = (exact(alpha, ab.alpha_range), exact(beta, ab.beta_range))
+    return perfmodel.AlphaBeta(ab.alpha_s if alpha is None else alpha, ab.beta_s_per_byte if beta is None else beta,
+                               f"{given} from the command line; otherwise {ab.source}",
+                               tuple(f for f in ab.flags if any(f.startswith(k) for k in kept)),
+                               tuple(u for u in ab.undetermined if u in kept),
+                               *(ranges if kept and None not in ranges else (None, None)))
 
 
 @dataclass
@@ -87,30 +116,58 @@ def predict(s: ModelSeries, ranks: Any, ab: perfmodel.AlphaBeta) -> Any:
     return perfmodel.speedup(ranks, s.batch_size, n, s.base.compute_per_example_s, s.base.gradient_bytes, ab)
 
 
+def projection(s: ModelSeries, ranks: Any, ab: perfmodel.AlphaBeta) -> tuple[Optional[Any], Optional[Any], Optional[Any]]:
+    """(predicted speedup, its low end, its high end) at each P in ranks: the value is None where
+    alpha or beta was not determined (only the range means anything then); the ends are None
+    where the values have no range (given, or fitted without residual)."""
+    center = None if ab.undetermined else predict(s, ranks, ab)
+    if not ab.uncertain:
+        return center, None, None
+    fastest, slowest = ab.corners()
+    return center, predict(s, ranks, slowest), predict(s, ranks, fastest)
+
+
+def _best(grid: Any, sp: Optional[Any]) -> tuple[Optional[int], Optional[float]]:
+    if sp is None:
+        return None, None
+    i = int(sp.argmax())
+    return int(grid[i]), float(sp[i])
+
+
 def model_rows(series: list[ModelSeries], ab: perfmodel.AlphaBeta, max_ranks: int = perfmodel.MAX_RANKS) -> list[dict[str, Any]]:
-    """Per series: its inputs, the predicted speedup at every power of two up to max_ranks, and the best P."""
+    """Per series: its inputs, the predicted speedup (and its range) at every power of two up to
+    max_ranks, and the best P (at the value, and at either end of the range)."""
     grid = perfmodel.rank_grid(max_ranks)
     rows = []
     for s in series:
-        sp = predict(s, grid, ab)
-        best = int(sp.argmax())
+        sp, lo, hi = projection(s, grid, ab)
+        (best, best_s), (best_lo, best_s_lo), (best_hi, best_s_hi) = _best(grid, sp), _best(grid, lo), _best(grid, hi)
+        ar = None if ab.undetermined else float(perfmodel.allreduce_time(int(grid[-1]), s.base.gradient_bytes, ab)[0]) * 1e3
         row = {**asdict(s.case), "batch_size": s.batch_size, "implementation": s.implementation, "threads": s.threads,
                "compute_from": s.base.label, "compute_us_per_example": s.base.compute_per_example_s * 1e6,
-               "gradient_mb": s.base.gradient_bytes / 1e6,
-               "allreduce_ms_at_max": float(perfmodel.allreduce_time(int(grid[-1]), s.base.gradient_bytes, ab)[0]) * 1e3,
-               "best_ranks": int(grid[best]), "best_speedup": float(sp[best])}
-        row.update({f"speedup_p{int(P)}": float(v) for P, v in zip(grid, sp)})
+               "gradient_mb": s.base.gradient_bytes / 1e6, "allreduce_ms_at_max": ar,
+               "best_ranks": best, "best_speedup": best_s, "best_ranks_lo": best_lo, "best_speedup_lo": best_s_lo,
+               "best_ranks_hi": best_hi, "best_speedup_hi": best_s_hi}
+        for P, i in zip(grid, range(len(grid))):
+            row[f"speedup_p{int(P)}"] = None if sp is None else float(sp[i])
+            row[f"speedup_lo_p{int(P)}"] = None if lo is None else float(lo[i])
+            row[f"speedup_hi_p{int(P)}"] = None if hi is None else float(hi[i])
         rows.append(row)
     return rows
 
 
 def model_check_rows(series: list[ModelSeries], ab: perfmodel.AlphaBeta) -> list[dict[str, Any]]:
-    """Measured against predicted, at the rank counts that were measured."""
+    """Measured against predicted (and its range), at the rank counts that were measured."""
     rows = []
     for s in series:
         for p in s.measured:
+            sp, lo, hi = projection(s, p.ranks, ab)
             rows.append({**asdict(s.case), "batch_size": s.batch_size, "implementation": s.implementation, "threads": s.threads,
-                         "ranks": p.ranks, "measured_speedup": s.base.tpe_s / p.tpe_s, "predicted_speedup": float(predict(s, p.ranks, ab)[0]),
+                         "ranks": p.ranks, "oversubscribed": p.oversubscribed, "measured_speedup": s.base.tpe_s / p.tpe_s,
+                         "predicted_speedup": None if sp is None else float(sp[0]),
+                         "predicted_speedup_lo": None if lo is None else float(lo[0]),
+                         "predicted_speedup_hi": None if hi is None else float(hi[0]),
                          "measured_allreduce_ms": None if p.allreduce_per_step_s is None else p.allreduce_per_step_s * 1e3,
-                         "predicted_allreduce_ms": float(perfmodel.allreduce_time(p.ranks, s.base.gradient_bytes, ab)[0]) * 1e3})
+                         "predicted_allreduce_ms": None if ab.undetermined else
+                         float(perfmodel.allreduce_time(p.ranks, s.base.gradient_bytes, ab)[0]) * 1e3})
     return rows

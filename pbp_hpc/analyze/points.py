@@ -26,8 +26,12 @@ from pbp_hpc.analyze.records import (
     run_comm_fraction,
     run_compute_per_example,
     run_examples,
+    run_node_share,
+    run_oversubscribed,
     run_tpe,
 )
+
+SPREAD_WARN = 0.10  # repetitions whose (max - min) / median TPE exceeds this are flagged
 
 
 @dataclass(frozen=True, order=True)
@@ -60,10 +64,21 @@ class Point:
     allreduce_per_step_s: Optional[float]
     gradient_bytes: Optional[int]
     examples: Optional[float]
+    oversubscribed: Optional[bool] = None  # ranks x threads > cores on a node, in any repetition; None: not recorded
+    ranks_per_node: Optional[int] = None  # ranks on rank 0's node (fewer than ranks: the run spanned nodes)
 
     @property
     def cores(self) -> int:
         return self.ranks * self.threads
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median of the repetitions' TPEs; 0 for one repetition."""
+        return (self.tpe_max_s - self.tpe_min_s) / self.tpe_s if self.tpe_s > 0 else 0.0
+
+    @property
+    def spread_warning(self) -> bool:
+        return self.reps > 1 and self.spread > SPREAD_WARN
 
     @property
     def label(self) -> str:
@@ -95,7 +110,14 @@ def make_point(key: tuple[Any, ...], runs: list[Record]) -> Point:
                  test_accuracy=_median(r.get("test_accuracy") for r in runs),
                  compute_per_example_s=_median(run_compute_per_example(r) for r in runs),
                  allreduce_per_step_s=_median(run_allreduce_per_step(r) for r in runs),
-                 gradient_bytes=gradient_bytes(runs[0]), examples=examples)
+                 gradient_bytes=gradient_bytes(runs[0]), examples=examples,
+                 oversubscribed=_any_known(run_oversubscribed(r) for r in runs),
+                 ranks_per_node=min((s[0] for s in map(run_node_share, runs) if s), default=None))
+
+
+def _any_known(flags: Iterable[Optional[bool]]) -> Optional[bool]:
+    known = [f for f in flags if f is not None]
+    return any(known) if known else None
 
 
 def problem_row(rec: Record, why: Optional[str] = None) -> dict[str, Any]:

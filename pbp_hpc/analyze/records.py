@@ -148,6 +148,29 @@ def run_allreduce_per_step(rec: Record) -> Optional[float]:
                       if e.get("allreduce_s") is not None and (e.get("examples") or 0) > 0 else None)
 
 
+def run_node_share(rec: Record) -> Optional[tuple[int, int]]:
+    """(ranks on rank 0's node, cores they could use together), from the binding the run
+    recorded; for older records, the cores rank 0 saw with every rank taken to share them.
+    None where the record says neither."""
+    prov = rec.get("provenance") or {}
+    cpus = (prov.get("binding") or {}).get("cpus")
+    if cpus:
+        return len(cpus), len(set().union(*map(set, cpus)))
+    if prov.get("cores"):
+        return int(rec.get("ranks") or 1), int(prov["cores"])
+    return None
+
+
+def run_oversubscribed(rec: Record) -> Optional[bool]:
+    """Whether the run had more threads than cores on its (rank 0's) node: ranks x threads >
+    cores. Such a run measures time-sharing of cores, not scaling."""
+    share = run_node_share(rec)
+    if share is None:
+        return None
+    on_node, cores = share
+    return on_node * int(rec.get("threads_per_rank") or 1) > cores
+
+
 def gradient_bytes(rec: Record) -> Optional[int]:
     """Bytes one Allreduce moves: the gradient (its two extra scalars are negligible)."""
     n, dtype = rec.get("n_params"), dtype_of(rec)

@@ -62,6 +62,7 @@ def performance_rows(points: list[Point]) -> list[dict[str, Any]]:
             "gflops": p.gflops, "serial_counterpart": base.label if base else None, "speedup": s_own,
             "fastest_serial": fast.label if fast else None, "speedup_vs_fastest_serial": fast.tpe_s / p.tpe_s if fast else None,
             "efficiency": efficiency(s_own, p), "comm_fraction": p.comm_fraction, "test_accuracy": p.test_accuracy,
+            "oversubscribed": p.oversubscribed, "spread": p.spread if p.reps > 1 else None,
         })
     return rows
 
@@ -107,7 +108,8 @@ def strong_scaling_rows(points: list[Point]) -> list[dict[str, Any]]:
             s = base.tpe_s / p.tpe_s
             rows.append({**asdict(case), "batch_size": batch, "implementation": impl, "threads": threads, "ranks": p.ranks,
                          "run": p.label, "tpe_s": p.tpe_s, "baseline": base.label, "base_ranks": base.ranks, "speedup": s,
-                         "ideal": p.ranks / base.ranks, "efficiency": s * base.ranks / p.ranks, "comm_fraction": p.comm_fraction})
+                         "ideal": p.ranks / base.ranks, "efficiency": s * base.ranks / p.ranks, "comm_fraction": p.comm_fraction,
+                         **_spread_fields(p, base)})
     return rows
 
 
@@ -133,5 +135,15 @@ def weak_scaling_rows(points: list[Point]) -> list[dict[str, Any]]:
             rows.append({"network": network, "dtype": dtype, "implementation": impl, "threads": threads,
                          "batch_per_rank": per_rank, "ranks": p.ranks, "run": p.label, "batch_size": p.batch_size,
                          "n_train": p.case.n_train, "tpe_s": p.tpe_s, "step_s": step_time(p), "baseline": base.label,
-                         "base_ranks": base.ranks, "efficiency": step_time(base) / step_time(p)})
+                         "base_ranks": base.ranks, "efficiency": step_time(base) / step_time(p),
+                         "step_min_s": step_time(p) * p.tpe_min_s / p.tpe_s, "step_max_s": step_time(p) * p.tpe_max_s / p.tpe_s,
+                         **_spread_fields(p, base)})
     return rows
+
+
+def _spread_fields(p: Point, base: Point) -> dict[str, Any]:
+    """What a scaling row carries of its repetitions: whether it was oversubscribed, the
+    spread, and the speedup's range (the base's median over the point's max and min TPE)."""
+    own = p is base  # a series' first point is its own reference: 1 exactly, whatever its spread
+    return {"reps": p.reps, "oversubscribed": p.oversubscribed, "spread": p.spread if p.reps > 1 else None,
+            "speedup_min": 1.0 if own else base.tpe_s / p.tpe_max_s, "speedup_max": 1.0 if own else base.tpe_s / p.tpe_min_s}
