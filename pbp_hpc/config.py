@@ -230,6 +230,9 @@ class DebugConfig(_Section):
     stall_s: float = Field(0.0, ge=0.0)
     signal_step: Optional[int] = Field(None, ge=0)  # global step at which a SIGUSR1 is simulated
     signal_rank: Optional[int] = Field(None, ge=0)  # the rank that "receives" it; null: every rank
+    # the validation pass (counted from 0) before whose reduction debug.fail_rank (null: every rank)
+    # sleeps debug.stall_s seconds: a rank stopped or slow during an evaluation (test-only)
+    stall_evaluation: Optional[int] = Field(None, ge=0)
 
 
 class Config(_Section):

@@ -20,6 +20,7 @@ from mpi4py import MPI
 from pbp_hpc import model_file
 from pbp_hpc.data import device as device_data
 from pbp_hpc.engine import backend
+from pbp_hpc.parallel import runtime
 from pbp_hpc.parallel.strategies.base import my_share
 
 
@@ -34,7 +35,11 @@ def accuracy(st: Any, source: Any) -> Optional[float]:
     chunk = st.local.work.max_batch
     for start in range(lo, hi, chunk):
         correct += st.local.count_correct(source, device_data.index_range(source, start, min(hi, start + chunk)))
-    return st.comm.allreduce(int(correct), op=MPI.SUM) / n_total
+    total = np.array([int(correct)], dtype=np.int64)  # a buffer: MPI then waits without holding the GIL the watch needs
+    watch = st.reducer.watch  # a rank stopped or slow in the pass is noticed here, as in a step
+    with watch.around(f"the evaluation after step {watch.step}"):
+        st.comm.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
+    return int(total[0]) / n_total
 
 
 class Tracker:
@@ -52,6 +57,7 @@ class Tracker:
         self.best_theta = np.empty(st.n_params, dtype=st.cfg.model.dtype) if (t.save_model and st.comm.rank == 0) else None
         self.best_at: Optional[dict[str, Any]] = None
         self.loss_sum, self.loss_n = 0.0, 0
+        self.passes = 0  # this run's validation passes so far (debug.stall_evaluation counts them)
 
     def due(self, global_step: int) -> bool:
         """Whether a pass is due after this step (the step-based cadence)."""
@@ -64,10 +70,16 @@ class Tracker:
     def evaluate(self, epoch: int, steps_done: int, train_s: float, wall_s: float) -> Optional[str]:
         """A validation pass after `steps_done` global steps; returns why the run should stop, or None."""
         t0 = time.perf_counter()
+        watch = self.st.reducer.watch
+        stalled0 = watch.stalled_s
+        self._inject_stall()
         acc = accuracy(self.st, self.st.data.val)
+        # seconds the pass waited past parallel.stall_warning_s for another rank (the slowest rank's)
+        stalled = float(runtime.slowest(self.st.comm, [watch.stalled_s - stalled0], watch)[0])
         point = {"epoch": epoch, "step": steps_done, "epochs": steps_done / self.per_epoch, "time_s": train_s,
                  "wall_s": wall_s, "val_accuracy": acc,
-                 "loss": self.loss_sum / self.loss_n if self.loss_n else None}
+                 "loss": self.loss_sum / self.loss_n if self.loss_n else None, "stalled_s": stalled}
+        self.passes += 1
         self.curve.append(point)
         self.loss_sum, self.loss_n = 0.0, 0
         if acc is not None and acc > self.best:
@@ -84,6 +96,12 @@ class Tracker:
         if self.patience is not None and self.since_best >= self.patience:
             return f"early stopping: {self.patience} evaluation(s) without a better validation accuracy (best {self.best:.4f})"
         return None
+
+    def _inject_stall(self) -> None:
+        """debug.stall_evaluation: this rank stops answering for debug.stall_s in this pass (tests)."""
+        dbg = self.st.cfg.debug
+        if self.passes == dbg.stall_evaluation and dbg.fail_rank in (None, self.st.comm.rank):
+            time.sleep(dbg.stall_s)
 
     def save_best(self) -> Optional[str]:
         """Write the best pass's parameters to train.save_model (rank 0); the path, or None."""

@@ -6,6 +6,7 @@ accuracy reached with it. All ranks take part in every training, as in a normal 
 
 Setup errors are collective, as in pbp_hpc.train: a bad configuration or --grid on any rank
 (an MPMD launch can give ranks different arguments) ends every rank with exit 2 and one message.
+SIGTERM or SIGUSR1 ends the search at once, in any phase, with exit 128 + the signal's number.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from typing import Any, Optional
 from mpi4py import MPI
 
 from pbp_hpc import config as configmod
-from pbp_hpc.errors import ConfigError, DivergenceError
+from pbp_hpc.errors import ConfigError, DivergenceError, Stopped
 from pbp_hpc.parallel.runtime import (add_config_arguments, install_signal_handlers, load_config, report_failure,
-                                      report_interrupt, together)
+                                      report_interrupt, report_stopped, together)
 from pbp_hpc.train import run
 
 REPORT_GRID = [0.001, 0.002, 0.01, 0.1, 0.5, 1.0]
@@ -81,13 +82,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     comm = MPI.COMM_WORLD
     out = sys.stderr if args.json else sys.stdout
-    install_signal_handlers()
+    # A search writes no checkpoint (it always starts from scratch): SIGTERM/SIGUSR1 end it at
+    # once in every phase, its trainings included, rather than checkpoint one trial and go on.
+    install_signal_handlers(stop_in_loop=True)
     try:
         cfg = together(comm, lambda: load_search(args))  # an MPMD launch may give ranks other arguments
         check_same_grid(args.grid, comm)
         result = search(cfg, args.grid, comm, log=lambda s: print(s, file=out, flush=True))
     except KeyboardInterrupt:
         return report_interrupt(comm)
+    except Stopped as exc:
+        return report_stopped(exc, comm, "(a search writes no checkpoint)")
     except Exception as exc:  # noqa: BLE001 - every failure must end the world, not hang it
         return report_failure(exc, comm)
     if args.json and comm.rank == 0:

@@ -4,7 +4,9 @@ evaluation, checkpoint, results write), every cell that can occur.
 Each cell starts real processes (mpiexec jobs, sweeps, a slow local HTTP server on 127.0.0.1, a
 small tmpfs for a full disk) and asserts that the job ends within a bound, with one message and
 the documented exit code, and that nothing recorded is lost. Cells that cannot occur, or that
-another test file covers, are skipped with the reason. The whole matrix runs in about 2 minutes.
+another test file covers, are skipped with the reason. The last section holds the signal cells
+of the commands that write no checkpoint (search_lr, bench): they end in every phase. The whole
+matrix runs in about 2 minutes.
 """
 
 from __future__ import annotations
@@ -176,7 +178,7 @@ def test_full_disk_x_setup_a_download_into_a_full_cache_is_a_data_error(small_di
 # --- training -----------------------------------------------------------------------------------
 
 def test_stop_x_training_a_stopped_rank_is_named_once_and_the_epoch_marked(mpi_job):
-    # eval_every=0: the evaluation's own reduction is not watched (pbp_hpc/evaluation.py)
+    # eval_every=0: the stall lands in a training step (a stall in a pass is the evaluation column's)
     job = _job(mpi_job, 2, *TINY, "--set", "train.epochs=30", "--set", "train.eval_every=0",
                "--set", "parallel.stall_warning_s=1", "--json")
     assert job.wait_for("epoch   0", 60)
@@ -235,9 +237,29 @@ def test_signal_x_evaluation_the_final_evaluation_stops_at_once(mpi_job):
     assert time.monotonic() - t < 10 and "outside the training loop" in err and "test accuracy" not in out
 
 
-def test_stop_x_evaluation_is_a_local_pass():
-    pytest.skip("evaluation is a local pass with one small reduction at its end: a stopped rank there is "
-                "the training column's stall (the next step's reduction waits for it)")
+def _stalled_in_first_pass(mpi_job, *extra: str):
+    """Rank 1 stops answering in the first validation pass (after epoch 0's 25 steps: global step 24;
+    a sixth of the 600 examples is the validation set)."""
+    return _job(mpi_job, 2, *TINY, "--set", "train.epochs=2", "--set", "train.eval_every=1",
+                "--set", "debug.fail_rank=1", "--set", "debug.stall_evaluation=0",
+                "--set", "parallel.stall_warning_s=1", *extra)
+
+
+def test_stop_x_evaluation_a_stalled_rank_is_named_once_and_the_pass_marked(mpi_job):
+    job = _stalled_in_first_pass(mpi_job, "--set", "debug.stall_s=3", "--json")
+    rc, out, err, _ = job.finish(60)
+    assert rc == 0, err
+    assert err.count("pbp_hpc: warning:") == 1, err
+    assert "warning: the evaluation after step 24 has waited" in err and "for rank 1:" in err
+    passes = last_json(out)["evaluations"]
+    assert passes[0]["stalled_s"] > 1.0 and passes[1]["stalled_s"] == 0.0
+
+
+def test_stop_x_evaluation_past_the_stall_timeout_the_job_ends_with_its_own_code(mpi_job):
+    job = _stalled_in_first_pass(mpi_job, "--set", "debug.stall_s=120", "--set", "parallel.stall_timeout_s=3")
+    rc, out, err, seconds = job.finish(BOUND)
+    assert rc == 4, err  # runtime.EXIT_STALLED
+    assert "the evaluation after step 24 waited" in err and "more than parallel.stall_timeout_s 3, for rank 1" in err
 
 
 # --- checkpoint ---------------------------------------------------------------------------------
@@ -331,3 +353,113 @@ def test_signal_x_results_write_is_the_sweeps_own():
 
 def test_stalled_network_x_other_phases_cannot_occur():
     pytest.skip("only the download uses the network")
+
+
+# --- the other commands: search_lr and bench, which write no checkpoint -------------------------
+
+_SEARCHING_RUN = """
+import sys
+from pbp_hpc import search_lr
+from pbp_hpc.data import mnist
+mnist.resolve_data_dir.__defaults__ = (True, ({url!r},))
+sys.exit(search_lr.main(["--grid", "0.1", "--set", "train.progress=false"]))
+"""
+
+
+def _stop_within(proc: subprocess.Popen, sig: int, seconds: float) -> tuple[int, str]:
+    """Send sig; (exit code, stderr) once proc has ended, failing if that takes more than `seconds`."""
+    t = time.monotonic()
+    proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=seconds + 10)
+    finally:
+        proc.kill()
+    assert time.monotonic() - t < seconds, f"{time.monotonic() - t:.1f} s to stop"
+    return proc.returncode, err
+
+
+def test_signal_x_setup_search_lr_stops_at_once_during_its_download(tmp_path, drip_url):
+    env = {**os.environ, "PBP_HPC_CACHE": str(tmp_path / "cache"), "PBP_HPC_DATA": ""}
+    proc = subprocess.Popen([sys.executable, "-c", _SEARCHING_RUN.format(url=drip_url)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cache = tmp_path / "cache"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not (cache.is_dir() and any(cache.iterdir())):
+        time.sleep(0.05)
+    assert cache.is_dir() and any(cache.iterdir()), "the download never started"
+    rc, err = _stop_within(proc, signal.SIGTERM, 5)
+    assert rc == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM (a search writes no checkpoint)" in err and "Traceback" not in err
+
+
+def _cmdline(process) -> list[str]:
+    import psutil
+
+    try:
+        return process.cmdline()
+    except psutil.Error:  # ended meanwhile
+        return []
+
+
+def _ranks(job, module: str) -> list:
+    return [p for p in job.descendants() if _cmdline(p)[:1] == [sys.executable] and module in _cmdline(p)]
+
+
+def _busy(ranks: list, cpu_s: float) -> bool:
+    """Two ranks, each past cpu_s seconds of CPU time."""
+    import psutil
+
+    try:
+        return len(ranks) == 2 and all(sum(p.cpu_times()[:2]) > cpu_s for p in ranks)
+    except psutil.Error:
+        return False
+
+
+def test_signal_x_training_search_lr_stops_at_once_and_writes_no_checkpoint(mpi_job):
+    # a search cannot resume: a stop in one of its trainings ends it, rather than checkpoint and go on
+    job = mpi_job([MPIEXEC, "-n", "2", sys.executable, "-m", "pbp_hpc.search_lr", "--grid", "0.1", "0.5", *LONG])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not _busy(_ranks(job, "pbp_hpc.search_lr"), cpu_s=1.5):
+        time.sleep(0.1)  # imports and setup take under a second of CPU: past 1.5 s the ranks are training
+    assert _busy(_ranks(job, "pbp_hpc.search_lr"), cpu_s=1.5), "the search never started training"
+    job.proc.send_signal(signal.SIGTERM)  # to mpiexec, which forwards it
+    t = time.monotonic()
+    rc, out, err, _ = job.finish(BOUND)
+    assert rc == 128 + signal.SIGTERM, err
+    assert time.monotonic() - t < 15 and "stopped by SIGTERM (a search writes no checkpoint)" in err
+    assert not list(job.out_path.parent.glob("*.h5"))
+
+
+def test_signal_x_setup_bench_stops_at_once_with_its_worker_job(tmp_path):
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-m", "pbp_hpc.bench", "--smoke", "--no-torch", "--no-jax", "--no-typed",
+                             "--cores", "2"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    parent = psutil.Process(proc.pid)
+    seen: list = []
+
+    def ranks() -> list:
+        return [p for p in seen if _cmdline(p)[:1] == [sys.executable] and "--worker" in _cmdline(p)]
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(ranks()) < 2:
+        try:
+            seen = parent.children(recursive=True)  # mpiexec, its proxy, the worker's ranks
+        except psutil.Error:
+            break
+        time.sleep(0.05)
+    try:
+        assert len(ranks()) == 2, "the worker job never started"
+        time.sleep(1.0)  # the ranks are in their setup (MPI, the SGEMM peak)
+        rc, err = _stop_within(proc, signal.SIGTERM, 10)
+        assert rc == 128 + signal.SIGTERM, err
+        assert "pbp_hpc.bench: stopped by SIGTERM" in err and "Traceback" not in err
+        time.sleep(0.5)
+        left = [p for p in seen if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not left, f"outlived the bench: {[' '.join(p.cmdline()) for p in left]}"
+    finally:
+        for p in [*seen, parent]:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass

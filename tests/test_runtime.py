@@ -1,6 +1,7 @@
 """What every run decides before training: BLAS threads per rank (the config, then the
 variables HPC users set, then a share of the node) and binding ranks to disjoint cores
-(only where the launcher did not, and never oversubscribed)."""
+(only where the launcher did not, and never oversubscribed); and what a stop signal does in
+and outside the training loop."""
 
 import os
 
@@ -100,3 +101,39 @@ def test_auto_reducer_shares_memory_among_a_nodes_ranks_and_says_so():
     assert "reducer blocking (auto: one rank per node, no memory to share)" in line
     line = _reducer_line(run_cmd(["pbp_hpc.train", *TINY, "--set", "parallel.reducer=overlap"], ranks=2))
     assert "reducer overlap (parallel.reducer)" in line
+
+
+@pytest.fixture
+def own_handlers():
+    """Signal handlers and the stop flag as they were, given back after the test."""
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+    runtime._stop_signal.clear()
+    runtime._mode[:] = [False, False, False]
+
+
+def _signalled_in_loop() -> None:
+    import signal
+    import time
+
+    with runtime.training_loop():
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.5)  # the handler runs here
+
+
+def test_in_the_training_loop_a_stop_signal_only_sets_the_flag_where_a_checkpoint_can_be_written(own_handlers):
+    runtime.install_signal_handlers(stop_outside_loop=True)
+    _signalled_in_loop()  # train: the loop checkpoints at its next step
+    assert runtime.stop_signalled()
+
+
+def test_a_command_without_checkpoints_is_stopped_inside_the_training_loop_too(own_handlers):
+    from pbp_hpc.errors import Stopped
+
+    runtime.install_signal_handlers(stop_in_loop=True)  # search_lr, bench
+    with pytest.raises(Stopped):
+        _signalled_in_loop()

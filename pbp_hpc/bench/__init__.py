@@ -45,7 +45,8 @@ on synthetic data, one epoch: for the tests).
 Modules: cases (the Spec, splits and cases), runs (our timed epochs and the GEMM replay),
 memory (RSS, budget, heap growth), peers (the peers' client and serving loop, the PyTorch
 child), jax_peer (the JAX child), typed (the `as typed` runs), worker (the MPI job), table (rows,
-table, goals, the splits file), cli (arguments, header, launch, main).
+table, goals, the splits file), stopping (stop signals in the parent, passed to its child job),
+cli (arguments, header, launch, main).
 """
 
 from pbp_hpc.bench.cases import LEARNING_RATE, NETWORKS, SEED, Case, Spec, cases_for, make_spec, splits_of

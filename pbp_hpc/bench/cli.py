@@ -19,9 +19,11 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import pbp_hpc.bench.stopping as stopping
 import pbp_hpc.bench.typed as typed
 from pbp_hpc.bench.cases import NETWORKS, Spec, make_spec
 from pbp_hpc.bench.table import checks, rows_of, table, write_splits
+from pbp_hpc.errors import Stopped
 from pbp_hpc.parallel import hybrid
 
 TITLE = "Training at the BLAS limit: time per epoch against the GEMMs alone, PyTorch, and more ranks."
@@ -80,7 +82,7 @@ def launch(spec: Spec, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run the worker job; return its JSON records."""
     env = {k: v for k, v in os.environ.items() if k not in typed.THREAD_ENV}
     cmd = [typed.mpiexec(), "-n", str(spec.cores), sys.executable, "-m", "pbp_hpc.bench", "--worker", json.dumps(spec.__dict__)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, timeout=args.timeout)
+    proc = stopping.run(cmd, stdout=subprocess.PIPE, text=True, env=env, timeout=args.timeout)
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0:
         raise SystemExit(f"pbp_hpc.bench: the worker job failed (exit {proc.returncode}); its output is above")
@@ -137,10 +139,18 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         return jax_worker(args.jax_worker)
     if args.worker:
-        from pbp_hpc.bench.worker import Worker
+        from pbp_hpc.bench.worker import run_worker
 
-        Worker(Spec(**json.loads(args.worker))).main()
-        return 0
+        return run_worker(Spec(**json.loads(args.worker)))
+    stopping.install()  # SIGTERM/SIGUSR1: end now, and the job being waited on with it
+    try:
+        return _bench(args)
+    except Stopped as exc:
+        return stopping.report(exc)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """The parent: header, the worker job, the `as typed` runs, the table."""
     from pbp_hpc.parallel.provenance import cores_available
 
     spec = make_spec(args, args.cores or cores_available())

@@ -34,6 +34,7 @@ class PeerClient:
         env = {k: v for k, v in os.environ.items() if not k.startswith(MPI_ENV)}
         self.proc = subprocess.Popen([sys.executable, "-m", "pbp_hpc.bench", *args], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env)
+        LIVE.append(self)
         self._info: Optional[dict[str, Any]] = None
 
     @property
@@ -60,6 +61,18 @@ class PeerClient:
         if self.proc.poll() is None:
             self.ask(cmd="quit")
             self.proc.wait(timeout=30)
+        LIVE.remove(self)
+
+
+LIVE: list[PeerClient] = []  # the children started and not yet closed
+
+
+def kill_all() -> None:
+    """End every peer child now (a stop signal): one in the middle of an epoch would run it to its end."""
+    while LIVE:
+        peer = LIVE.pop()
+        peer.proc.kill()
+        peer.proc.wait()
 
 
 class TorchClient(PeerClient):

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+import pbp_hpc.bench.stopping as stopping
 from pbp_hpc.bench.cases import NETWORKS, Spec
 
 THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -49,7 +50,7 @@ def run(spec: Spec, net: str, batch: int, timeout: Optional[float] = None) -> di
                            "times": [], "comm": []}
     env = {k: v for k, v in os.environ.items() if k not in THREAD_ENV}
     try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, timeout=timeout)
+        proc = stopping.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {**rec, "error": f"timed out after {timeout:.0f} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]

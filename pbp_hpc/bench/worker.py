@@ -20,7 +20,7 @@ import numpy as np
 from pbp_hpc.bench.memory import measure, reset_peak_rss, rss_now
 from pbp_hpc.bench.cases import NETWORKS, SEED, Case, Spec, cases_for, splits_of
 from pbp_hpc.bench.jax_peer import JaxClient
-from pbp_hpc.bench.peers import PeerClient, TorchClient
+from pbp_hpc.bench.peers import PeerClient, TorchClient, kill_all
 from pbp_hpc.bench.runs import GemmReplay, OurRun, Timing
 
 
@@ -283,6 +283,23 @@ class Worker:
         for peer in self.peers():
             peer.close()
         self.emit({"type": "end", "load": os.getloadavg()})
+
+
+def run_worker(spec: Spec) -> int:
+    """A rank of the worker job. SIGTERM/SIGUSR1 (Hydra forwards what the parent is sent) end it
+    at once in any phase, its peer children with it, with exit 128 + the signal's number."""
+    from mpi4py import MPI
+
+    from pbp_hpc.errors import Stopped
+    from pbp_hpc.parallel import runtime
+
+    runtime.install_signal_handlers(stop_in_loop=True)
+    try:
+        Worker(spec).main()
+    except Stopped as exc:
+        kill_all()
+        return runtime.report_stopped(exc, MPI.COMM_WORLD, "in the benchmark's worker job")
+    return 0
 
 
 def active_fractions(cases: list[Case], runs: dict[Case, Any], reducer: str) -> dict[str, float]:

@@ -44,23 +44,25 @@ _SETUP_ERRORS = {cls.__name__: cls for cls in (ConfigError, DataError, WorldSize
 _ALONE_EXIT = {StallError: EXIT_STALLED}
 
 _stop_signal: list[int] = []  # signals received; a list so the handler need not rebind a global
-# [raise Stopped outside the loop, inside the training loop now]
-_mode = [False, False]
+# [raise Stopped outside the loop, inside the training loop now, raise Stopped inside it too]
+_mode = [False, False, False]
 
 
 def _on_signal(signum: int, frame: Any) -> None:
     _stop_signal.append(signum)
-    if _mode[0] and not _mode[1]:
+    if _mode[2] or (_mode[0] and not _mode[1]):
         raise Stopped(signum)
 
 
-def install_signal_handlers(stop_outside_loop: bool = False) -> None:
+def install_signal_handlers(stop_outside_loop: bool = False, stop_in_loop: bool = False) -> None:
     """SIGUSR1 (Slurm's warning before the time limit) and SIGTERM ask for a checkpoint-and-stop.
 
     stop_outside_loop: outside training_loop() (setup, download, evaluation, writing results) the
     handler raises Stopped at once, so that no phase outside the loop can outlast a stop request;
-    inside it, it only sets the flag the loop reads at its next step (checkpoint-and-stop)."""
-    _mode[0] = stop_outside_loop
+    inside it, it only sets the flag the loop reads at its next step (checkpoint-and-stop).
+    stop_in_loop: for a command that has no checkpoint to write (search_lr, bench): Stopped at
+    once in every phase, the training loop included."""
+    _mode[0], _mode[2] = stop_outside_loop or stop_in_loop, stop_in_loop
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, _on_signal)
 
@@ -307,16 +309,23 @@ def _let_the_launcher_read() -> None:
     time.sleep(0.3)
 
 
-def report_stopped(exc: Stopped, comm: MPI.Comm) -> int:
-    """SIGTERM/SIGUSR1 outside the training loop: end the whole job now, exit EXIT_STOPPED + signal."""
-    name = signal.Signals(exc.signum).name if exc.signum in signal.Signals._value2member_map_ else str(exc.signum)
+OUTSIDE_LOOP = "outside the training loop (setup, download, evaluation or writing results)"
+
+
+def report_stopped(exc: Stopped, comm: MPI.Comm, where: str = OUTSIDE_LOOP) -> int:
+    """SIGTERM/SIGUSR1 outside the training loop (where: in words): end the whole job now, exit
+    EXIT_STOPPED + signal."""
     code = EXIT_STOPPED + exc.signum
-    print(f"pbp_hpc: rank {comm.rank} of {comm.size} stopped by {name} outside the training loop (setup, download, "
-          "evaluation or writing results): nothing more was written; run the same command again", file=sys.stderr, flush=True)
+    print(f"pbp_hpc: rank {comm.rank} of {comm.size} stopped by {signal_name(exc.signum)} {where}: nothing more was "
+          "written; run the same command again", file=sys.stderr, flush=True)
     if comm.size > 1:
         _let_the_launcher_read()
         comm.Abort(code)  # the other ranks may be waiting for this one in a collective
     return code
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
 
 
 def report_interrupt(comm: MPI.Comm) -> int:

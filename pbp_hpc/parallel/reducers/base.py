@@ -17,10 +17,11 @@ written; the rest have defaults for a reducer that sums the whole buffer in plac
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 from time import perf_counter, sleep
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import numpy as np
 from mpi4py import MPI
@@ -55,6 +56,7 @@ class StallWatch:
     def __init__(self, comm: MPI.Comm, warning_s: float = 60.0, timeout_s: Optional[float] = None):
         self.comm, self.warning_s, self.timeout_s = comm, warning_s, timeout_s
         self.step = 0  # the global step being waited for (set by the strategy)
+        self.what = ""  # how the warning names a wait that is not a step's (around()); "": "step G"
         self.stalled_s = 0.0
         self.warnings = 0
         self.size, self.rank = comm.size, comm.rank
@@ -77,6 +79,18 @@ class StallWatch:
         since, self._since = self._since, 0.0
         if self._flagged == since and since:
             self.stalled_s += perf_counter() - since
+
+    @contextlib.contextmanager
+    def around(self, what: str) -> Iterator[None]:
+        """enter() / leave() around a blocking call of the caller's own (an evaluation's reduction),
+        which the warning names `what` instead of "step G"."""
+        self.what = what
+        self.enter()
+        try:
+            yield
+        finally:
+            self.leave()
+            self.what = ""
 
     def wait(self, requests: Any) -> None:
         """MPI_Wait / MPI_Waitall of the requests, watched."""
@@ -104,7 +118,7 @@ class StallWatch:
             waited = now - max(since, woke)
             if waited < self.warning_s:
                 continue
-            step = self.step
+            step, what = self.step, self.what or f"step {self.step}"
             if told != since:  # a new stalled wait
                 told, self._flagged, arrived = since, since, {self.rank}
                 self._tell(step)
@@ -113,12 +127,12 @@ class StallWatch:
                 warned = since
                 if min(arrived) == self.rank:
                     self.warnings += 1
-                    print(f"pbp_hpc: warning: step {step} has waited {waited:.0f} s (parallel.stall_warning_s "
+                    print(f"pbp_hpc: warning: {what} has waited {waited:.0f} s (parallel.stall_warning_s "
                           f"{self.warning_s:g}) for {self._late(arrived)}: stopped, hung or lost? "
                           + (f"the job is aborted at {self.timeout_s:g} s (parallel.stall_timeout_s)" if self.timeout_s
                              else "it waits for ever (set parallel.stall_timeout_s to abort)"), file=sys.stderr, flush=True)
             if self.timeout_s is not None and waited >= self.timeout_s and self._since == since:
-                print(f"pbp_hpc: rank {self.rank} of {self.size} failed: step {step} waited {waited:.0f} s, more than "
+                print(f"pbp_hpc: rank {self.rank} of {self.size} failed: {what} waited {waited:.0f} s, more than "
                       f"parallel.stall_timeout_s {self.timeout_s:g}, for {self._late(arrived)}; aborting the job "
                       f"(exit {self.EXIT_STALLED})", file=sys.stderr, flush=True)
                 sleep(0.5)  # the launcher forwards the line before the abort ends this process
