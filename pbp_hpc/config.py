@@ -182,6 +182,14 @@ class ParallelConfig(_Section):
     stall_warning_s: float = Field(60.0, gt=0.0)
     # ... and longer than this aborts the job (runtime.EXIT_STALLED); null: wait for ever
     stall_timeout_s: Optional[float] = Field(None, gt=0.0)
+    # Communication for many nodes (pbp_hpc/parallel/reducers/compression.py). compression: the
+    # gradients on the wire; none: full precision (the sum bit-for-bit as without it); fp16, bf16:
+    # 16-bit words, summed in float32 (the loss and stop count stay full precision)
+    compression: Literal["none", "fp16", "bf16"] = "none"
+    error_feedback: bool = False  # fp16/bf16: carry what rounding lost into the next step's gradient
+    # reducer overlap: combine consecutive layers' messages up to this many bytes (Horovod's
+    # tensor fusion); 0: a message per layer. blocking and shm send one message already
+    fusion_bytes: int = Field(0, ge=0)
 
     @field_validator("strategy")
     @classmethod

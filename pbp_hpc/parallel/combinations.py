@@ -26,6 +26,10 @@ RULES = [
          "per_example is the numpy baseline; with backend: cupy use batched"),
     Rule(("parallel.reducer", ("overlap", "shm")), ("backend", ("cupy",)),
          "that reducer works on host buffers; with backend: cupy choose parallel.gpu_reducer"),
+    Rule(("parallel.compression", ("fp16", "bf16")), ("backend", ("cupy",)),
+         "the device reducers send full precision; compression is for the host reducers"),
+    Rule(("parallel.error_feedback", (True,)), ("parallel.compression", ("none",)),
+         "error feedback carries compression's rounding into the next step; without compression there is none"),
 ]
 
 
