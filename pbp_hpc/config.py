@@ -113,6 +113,9 @@ class DataConfig(_Section):
     # idx: the number of classes, when the labels do not show it (max label + 1 otherwise);
     # it must equal model.layers[-1]
     n_classes: Optional[int] = Field(None, ge=2)
+    # IDX data in training: the node's first rank loads it into an MPI shared window that the
+    # node's ranks read (pbp_hpc/data/node_copy.py); false: every rank loads its own copy
+    one_copy_per_node: bool = True
 
 
 class TrainConfig(_Section):
