@@ -240,6 +240,14 @@ class Reducer:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def _watched(self, call: Callable[[], None]) -> None:
+        """A blocking MPI call under the stall check."""
+        self.watch.enter()
+        try:
+            call()
+        finally:
+            self.watch.leave()
+
     def _start_extras(self) -> Any:
         """The extras' own nonblocking Allreduce, in full precision, beside a compressed sum."""
         return self.comm.Iallreduce(MPI.IN_PLACE, self.extras, op=MPI.SUM)

@@ -33,8 +33,6 @@ class BlockingReducer(Reducer):
             return
         t = time.perf_counter()
         extras = self._start_extras()
-        grad = self.grad[: self.n]
-        self.packed.start(grad)
-        compression.run([self.packed], [grad], self.watch.wait)
+        self.packed.blocking(self.grad[: self.n], self._watched)
         self.watch.wait(extras)
         self.seconds += time.perf_counter() - t

@@ -172,8 +172,7 @@ class SharedMemoryReducer(Reducer):
             _sum(self.parts, self.acc)
             if self.packed is not None:
                 extras = shared.cross.Iallreduce(MPI.IN_PLACE, self.extras, op=MPI.SUM)
-                self.packed.start(self.acc)
-                compression.run([self.packed], [self.acc], self.watch.wait)
+                self.packed.blocking(self.acc, self._watched)
                 self.watch.wait(extras)
             else:
                 self.watch.enter()
