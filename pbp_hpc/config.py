@@ -113,6 +113,9 @@ class DataConfig(_Section):
     # idx: the number of classes, when the labels do not show it (max label + 1 otherwise);
     # it must equal model.layers[-1]
     n_classes: Optional[int] = Field(None, ge=2)
+    # IDX data in training: the node's first rank loads it into an MPI shared window that the
+    # node's ranks read (pbp_hpc/data/node_copy.py); false: every rank loads its own copy
+    one_copy_per_node: bool = True
 
 
 class TrainConfig(_Section):
@@ -188,6 +191,14 @@ class ParallelConfig(_Section):
     stall_warning_s: float = Field(60.0, gt=0.0)
     # ... and longer than this aborts the job (runtime.EXIT_STALLED); null: wait for ever
     stall_timeout_s: Optional[float] = Field(None, gt=0.0)
+    # Communication for many nodes (pbp_hpc/parallel/reducers/compression.py). compression: the
+    # gradients on the wire; none: full precision (the sum bit-for-bit as without it); fp16, bf16:
+    # 16-bit words, summed in float32 (the loss and stop count stay full precision)
+    compression: Literal["none", "fp16", "bf16"] = "none"
+    error_feedback: bool = False  # fp16/bf16: carry what rounding lost into the next step's gradient
+    # reducer overlap: combine consecutive layers' messages up to this many bytes (Horovod's
+    # tensor fusion); 0: a message per layer. blocking and shm send one message already
+    fusion_bytes: int = Field(0, ge=0)
 
     @field_validator("strategy")
     @classmethod

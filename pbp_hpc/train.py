@@ -69,6 +69,7 @@ class State:
 
     def close(self) -> None:
         self.strategy.close()
+        self.data.close()  # the node's shared copy of the data (collective), if it has one
 
     def __enter__(self) -> "State":
         return self
@@ -152,14 +153,15 @@ def run(cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, log: Optional[Log] = None,
     devices = gpu.select_device(comm, xp)  # CuPy: this rank's GPU, chosen before any allocation
     directory = datasets.resolve_data(cfg, comm)
     with threadpool_limits(limits=threads, user_api="blas"):
-        data = runtime.together(comm, lambda: datasets.load(cfg, comm.size, directory))
+        data = runtime.together(comm, lambda: datasets.load(cfg, comm.size, directory, comm))
         prints = comm.allgather(data.fingerprint())
         if len(set(prints)) != 1:
             exc = DataError(f"ranks loaded different data (fingerprints {prints}); check that every node sees the same files")
             exc.on_all_ranks = True  # type: ignore[attr-defined]  # every rank compared the same list
             raise exc
         if xp is not np:
-            data = device_data.to_device(data, xp)  # uploaded once; batches are gathered on the device
+            host, data = data, device_data.to_device(data, xp)  # uploaded once; batches are gathered on the device
+            host.close()  # the node's shared copy (collective): no rank reads it again
         with State(cfg, comm, xp, data) as st:
             info = provenance.collect() if comm.rank == 0 else {}
             if devices is not None and comm.rank == 0:

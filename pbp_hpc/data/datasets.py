@@ -12,10 +12,10 @@ set with the ranks without any rank holding all of it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -152,6 +152,13 @@ class Data:
     n_features: int
     n_classes: int
     origin: str  # where it came from, for the record
+    # frees what the data lives in where that needs a collective (node_copy's shared window)
+    release: Callable[[], None] = field(default=lambda: None, repr=False)
+
+    def close(self) -> None:
+        """Release the data (collective over the node where it is shared); the sources are dead after."""
+        release, self.release = self.release, lambda: None
+        release()
 
     def fingerprint(self) -> int:
         """A cheap checksum of what this rank loaded, to check all ranks agree."""
@@ -221,13 +228,27 @@ def has_active_features(source: Source) -> bool:
     return isinstance(source.base if isinstance(source, _Subset) else source, ArraySource)
 
 
-def _load_idx(cfg: Config, directory: Path) -> Data:
+def _load_idx(cfg: Config, directory: Path, comm: Any = None) -> Data:
     from pbp_hpc.data.mnist import load_mnist
 
     # MNIST and Fashion-MNIST have 10 classes; another IDX set as many as data.n_classes says,
     # else as its labels show (largest + 1). Either way, the output layer must have one unit per class.
     stated = 10 if cfg.data.name in ("mnist", "fashion-mnist") else cfg.data.n_classes
-    arrays = load_mnist(directory, stated)
+    release: Callable[[], None] = lambda: None
+    if comm is not None and cfg.data.one_copy_per_node:
+        from pbp_hpc.data.node_copy import once_per_node
+
+        arrays, release = once_per_node(comm, lambda: load_mnist(directory, stated))
+    else:
+        arrays = load_mnist(directory, stated)
+    try:
+        return _idx_data(cfg, directory, arrays, release)
+    except DataError:
+        release()  # every rank of the node raises it alike (the same arrays, the same config)
+        raise
+
+
+def _idx_data(cfg: Config, directory: Path, arrays: Any, release: Callable[[], None]) -> Data:
     if arrays.n_classes != cfg.model.layers[-1]:
         raise DataError(f"{directory} holds {arrays.n_classes} classes ({arrays.n_classes_from}) but model.layers[-1] "
                         f"(the output layer) is {cfg.model.layers[-1]}; make them equal (data.n_classes states the count "
@@ -245,7 +266,7 @@ def _load_idx(cfg: Config, directory: Path) -> Data:
     tr, va = split_indices(n_train, cfg.data.val_fraction, cfg.train.seed)
     n_test = arrays.test_labels.shape[0] if cfg.data.n_test is None else min(cfg.data.n_test, arrays.test_labels.shape[0])
     test = ArraySource(arrays.test_images[:n_test], arrays.test_labels[:n_test], n_classes)
-    return Data(_Subset(base, tr), _Subset(base, va), test, n_features, n_classes, str(directory))
+    return Data(_Subset(base, tr), _Subset(base, va), test, n_features, n_classes, str(directory), release)
 
 
 def _synthetic(cfg: Config, world_size: int) -> Data:
@@ -262,14 +283,18 @@ def _synthetic(cfg: Config, world_size: int) -> Data:
     return Data(src(n - n_val, 0), src(n_val, n - n_val), src(n_test, _TEST_STREAM), n_features, n_classes, "synthetic")
 
 
-def load(cfg: Config, world_size: int, directory: Optional[Path] = None) -> Data:
-    """Build the data set the config names; `directory` is the resolved IDX folder, if any."""
+def load(cfg: Config, world_size: int, directory: Optional[Path] = None, comm: Any = None) -> Data:
+    """Build the data set the config names; `directory` is the resolved IDX folder, if any.
+
+    With comm (collective), IDX data is loaded once per node and shared by the node's ranks
+    (data.one_copy_per_node, pbp_hpc/data/node_copy.py): close() the Data when done with it."""
     if cfg.data.name == "synthetic":
         return _synthetic(cfg, world_size)
     if directory is None:
         raise DataError("no data directory resolved for an IDX data set")
-    data = _load_idx(cfg, directory)
+    data = _load_idx(cfg, directory, comm)
     if len(data.train) < 1:
+        data.close()
         raise DataError(f"data.val_fraction={cfg.data.val_fraction} leaves no training examples")
     return data
 

@@ -31,6 +31,12 @@ RULES = [
          "over private buffers; use parallel.reducer auto or blocking"),
     Rule(("parallel.strategy", ("local_sgd", "async_ps", "ssp", "hogwild")), ("backend", ("cupy",)),
          "that strategy exchanges host buffers (MPI windows, node shared memory); with backend: cupy use allreduce"),
+    Rule(("parallel.compression", ("fp16", "bf16")), ("backend", ("cupy",)),
+         "the device reducers send full precision; compression is for the host reducers"),
+    Rule(("parallel.error_feedback", (True,)), ("parallel.compression", ("none",)),
+         "error feedback carries compression's rounding into the next step; without compression there is none"),
+    Rule(("parallel.strategy", ("local_sgd", "async_ps", "ssp", "hogwild")), ("parallel.compression", ("fp16", "bf16")),
+         "compression applies to the gradient sum of allreduce; that strategy sends parameters or updates at full precision"),
 ]
 
 

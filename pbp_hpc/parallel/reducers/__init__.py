@@ -81,7 +81,22 @@ def make(cfg: Any, comm: Any, layout: Any, xp: Any) -> Any:
         name, why = choose_auto(comm)
     reducer = HOST.load(name)(comm, layout, getattr(xp, cfg.model.dtype), xp)
     reducer.choice = {"reducer_reason": why}
+    try:
+        configure(reducer, cfg.parallel)
+    except BaseException:
+        reducer.close()
+        raise
     return reducer
+
+
+def configure(reducer: Any, parallel: Any) -> None:
+    """parallel.compression and parallel.fusion_bytes on a host reducer; the record says what it sends."""
+    if parallel.compression != "none":
+        reducer.use_compression(parallel.compression, parallel.error_feedback)
+    if parallel.fusion_bytes:
+        reducer.fuse(parallel.fusion_bytes)
+    reducer.choice.update(compression=parallel.compression, error_feedback=parallel.error_feedback,
+                          fusion_bytes=parallel.fusion_bytes, wire_bytes_per_step=reducer.wire_bytes())
 
 
 def make_device(cfg: Any, comm: Any, layout: Any, xp: Any) -> Any:

@@ -222,6 +222,24 @@ class Reducer:
     def updated(self) -> None:
         """This rank applied its shares; on return every rank may read the new parameters."""
 
+    def use_compression(self, kind: str, feedback: bool) -> None:
+        """parallel.compression: send the gradients as 16-bit floats (compression.py); a
+        reducer that can overrides this (blocking, overlap, shm)."""
+        from pbp_hpc.errors import ConfigError
+
+        raise ConfigError(f"parallel.compression={kind} is not supported by reducer {self.name}: "
+                          "choose parallel.compression=none, or reducer blocking, overlap or shm")
+
+    def fuse(self, fusion_bytes: int) -> None:
+        """parallel.fusion_bytes: combine small messages up to this size; a reducer that sends
+        one message per step (blocking, shm) has nothing to combine."""
+
+    def wire_bytes(self) -> int:
+        """Bytes this rank sends per step at best (the algorithm's count, not a measurement)."""
+        from pbp_hpc.parallel.reducers.compression import allreduce_bytes
+
+        return allreduce_bytes(self.comm.size, self.grad.shape[0], np.dtype(self.dtype).itemsize)
+
     def describe(self) -> dict[str, Any]:
         """What the run's record says about the reducer."""
         return {"reducer": self.name, **self.choice}
@@ -235,6 +253,18 @@ class Reducer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def _watched(self, call: Callable[[], None]) -> None:
+        """A blocking MPI call under the stall check."""
+        self.watch.enter()
+        try:
+            call()
+        finally:
+            self.watch.leave()
+
+    def _start_extras(self) -> Any:
+        """The extras' own nonblocking Allreduce, in full precision, beside a compressed sum."""
+        return self.comm.Iallreduce(MPI.IN_PLACE, self.extras, op=MPI.SUM)
 
     def _timed_allreduce(self, buf: Any) -> None:
         if self.comm.size == 1:

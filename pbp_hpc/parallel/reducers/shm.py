@@ -27,6 +27,8 @@ from typing import Any, Optional
 import numpy as np
 from mpi4py import MPI
 
+from pbp_hpc.errors import ConfigError
+from pbp_hpc.parallel.reducers import compression
 from pbp_hpc.parallel.reducers.base import EXTRAS, Fill, Reducer
 
 
@@ -38,7 +40,10 @@ class _SharedRows:
         sizes = set(comm.allgather(node.size))
         if len(sizes) != 1:
             node.Free()
-            raise ValueError(f"parallel.reducer=shm needs the same number of ranks on every node, got {sorted(sizes)}")
+            raise ConfigError(f"parallel.reducer=shm needs the same number of ranks on every node, got {sorted(sizes)} "
+                              "(a node's slices of the buffer must match across nodes): launch as many ranks on "
+                              "every node (mpiexec -ppn, srun --ntasks-per-node), or choose parallel.reducer=auto, "
+                              "which takes blocking here")
         self.cross: Optional[MPI.Comm] = None
         self.own_local = node.size < comm.size
         if self.own_local:  # several nodes: a window per node, and the ranks that own the same slice
@@ -112,7 +117,23 @@ class SharedMemoryReducer(Reducer):
         # several nodes: the slice's sum is needed whole, for the Allreduce across nodes
         self.acc = np.empty(hi - lo, dtype=dtype) if self.shared.cross is not None else None
         self.parts = parts
+        self.packed: Optional[compression.CompressedSum] = None
         self._shares = [(slice(lo, hi), parts if self.acc is None else [self.acc])]
+
+    def use_compression(self, kind: str, feedback: bool) -> None:
+        """Only the Allreduce across nodes sends anything: it is the one compressed."""
+        if self.shared is not None and self.shared.cross is not None:
+            self.packed = compression.CompressedSum(self.shared.cross, self.acc.shape[0], kind, feedback)
+
+    def wire_bytes(self) -> int:
+        """Across nodes only: within a node the gradients are read from shared memory."""
+        if self.shared is None or self.shared.cross is None:
+            return 0
+        nodes, item = self.shared.cross.size, self.acc.itemsize
+        extras = compression.allreduce_bytes(nodes, EXTRAS, item)
+        if self.packed is not None:
+            return self.packed.wire_bytes() + extras
+        return compression.allreduce_bytes(nodes, self.acc.shape[0], item) + extras
 
     def allocate(self, size: int) -> Any:
         if self.comm.size == 1:
@@ -149,12 +170,17 @@ class SharedMemoryReducer(Reducer):
         _sum(mail, self.extras)  # only this rank reads or writes its own row's extras
         if shared.cross is not None:
             _sum(self.parts, self.acc)
-            self.watch.enter()
-            try:
-                shared.cross.Allreduce(MPI.IN_PLACE, self.acc, op=MPI.SUM)
-                shared.cross.Allreduce(MPI.IN_PLACE, self.extras, op=MPI.SUM)
-            finally:
-                self.watch.leave()
+            if self.packed is not None:
+                extras = shared.cross.Iallreduce(MPI.IN_PLACE, self.extras, op=MPI.SUM)
+                self.packed.blocking(self.acc, self._watched)
+                self.watch.wait(extras)
+            else:
+                self.watch.enter()
+                try:
+                    shared.cross.Allreduce(MPI.IN_PLACE, self.acc, op=MPI.SUM)
+                    shared.cross.Allreduce(MPI.IN_PLACE, self.extras, op=MPI.SUM)
+                finally:
+                    self.watch.leave()
         self.seconds += time.perf_counter() - t
 
     def updated(self) -> None:
