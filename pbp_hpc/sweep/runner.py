@@ -111,6 +111,10 @@ def run_sweep(sweep: Sweep, opts: Options, stop: Stop, say: Any = print) -> int:
             say(f"sweep {sweep.spec.name}: stopped: the results file cannot be written")
             return EXIT_NOT_RECORDED
         ckpt.unlink(missing_ok=True)
+        # and what a run killed while writing its checkpoint left (checkpoint.save's temporary file,
+        # which SIGKILL gives it no chance to remove): the run is recorded, nothing will resume it
+        for stray in ckpt.parent.glob(ckpt.name + ".*.tmp"):
+            stray.unlink(missing_ok=True)
         counts[outcome.status] += 1
         say(f"[{i}/{len(todo)}] {key} {describe(point)}: {_summary(outcome)}")
     _cleanup_checkpoint_dir(opts.results)
