@@ -164,7 +164,9 @@ def test_ranks_that_see_different_data_files_fail_before_training(tmp_path, mpi_
         _idx_set(tmp_path / "node1" / "data", labels[::-1].copy())
     args = ["--data-dir", "data", "--set", "data.name=idx", "--set", "data.n_train=null", "--set", "model.layers=[16, 8, 10]",
             "--set", "train.batch_size=8"]
-    cmd = [MPIEXEC, "-n", "1", "-wdir", str(tmp_path / "node0"), *PY, *TINY, *args,
+    # two emulated nodes (one rank each): on one node, its ranks share the first rank's copy of the data
+    cmd = [MPIEXEC, "-ppn", "1", "-hosts", "localhost,127.0.0.1", "-launcher", "fork",
+           "-n", "1", "-wdir", str(tmp_path / "node0"), *PY, *TINY, *args,
            ":", "-n", "1", "-wdir", str(tmp_path / "node1"), *PY, *TINY, *args]
     rc, out, err, _ = mpi_job(cmd).finish(HANG_BOUND)
     assert rc == 2, err

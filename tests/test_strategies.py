@@ -58,15 +58,18 @@ class CountingAsyncPS(AsyncPS):
 strategies.register("counting_async_ps", CountingAsyncPS)
 
 
-def ssp_violations(log: np.ndarray, bound: int) -> list[tuple]:
-    """The SSP guarantee, checked from the log alone: a worker's read at clock c has every update
-    made at a clock below c - bound already applied (written with a version <= the one read)."""
-    bad = []
-    for w, c, read, _ in log:
-        for w2, c2, _, written in log:
-            if c2 < c - bound and written > read:
-                bad.append((int(w), int(c), int(read), int(w2), int(c2), int(written)))
-    return bad
+def clock_staleness(log: np.ndarray) -> np.ndarray:
+    """For each update of the log, how many clocks behind its own the oldest update missing from its
+    read was: its clock c minus the clock c' of any update not yet applied when it read (written
+    with a version above the one it read), 0 where none older than c was missing. Computed from
+    the log alone, (worker, clock, version read, version written), not from the strategy's code."""
+    clock, read, written = log[:, 1], log[:, 2], log[:, 3]
+    out = np.zeros(log.shape[0], dtype=np.int64)
+    for i in range(log.shape[0]):
+        missing = clock[written > read[i]]
+        if missing.size:
+            out[i] = max(0, int(clock[i] - missing.min()))
+    return out
 
 
 # --- local SGD -----------------------------------------------------------------------------
@@ -121,7 +124,7 @@ def test_ssp_never_reads_past_its_staleness_bound_even_with_a_slowed_rank(bound)
     res = train.run(cfg, WORLD, return_params=True)
     log = res["update_log"]
     assert log.shape[0] > 20
-    assert ssp_violations(log, bound) == []
+    assert clock_staleness(log).max() <= bound  # no read misses an update more than `bound` clocks old
     assert res["staleness_bound"] == bound
 
 
@@ -130,9 +133,9 @@ def test_the_ssp_checker_catches_async_ps_which_has_no_bound():
     cfg = small(**{"parallel.strategy": "async_ps", "train.batch_size": 4 * WORLD.size, "train.epochs": 1,
                    "study.straggler_factor": 6, "parallel.meet_every_steps": 30})
     res = train.run(cfg, WORLD, return_params=True)
-    # the slowed (last) rank reads once while the others make several updates: at bound 0 some
-    # read of theirs misses one of its updates or the reverse
-    assert ssp_violations(res["update_log"], 0) != []
+    # the slowed (last) rank computes one update while the others make several: their reads run
+    # clocks ahead of its updates, which no bound holds back
+    assert clock_staleness(res["update_log"]).max() >= 2
     assert res["staleness_max"] >= 2
     per = res["updates_per_worker"]
     assert per[-1] < max(per[:-1])  # the slowed rank made fewer updates: no one waited for it

@@ -57,6 +57,9 @@ STATUSES = ("ok", "failed", "diverged", "timeout")
 IMPLEMENTATIONS = ("naive-serial", "example-parallel", "blas-serial", "blas-threaded", "hybrid", "gpu", "framework")
 
 ORIGINAL = object()  # old_files of a field every file of this version has: a group without it is malformed
+# old_files of an optional column: written only where some row gives it, and a group without it
+# reads back without the key (so a record round-trips exactly, whether or not it gave the value)
+OMIT = object()
 
 
 class Field(NamedTuple):
@@ -151,6 +154,7 @@ EVAL_FIELDS: tuple[Column, ...] = (
     Column("wall_s", "f8", math.nan),  # since the training loop started, evaluation passes included
     Column("val_accuracy", "f8", math.nan),
     Column("loss", "f8", math.nan),  # mean training loss since the previous pass
+    Column("stalled_s", "f8", math.nan, old_files=OMIT),  # the pass's wait past parallel.stall_warning_s (slowest rank)
 )
 INT_ATTRS = tuple(f.name for f in RUN_FIELDS if f.kind == "int")
 FLOAT_ATTRS = tuple(f.name for f in RUN_FIELDS if f.kind == "float")
@@ -240,6 +244,8 @@ def _stored_keys() -> set[str]:
 
 def _write_columns(g: h5py.Group, columns: tuple[Column, ...], rows: list[dict[str, Any]]) -> None:
     for col in columns:
+        if col.old_files is OMIT and not any(col.name in row for row in rows):
+            continue
         values = [col.absent if row.get(col.name) is None else row[col.name] for row in rows]
         g.create_dataset(col.name, data=np.asarray(values, dtype=col.dtype), shape=(len(values),), dtype=col.dtype)
 
@@ -267,7 +273,8 @@ def _read_columns(g: h5py.Group, columns: tuple[Column, ...], length_of: str) ->
         row: dict[str, Any] = {}
         for col in columns:
             if col.name not in data:
-                row[col.name] = col.old_files
+                if col.old_files is not OMIT:
+                    row[col.name] = col.old_files
                 continue
             v = data[col.name][i].item()
             if col.dtype == "f8":
@@ -316,7 +323,8 @@ def _read_run(key: str, g: h5py.Group, version: int = SCHEMA_VERSION) -> dict[st
         rec[CURVE_GROUP] = _read_columns(g[CURVE_GROUP], EVAL_FIELDS, "step")
     else:
         curve = rec.get(CURVE_GROUP)  # version 1: no curve group; the curve in `extra` if the run printed one
-        rec[CURVE_GROUP] = [{c.name: pt.get(c.name) for c in EVAL_FIELDS} for pt in curve if isinstance(pt, dict)] \
+        rec[CURVE_GROUP] = [{c.name: pt.get(c.name) for c in EVAL_FIELDS if c.old_files is not OMIT or c.name in pt}
+                            for pt in curve if isinstance(pt, dict)] \
             if isinstance(curve, list) else []
     return rec
 
