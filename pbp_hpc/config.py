@@ -13,7 +13,7 @@ import json
 import math
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -114,8 +114,11 @@ class DataConfig(_Section):
     # it must equal model.layers[-1]
     n_classes: Optional[int] = Field(None, ge=2)
     # IDX data in training: the node's first rank loads it into an MPI shared window that the
-    # node's ranks read (pbp_hpc/data/node_copy.py); false: every rank loads its own copy
-    one_copy_per_node: bool = True
+    # node's ranks read (pbp_hpc/data/node_copy.py); false: every rank loads its own copy; auto:
+    # shared where a node runs more than node_copy.AUTO_MIN_RANKS - 1 ranks (where copies add up:
+    # 32 ranks, 1.8 GB against 0.18), private below (2 ranks reading the shared copy trained
+    # 15-25% slower per epoch at batch 128 here, cause not found)
+    one_copy_per_node: Union[Literal["auto"], bool] = "auto"
 
 
 class TrainConfig(_Section):

@@ -74,7 +74,7 @@ def test_training_on_one_shared_copy_equals_training_on_a_copy_per_rank(tmp_path
     WORLD.Barrier()
     base = [f"data.dir={directory}", "data.download=false", "model.layers=[784, 16, 10]", "model.dtype=float64",
             "train.epochs=2", "train.batch_size=20", "train.eval_every=0", "train.progress=false"]
-    shared = train.run(config.load(None, base), WORLD, return_params=True)
+    shared = train.run(config.load(None, [*base, "data.one_copy_per_node=true"]), WORLD, return_params=True)
     own = train.run(config.load(None, [*base, "data.one_copy_per_node=false"]), WORLD, return_params=True)
     np.testing.assert_array_equal(shared["params"], own["params"])
     assert shared["test_accuracy"] == own["test_accuracy"]
@@ -86,8 +86,24 @@ def test_closed_data_frees_its_window_once(tmp_path_factory):
     if WORLD.rank == 0:
         _tiny_idx(directory)
     WORLD.Barrier()
-    cfg = config.load(None, [f"data.dir={directory}", "data.download=false", "model.layers=[784, 16, 10]"])
+    cfg = config.load(None, [f"data.dir={directory}", "data.download=false", "model.layers=[784, 16, 10]",
+                             "data.one_copy_per_node=true"])
     data = datasets.load(cfg, WORLD.size, directory, WORLD)
     assert len(data.train) == 100 and data.n_features == 784
     data.close()
     data.close()  # a second close is a no-op, not a second collective
+
+
+@pytest.mark.mpi(min_size=2)
+def test_auto_shares_only_from_AUTO_MIN_RANKS_ranks_on_a_node():
+    from pbp_hpc.data.node_copy import AUTO_MIN_RANKS
+
+    calls: list = []
+    got, release = once_per_node(WORLD, lambda: _load(calls), AUTO_MIN_RANKS)
+    try:
+        shared = WORLD.size >= AUTO_MIN_RANKS  # every rank of these tests is on one node
+        assert WORLD.allreduce(len(calls)) == (1 if shared else WORLD.size)
+        assert got.images.flags.writeable != shared
+    finally:
+        WORLD.Barrier()
+        release()

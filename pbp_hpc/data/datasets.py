@@ -235,10 +235,11 @@ def _load_idx(cfg: Config, directory: Path, comm: Any = None) -> Data:
     # else as its labels show (largest + 1). Either way, the output layer must have one unit per class.
     stated = 10 if cfg.data.name in ("mnist", "fashion-mnist") else cfg.data.n_classes
     release: Callable[[], None] = lambda: None
-    if comm is not None and cfg.data.one_copy_per_node:
-        from pbp_hpc.data.node_copy import once_per_node
+    if comm is not None and cfg.data.one_copy_per_node:  # true or auto
+        from pbp_hpc.data.node_copy import AUTO_MIN_RANKS, once_per_node
 
-        arrays, release = once_per_node(comm, lambda: load_mnist(directory, stated))
+        at_least = AUTO_MIN_RANKS if cfg.data.one_copy_per_node == "auto" else 2
+        arrays, release = once_per_node(comm, lambda: load_mnist(directory, stated), at_least)
     else:
         arrays = load_mnist(directory, stated)
     try:

@@ -27,6 +27,9 @@ from __future__ import annotations
 from typing import Any, Callable, ClassVar, Optional
 
 import numpy as np
+from mpi4py import MPI
+
+from pbp_hpc.parallel.straggler import Straggler
 
 
 def my_share(batch: int, size: int, rank: int) -> tuple[int, int]:
@@ -54,9 +57,7 @@ class Strategy:
         self.compute_s = 0.0  # time outside communication calls, accumulated over the run
         # called between the local step and the reduction (debug.fail_*: faults injected on purpose)
         self.after_local: Optional[Callable[[int], None]] = None
-        from pbp_hpc.parallel.straggler import Straggler
-
-        self.straggler = Straggler(cfg, comm)
+        self.straggler = Straggler(cfg, comm)  # study.straggler_*: a rank slowed on purpose
 
     # -- construction ---------------------------------------------------------------------------
     def parameters(self, reducer: Any, fill: Callable[[Any], Any]) -> Any:
@@ -133,8 +134,6 @@ def share_indices(order: Any, B: int, step: int, part: int, parts: int) -> Any:
 
 def settle(comm: Any, watch: Any, loss: float, stop: bool, examples: int) -> tuple[float, int, int]:
     """The meeting at a block's end: (loss summed over ranks, ranks that asked to stop, examples)."""
-    from mpi4py import MPI
-
     buf = np.array([loss, 1.0 if stop else 0.0, float(examples)], dtype=np.float64)
     watch.enter()
     try:
