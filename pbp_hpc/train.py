@@ -209,11 +209,12 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
         st.strategy.after_local = functools.partial(_inject_fault, st)
     start_epoch, start_step, records, extra = resume.try_resume(st, log)
     loop = Loop(st, steps, records, extra)
-    log(f"pbp_hpc: layers {cfg.model.layers}, {cfg.model.dtype}, "
-        f"{cfg.algorithm}, {cfg.optimizer.name}, batch {B}, lr {cfg.train.learning_rate} ({cfg.schedule.name}), "
-        f"{n_train} training examples from {st.data.origin}")
     ended: Optional[str] = None  # why the run ended before its last epoch (target, early stopping)
     with runtime.training_loop():  # a stop signal: checkpoint-and-stop; outside it, runtime.Stopped at once
+        # logged here, inside: from this line on, a stop signal checkpoints (scripts and tests wait for it)
+        log(f"pbp_hpc: layers {cfg.model.layers}, {cfg.model.dtype}, "
+            f"{cfg.algorithm}, {cfg.optimizer.name}, batch {B}, lr {cfg.train.learning_rate} ({cfg.schedule.name}), "
+            f"{n_train} training examples from {st.data.origin}")
         for epoch in range(start_epoch, cfg.train.epochs):
             first = start_step if epoch == start_epoch else 0
             rec, stopped, ended = _epoch(st, loop, epoch, first, quiet)

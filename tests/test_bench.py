@@ -52,7 +52,8 @@ def test_smoke_table_has_every_column_and_every_split(smoke):
     assert head.split() == " ".join(bench.COLUMNS).split()
     assert "jax s" in bench.COLUMNS and "/jax" in bench.COLUMNS and "torch s" in bench.COLUMNS
     splits = [f"{r}x{t}" for r, t in bench.splits_of(cores_available())]
-    assert [row[2] for row in rows] == splits + ["as_typed"]  # then the row of `mpiexec ... pbp_hpc.train`
+    # then the rows of `mpiexec ... pbp_hpc.train`: as typed, and right after it tuned by hand
+    assert [row[2] for row in rows] == splits + ["as_typed", "tuned"]
     for row in rows:  # every measured column has a value; best is '*' or empty
         assert len(row) in (len(bench.COLUMNS) - 1, len(bench.COLUMNS))
         for column in ("TPE s", "GFLOP/s", "peak%", "in%", "GEMM s", "speedup"):
@@ -60,10 +61,10 @@ def test_smoke_table_has_every_column_and_every_split(smoke):
         assert (row[bench.COLUMNS.index("jax s")] != "n/a") == HAS_JAX, "the JAX peer runs where JAX imports"
         assert (row[bench.COLUMNS.index("/jax")] != "n/a") == HAS_JAX
         assert (row[bench.COLUMNS.index("torch s")] != "n/a") == HAS_TORCH
-    for row in rows[:-1]:
+    for row in rows[:-2]:
         assert row[bench.COLUMNS.index("RSS MB")] != "n/a"
-    typed = rows[-1]  # no memory columns, never the best split
-    assert typed[bench.COLUMNS.index("RSS MB")] == "n/a" and typed[-1] != "*"
+    for typed in rows[-2:]:  # no memory columns, never the best split
+        assert typed[bench.COLUMNS.index("RSS MB")] == "n/a" and typed[-1] != "*"
     assert sum(row[-1] == "*" for row in rows) == (cores_available() > 1)
 
 
@@ -139,8 +140,11 @@ def test_smoke_json_has_the_numbers_behind_the_table(smoke):
     assert all(r["heap"] is not None for r in rows)
     assert all(("jax" in r and "jax_ratio" in r and "torch" in r) for r in doc["rows"])
     typed = [r for r in doc["rows"] if r["kind"] == "typed"]
-    assert [(r["net"], r["batch"], r["split"]) for r in typed] == [("tiny", 64, bench.TYPED)]
-    assert typed[0]["tpe"] > 0 and typed[0]["ranks"] == cores_available() and typed[0]["error"] is None
+    assert [(r["net"], r["batch"], r["split"]) for r in typed] == [("tiny", 64, bench.TYPED), ("tiny", 64, bench.TUNED)]
+    assert all(r["tpe"] > 0 and r["ranks"] == cores_available() and r["error"] is None for r in typed)
+    tuned = next(r for r in doc["records"] if r["type"] == "tuned")
+    assert "-bind-to core:1" in tuned["command"] and "parallel.reducer=shm" in tuned["command"]
+
     rec = next(r for r in doc["records"] if r["type"] == "typed")
     assert len(rec["times"]) == doc["spec"]["reps"]  # the epochs after the first
     if cores_available() > 1:
@@ -290,3 +294,8 @@ def test_the_mpiexec_beside_python_is_recognised_as_the_mpi_that_mpi4py_uses():
         pytest.skip(f"no mpiexec beside {sys.executable}, or an MPI other than MPICH/Open MPI: {lib.splitlines()[0]}")
     assert hybrid.mpi_flavour(str(mpiexec)) == expected
     assert hybrid.mpi_flavour("/nonexistent/mpiexec") is None
+
+
+def test_smoke_goal_compares_as_typed_with_its_tuned_twin_side_by_side(smoke):
+    stdout, _ = smoke
+    assert re.search(r"^  (ok  |MISS) tiny b64 as typed / tuned = \d+\.\d{3} \(<= 1\.100\)$", stdout, re.M), stdout

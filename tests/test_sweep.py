@@ -475,8 +475,8 @@ def test_sigusr1_checkpoints_the_running_point_and_the_next_run_resumes_it(tmp_p
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "r.logs" / "demo.p0000.r0.log"  # the run's stderr
     deadline = time.monotonic() + 60
-    while "2 rank(s) x 1 thread(s)" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
-        time.sleep(0.05)  # train logs that line once its signal handlers are in place and training starts
+    while "pbp_hpc: layers" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+        time.sleep(0.05)  # train logs that line inside its training loop, where a stop signal checkpoints
     proc.send_signal(signal.SIGUSR1)  # 750 steps per epoch: the run is still in its first epoch
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, out + err

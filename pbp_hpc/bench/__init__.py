@@ -53,10 +53,10 @@ from pbp_hpc.bench.cases import LEARNING_RATE, NETWORKS, SEED, Case, Spec, cases
 from pbp_hpc.bench.cli import launch, main, parse_args
 from pbp_hpc.bench.memory import dataset_bytes
 from pbp_hpc.bench.runs import GemmReplay, OurRun, Timing
-from pbp_hpc.bench.table import COLUMNS, GOALS, TYPED, checks, rows_of, table, write_splits
+from pbp_hpc.bench.table import COLUMNS, GOALS, TUNED, TYPED, checks, rows_of, table, write_splits
 
 __all__ = [
-    "COLUMNS", "GOALS", "LEARNING_RATE", "TYPED", "NETWORKS", "SEED", "Case", "GemmReplay", "OurRun", "Spec", "Timing",
+    "COLUMNS", "GOALS", "LEARNING_RATE", "TUNED", "TYPED", "NETWORKS", "SEED", "Case", "GemmReplay", "OurRun", "Spec", "Timing",
     "cases_for", "checks", "dataset_bytes", "launch", "main", "make_spec", "parse_args", "rows_of", "splits_of",
     "table", "write_splits",
 ]

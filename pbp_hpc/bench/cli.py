@@ -160,7 +160,8 @@ def _bench(args: argparse.Namespace) -> int:
         print(line, flush=True)
     records = launch(spec, args)
     if spec.typed:
-        print(f"[bench] as typed: {spec.cores} ranks, after the job", file=sys.stderr, flush=True)
+        print(f"[bench] as typed: {spec.cores} ranks, after the job, each beside its hand-tuned twin", file=sys.stderr,
+              flush=True)
         records += typed.run_all(spec, args.timeout)
     head = next(r for r in records if r["type"] == "header")
     end = next((r for r in records if r["type"] == "end"), {"load": [float("nan")] * 3})
@@ -169,8 +170,8 @@ def _bench(args: argparse.Namespace) -> int:
     peaks = ", ".join(f"{k} {v:.1f}" for k, v in head["peak_gflops"].items())
     print(f"MPI: {prov.get('mpi_library', '?')}; PyTorch: {torch_info.get('version', torch_info.get('error', 'not run'))}; "
           f"JAX: {jax_summary(head.get('jax'))}")
-    for rec in (r for r in records if r["type"] == "typed"):
-        print(f"as typed, {rec['net']} batch {rec['batch']}: {rec['command']}"
+    for rec in (r for r in records if r["type"] in ("typed", "tuned")):
+        print(f"{'as typed' if rec['type'] == 'typed' else 'tuned'}, {rec['net']} batch {rec['batch']}: {rec['command']}"
               + (f"  << no times: {rec['error']}" if rec.get("error") else
                  f"  ({rec.get('ranks')} x {rec.get('threads')}, reducer {rec.get('reducer_reason') or rec.get('reducer')}"
                  + (f"; {rec['binding']}" if rec.get("binding") else "") + ")"))

@@ -17,6 +17,7 @@ COLUMNS = ["net", "batch", "split", "TPE s", "GFLOP/s", "peak%", "in%", "GEMM s"
            "jax s", "/jax", "speedup", "comm%", "RSS MB", "budget MB", "heap B/step", "best"]
 GOALS = {"gemm_1024": 1.08, "gemm_128": 1.20, "torch": 0.80, "speedup_1024": 1.85, "speedup_128": 1.60}
 TYPED = "as typed"  # the split column of the rows of `mpiexec -n C python -m pbp_hpc.train` (bench.typed)
+TUNED = "tuned"  # ... and of the same command tuned by hand, run right after it (bench.typed.TUNED_*)
 
 
 def _median(xs: list[float]) -> Optional[float]:
@@ -31,6 +32,7 @@ def rows_of(records: list[dict[str, Any]], spec: Spec) -> list[dict[str, Any]]:
     head = next(r for r in records if r["type"] == "header")
     peaks = head["peak_gflops"]
     typed = {(r["net"], r["batch"]): r for r in records if r["type"] == "typed"}
+    tuned = {(r["net"], r["batch"]): r for r in records if r["type"] == "tuned"}
     rows: list[dict[str, Any]] = []
     for g in (r for r in records if r["type"] == "group"):
         by = {(c["kind"], c["ranks"], c["threads"], c["label"]): c for c in g["cases"]}
@@ -70,13 +72,14 @@ def rows_of(records: list[dict[str, Any]], spec: Spec) -> list[dict[str, Any]]:
                 "heap": growth if not _variant(c) else None,
                 "best": (r, t) == best and not _variant(c),
             })
-        if (g["net"], g["batch"]) in typed:
-            rows.append(_typed_row(typed[(g["net"], g["batch"])], g, med, base, flops, peaks, spec))
+        for found, split in ((typed, TYPED), (tuned, TUNED)):
+            if (g["net"], g["batch"]) in found:
+                rows.append(_typed_row(found[(g["net"], g["batch"])], g, med, base, flops, peaks, spec, split))
     return rows
 
 
 def _typed_row(rec: dict[str, Any], g: dict[str, Any], med: dict[Any, Optional[float]], base: Optional[float],
-               flops: float, peaks: dict[str, float], spec: Spec) -> dict[str, Any]:
+               flops: float, peaks: dict[str, float], spec: Spec, split: str = TYPED) -> dict[str, Any]:
     """The `as typed` row: its epochs' times, against the job's cases of the split it ran as
     (C ranks x the threads train chose): that split's GEMMs and peak, the peers on C threads."""
     r, t = rec.get("ranks") or spec.cores, rec.get("threads") or 1
@@ -86,7 +89,7 @@ def _typed_row(rec: dict[str, Any], g: dict[str, Any], med: dict[Any, Optional[f
     torch, jax = med.get(("torch", 1, r * t, f"1x{r * t}")), med.get(("jax", 1, r * t, f"1x{r * t}"))
     comm = _median(rec["comm"]) if r > 1 else None
     return {
-        "net": g["net"], "layers": g["layers"], "batch": g["batch"], "split": TYPED, "kind": "typed",
+        "net": g["net"], "layers": g["layers"], "batch": g["batch"], "split": split, "kind": "typed",
         "ranks": r, "threads": t, "reducer": rec.get("reducer"), "n_train": rec.get("n_train", g["n_train"]),
         "times": rec["times"], "command": rec.get("command"), "error": rec.get("error"),
         "tpe": tpe, "gflops": flops / tpe / 1e9 if tpe else None, "active": rec.get("active"),
@@ -128,6 +131,11 @@ def checks(rows: list[dict[str, Any]], cores: int) -> list[str]:
     """The issue's goals, each as measured in this run."""
     out = []
     for r in rows:
+        if r["split"] == TYPED and r["tpe"]:  # the issue's goal: as typed within 10% of tuned, side by side
+            twin = next((x for x in rows if x["split"] == TUNED and x["net"] == r["net"] and x["batch"] == r["batch"]
+                         and x["tpe"]), None)
+            if twin is not None:
+                out.append(_check(f"{r['net']} b{r['batch']} as typed / tuned", r["tpe"] / twin["tpe"], "<=", 1.10))
         if "/" in r["split"] or r.get("kind", "ours") != "ours":
             continue
         if r["ranks"] == 1 and r["gemm_ratio"] is not None:
