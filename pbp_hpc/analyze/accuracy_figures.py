@@ -17,7 +17,6 @@ Configurations that did not reach the target are drawn as crosses along the top 
 
 from __future__ import annotations
 
-import math
 import textwrap
 from collections import defaultdict
 from pathlib import Path
@@ -28,6 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from pbp_hpc.analyze.accuracy import by_target, curves, row_key, time_to_target_rows
+from pbp_hpc.analyze import figstyle
 from pbp_hpc.analyze.figstyle import MARKERS
 from pbp_hpc.analyze.figstyle import chunks as _chunks
 from pbp_hpc.analyze.figstyle import log2_axis as _log2_axis
@@ -46,15 +46,8 @@ def _style(i: int) -> dict[str, Any]:
 
 
 def _grid(title: str, n: int, ncols: int, width: float = 5.0, height: float = 3.6) -> tuple[Figure, list[Axes]]:
-    rows = math.ceil(n / ncols)
-    fig = Figure(figsize=(max(8.5, width * ncols + 0.6), height * rows + 1.6), layout="constrained")
-    axes = fig.subplots(rows, ncols, squeeze=False).ravel().tolist()
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    fig.suptitle(title)
-    for ax in axes[:n]:
-        ax.grid(True, which="major", alpha=0.3)
-    return fig, axes[:n]
+    """figstyle.panels at this module's panel size."""
+    return figstyle.panels(title, n, ncols, width, height)
 
 
 def _wrap(text: str, width: int = 64) -> str:

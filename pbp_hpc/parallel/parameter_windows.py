@@ -29,8 +29,6 @@ the store refuses to start rather than hang.
 from __future__ import annotations
 
 import threading
-import time
-from typing import Any
 
 import numpy as np
 from mpi4py import MPI
