@@ -55,10 +55,6 @@ class AsyncPS(Strategy):
 
     def attach(self, local: Any, reducer: Any, optimizer: Any) -> None:
         super().attach(local, reducer, optimizer)
-        self.theta = optimizer.theta
-        self.grad = reducer.grad[: reducer.n]
-        self.loss = reducer.extras
-        self.whole = slice(0, reducer.n)
         self.before = np.empty_like(self.theta)  # the parameters as read: the update is theta - before
         optimizer.weight_decay /= self.comm.size  # P updates per global minibatch: each carries 1/P of the decay
         self.store = pw.ParameterWindows(self.comm, self.theta)

@@ -70,6 +70,11 @@ class Strategy:
 
     def attach(self, local: Any, reducer: Any, optimizer: Any) -> None:
         self.local, self.reducer, self.optimizer = local, reducer, optimizer
+        # views the strategies that apply their own updates use (made once, not per step)
+        self.theta = optimizer.theta
+        self.grad = reducer.grad[: reducer.n]  # this rank's gradient sum
+        self.loss = reducer.extras  # the local step writes its loss sum into slot 0
+        self.whole = slice(0, reducer.n)  # every parameter: the span of an update from this rank alone
         reducer.watch.warning_s = self.cfg.parallel.stall_warning_s  # the stall check (reducers.base.StallWatch)
         reducer.watch.timeout_s = self.cfg.parallel.stall_timeout_s
 

@@ -54,10 +54,6 @@ class Hogwild(Strategy):
 
     def attach(self, local: Any, reducer: Any, optimizer: Any) -> None:
         super().attach(local, reducer, optimizer)
-        self.theta = optimizer.theta
-        self.grad = reducer.grad[: reducer.n]
-        self.loss = reducer.extras
-        self.whole = slice(0, reducer.n)
         optimizer.weight_decay /= self.comm.size  # P updates per global minibatch: each carries 1/P of the decay
 
     def block_end(self, first: int, limit: int, steps: int, epoch: int) -> int:

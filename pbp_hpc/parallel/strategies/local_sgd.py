@@ -66,9 +66,6 @@ class LocalSGD(Strategy):
     def attach(self, local: Any, reducer: Any, optimizer: Any) -> None:
         super().attach(local, reducer, optimizer)
         self.n = reducer.n
-        self.grad = reducer.grad[: self.n]
-        self.loss = reducer.extras  # the local step writes its loss there
-        self.whole = slice(0, self.n)
 
     def block_end(self, first: int, limit: int, steps: int, epoch: int) -> int:
         g = epoch * steps + first
