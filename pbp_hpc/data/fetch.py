@@ -103,7 +103,11 @@ def _download(url: str, target: Path, expected: str, timeout: float, deadline: f
             worker = threading.Thread(target=_stream, args=(url, out, max(0.1, min(timeout, left)), cancel, failure),
                                       daemon=True, name="pbp_hpc-download")
             worker.start()
-            worker.join(max(0.0, left))
+            # polled with sleep, not join(timeout): a stop signal's handler raises Stopped, and raised
+            # inside join's Condition.wait it can strike while the lock is re-taken, which leaves
+            # "RuntimeError: release unlocked lock" instead of Stopped (seen under CI load)
+            while worker.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.02)
             if worker.is_alive():
                 raise DataError(f"did not finish within the overall deadline ({_budget[0]:g} s for the whole download); "
                                 "the connection is too slow or stalled")
