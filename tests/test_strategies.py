@@ -14,6 +14,7 @@ tests start real `mpiexec` jobs.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 
@@ -231,7 +232,10 @@ def test_a_fault_on_one_worker_ends_an_asynchronous_job_within_seconds(mpi_job, 
                    "--set", "debug.fail_step=7"])
     rc, out, err, seconds = job.finish(HANG_BOUND)
     assert rc is not None and rc != 0 and seconds < HANG_BOUND, err
-    assert err.count("pbp_hpc: rank 1 of 3 failed: injected fault on rank 1 at step 7") == 1
+    # async workers claim shares through a counter, so rank 1 may not compute step 7 itself: the
+    # fault fires at the first step at or after 7 that it does, once.
+    fired = re.findall(r"pbp_hpc: rank 1 of 3 failed: injected fault on rank 1 at step (\d+)", err)
+    assert len(fired) == 1 and int(fired[0]) >= 7, err
 
 
 def test_a_worker_killed_by_sigkill_takes_an_async_job_down(mpi_job):
