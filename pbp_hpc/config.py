@@ -183,7 +183,9 @@ class ParallelConfig(_Section):
     # loss, the divergence check; hogwild across nodes: the average of the nodes' parameters)
     meet_every_steps: int = Field(16, ge=1)
     # how a sum over ranks is carried out (pbp_hpc/parallel/reducers/): blocking, overlap, shm
-    # (node-wide shared memory, CPU only), or auto: shm where ranks share a node, else blocking
+    # (node-wide shared memory, CPU only), shared_batch (a node's ranks compute each batch
+    # together, each its slice of the gradient; CPU only), or auto: shared_batch where ranks
+    # share a node and have <= 64 rows of the batch each, shm where they share a node, else blocking
     reducer: str = "auto"
     oversubscribe: bool = False  # allow ranks x threads > cores
     # ranks the launcher left unbound bind themselves to disjoint cores (runtime.bind_to_cores)

@@ -32,7 +32,9 @@ def two_nodes() -> list[dict]:
     return launch(TWO_NODES, {"parallel.reducer": "blocking"}, {"parallel.reducer": "overlap"},
                   {"parallel.reducer": "overlap", "parallel.fusion_bytes": 2000}, {"parallel.reducer": "auto"},
                   {"parallel.compression": "fp16"}, {"parallel.reducer": "overlap", "parallel.compression": "bf16"},
-                  {"parallel.reducer": "overlap", "parallel.compression": "bf16", "parallel.error_feedback": "true"})
+                  {"parallel.reducer": "overlap", "parallel.compression": "bf16", "parallel.error_feedback": "true"},
+                  {"parallel.reducer": "shared_batch"}, {"parallel.reducer": "shared_batch", "parallel.compression": "bf16"},
+                  {"parallel.reducer": "shm"})
 
 
 def test_every_reducer_on_two_nodes_equals_one_rank(two_nodes):
@@ -43,7 +45,9 @@ def test_every_reducer_on_two_nodes_equals_one_rank(two_nodes):
 
 def test_auto_takes_the_hierarchical_shared_memory_path_and_sends_only_across_nodes(two_nodes):
     blocking, auto = two_nodes[0], two_nodes[3]
-    assert auto["reducer_reason"] == "auto: 2 ranks share each node's memory, then an Allreduce across 2 nodes"
+    # batch 10 on 4 ranks: 3 rows per rank, so each node's ranks compute their rows together
+    assert auto["reducer_reason"] == ("auto: 2 ranks share each node's memory and, at 3 rows of the batch per rank "
+                                      "(<= 64), compute each batch together, then an Allreduce across 2 nodes")
     # 2 nodes x 2 ranks: a rank's slice is half the buffer, and an Allreduce of it between 2 nodes
     # sends it once (n/2), where the Allreduce over 4 ranks sends 2 * 3/4 n
     assert auto["wire_bytes_per_step"] * 3 == pytest.approx(blocking["wire_bytes_per_step"], rel=1e-2)
@@ -63,6 +67,16 @@ def test_compressed_sums_are_the_same_on_every_rank_and_near_the_full_precision_
     assert fp16["wire_bytes_per_step"] * 4 == pytest.approx(two_nodes[3]["wire_bytes_per_step"], rel=1e-2)  # 16 of 64 bits
     assert fp16["rel_diff"] < bf16["rel_diff"]  # 11 bits of precision against 8
     assert feedback["rel_diff"] < bf16["rel_diff"] / 2  # what rounding lost is sent the next step
+
+
+def test_a_batch_shared_within_each_node_is_summed_across_nodes_and_equals_one_rank(two_nodes):
+    shared, compressed, shm = two_nodes[7], two_nodes[8], two_nodes[9]
+    assert shm["rel_diff"] < FLOAT64 and shm["identical_on_all_ranks"]
+    assert shared["rel_diff"] < FLOAT64 and shared["identical_on_all_ranks"]
+    # each rank sends its slice of the gradient (half of it) once between the 2 nodes, as shm does
+    assert shared["wire_bytes_per_step"] == pytest.approx(shm["wire_bytes_per_step"], rel=1e-2)
+    assert compressed["identical_on_all_ranks"] and 0 < compressed["rel_diff"] < 1e-2
+    assert compressed["wire_bytes_per_step"] < shared["wire_bytes_per_step"] / 3
 
 
 def test_unequal_ranks_per_node_auto_falls_back_to_one_allreduce_equal_to_one_rank():

@@ -129,6 +129,8 @@ def cases_for(spec: Spec, net: str, batch: int) -> list[Case]:
         out += [Case("ours", 1, 1, variant="nesterov"), Case("ours", 1, 1, variant="default")]
         if spec.cores > 1:
             out.append(Case("ours", spec.cores, 1, variant="nesterov"))
+    if spec.cores > 1 and spec.reducer != "shared_batch" and not (spec.compare_reducers and net == "Net-1h"):
+        out.append(Case("ours", spec.cores, 1, "shared_batch"))  # what auto picks at small batches
     if spec.compare_reducers and net == "Net-1h" and spec.cores > 1:
-        out += [Case("ours", spec.cores, 1, red) for red in ("blocking", "overlap", "shm") if red != spec.reducer]
+        out += [Case("ours", spec.cores, 1, red) for red in ("blocking", "overlap", "shm", "shared_batch") if red != spec.reducer]
     return out

@@ -100,7 +100,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--batches", nargs="+", type=int, help="global batch sizes")
     p.add_argument("--reps", type=int, help="timed epochs per case (default 3)")
     p.add_argument("--n-train", type=int, help="use the first N MNIST training images (5/6 of them train)")
-    p.add_argument("--reducer", default="shm", choices=["blocking", "overlap", "shm"], help="reducer of multi-rank cases")
+    p.add_argument("--reducer", default="shm", choices=["blocking", "overlap", "shm", "shared_batch"], help="reducer of multi-rank cases")
     p.add_argument("--compare-reducers", action=argparse.BooleanOptionalAction, default=None,
                    help="add Net-1h rows for the other reducers (default: on in full mode)")
     p.add_argument("--compare-optimizers", action=argparse.BooleanOptionalAction, default=True,

@@ -113,8 +113,10 @@ def budget_sizes(st: Any, data: Any) -> dict[str, int]:
     local = -(-cfg.train.batch_size // comm.size)
     item = np.dtype(cfg.model.dtype).itemsize
     grads = buffer_size(layout) * item
-    if cfg.parallel.reducer == "shm" and comm.size > 1:
+    if st.reducer.name == "shm" and comm.size > 1:
         grads += grads * (comm.size - 1) // comm.size  # it also touches its slice of every other rank's buffer
+    if st.reducer.name == "shared_batch" and comm.size > 1:  # its slice of the gradient, and it reads the node's batch
+        grads = grads // comm.size + local * comm.size * (layers[0] + 2 * sum(layers[1:])) * item
     return {"dataset": dataset_bytes(data), "parameters": layout.n_params * item, "gradients": grads,
             "activations": local * (sum(layers) + layers[-1]) * item, "step buffers": st.local.own_bytes()}
 

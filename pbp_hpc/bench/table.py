@@ -47,7 +47,7 @@ def rows_of(records: list[dict[str, Any]], spec: Spec) -> list[dict[str, Any]]:
                 continue
             r, t, label = c["ranks"], c["threads"], c["label"]
             tpe = med[("ours", r, t, label)]
-            gemm = med.get(("gemm", r, t, label))
+            gemm = med.get(("gemm", r, t, label)) or med.get(("gemm", r, t, f"{r}x{t}"))  # a reducer's row: its split's GEMMs
             torch = med.get(("torch", 1, r * t, f"1x{r * t}"))
             jax = med.get(("jax", 1, r * t, f"1x{r * t}"))
             comm = _median(c["comm"]) if r > 1 else None

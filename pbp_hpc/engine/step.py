@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pbp_hpc.data import datasets, device as device_data
-from pbp_hpc.engine import activations, active_inputs, losses, model, naive, ops
+from pbp_hpc.engine import activations, active_inputs, losses, model, naive, ops, shared_batch
 
 LayerDone = Callable[[int], None]
 
@@ -155,10 +155,14 @@ class CompactedStep(BatchedStep):
 
 
 def make_local_step(cfg: Any, layout: model.Layout, theta: Any, grad: Any, loss_out: Any, source: Any, xp: Any,
-                    max_batch: int, layer_done: LayerDone, fused: bool) -> BatchedStep:
+                    max_batch: int, layer_done: LayerDone, fused: bool, node: Any = None) -> Any:
     """The variant for this configuration and data (see the module docstring), with its
-    activation and loss (model.activation, model.loss)."""
+    activation and loss (model.activation, model.loss). node: the reducer's NodeBatch, where
+    the node's ranks compute each batch together (engine.shared_batch)."""
     f = {"activation": cfg.model.activation, "loss": cfg.model.loss}
+    if node is not None:
+        skip = xp is np and cfg.train.skip_zero_inputs and datasets.has_active_features(source)
+        return shared_batch.SharedBatchStep(layout, theta, loss_out, source, node, **f, skip_zero_inputs=skip)
     if cfg.algorithm == "per_example":
         return PerExampleStep(layout, theta, grad, loss_out, source, xp, max_batch, layer_done, **f)
     if xp is np and cfg.train.skip_zero_inputs and datasets.has_active_features(source):

@@ -24,13 +24,15 @@ class Rule:
 RULES = [
     Rule(("algorithm", ("per_example",)), ("backend", ("cupy",)),
          "per_example is the numpy baseline; with backend: cupy use batched"),
-    Rule(("parallel.reducer", ("overlap", "shm")), ("backend", ("cupy",)),
+    Rule(("parallel.reducer", ("overlap", "shm", "shared_batch")), ("backend", ("cupy",)),
          "that reducer works on host buffers; with backend: cupy choose parallel.gpu_reducer"),
-    Rule(("parallel.strategy", ("local_sgd", "async_ps", "ssp", "hogwild")), ("parallel.reducer", ("overlap", "shm")),
+    Rule(("parallel.strategy", ("local_sgd", "async_ps", "ssp", "hogwild")), ("parallel.reducer", ("overlap", "shm", "shared_batch")),
          "that strategy does not sum a gradient every step: it averages or pushes parameters itself, "
          "over private buffers; use parallel.reducer auto or blocking"),
     Rule(("parallel.strategy", ("local_sgd", "async_ps", "ssp", "hogwild")), ("backend", ("cupy",)),
          "that strategy exchanges host buffers (MPI windows, node shared memory); with backend: cupy use allreduce"),
+    Rule(("parallel.reducer", ("shared_batch",)), ("algorithm", ("per_example",)),
+         "shared_batch computes the node's examples together in batched GEMMs; per_example is the one-at-a-time baseline"),
     Rule(("parallel.compression", ("fp16", "bf16")), ("backend", ("cupy",)),
          "the device reducers send full precision; compression is for the host reducers"),
     Rule(("parallel.error_feedback", (True,)), ("parallel.compression", ("none",)),

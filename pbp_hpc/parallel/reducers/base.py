@@ -208,6 +208,11 @@ class Reducer:
         """A zeroed buffer shaped like the parameters, for an optimizer's state (shared where they are)."""
         return self.xp.zeros((self.n,), dtype=self.dtype)
 
+    def node_batch(self, rows_per_rank: int) -> Any:
+        """Node-shared buffers for a batch the node's ranks compute together
+        (engine.shared_batch.NodeBatch), where this reducer sums that way; None otherwise."""
+        return None
+
     def layer_done(self, l: int) -> None:
         """Layer l's gradient is final in grad (called from the top layer down)."""
 
