@@ -29,7 +29,7 @@ from pbp_hpc import train
 
 GROUPS = {  # function name -> group (what is not listed is "other": Python glue, views, small ops)
     "gemm": "GEMM", "matmul": "GEMM",
-    "tanh_sigmoid_": "elementwise", "sigmoid_delta_": "elementwise", "tanh_": "elementwise", "tanh_delta_": "elementwise",
+    "tanh_sigmoid_": "elementwise", "exp_sigmoid_": "elementwise", "sigmoid_delta_": "elementwise", "tanh_": "elementwise", "tanh_delta_": "elementwise",
     "relu_": "elementwise", "relu_delta_": "elementwise", "log_softmax_": "elementwise", "value_": "elementwise", "delta_": "elementwise", "subtract": "elementwise",
     "sum_squares": "elementwise", "linear_": "elementwise",
     "active_features_into": "batch", "fill_targets": "batch", "fill_batch": "batch", "features_into": "batch",

@@ -60,8 +60,10 @@ class State:
             fused = self.strategy.fusable and local_steps.can_fuse(cfg, comm.size, xp, max_local, self.optimizer.fusable)
             loss_out = self.grad[self.n_params + LOSS_SLOT : self.n_params + LOSS_SLOT + 1]
             node = self.reducer.node_batch(max_local)  # parallel.reducer=shared_batch: the node's batch buffers
+            # shared_batch on one node with plain SGD: the update inside its GEMMs too
+            node_fused = node is not None and self.strategy.fusable and self.optimizer.fusable and self.reducer.one_node
             self.local = local_steps.make_local_step(cfg, self.layout, self.theta, self.grad, loss_out, data.train, xp,
-                                                     max_local, self.reducer.layer_done, fused, node)
+                                                     max_local, self.reducer.layer_done, fused, node, node_fused)
             if node is not None:  # its phase 2 (each rank's slice of the gradient) runs inside the reducer's shares()
                 self.reducer.compute = self.local.weight_gradients
             self.strategy.attach(self.local, self.reducer, self.optimizer)

@@ -156,6 +156,18 @@ def test_the_fused_sigmoid_equals_its_plain_definition():
         np.testing.assert_array_equal(activations.SIGMOID.forward_(np, z32.copy()), np.array([0, 0, 0.5, 1], np.float32))
 
 
+@pytest.mark.parametrize("form, pre_scale", [(activations.tanh_sigmoid_, 0.5), (activations.exp_sigmoid_, -1.0)])
+def test_both_fast_sigmoid_forms_equal_the_sigmoid_and_never_overflow(form, pre_scale):
+    """Whichever form this machine takes (SIGMOID_BY_TANH), each computes sigmoid(z) from the
+    GEMM's pre_scale * z, to rounding, and stays finite and silent where exp(-z) overflows."""
+    z = np.linspace(-30, 30, 1001)
+    np.testing.assert_allclose(form(np, pre_scale * z), 1 / (1 + np.exp(-z)), rtol=1e-14, atol=1e-16)
+    z32 = np.array([-200.0, -90.0, 0.0, 90.0], dtype=np.float32)
+    with np.errstate(over="raise", divide="raise", invalid="raise"):
+        np.testing.assert_array_equal(form(np, pre_scale * z32), np.array([0, 0, 0.5, 1], np.float32))
+    assert activations.SIGMOID.pre_scale == (0.5 if activations.SIGMOID_BY_TANH else -1.0)
+
+
 @pytest.mark.parametrize("act", ACTS)
 def test_each_derivative_is_that_of_its_forward(act):
     f = activations.get(act)

@@ -97,7 +97,9 @@ def numpy_only(fn, *arrays):
 
 
 CANARIES = {  # a kernel of the hot path, by the config that takes it
-    "sigmoid": (activations, "tanh_sigmoid_", lambda z: 0.5 * np.tanh(z) + 0.5),  # the forward pass's fast sigmoid
+    # the forward pass's fast sigmoid, whichever form this machine takes (activations.SIGMOID_BY_TANH)
+    "sigmoid": (activations, "tanh_sigmoid_", lambda z: 0.5 * np.tanh(z) + 0.5) if activations.SIGMOID_BY_TANH
+    else (activations, "exp_sigmoid_", lambda z: 1 / (1 + np.exp(z))),
     "tanh": (activations, "tanh_delta_", lambda a, g: g * (1 - a * a)),
     "relu": (activations, "relu_", lambda z: np.maximum(z, 0)),
     "cross_entropy": (losses, "log_softmax_", lambda z, p, row: z),

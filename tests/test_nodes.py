@@ -89,10 +89,11 @@ def test_unequal_ranks_per_node_auto_falls_back_to_one_allreduce_equal_to_one_ra
     assert case["rel_diff"] < FLOAT64 and case["identical_on_all_ranks"]
 
 
-def test_unequal_ranks_per_node_are_refused_by_the_shared_memory_reducer():
+@pytest.mark.parametrize("reducer", ["shm", "shared_batch"])
+def test_unequal_ranks_per_node_are_refused_by_the_shared_memory_reducers(reducer):
     res = run_cmd(["pbp_hpc.train", "--set", "data.name=synthetic", "--set", "data.n_train=60", "--set", "train.epochs=1",
-                   "--set", "model.layers=[784, 8, 10]", "--set", "parallel.reducer=shm", "--set", "train.progress=false"],
+                   "--set", "model.layers=[784, 8, 10]", "--set", f"parallel.reducer={reducer}", "--set", "train.progress=false"],
                   launcher=UNEQUAL)
     assert res.returncode == 2, res.stderr
-    assert "parallel.reducer=shm needs the same number of ranks on every node, got [1, 3]" in res.stderr
+    assert f"parallel.reducer={reducer} needs the same number of ranks on every node, got [1, 3]" in res.stderr
     assert res.stderr.count("pbp_hpc: error:") == 1 and "Traceback" not in res.stderr

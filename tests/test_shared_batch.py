@@ -89,3 +89,19 @@ def test_on_mnist_the_first_layer_on_active_inputs_only_keeps_the_one_rank_resul
     skipping, _ = against_one_rank(**over)
     np.testing.assert_allclose(shared["params"], ref["params"], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(skipping["params"], ref["params"], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("over, fused", [
+    ({}, True),  # plain SGD on one node: the update happens inside phase 2's GEMMs
+    ({"optimizer.weight_decay": 0.01}, False),  # decay: a gradient buffer and the optimizer's update
+    ({"optimizer.name": "momentum"}, False),
+])
+def test_plain_sgd_is_applied_inside_the_gemms_and_other_updates_through_the_optimizer(over, fused):
+    from pbp_hpc.data import datasets
+
+    cfg = small(**{"train.batch_size": 10, "parallel.reducer": "shared_batch", **over})
+    with train.State(cfg, WORLD, np, datasets.load(cfg, WORLD.size, None)) as st:
+        assert st.local.fused is fused
+    shared, ref = against_one_rank(**{"train.batch_size": 10, **over})
+    np.testing.assert_allclose(shared["params"], ref["params"], rtol=1e-10, atol=1e-12)

@@ -155,8 +155,8 @@ def forward(xp: ModuleType, ws: list[Array], bs: list[Optional[Array]], x: Array
     """Activations of every layer for the first n rows of x, into work.acts; returns the output
     (a_L, or the logits where the loss wants a linear output layer).
 
-    Each layer takes its activation's fast form: for sigmoid, (a w + b) / 2 with the halving
-    free in the GEMM's alpha, then 0.5 tanh(.) + 0.5 (activations.tanh_sigmoid_).
+    Each layer takes its activation's fast form: for sigmoid, (a w + b) times pre_scale in the
+    GEMM's alpha (free), then 0.5 tanh(.) + 0.5 or 1 / (1 + exp(.)) (activations.SIGMOID_BY_TANH).
 
     A bias given as None is folded into the layer's product: its input ends with a column of
     ones and its weights with the bias row (what active_inputs does for the first layer);

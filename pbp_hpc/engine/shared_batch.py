@@ -14,6 +14,10 @@ a node split a step's work two ways:
      so the sum over the node's examples happens inside the GEMM (inner dimension: the node's
      batch) and each gradient value is written once, by the rank that updates it.
 
+With plain SGD on one node (fused), phase 2 adds -lr/B times each slice's gradient straight
+into the parameters (the GEMMs' alpha and beta, as one rank's fused step does): no gradient
+buffer is written and there is no update pass.
+
 The result is the same sum as every other reducer's, up to the order of floating-point adds.
 A rank whose share is short (the epoch's last batch) zeroes its unused rows, which then add
 nothing. The parameters themselves are the reducer's node-shared copy: a barrier after the
@@ -87,7 +91,7 @@ class SharedBatchStep:
     applies_update = False
 
     def __init__(self, layout: model.Layout, theta: Array, loss_out: Array, source: Any, node: NodeBatch,
-                 activation: str = "sigmoid", loss: str = "mse", skip_zero_inputs: bool = False):
+                 activation: str = "sigmoid", loss: str = "mse", skip_zero_inputs: bool = False, fused: bool = False):
         self.layout, self.theta, self.loss, self.source, self.node = layout, theta, loss_out, source, node
         self.act, self.loss_fn = activations.get(activation), losses.get(loss)
         self.ws, self.bs = model.views(theta, layout, np)
@@ -105,6 +109,9 @@ class SharedBatchStep:
         self.rows = np.arange(m)
         self.ones = np.ones((1, m * node.parts), dtype=dtype)
         self.slices = spans(layout, node.parts, node.part)
+        self.fused, self.scale = fused, 0.0
+        # fused: phase 2 writes into this rank's slices of the parameters themselves
+        self.own_params = [(self.ws[l][rows], self.bs[l][None, cols]) for l, rows, cols in self.slices]
         # train.skip_zero_inputs: the first layer's gradient rows only for the input columns that
         # are nonzero somewhere in the node's batch (the others' rows are exactly zero)
         self.skip_zero_inputs = skip_zero_inputs
@@ -116,8 +123,11 @@ class SharedBatchStep:
             self.gc = np.empty(r * layout.sizes[1], dtype=dtype)
 
     def __call__(self, idx: Any, scale: float = 0.0) -> None:
-        """Phase 1: this rank's rows of activations and deltas, and its loss sum."""
+        """Phase 1: this rank's rows of activations and deltas, and its loss sum.
+
+        scale: -lr / B, kept for phase 2 where the update is fused."""
         n = idx.shape[0]
+        self.scale = scale
         if n < self.node.rows_per_rank:  # rows past this share add nothing in phase 2
             for d in self.own_deltas:
                 d[n:] = 0
@@ -152,28 +162,34 @@ class SharedBatchStep:
         """Bytes this rank holds beside the node-shared buffers (the benchmark's memory budget)."""
         return self.y.nbytes + self.err.nbytes + self.row.nbytes + self.back.nbytes + self.ones.nbytes
 
-    def weight_gradients(self, out: list[tuple[Array, Array]]) -> None:
+    def weight_gradients(self, out: list[tuple[Array, Array]]) -> bool:
         """Phase 2 (after every rank's phase 1): this rank's slice of each layer's gradient,
-        summed over the node's rows, into out[i] = (W rows x n_out, 1 x b columns)."""
-        node = self.node
-        for (l, rows, cols), (gw, gb) in zip(self.slices, out):
+        summed over the node's rows, into out[i] = (W rows x n_out, 1 x b columns); or, where
+        fused, scale times it added to the parameters' slices. True where the update is done."""
+        node, fused = self.node, self.fused
+        alpha, beta = (self.scale, 1.0) if fused else (1.0, 0.0)
+        for (l, rows, cols), (gw, gb), (w, b) in zip(self.slices, out, self.own_params):
+            if fused:
+                gw, gb = w, b
             a_in = node.x if l == 0 else node.acts[l - 1]
             d = node.deltas[l]
             if l == 0 and self.skip_zero_inputs and gw.size:
-                self.first_layer_active(a_in[:, rows], d, gw)
+                self.first_layer_active(a_in[:, rows], d, gw, alpha, beta)
             elif gw.size:
-                ops.gemm(np, a_in[:, rows].T, d, gw)
+                ops.gemm(np, a_in[:, rows].T, d, gw, alpha=alpha, beta=beta)
             if gb.size:
-                ops.gemm(np, self.ones, d[:, cols], gb)
+                ops.gemm(np, self.ones, d[:, cols], gb, alpha=alpha, beta=beta)
+        return fused
 
-    def first_layer_active(self, x: Array, d: Array, gw: Array) -> None:
-        """gw = x^T d on the columns of x that are nonzero in some row; zero rows elsewhere.
+    def first_layer_active(self, x: Array, d: Array, gw: Array, alpha: float, beta: float) -> None:
+        """gw = alpha x^T d + beta gw, on the columns of x that are nonzero in some row only:
+        elsewhere that product is zero (gw's rows there: zeroed, or left as they are for beta 1).
 
         Data that is compacted is nonnegative (uint8 images, scaled), so a column is active
         where its sum is positive: one GEMV, where np.any would make a boolean per element.
         The active columns are gathered run by run (MNIST's come in runs along image rows;
         numpy's take along a row-major array's columns is several times slower) into one
-        compact GEMM, whose rows are then scattered back."""
+        compact GEMM, whose rows are then put back."""
         K = x.shape[0]
         sums = self.colsum[: x.shape[1]].reshape(1, -1)
         ops.gemm(np, self.ones[:, :K], x, sums)
@@ -181,10 +197,11 @@ class SharedBatchStep:
         cols = np.flatnonzero(self.active)
         k = cols.shape[0]
         if k > active_inputs.MAX_ACTIVE * x.shape[1]:
-            ops.gemm(np, x.T, d, gw)
+            ops.gemm(np, x.T, d, gw, alpha=alpha, beta=beta)
             return
         if k == 0:
-            gw[...] = 0
+            if beta == 0.0:
+                gw[...] = 0
             return
         xc = self.xc[: K * k].reshape(K, k)
         starts = np.flatnonzero(np.diff(cols) != 1) + 1
@@ -193,10 +210,14 @@ class SharedBatchStep:
         for c, a, b in runs:
             xc[:, a:b] = x[:, c : c + b - a]
         gc = self.gc[: k * gw.shape[1]].reshape(k, gw.shape[1])
-        ops.gemm(np, xc.T, d, gc)
+        ops.gemm(np, xc.T, d, gc, alpha=alpha)
         end = 0
-        for c, a, b in runs:  # each run's rows back in place, zeros between runs
-            gw[end:c] = 0
-            gw[c : c + b - a] = gc[a:b]
+        for c, a, b in runs:  # each run's rows back in place (added for beta 1), zeros between runs
+            if beta == 0.0:
+                gw[end:c] = 0
+                gw[c : c + b - a] = gc[a:b]
+            else:
+                gw[c : c + b - a] += gc[a:b]
             end = c + b - a
-        gw[end:] = 0
+        if beta == 0.0:
+            gw[end:] = 0

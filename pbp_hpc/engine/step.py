@@ -155,14 +155,16 @@ class CompactedStep(BatchedStep):
 
 
 def make_local_step(cfg: Any, layout: model.Layout, theta: Any, grad: Any, loss_out: Any, source: Any, xp: Any,
-                    max_batch: int, layer_done: LayerDone, fused: bool, node: Any = None) -> Any:
+                    max_batch: int, layer_done: LayerDone, fused: bool, node: Any = None, node_fused: bool = False) -> Any:
     """The variant for this configuration and data (see the module docstring), with its
     activation and loss (model.activation, model.loss). node: the reducer's NodeBatch, where
-    the node's ranks compute each batch together (engine.shared_batch)."""
+    the node's ranks compute each batch together (engine.shared_batch); node_fused: they apply
+    a plain SGD update inside its GEMMs."""
     f = {"activation": cfg.model.activation, "loss": cfg.model.loss}
     if node is not None:
         skip = xp is np and cfg.train.skip_zero_inputs and datasets.has_active_features(source)
-        return shared_batch.SharedBatchStep(layout, theta, loss_out, source, node, **f, skip_zero_inputs=skip)
+        return shared_batch.SharedBatchStep(layout, theta, loss_out, source, node, **f, skip_zero_inputs=skip,
+                                            fused=node_fused)
     if cfg.algorithm == "per_example":
         return PerExampleStep(layout, theta, grad, loss_out, source, xp, max_batch, layer_done, **f)
     if xp is np and cfg.train.skip_zero_inputs and datasets.has_active_features(source):

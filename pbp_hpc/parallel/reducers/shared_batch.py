@@ -59,7 +59,7 @@ class SharedBatchReducer(Reducer):
         if self.comm.size == 1:
             return super().allocate(size)
         # the windows: each rank's extras and their mailboxes (no gradient row: see shares())
-        self.shared = _SharedRows(self.comm, 0, self.dtype)
+        self.shared = _SharedRows(self.comm, 0, self.dtype, self.name)
         # The whole-gradient buffer the interface promises is never written here but for its
         # extras: np.empty's untouched pages cost no memory.
         grad = np.empty(size, dtype=self.dtype)
@@ -89,6 +89,11 @@ class SharedBatchReducer(Reducer):
         buf = self.shared.node_buffer(self.n)
         self.shared.sync_barrier()
         return buf
+
+    @property
+    def one_node(self) -> bool:
+        """Whether every rank is on this node: then the node's sum is the whole sum."""
+        return self.shared is not None and self.shared.cross is None
 
     def use_compression(self, kind: str, feedback: bool) -> None:
         """Only the Allreduce across nodes sends anything: it is the one compressed."""
@@ -122,10 +127,12 @@ class SharedBatchReducer(Reducer):
         self.seconds += time.perf_counter() - t
 
     def shares(self) -> list[tuple[slice, list[Any]]]:
-        """This rank's slices, their gradient computed now from the node's rows (and summed across nodes)."""
+        """This rank's slices, their gradient computed now from the node's rows (and summed across
+        nodes); none where the local step applied the update itself (fused)."""
         if self.shared is None:
             return self._shares
-        self.compute(self.views)
+        if self.compute(self.views):
+            return []
         cross = self.shared.cross
         if cross is not None:
             t = time.perf_counter()

@@ -35,12 +35,12 @@ from pbp_hpc.parallel.reducers.base import EXTRAS, Fill, Reducer
 class _SharedRows:
     """One gradient row per rank and the node's parameter-shaped buffers, in shared windows."""
 
-    def __init__(self, comm: MPI.Comm, n: int, dtype: Any):
+    def __init__(self, comm: MPI.Comm, n: int, dtype: Any, reducer: str = "shm"):
         node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
         sizes = set(comm.allgather(node.size))
         if len(sizes) != 1:
             node.Free()
-            raise ConfigError(f"parallel.reducer=shm needs the same number of ranks on every node, got {sorted(sizes)} "
+            raise ConfigError(f"parallel.reducer={reducer} needs the same number of ranks on every node, got {sorted(sizes)} "
                               "(a node's slices of the buffer must match across nodes): launch as many ranks on "
                               "every node (mpiexec -ppn, srun --ntasks-per-node), or choose parallel.reducer=auto, "
                               "which takes blocking here")

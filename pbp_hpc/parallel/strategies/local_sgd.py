@@ -63,10 +63,6 @@ class LocalSGD(Strategy):
 
         return next_buffer
 
-    def attach(self, local: Any, reducer: Any, optimizer: Any) -> None:
-        super().attach(local, reducer, optimizer)
-        self.n = reducer.n
-
     def block_end(self, first: int, limit: int, steps: int, epoch: int) -> int:
         g = epoch * steps + first
         return min(limit, first + self.k - g % self.k)  # averages after global steps k-1, 2k-1, ...
