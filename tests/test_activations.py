@@ -303,7 +303,7 @@ def test_skipping_zero_inputs_changes_nothing_but_rounding_with_relu_and_cross_e
 
 
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("reducer", ["blocking", "shm"])
+@pytest.mark.parametrize("reducer", ["blocking", "shm", "shared_batch"])
 @pytest.mark.parametrize("act,loss", [("relu", "cross_entropy"), ("tanh", "mse")])
 def test_p_ranks_equal_one_rank(act, loss, reducer):
     cfg = small(model__activation=act, model__loss=loss, train__batch_size=7, parallel__reducer=reducer)

@@ -108,7 +108,7 @@ def test_dense_data_never_compacts():
 
 
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("reducer", ["blocking", "overlap", "shm"])
+@pytest.mark.parametrize("reducer", ["blocking", "overlap", "shm", "shared_batch"])
 def test_ranks_that_skip_different_columns_still_equal_one_plain_rank(mnist_dir, reducer):
     # each rank's share of a batch has its own zero columns; the reduced gradient must not care
     par = train.run(mnist_cfg(mnist_dir, **{"train.batch_size": 30, "parallel.reducer": reducer}), WORLD, return_params=True)

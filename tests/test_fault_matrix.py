@@ -195,7 +195,7 @@ def test_stop_x_training_a_stopped_rank_is_named_once_and_the_epoch_marked(mpi_j
     assert sum(e["stalled_s"] > 0 for e in result["epochs"]) == 1
 
 
-@pytest.mark.parametrize("reducer", ["blocking", "overlap", "shm"])
+@pytest.mark.parametrize("reducer", ["blocking", "overlap", "shm", "shared_batch"])
 def test_stop_x_training_past_the_stall_timeout_the_job_ends_with_its_own_code(mpi_job, reducer):
     job = _job(mpi_job, 2, *LONG, "--set", "train.eval_every=0", "--set", f"parallel.reducer={reducer}",
                "--set", "parallel.stall_warning_s=1",

@@ -75,7 +75,7 @@ def test_momentum_state_is_shaped_like_the_parameters_and_named():
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("name", ["momentum", "nesterov"])
-@pytest.mark.parametrize("reducer", ["blocking", "overlap", "shm"])
+@pytest.mark.parametrize("reducer", ["blocking", "overlap", "shm", "shared_batch"])
 def test_p_ranks_equal_one_rank_with_momentum_under_every_reducer(name, reducer):
     c = cfg(optimizer__name=name, optimizer__weight_decay=1e-3, parallel__reducer=reducer, train__batch_size=7)
     par = train.run(c, WORLD, return_params=True)

@@ -105,3 +105,14 @@ def test_plain_sgd_is_applied_inside_the_gemms_and_other_updates_through_the_opt
         assert st.local.fused is fused
     shared, ref = against_one_rank(**{"train.batch_size": 10, **over})
     np.testing.assert_allclose(shared["params"], ref["params"], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("algorithm, reducer", [("batched", "shared_batch"), ("per_example", "shm")])
+def test_auto_shares_small_batches_but_never_for_the_per_example_baseline(algorithm, reducer):
+    from pbp_hpc.data import datasets
+
+    cfg = small(**{"train.batch_size": 10, "algorithm": algorithm})  # a few rows per rank
+    with train.State(cfg, WORLD, np, datasets.load(cfg, WORLD.size, None)) as st:
+        assert st.reducer.name == reducer
+        assert type(st.local).__name__ == ("SharedBatchStep" if reducer == "shared_batch" else "PerExampleStep")

@@ -121,6 +121,8 @@ class SharedBatchStep:
             self.colsum = np.zeros(r, dtype=dtype)
             self.xc = np.empty(m * node.parts * r, dtype=dtype)
             self.gc = np.empty(r * layout.sizes[1], dtype=dtype)
+            # only its counters (compacted steps, columns kept: the run's `active_inputs`), for this rank's slice
+            self.skip = active_inputs.ActiveInputs(r, layout.sizes[1])
 
     def __call__(self, idx: Any, scale: float = 0.0) -> None:
         """Phase 1: this rank's rows of activations and deltas, and its loss sum.
@@ -203,6 +205,8 @@ class SharedBatchStep:
             if beta == 0.0:
                 gw[...] = 0
             return
+        self.skip.steps += 1
+        self.skip.kept += k
         xc = self.xc[: K * k].reshape(K, k)
         starts = np.flatnonzero(np.diff(cols) != 1) + 1
         bounds = [0, *starts.tolist(), k]

@@ -95,7 +95,9 @@ def make(cfg: Any, comm: Any, layout: Any, xp: Any) -> Any:
         name, why = "blocking", (f"auto: strategy {cfg.parallel.strategy} exchanges parameters its own way; "
                                  "its buffers are private (blocking)")
     elif name == "auto":
-        name, why = choose_auto(comm, -(-cfg.train.batch_size // comm.size))
+        # shared_batch batches the node's examples together: not for the one-at-a-time baseline
+        rows = -(-cfg.train.batch_size // comm.size) if cfg.algorithm == "batched" else SHARED_BATCH_ROWS + 1
+        name, why = choose_auto(comm, rows)
     reducer = HOST.load(name)(comm, layout, getattr(xp, cfg.model.dtype), xp)
     reducer.choice = {"reducer_reason": why}
     try:
