@@ -263,13 +263,15 @@ def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
     why an evaluation pass ended the run, or None."""
     cfg, comm, strategy, steps, tracker = st.cfg, st.comm, st.strategy, loop.steps, loop.tracker
     order = _epoch_order(st, epoch, len(st.data.train))
+    # a rank stopped at an epoch's edge stalls the others in this barrier or in the closing
+    # reduction below: both count as the epoch's (a tiny epoch spends much of its time there)
+    stalled0 = st.reducer.watch.stalled_s
     st.reducer.watch.enter()  # the stall check covers the loop's own collectives too
     try:
         comm.Barrier()  # epochs start together, so the slowest rank's time is the epoch's time
     finally:
         st.reducer.watch.leave()
     t0, compute0, comm0, eval0 = time.perf_counter(), strategy.compute_s, strategy.comm_s, tracker.eval_s
-    stalled0 = st.reducer.watch.stalled_s
     loss_sum, seen, stopped, ended, done = 0.0, 0, None, None, first
     bar = _progress(cfg, comm, steps - first, epoch, quiet)
     stop_of = functools.partial(_stop_requested, st)
@@ -293,8 +295,10 @@ def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
     if bar is not None:
         bar.close()
     wall = time.perf_counter() - t0 - (tracker.eval_s - eval0)
+    closing = st.reducer.watch.stalled_s
     slow = runtime.slowest(comm, [wall, strategy.compute_s - compute0, strategy.comm_s - comm0,
-                                  st.reducer.watch.stalled_s - stalled0], st.reducer.watch)
+                                  closing - stalled0], st.reducer.watch)
+    closing = st.reducer.watch.stalled_s - closing  # this rank's stall in that reduction itself
     loop.train_s += float(slow[0])
     flops = model.flops_per_example(cfg.model.layers) * seen
     return {
@@ -308,8 +312,9 @@ def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
         "examples": seen,
         "steps_done": done,
         "partial": first > 0 or done < steps,
-        # seconds of steps that waited past parallel.stall_warning_s for another rank (the slowest rank's)
-        "stalled_s": float(slow[3]),
+        # seconds of steps that waited past parallel.stall_warning_s for another rank (the slowest
+        # rank's; plus this rank's in the reduction that found the slowest)
+        "stalled_s": float(slow[3]) + closing,
     }, stopped, ended
 
 

@@ -25,7 +25,7 @@ from pbp_hpc.engine import model
 from pbp_hpc.engine.shared_batch import NodeBatch, flat_span, node_buffers, spans
 from pbp_hpc.parallel.reducers import compression
 from pbp_hpc.parallel.reducers.base import EXTRAS, Fill, Reducer
-from pbp_hpc.parallel.reducers.shm import _SharedRows, _sum
+from pbp_hpc.parallel.reducers.shm import SharedRows
 
 
 class SharedBatchReducer(Reducer):
@@ -34,7 +34,7 @@ class SharedBatchReducer(Reducer):
     def __init__(self, comm: MPI.Comm, layout: model.Layout, dtype: Any, xp: Any):
         if xp is not np:
             raise ValueError("parallel.reducer=shared_batch works on host (numpy) buffers")
-        self.shared: Optional[_SharedRows] = None
+        self.shared: Optional[SharedRows] = None
         super().__init__(comm, layout, dtype, xp)
         self.step = 0
         self.packed_sum: Optional[compression.CompressedSum] = None
@@ -59,7 +59,7 @@ class SharedBatchReducer(Reducer):
         if self.comm.size == 1:
             return super().allocate(size)
         # the windows: each rank's extras and their mailboxes (no gradient row: see shares())
-        self.shared = _SharedRows(self.comm, 0, self.dtype, self.name)
+        self.shared = SharedRows(self.comm, 0, self.dtype, self.name)
         # The whole-gradient buffer the interface promises is never written here but for its
         # extras: np.empty's untouched pages cost no memory.
         grad = np.empty(size, dtype=self.dtype)
@@ -77,18 +77,12 @@ class SharedBatchReducer(Reducer):
     def parameters(self, fill: Fill) -> Any:
         if self.shared is None:
             return super().parameters(fill)
-        theta = self.shared.node_buffer(self.n)
-        if self.shared.local.rank == 0:
-            fill(theta)
-        self.shared.sync_barrier()
-        return theta
+        return self.shared.filled(self.n, fill)
 
     def state_buffer(self) -> Any:
         if self.shared is None:
             return super().state_buffer()
-        buf = self.shared.node_buffer(self.n)
-        self.shared.sync_barrier()
-        return buf
+        return self.shared.zeroed(self.n)
 
     @property
     def one_node(self) -> bool:
@@ -117,11 +111,8 @@ class SharedBatchReducer(Reducer):
         if shared is None:
             return self._timed_allreduce(self.grad)
         t = time.perf_counter()
-        mail = shared.mailboxes[self.step % 2]  # alternating: see shm.py
+        shared.add_extras(self.extras, self.step, self.watch)  # alternating mailboxes: see shm.py
         self.step += 1
-        mail[shared.local.rank][...] = self.extras
-        shared.sync_barrier(self.watch)
-        _sum(mail, self.extras)
         if shared.cross is not None:
             self._watched(lambda: shared.cross.Allreduce(MPI.IN_PLACE, self.extras, op=MPI.SUM))
         self.seconds += time.perf_counter() - t

@@ -32,7 +32,7 @@ from pbp_hpc.parallel.reducers import compression
 from pbp_hpc.parallel.reducers.base import EXTRAS, Fill, Reducer
 
 
-class _SharedRows:
+class SharedRows:
     """One gradient row per rank and the node's parameter-shaped buffers, in shared windows."""
 
     def __init__(self, comm: MPI.Comm, n: int, dtype: Any, reducer: str = "shm"):
@@ -72,6 +72,28 @@ class _SharedRows:
             buf[...] = 0
         return buf
 
+    def filled(self, n: int, fill: Fill) -> np.ndarray:
+        """The node's one copy of n values, filled by the node's first rank (collective)."""
+        buf = self.node_buffer(n)
+        if self.local.rank == 0:
+            fill(buf)
+        self.sync_barrier()
+        return buf
+
+    def zeroed(self, n: int) -> np.ndarray:
+        """The node's one copy of n zeros, every rank past its allocation (collective)."""
+        buf = self.node_buffer(n)
+        self.sync_barrier()
+        return buf
+
+    def add_extras(self, extras: np.ndarray, step: int, watch: Any) -> None:
+        """extras <- the sum of every node rank's extras, through the mailboxes of `step`, after
+        a barrier (which also orders every rank's earlier writes to the windows)."""
+        mail = self.mailboxes[step % 2]
+        mail[self.local.rank][...] = extras
+        self.sync_barrier(watch)
+        sum_parts(mail, extras)  # only this rank reads or writes its own row's extras
+
     def sync_barrier(self, watch: Any = None) -> None:
         """A barrier that also orders every rank's loads and stores to the windows around it."""
         for w in self.wins:
@@ -106,7 +128,7 @@ class SharedMemoryReducer(Reducer):
     def __init__(self, comm: MPI.Comm, layout: Any, dtype: Any, xp: Any):
         if xp is not np:
             raise ValueError("parallel.reducer=shm works on host (numpy) buffers")
-        self.shared: Optional[_SharedRows] = None
+        self.shared: Optional[SharedRows] = None
         super().__init__(comm, layout, dtype, xp)  # calls allocate(), which makes the windows
         if self.shared is None:  # one rank: a plain buffer, and nothing to share
             return
@@ -138,38 +160,29 @@ class SharedMemoryReducer(Reducer):
     def allocate(self, size: int) -> Any:
         if self.comm.size == 1:
             return super().allocate(size)
-        self.shared = _SharedRows(self.comm, self.n, self.dtype)
+        self.shared = SharedRows(self.comm, self.n, self.dtype)
         return self.shared.rows[self.shared.local.rank]
 
     def parameters(self, fill: Fill) -> Any:
         """The node's one copy of the parameters, filled by the node's first rank."""
         if self.shared is None:
             return super().parameters(fill)
-        theta = self.shared.node_buffer(self.n)
-        if self.shared.local.rank == 0:
-            fill(theta)
-        self.shared.sync_barrier()
-        return theta
+        return self.shared.filled(self.n, fill)
 
     def state_buffer(self) -> Any:
         if self.shared is None:
             return super().state_buffer()
-        buf = self.shared.node_buffer(self.n)
-        self.shared.sync_barrier()
-        return buf
+        return self.shared.zeroed(self.n)
 
     def finish(self) -> None:
         shared = self.shared
         if shared is None:
             return
         t = time.perf_counter()
-        mail = shared.mailboxes[self.step % 2]
+        shared.add_extras(self.extras, self.step, self.watch)  # and every rank's gradient is in its row
         self.step += 1
-        mail[shared.local.rank][...] = self.extras
-        shared.sync_barrier(self.watch)  # every rank's gradient is in its row, its extras in its mailbox
-        _sum(mail, self.extras)  # only this rank reads or writes its own row's extras
         if shared.cross is not None:
-            _sum(self.parts, self.acc)
+            sum_parts(self.parts, self.acc)
             if self.packed is not None:
                 extras = shared.cross.Iallreduce(MPI.IN_PLACE, self.extras, op=MPI.SUM)
                 self.packed.blocking(self.acc, self._watched)
@@ -198,7 +211,7 @@ class SharedMemoryReducer(Reducer):
             self.shared = None
 
 
-def _sum(parts: list[Any], out: Any) -> None:
+def sum_parts(parts: list[Any], out: Any) -> None:
     if len(parts) == 1:
         out[...] = parts[0]
         return
