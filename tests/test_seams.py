@@ -59,6 +59,8 @@ def test_the_config_names_the_registered_strategy_and_optimizer():
 @pytest.mark.parametrize("over,both", [
     ({"backend": "cupy", "algorithm": "per_example"}, ("algorithm=per_example", "backend=cupy")),
     ({"backend": "cupy", "parallel.reducer": "shm"}, ("parallel.reducer=shm", "backend=cupy")),
+    ({"backend": "cupy", "parallel.reducer": "shared_batch"}, ("parallel.reducer=shared_batch", "backend=cupy")),
+    ({"algorithm": "per_example", "parallel.reducer": "shared_batch"}, ("parallel.reducer=shared_batch", "algorithm=per_example")),
 ])
 def test_an_invalid_combination_is_refused_naming_both_choices(over, both):
     with pytest.raises(ConfigError) as info:

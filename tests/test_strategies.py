@@ -159,10 +159,11 @@ def test_every_strategy_converges_like_allreduce_on_synthetic_data(strategy):
 
 # --- configuration ---------------------------------------------------------------------------
 
+@pytest.mark.parametrize("reducer", ["shm", "shared_batch"])
 @pytest.mark.parametrize("strategy", NEW)
-def test_a_strategy_that_sums_no_gradient_refuses_the_gradient_reducers(strategy):
-    with pytest.raises(config.ConfigError, match=f"parallel.strategy={strategy} does not go with parallel.reducer=shm"):
-        small(**{"parallel.strategy": strategy, "parallel.reducer": "shm"})
+def test_a_strategy_that_sums_no_gradient_refuses_the_gradient_reducers(strategy, reducer):
+    with pytest.raises(config.ConfigError, match=f"parallel.strategy={strategy} does not go with parallel.reducer={reducer}"):
+        small(**{"parallel.strategy": strategy, "parallel.reducer": reducer})
 
 
 def test_an_unknown_strategy_is_refused_with_the_choices():
