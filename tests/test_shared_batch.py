@@ -10,23 +10,17 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from pbp_hpc import config
 from pbp_hpc import train
 from pbp_hpc.engine import model
 from pbp_hpc.engine.shared_batch import flat_span, spans
-from helpers import REPORT_SETUP
+from test_parallel import small as parallel_problem
 
 WORLD = MPI.COMM_WORLD
 
 
 def small(**over):
-    base = {**REPORT_SETUP,
-        "model.layers": "[784, 16, 12, 10]", "model.dtype": "float64", "data.name": "synthetic",
-        "data.n_train": 120, "data.n_test": 30, "train.epochs": 2, "train.learning_rate": 0.5,
-        "train.eval_every": 0, "train.progress": "false",
-    }
-    base.update({k: str(v) for k, v in over.items()})
-    return config.load(None, [f"{k}={v}" for k, v in base.items()])
+    """test_parallel's small problem, with two hidden layers (a layer with both neighbours hidden)."""
+    return parallel_problem(**{"model.layers": "[784, 16, 12, 10]", **over})
 
 
 def against_one_rank(**over):

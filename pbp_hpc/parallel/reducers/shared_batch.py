@@ -24,17 +24,16 @@ from mpi4py import MPI
 from pbp_hpc.engine import model
 from pbp_hpc.engine.shared_batch import NodeBatch, flat_span, node_buffers, spans
 from pbp_hpc.parallel.reducers import compression
-from pbp_hpc.parallel.reducers.base import EXTRAS, Fill, Reducer
-from pbp_hpc.parallel.reducers.shm import SharedRows
+from pbp_hpc.parallel.reducers.base import EXTRAS
+from pbp_hpc.parallel.reducers.shm import NodeCopyReducer, SharedRows
 
 
-class SharedBatchReducer(Reducer):
+class SharedBatchReducer(NodeCopyReducer):
     name = "shared_batch"
 
     def __init__(self, comm: MPI.Comm, layout: model.Layout, dtype: Any, xp: Any):
         if xp is not np:
             raise ValueError("parallel.reducer=shared_batch works on host (numpy) buffers")
-        self.shared: Optional[SharedRows] = None
         super().__init__(comm, layout, dtype, xp)
         self.step = 0
         self.packed_sum: Optional[compression.CompressedSum] = None
@@ -73,16 +72,6 @@ class SharedBatchReducer(Reducer):
         batch = node_buffers(self.layout, rows_per_rank, node.rank, node.size, self.shared.node_buffer)
         self.shared.sync_barrier()
         return batch
-
-    def parameters(self, fill: Fill) -> Any:
-        if self.shared is None:
-            return super().parameters(fill)
-        return self.shared.filled(self.n, fill)
-
-    def state_buffer(self) -> Any:
-        if self.shared is None:
-            return super().state_buffer()
-        return self.shared.zeroed(self.n)
 
     @property
     def one_node(self) -> bool:
@@ -133,16 +122,3 @@ class SharedBatchReducer(Reducer):
                 self._watched(lambda: cross.Allreduce(MPI.IN_PLACE, self.packed, op=MPI.SUM))
             self.seconds += time.perf_counter() - t
         return self._shares
-
-    def updated(self) -> None:
-        if self.shared is None:
-            return
-        t = time.perf_counter()
-        self.shared.sync_barrier(self.watch)  # every slice is new before any rank's next forward pass
-        self.seconds += time.perf_counter() - t
-
-    def close(self) -> None:
-        self.watch.close()
-        if self.shared is not None:
-            self.shared.free()
-            self.shared = None

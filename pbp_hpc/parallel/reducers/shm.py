@@ -120,7 +120,39 @@ class SharedRows:
             self.cross.Free()
 
 
-class SharedMemoryReducer(Reducer):
+class NodeCopyReducer(Reducer):
+    """A reducer whose node holds one copy of the parameters and optimizer state, in shared
+    windows (shm, shared_batch); with one rank, a plain reducer (shared stays None)."""
+
+    shared: Optional[SharedRows] = None  # made by the subclass's allocate()
+
+    def parameters(self, fill: Fill) -> Any:
+        """The node's one copy of the parameters, filled by the node's first rank."""
+        if self.shared is None:
+            return super().parameters(fill)
+        return self.shared.filled(self.n, fill)
+
+    def state_buffer(self) -> Any:
+        if self.shared is None:
+            return super().state_buffer()
+        return self.shared.zeroed(self.n)
+
+    def updated(self) -> None:
+        if self.shared is None:
+            return
+        t = time.perf_counter()
+        self.shared.sync_barrier(self.watch)  # the whole of theta is new before any rank's next forward pass
+        self.seconds += time.perf_counter() - t
+
+    def close(self) -> None:
+        """Free the windows (collective). Without it they live until MPI_Finalize."""
+        self.watch.close()
+        if self.shared is not None:
+            self.shared.free()
+            self.shared = None
+
+
+class SharedMemoryReducer(NodeCopyReducer):
     name = "shm"
     sums_in_update = True
     ALIGN = 16  # slice boundaries on 64-byte lines (float32), so no two ranks write one line
@@ -128,7 +160,6 @@ class SharedMemoryReducer(Reducer):
     def __init__(self, comm: MPI.Comm, layout: Any, dtype: Any, xp: Any):
         if xp is not np:
             raise ValueError("parallel.reducer=shm works on host (numpy) buffers")
-        self.shared: Optional[SharedRows] = None
         super().__init__(comm, layout, dtype, xp)  # calls allocate(), which makes the windows
         if self.shared is None:  # one rank: a plain buffer, and nothing to share
             return
@@ -163,16 +194,6 @@ class SharedMemoryReducer(Reducer):
         self.shared = SharedRows(self.comm, self.n, self.dtype)
         return self.shared.rows[self.shared.local.rank]
 
-    def parameters(self, fill: Fill) -> Any:
-        """The node's one copy of the parameters, filled by the node's first rank."""
-        if self.shared is None:
-            return super().parameters(fill)
-        return self.shared.filled(self.n, fill)
-
-    def state_buffer(self) -> Any:
-        if self.shared is None:
-            return super().state_buffer()
-        return self.shared.zeroed(self.n)
 
     def finish(self) -> None:
         shared = self.shared
@@ -196,19 +217,6 @@ class SharedMemoryReducer(Reducer):
                     self.watch.leave()
         self.seconds += time.perf_counter() - t
 
-    def updated(self) -> None:
-        if self.shared is None:
-            return
-        t = time.perf_counter()
-        self.shared.sync_barrier(self.watch)  # the whole of theta is new before any rank's next forward pass
-        self.seconds += time.perf_counter() - t
-
-    def close(self) -> None:
-        """Free the windows (collective). Without it they live until MPI_Finalize."""
-        self.watch.close()
-        if self.shared is not None:
-            self.shared.free()
-            self.shared = None
 
 
 def sum_parts(parts: list[Any], out: Any) -> None:
