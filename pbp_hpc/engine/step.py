@@ -161,13 +161,13 @@ def make_local_step(cfg: Any, layout: model.Layout, theta: Any, grad: Any, loss_
     the node's ranks compute each batch together (engine.shared_batch); node_fused: they apply
     a plain SGD update inside its GEMMs."""
     f = {"activation": cfg.model.activation, "loss": cfg.model.loss}
+    skip = xp is np and cfg.train.skip_zero_inputs and datasets.has_active_features(source)
     if node is not None:
-        skip = xp is np and cfg.train.skip_zero_inputs and datasets.has_active_features(source)
         return shared_batch.SharedBatchStep(layout, theta, loss_out, source, node, **f, skip_zero_inputs=skip,
                                             fused=node_fused)
     if cfg.algorithm == "per_example":
         return PerExampleStep(layout, theta, grad, loss_out, source, xp, max_batch, layer_done, **f)
-    if xp is np and cfg.train.skip_zero_inputs and datasets.has_active_features(source):
+    if skip:
         return CompactedStep(layout, theta, grad, loss_out, source, xp, max_batch, layer_done, fused, **f)
     return BatchedStep(layout, theta, grad, loss_out, source, xp, max_batch, layer_done, fused, **f)
 
