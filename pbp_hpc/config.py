@@ -174,6 +174,9 @@ class ScheduleConfig(_Section):
 class ParallelConfig(_Section):
     ranks: Optional[int] = Field(None, ge=1)  # expected world size; null accepts any
     threads_per_rank: Optional[int] = Field(None, ge=1)  # null: cores on the node / ranks on the node
+    # ranks that hold each layer's units in slices (tensor parallelism, pbp_hpc/parallel/tensor.py):
+    # the world is data-parallel groups of this many ranks; 1: every rank holds the whole model
+    tensor: int = Field(1, ge=1)
     # how ranks combine their work (pbp_hpc/parallel/strategies/): allreduce (the report's
     # Algorithm 5), local_sgd, async_ps, ssp, hogwild (docs/strategies.md)
     strategy: str = "allreduce"

@@ -19,7 +19,6 @@ from mpi4py import MPI
 
 from pbp_hpc import model_file
 from pbp_hpc.data import device as device_data
-from pbp_hpc.engine import backend
 from pbp_hpc.parallel import runtime
 from pbp_hpc.parallel.strategies.base import my_share
 
@@ -30,7 +29,8 @@ def accuracy(st: Any, source: Any) -> Optional[float]:
     n_total = len(source)
     if n_total == 0:
         return None
-    lo, hi = my_share(n_total, st.comm.size, st.comm.rank)
+    comm = st.data_comm  # a tensor group evaluates the same examples together
+    lo, hi = my_share(n_total, comm.size, comm.rank)
     correct = 0
     chunk = st.local.work.max_batch
     for start in range(lo, hi, chunk):
@@ -38,7 +38,7 @@ def accuracy(st: Any, source: Any) -> Optional[float]:
     total = np.array([int(correct)], dtype=np.int64)  # a buffer: MPI then waits without holding the GIL the watch needs
     watch = st.reducer.watch  # a rank stopped or slow in the pass is noticed here, as in a step
     with watch.around(f"the evaluation after step {watch.step}"):
-        st.comm.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
+        comm.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
     return int(total[0]) / n_total
 
 
@@ -84,8 +84,10 @@ class Tracker:
         self.loss_sum, self.loss_n = 0.0, 0
         if acc is not None and acc > self.best:
             self.best, self.since_best, self.best_at = acc, 0, point
-            if self.best_theta is not None:
-                self.best_theta[...] = backend.to_host(self.st.theta)
+            if self.best_theta is not None or (self.st.sharding is not None and self.st.cfg.train.save_model):
+                theta = self.st.whole(self.st.theta)  # collective where the model is sharded
+                if self.best_theta is not None:
+                    self.best_theta[...] = theta
         else:
             self.since_best += 1
         self.eval_s += time.perf_counter() - t0
@@ -108,8 +110,11 @@ class Tracker:
         cfg = self.st.cfg
         if not cfg.train.save_model:
             return None
+        current = None
+        if self.best_at is None and (self.st.sharding is not None or self.st.comm.rank == 0):
+            current = self.st.whole(self.st.theta)  # collective where the model is sharded
         if self.st.comm.rank == 0:
-            theta = self.best_theta if self.best_at is not None else backend.to_host(self.st.theta)
+            theta = self.best_theta if self.best_at is not None else current
             model_file.save(cfg.train.save_model, theta, cfg.to_dict(), {"best": self.best_at})
         self.st.comm.Barrier()
         return cfg.train.save_model

@@ -15,7 +15,6 @@ from typing import Any, Callable, Optional
 from pbp_hpc import checkpoint
 from pbp_hpc.checkpoint import CheckpointError
 from pbp_hpc.config import Config
-from pbp_hpc.engine import backend
 from pbp_hpc.parallel import runtime
 
 Log = Callable[[str], None]
@@ -51,10 +50,13 @@ def save(st: Any, epoch: int, step: int, records: list[dict[str, Any]], extra: O
     extra: more JSON-able state of the loop (the evaluation curve, training time so far),
     returned by try_resume as it was given."""
     path = checkpoint_path(st.cfg)
+    if st.sharding is not None or st.comm.rank == 0:  # the whole model, gathered where it is sharded (collective)
+        theta = st.whole(st.theta)
+        state = {name: st.whole(buf) for name, buf in st.strategy.state().items()}
     if st.comm.rank == 0:
-        meta = {"resume_key": resume_key(st.cfg), "ranks": st.comm.size, "records": records, "extra": extra or {}}
-        state = {name: backend.to_host(buf) for name, buf in st.strategy.state().items()}
-        checkpoint.save(path, backend.to_host(st.theta), epoch, step, meta, state)
+        meta = {"resume_key": resume_key(st.cfg), "ranks": st.comm.size, "records": records, "extra": extra or {},
+                "data_ranks": st.data_comm.size}
+        checkpoint.save(path, theta, epoch, step, meta, state)
     st.comm.Barrier()
     return path
 
@@ -78,11 +80,13 @@ def _check_meta(path: Path, meta: dict[str, Any], cfg: Config, ranks: int) -> No
                               f"(they differ in {', '.join(differ) or 'their keys'}); refusing to resume it")
     if not isinstance(meta["ranks"], int) or isinstance(meta["ranks"], bool) or meta["ranks"] < 1:
         raise bad("ranks", f"expected a positive integer, found {str(meta['ranks'])[:40]!r}")
-    if meta["ranks"] != ranks:
+    written = meta.get("data_ranks", meta["ranks"])  # ranks that sum gradients; a tensor group's share one
+    if written != ranks:
         raise CheckpointError(
-            f"checkpoint {path} was written by a {meta['ranks']}-rank run and this run has {ranks}; "
+            f"checkpoint {path} was written by a {written}-rank run and this run has {ranks}; "
             "resume with the same rank count (a different count sums gradients in another order, so the result "
             "would not be bit-for-bit that of an uninterrupted run)"
+            + ("" if written == meta["ranks"] else "; counted in data-parallel ranks (parallel.tensor groups count once)")
         )
     records = meta["records"]
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
@@ -117,7 +121,8 @@ def _read(path: Path, cfg: Optional[Config] = None, expect: Optional[checkpoint.
 def expect_of(st: Any) -> checkpoint.Expect:
     """What this run needs a checkpoint to hold (checked when it is opened, before any training)."""
     cfg = st.cfg
-    state = {name: (tuple(buf.shape), str(buf.dtype)) for name, buf in st.strategy.state().items()}
+    whole = (st.n_params,) if st.sharding is not None else None  # a sharded state is checkpointed whole
+    state = {name: (whole or tuple(buf.shape), str(buf.dtype)) for name, buf in st.strategy.state().items()}
     steps = -(-len(st.data.train) // cfg.train.batch_size)
     return checkpoint.Expect(st.n_params, cfg.model.dtype, state, cfg.train.epochs, steps)
 
@@ -134,15 +139,15 @@ def try_resume(st: Any, log: Log) -> tuple[int, int, list[dict[str, Any]], dict[
     expect = expect_of(st)
     # Rank 0 alone reads and sends what it found: every rank resumes from the same bytes, and a
     # rank on a node that sees another (or no) file cannot make the ranks disagree.
-    ck = runtime.together(st.comm, lambda: _read(path, cfg, expect, st.comm.size) if st.comm.rank == 0 else None,
+    ck = runtime.together(st.comm, lambda: _read(path, cfg, expect, st.data_comm.size) if st.comm.rank == 0 else None,
                           name_ranks=False)
     ck = st.comm.bcast(ck, root=0)
     if ck is None:
         log(f"no checkpoint at {path}: starting from scratch")
         return 0, 0, [], {}
     state = st.strategy.state()
-    st.theta[...] = st.xp.asarray(ck["theta"])
+    st.put_whole(ck["theta"], st.theta)
     for name, buf in state.items():
-        buf[...] = st.xp.asarray(ck["state"][name])
+        st.put_whole(ck["state"][name], buf)
     log(f"resumed from {path} at epoch {ck['epoch']} step {ck['step']}")
     return ck["epoch"], ck["step"], ck["meta"]["records"], ck["meta"].get("extra") or {}

@@ -48,7 +48,13 @@ class State:
         self.cfg, self.comm, self.xp, self.data = cfg, comm, xp, data
         self.fault_fired = False  # debug.fail_*: injected once
         self.layout = model.Layout(cfg.model.layers)
-        self.n_params = self.layout.n_params
+        self.n_params = self.layout.n_params  # the whole model's (a tensor-parallel rank holds a part)
+        self.data_comm, self.sharding = comm, None  # the data-parallel group; what gathers a whole model
+        if cfg.parallel.tensor > 1:  # the grid's tensor groups: strategy, reducer, shards (parallel/tensor.py)
+            from pbp_hpc.parallel import tensor
+
+            tensor.build(self)
+            return
         self.strategy = strategies.make(cfg, comm, xp)  # first: it decides where the parameters live
         self.reducer = reducers.make(cfg, comm, self.layout, xp)
         try:
@@ -71,6 +77,18 @@ class State:
             self.strategy.reducer = self.reducer
             self.strategy.close()
             raise
+
+    def whole(self, buf: Any) -> np.ndarray:
+        """The whole model (or a parameter-shaped state) on the host, from this rank's buffer
+        (collective over a tensor group when the model is sharded)."""
+        return backend.to_host(buf) if self.sharding is None else self.sharding.gather(buf)
+
+    def put_whole(self, whole: Any, buf: Any) -> None:
+        """buf <- this rank's part of a whole model (all of it unless sharded)."""
+        if self.sharding is None:
+            buf[...] = self.xp.asarray(whole)
+        else:
+            self.sharding.scatter(whole, buf)
 
     def close(self) -> None:
         self.strategy.close()
@@ -176,12 +194,14 @@ def run(cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, log: Optional[Log] = None,
             log(f"pbp_hpc: {comm.size} rank(s) x {threads} thread(s) ({why_threads}), {binding['how']}, "
                 f"reducer {st.reducer.name} ({st.reducer.choice.get('reducer_reason', 'parallel.gpu_reducer')}), "
                 f"strategy {st.strategy.name}")
+            if st.sharding is not None:
+                log(st.sharding.header(st.data_comm.size))
             info["binding"] = binding  # rank 0's node
             result = _train(st, threads, info, log, quiet)
             result.update(st.reducer.choice)
             result.update(st.strategy.describe())
             if return_params:
-                result["params"] = backend.to_host(st.theta).copy()
+                result["params"] = st.whole(st.theta).copy()
                 if hasattr(st.strategy, "gathered_log"):  # async_ps, ssp: (worker, clock, version read, written)
                     result["update_log"] = st.strategy.gathered_log()
             return result

@@ -14,10 +14,23 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 
+class Above:
+    """The values of a count above `n` (a Rule's refused values for parallel.tensor > 1, say)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __contains__(self, v: Any) -> bool:
+        return isinstance(v, int) and v > self.n
+
+
+TENSOR = ("parallel.tensor", Above(1))
+
+
 @dataclass(frozen=True)
 class Rule:
-    first: tuple[str, tuple[Any, ...]]  # (config key, the values it refuses with `second`)
-    second: tuple[str, tuple[Any, ...]]
+    first: tuple[str, Any]  # (config key, the values it refuses with `second`: a tuple, or Above)
+    second: tuple[str, Any]
     why: str
 
 
@@ -39,6 +52,14 @@ RULES = [
          "error feedback carries compression's rounding into the next step; without compression there is none"),
     Rule(("parallel.strategy", ("local_sgd", "async_ps", "ssp", "hogwild")), ("parallel.compression", ("fp16", "bf16")),
          "compression applies to the gradient sum of allreduce; that strategy sends parameters or updates at full precision"),
+    Rule(TENSOR, ("parallel.strategy", ("local_sgd", "async_ps", "ssp", "hogwild")),
+         "a tensor group computes every step together; that strategy lets ranks run apart; use allreduce"),
+    Rule(TENSOR, ("parallel.reducer", ("overlap", "shm", "shared_batch")),
+         "the data-parallel groups of a tensor-parallel run sum their gradient shards with one Allreduce; "
+         "use parallel.reducer auto or blocking"),
+    Rule(TENSOR, ("algorithm", ("per_example",)),
+         "tensor parallelism splits the batched GEMMs; per_example is the one-at-a-time baseline"),
+    Rule(TENSOR, ("backend", ("cupy",)), "tensor parallelism runs on host buffers; with backend: cupy use parallel.tensor 1"),
 ]
 
 

@@ -1,0 +1,143 @@
+"""Which part of each layer a rank of a tensor group owns, and its flat buffer of it.
+
+Layers are taken in pairs (Megatron-LM's layout for an MLP): the first of a pair is split by
+*columns* (rank t owns a block of its output units: W[:, cols_t], b[cols_t]), the second by
+*rows* (rank t owns the matching block of its input rows, W[rows_t, :], and a copy of the
+whole bias). A column-split layer needs no communication in its forward pass (its input is
+whole on every rank); the row-split layer's products are partial sums that one Allreduce of
+B x n_out over the tensor group completes, the bias added once, so the pair's output is whole
+(and bit-identical) on every rank again. Backward, the row-split layer's input gradient is
+local, and the column-split layer's is a partial sum (one Allreduce of B x n_in), needed only
+where a layer lies below it: Net-1h (784-1024-10) is one pair and sends B x 10 values a step.
+
+With an odd number of layers the last one is **replicated** (every rank holds and computes it
+whole; its input is the previous pair's whole output, so no message either way). Splitting it
+would cost an Allgather of its B x n_out outputs (the loss needs whole rows) and an Allreduce
+of B x n_in in the backward pass; replicating it costs (T-1)/T x 6 B n_in n_out flops a step,
+which is less for every output layer of this package's networks (Net-2h's 1024 x 10: 60 kflop
+per example against two messages). The run's header says so.
+
+Unit counts need not divide by T: block t of n units is my_share(n, T, t) (sizes differ by at
+most one). A rank's flat buffer holds, layer by layer, its weight block (row-major) then its
+bias block, so an optimizer updates it as it would the whole model; `extract` and `assemble`
+convert between it and the whole model's flat layout (engine.model.Layout), for
+initialisation, checkpoints, saved models and return_params.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pbp_hpc.engine.model import Layout
+
+COL, ROW, FULL = "col", "row", "full"
+
+
+def plan(n_layers: int) -> list[str]:
+    """How each layer is held: (col, row) pairs from the input up, the odd last layer full."""
+    kinds = [COL if l % 2 == 0 else ROW for l in range(n_layers)]
+    if n_layers % 2 == 1:
+        kinds[-1] = FULL
+    return kinds
+
+
+def block(n: int, parts: int, part: int) -> tuple[int, int]:
+    """Part `part` of n units in `parts` contiguous blocks whose sizes differ by at most one."""
+    return n * part // parts, n * (part + 1) // parts
+
+
+@dataclass
+class ShardLayout:
+    """Rank t's (of T) part of every layer of the whole model `sizes`, in one flat buffer.
+
+    Quacks like engine.model.Layout where a reducer or optimizer needs it (n_params, n_layers,
+    layer_slice, w_slices, b_slices); shapes[l] is the shape of its weight block."""
+
+    sizes: list[int]
+    T: int
+    t: int
+    kinds: list[str] = field(default_factory=list)
+    blocks: list[tuple[int, int]] = field(default_factory=list)  # the split dimension's (lo, hi), or (0, n)
+    shapes: list[tuple[int, int]] = field(default_factory=list)
+    w_slices: list[slice] = field(default_factory=list)
+    b_slices: list[slice] = field(default_factory=list)
+    n_params: int = 0
+
+    def __post_init__(self) -> None:
+        self.kinds = plan(len(self.sizes) - 1)
+        off = 0
+        for l, (n_in, n_out) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):
+            kind = self.kinds[l]
+            if kind == COL:
+                lo, hi = block(n_out, self.T, self.t)
+                shape, nb = (n_in, hi - lo), hi - lo
+            elif kind == ROW:
+                lo, hi = block(n_in, self.T, self.t)
+                shape, nb = (hi - lo, n_out), n_out
+            else:
+                lo, hi = 0, n_out
+                shape, nb = (n_in, n_out), n_out
+            self.blocks.append((lo, hi))
+            self.shapes.append(shape)
+            self.w_slices.append(slice(off, off + shape[0] * shape[1]))
+            off += shape[0] * shape[1]
+            self.b_slices.append(slice(off, off + nb))
+            off += nb
+        self.n_params = off
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.sizes) - 1
+
+    def layer_slice(self, l: int) -> slice:
+        return slice(self.w_slices[l].start, self.b_slices[l].stop)
+
+    def widths(self) -> list[int]:
+        """Each layer's output width on this rank: its block for a column-split layer, else whole."""
+        return [s[1] for s in self.shapes]
+
+    def views(self, flat: Any, xp: Any) -> tuple[list[Any], list[Any]]:
+        """Per-layer (W block, b block) views into a flat shard buffer."""
+        ws = [xp.reshape(flat[s], shape) for s, shape in zip(self.w_slices, self.shapes)]
+        return ws, [flat[s] for s in self.b_slices]
+
+
+def _parts(whole: np.ndarray, whole_layout: Layout, shard: ShardLayout, l: int) -> tuple[np.ndarray, np.ndarray]:
+    """Views of layer l of a whole flat model that shard's rank owns: (weights, bias)."""
+    n_in, n_out = whole_layout.sizes[l], whole_layout.sizes[l + 1]
+    w = whole[whole_layout.w_slices[l]].reshape(n_in, n_out)
+    b = whole[whole_layout.b_slices[l]]
+    lo, hi = shard.blocks[l]
+    if shard.kinds[l] == COL:
+        return w[:, lo:hi], b[lo:hi]
+    if shard.kinds[l] == ROW:
+        return w[lo:hi, :], b
+    return w, b
+
+
+def extract(whole: np.ndarray, shard: ShardLayout, out: np.ndarray) -> np.ndarray:
+    """out <- shard's part of a whole flat model (host arrays)."""
+    layout = Layout(shard.sizes)
+    for l in range(shard.n_layers):
+        w, b = _parts(whole, layout, shard, l)
+        out[shard.w_slices[l]] = w.reshape(-1)
+        out[shard.b_slices[l]] = b
+    return out
+
+
+def assemble(shards: list[np.ndarray], sizes: list[int], out: np.ndarray) -> np.ndarray:
+    """out <- the whole flat model from every rank's shard (shards[t] from rank t of T).
+
+    Parts held by several ranks (the row-split layers' biases, a replicated last layer) are
+    identical on all of them; rank 0's copy is taken."""
+    T, layout = len(shards), Layout(sizes)
+    for t in reversed(range(T)):  # rank 0 last: its copy of the shared parts is what stays
+        shard = ShardLayout(sizes, T, t)
+        for l in range(shard.n_layers):
+            w, b = _parts(out, layout, shard, l)
+            w[...] = shards[t][shard.w_slices[l]].reshape(shard.shapes[l])
+            b[...] = shards[t][shard.b_slices[l]]
+    return out

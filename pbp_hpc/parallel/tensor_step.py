@@ -1,0 +1,190 @@
+"""One rank's part of a step when a tensor group of T ranks holds each layer's units in slices.
+
+The layout is engine.tensor_layout's: (column-split, row-split) pairs, the odd last layer
+replicated. Every rank of a tensor group takes the same examples (its data-parallel share);
+the forward pass completes each pair with one Allreduce of the row-split layer's B x n_out
+partial sums (the bias added by tensor rank 0 alone, before it, so once), the backward pass
+sends one Allreduce of B x n_in per column-split layer that has a layer below it. The output,
+the loss and the output delta are whole and bit-identical on every rank, so the softmax of
+cross-entropy sees whole rows and no rank needs another's parameters.
+
+The loss goes into the gradient buffer's extras as for every local step (each tensor rank
+holds the same value; the data-parallel reducer sums over the data group only). The stop
+flag, which a signal may raise on one rank alone, rides in one extra slot of the last
+pair's forward Allreduce, so that every rank of the world learns of it with no message of
+its own; the data-parallel reduction then counts it over the data group.
+
+Communicators are passed in (PyTorch's process-group style): `tensor` is this rank's tensor
+group. Buffers are allocated once; a step allocates nothing but array views.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import numpy as np
+from mpi4py import MPI
+
+from pbp_hpc.data import datasets, device as device_data
+from pbp_hpc.engine import activations, losses, ops
+from pbp_hpc.engine.tensor_layout import COL, ROW, ShardLayout
+from pbp_hpc.parallel.reducers.base import STOP_SLOT
+from pbp_hpc.parallel.reducers.compression import allreduce_bytes
+
+LayerDone = Callable[[int], None]
+
+
+def activation_values(shard: ShardLayout, n: int) -> list[int]:
+    """The sizes of the tensor group's Allreduces in a training step over n rows, in order:
+    forward, each row-split layer's n x n_out (the last one + 1: the stop flag); backward,
+    each column-split layer above the first, n x n_in. Empty without a row-split layer."""
+    kinds, sizes = shard.kinds, shard.sizes
+    rows = [l for l, k in enumerate(kinds) if k == ROW]
+    fwd = [n * sizes[l + 1] + (1 if l == rows[-1] else 0) for l in rows]
+    bwd = [n * sizes[l] for l in reversed(range(len(kinds))) if kinds[l] == COL and l > 0]
+    return fwd + bwd
+
+
+def activation_bytes(shard: ShardLayout, n: int, itemsize: int) -> int:
+    """Bytes a rank sends in its tensor group per training step over n rows (the formula the count is tested against)."""
+    if shard.T == 1:
+        return 0
+    return sum(allreduce_bytes(shard.T, c, itemsize) for c in activation_values(shard, n))
+
+
+class TensorStep:
+    """A tensor-parallel local step over a shard of the parameters (engine.step's interface)."""
+
+    applies_update = False  # the optimizer applies every update
+    skip = None  # no active-inputs compaction here (the record's active_inputs)
+
+    def __init__(self, shard: ShardLayout, theta: Any, grad: Any, loss_out: Any, source: Any, xp: Any,
+                 max_batch: int, layer_done: LayerDone, tensor: MPI.Comm, activation: str, loss: str):
+        self.shard, self.theta, self.grad, self.loss, self.source, self.xp = shard, theta, grad, loss_out, source, xp
+        self.tensor, self.T = tensor, tensor.size
+        self.act, self.loss_fn = activations.get(activation), losses.get(loss)
+        self.layer_done = layer_done
+        self.kinds = shard.kinds
+        self.ws, self.bs = shard.views(theta, xp)
+        self.gws, self.gbs = shard.views(grad, xp)
+        self.params_grad = grad[: shard.n_params]
+        self.extras = grad[shard.n_params:]
+        self.rows_of = [l for l, k in enumerate(self.kinds) if k == ROW]
+        self.max_batch = mb = max(1, max_batch)
+        self.widths = widths = shard.widths()
+        dtype = theta.dtype
+        # each layer's activations (then its delta), as flat buffers with one slot to spare: the
+        # last row-split layer's Allreduce carries the stop flag in the slot after its n rows
+        self.flat = [xp.zeros((mb * w + 1,), dtype=dtype) for w in widths]
+        self.scratch = xp.zeros((mb * max(widths),), dtype=dtype)
+        self.x = xp.zeros((mb, shard.sizes[0]), dtype=dtype)
+        self.y = xp.zeros((mb, shard.sizes[-1]), dtype=dtype)
+        self.ones = xp.ones((1, mb), dtype=dtype)
+        self.row = xp.zeros((mb, 1), dtype=dtype)
+        self.rows = np.arange(mb)
+        self.stop_buf = np.zeros(1, dtype=np.float64)  # an empty share's own stop reduction
+        self.work = self  # what evaluation reads: work.max_batch
+        self.seconds = 0.0  # time in the tensor group's Allreduces (communication)
+        self.sent_bytes = 0  # bytes sent in them by training steps, counted
+        self.steps = 0
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def _act(self, l: int, n: int) -> Any:
+        return self.xp.reshape(self.flat[l][: n * self.widths[l]], (n, -1))
+
+    def _allreduce(self, buf: Any, count: bool) -> None:
+        t = time.perf_counter()
+        self.tensor.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        self.seconds += time.perf_counter() - t
+        if count:
+            self.sent_bytes += allreduce_bytes(self.T, buf.shape[0], buf.itemsize)
+
+    def forward(self, x: Any, n: int, train: bool) -> Any:
+        """Every layer's activations for rows x[:n]; returns the output (whole on every rank).
+        train: the last pair's Allreduce carries the stop flag, and is counted."""
+        xp, act, last = self.xp, self.act, self.shard.n_layers - 1
+        a = x[:n, ...]
+        for l, kind in enumerate(self.kinds):
+            z = self._act(l, n)
+            activated = l < last or self.loss_fn.output_activation
+            scale = act.pre_scale if activated else 1.0
+            if kind == ROW:  # partial sums of the tensor group; rank 0 adds the bias, so it is added once
+                ops.linear_(xp, a, self.ws[l], self.bs[l] if self.tensor.rank == 0 else None, out=z, scale=scale)
+                stop = train and l == self.rows_of[-1]
+                span = self.flat[l][: n * z.shape[1] + (1 if stop else 0)]
+                if stop:
+                    span[-1] = self.extras[STOP_SLOT]
+                self._allreduce(span, train)
+                if stop:
+                    self.extras[STOP_SLOT] = span[-1]
+            else:
+                ops.linear_(xp, a, self.ws[l], self.bs[l], out=z, scale=scale)
+            if activated:
+                act.fast_forward_(xp, z)
+            a = z
+        return a
+
+    def backward(self, x: Any, n: int) -> None:
+        """Gradient sums of this rank's parameters into grad, the loss sum into loss_out[0]."""
+        xp, L = self.xp, self.shard.n_layers
+        a_out = self._act(L - 1, n)
+        err = xp.reshape(self.scratch[: n * a_out.shape[1]], (n, -1))
+        row, y = self.row[:n, ...], self.y[:n, ...]
+        self.loss[0] = self.loss_fn.value_(xp, a_out, y, err, row)
+        d = self.loss_fn.delta_(xp, a_out, y, err, row, self.act if self.loss_fn.output_activation else None)
+        for l in range(L - 1, -1, -1):
+            a_in = x[:n, ...] if l == 0 else self._act(l - 1, n)
+            ops.gemm(xp, a_in.T, d, self.gws[l])
+            ops.gemm(xp, self.ones[:, :n], d, self.gbs[l][None, :])
+            self.layer_done(l)
+            if l == 0:
+                break
+            back = xp.reshape(self.scratch[: n * a_in.shape[1]], (n, -1))
+            ops.matmul(xp, d, self.ws[l].T, out=back)
+            if self.kinds[l] == COL:  # partial sums over this rank's output units: the group completes them
+                self._allreduce(self.scratch[: n * a_in.shape[1]], True)
+            self.act.delta_(xp, a_in, back)
+            d = a_in
+
+    # -- the local step's interface ---------------------------------------------------------------
+    def __call__(self, idx: Any, scale: float = 0.0) -> None:
+        n = idx.shape[0]
+        self.steps += 1
+        if n == 0 or not self.rows_of:  # no rows (more data groups than examples), or nothing split
+            if n == 0:
+                self.params_grad[...] = 0
+                self.loss[...] = 0
+                for l in reversed(range(self.shard.n_layers)):
+                    self.layer_done(l)
+            else:
+                self._run(idx, n)
+            if self.T > 1:
+                self.stop_buf[0] = self.extras[STOP_SLOT]
+                self._allreduce(self.stop_buf, True)
+                self.extras[STOP_SLOT] = self.stop_buf[0]
+            return
+        self._run(idx, n)
+
+    def _run(self, idx: Any, n: int) -> None:
+        datasets.fill_batch(self.source, idx, self.x, self.y, self.xp, self.rows)
+        self.forward(self.x, n, train=True)
+        self.backward(self.x, n)
+
+    def count_correct(self, source: Any, idx: Any) -> Any:
+        """How many of examples idx the model classifies correctly (collective over the tensor group)."""
+        n = idx.shape[0]
+        datasets.fill_batch(source, idx, self.x, self.y, self.xp, self.rows)
+        pred = self.xp.argmax(self.forward(self.x, n, train=False), axis=1)
+        return device_data.count_correct(source, pred, idx)
+
+    def batch_x(self, n: int) -> Any:
+        return self.x
+
+    def own_bytes(self) -> int:
+        return 0
+
+    def bytes_per_step(self) -> float:
+        """Activation bytes this rank sent per training step, counted (mean over the steps run)."""
+        return self.sent_bytes / self.steps if self.steps else 0.0
+
