@@ -119,6 +119,19 @@ def test_a_tensor_group_computes_the_one_rank_parameters(setup, layers):
     assert par["grid"] == {"data": 1, "tensor": T, "pipeline": 1}
 
 
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("setup", [SIGMOID_MSE_SGD, RELU_CE_NESTEROV], ids=["fused-sgd", "nesterov-wd"])
+def test_on_mnist_the_first_layer_skips_zero_inputs_and_still_computes_the_one_rank_parameters(mnist_dir, setup):
+    over = {"data.name": "mnist", "data.dir": str(mnist_dir), "model.layers": NET1H_LIKE, "data.n_train": 72}
+    par = train.run(cfg_of(setup, parallel__tensor=WORLD.size, **{k.replace(".", "__"): v for k, v in over.items()}),
+                    WORLD, return_params=True)
+    ref = train.run(cfg_of(setup, **{k.replace(".", "__"): v for k, v in over.items()}), MPI.COMM_SELF, return_params=True)
+    assert par["active_inputs"]["compacted_steps"] == 24
+    assert rel(par["params"], ref["params"]) < 1e-10
+    for p in WORLD.allgather(par["params"]):
+        np.testing.assert_array_equal(p, par["params"])
+
+
 def shared_dir(tmp_path):
     return WORLD.bcast(str(tmp_path) if WORLD.rank == 0 else None, root=0)
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
+from pbp_hpc.data import datasets
 from pbp_hpc.engine import backend, model, optimizers
 from pbp_hpc.engine.tensor_layout import COL, FULL, ROW, ShardLayout, assemble, extract
 from pbp_hpc.errors import ConfigError
@@ -137,9 +138,13 @@ def build(st: Any) -> None:
         st.theta = st.reducer.parameters(lambda out: sh.local(whole))
         st.optimizer = optimizers.make(cfg, st.theta, st.reducer.state_buffer, xp)
         n = sh.shard.n_params
+        # one data-parallel rank and plain SGD: the shard's gradient is complete here, so the
+        # update may happen inside the gradient GEMMs (as engine.step's fused path on one rank)
+        fused = data.size == 1 and st.optimizer.fusable
+        skip = xp is np and cfg.train.skip_zero_inputs and datasets.has_active_features(st.data.train)
         st.local = TensorStep(sh.shard, st.theta, st.grad, st.grad[n:n + 1], st.data.train, xp,
                               -(-cfg.train.batch_size // data.size), st.reducer.layer_done, tensor,
-                              cfg.model.activation, cfg.model.loss)
+                              cfg.model.activation, cfg.model.loss, fused=fused, skip_zero_inputs=skip)
         st.strategy.attach(st.local, st.reducer, st.optimizer)
     except BaseException:
         st.strategy.reducer = getattr(st, "reducer", None)

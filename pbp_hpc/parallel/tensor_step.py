@@ -27,7 +27,7 @@ import numpy as np
 from mpi4py import MPI
 
 from pbp_hpc.data import datasets, device as device_data
-from pbp_hpc.engine import activations, losses, ops
+from pbp_hpc.engine import activations, active_inputs, losses, ops
 from pbp_hpc.engine.tensor_layout import COL, ROW, ShardLayout
 from pbp_hpc.parallel.reducers.base import STOP_SLOT
 from pbp_hpc.parallel.reducers.compression import allreduce_bytes
@@ -54,17 +54,23 @@ def activation_bytes(shard: ShardLayout, n: int, itemsize: int) -> int:
 
 
 class TensorStep:
-    """A tensor-parallel local step over a shard of the parameters (engine.step's interface)."""
+    """A tensor-parallel local step over a shard of the parameters (engine.step's interface).
 
-    applies_update = False  # the optimizer applies every update
-    skip = None  # no active-inputs compaction here (the record's active_inputs)
+    fused: plain SGD where the shard's gradient sum is complete on this rank (a data-parallel
+    group of one): the update happens inside the gradient GEMMs (BLAS alpha and beta), as on
+    one rank (engine.step), with no gradient buffer pass and no update pass. skip_zero_inputs:
+    the first layer's GEMMs on the batch's nonzero input columns (engine.active_inputs), as on
+    one rank: its weight block is W_1[:, cols_t], whose rows are gathered as theirs are.
+    """
 
     def __init__(self, shard: ShardLayout, theta: Any, grad: Any, loss_out: Any, source: Any, xp: Any,
-                 max_batch: int, layer_done: LayerDone, tensor: MPI.Comm, activation: str, loss: str):
+                 max_batch: int, layer_done: LayerDone, tensor: MPI.Comm, activation: str, loss: str,
+                 fused: bool = False, skip_zero_inputs: bool = False):
         self.shard, self.theta, self.grad, self.loss, self.source, self.xp = shard, theta, grad, loss_out, source, xp
         self.tensor, self.T = tensor, tensor.size
         self.act, self.loss_fn = activations.get(activation), losses.get(loss)
         self.layer_done = layer_done
+        self.applies_update = fused  # the strategy then skips the optimizer
         self.kinds = shard.kinds
         self.ws, self.bs = shard.views(theta, xp)
         self.gws, self.gbs = shard.views(grad, xp)
@@ -73,16 +79,21 @@ class TensorStep:
         self.rows_of = [l for l, k in enumerate(self.kinds) if k == ROW]
         self.max_batch = mb = max(1, max_batch)
         self.widths = widths = shard.widths()
-        dtype = theta.dtype
+        dtype, d = theta.dtype, shard.sizes[0]
         # each layer's activations (then its delta), as flat buffers with one slot to spare: the
         # last row-split layer's Allreduce carries the stop flag in the slot after its n rows
         self.flat = [xp.zeros((mb * w + 1,), dtype=dtype) for w in widths]
         self.scratch = xp.zeros((mb * max(widths),), dtype=dtype)
-        self.x = xp.zeros((mb, shard.sizes[0]), dtype=dtype)
+        self.x = xp.zeros((mb, d), dtype=dtype)
         self.y = xp.zeros((mb, shard.sizes[-1]), dtype=dtype)
         self.ones = xp.ones((1, mb), dtype=dtype)
         self.row = xp.zeros((mb, 1), dtype=dtype)
         self.rows = np.arange(mb)
+        self.skip = active_inputs.ActiveInputs(d, widths[0]) if skip_zero_inputs else None
+        if self.skip is not None:
+            self.wc = np.empty((d + 1) * widths[0], dtype=dtype)  # gathered rows of the first weight block, then b
+            self.xc = np.empty(mb * (d + 1), dtype=dtype)  # the batch, compacted or not
+            self.g0 = grad[shard.layer_slice(0)]
         self.stop_buf = np.zeros(1, dtype=np.float64)  # an empty share's own stop reduction
         self.work = self  # what evaluation reads: work.max_batch
         self.seconds = 0.0  # time in the tensor group's Allreduces (communication)
@@ -100,9 +111,10 @@ class TensorStep:
         if count:
             self.sent_bytes += allreduce_bytes(self.T, buf.shape[0], buf.itemsize)
 
-    def forward(self, x: Any, n: int, train: bool) -> Any:
+    def forward(self, ws: list[Any], bs: list[Any], x: Any, n: int, train: bool) -> Any:
         """Every layer's activations for rows x[:n]; returns the output (whole on every rank).
-        train: the last pair's Allreduce carries the stop flag, and is counted."""
+        A bias given as None is inside the product (model.forward). train: the last pair's
+        Allreduce carries the stop flag, and is counted."""
         xp, act, last = self.xp, self.act, self.shard.n_layers - 1
         a = x[:n, ...]
         for l, kind in enumerate(self.kinds):
@@ -110,7 +122,7 @@ class TensorStep:
             activated = l < last or self.loss_fn.output_activation
             scale = act.pre_scale if activated else 1.0
             if kind == ROW:  # partial sums of the tensor group; rank 0 adds the bias, so it is added once
-                ops.linear_(xp, a, self.ws[l], self.bs[l] if self.tensor.rank == 0 else None, out=z, scale=scale)
+                ops.linear_(xp, a, ws[l], bs[l] if self.tensor.rank == 0 else None, out=z, scale=scale)
                 stop = train and l == self.rows_of[-1]
                 span = self.flat[l][: n * z.shape[1] + (1 if stop else 0)]
                 if stop:
@@ -119,15 +131,19 @@ class TensorStep:
                 if stop:
                     self.extras[STOP_SLOT] = span[-1]
             else:
-                ops.linear_(xp, a, self.ws[l], self.bs[l], out=z, scale=scale)
+                ops.linear_(xp, a, ws[l], bs[l], out=z, scale=scale)
             if activated:
                 act.fast_forward_(xp, z)
             a = z
         return a
 
-    def backward(self, x: Any, n: int) -> None:
-        """Gradient sums of this rank's parameters into grad, the loss sum into loss_out[0]."""
+    def backward(self, ws: list[Any], x: Any, n: int, gws: list[Any], gbs: list[Any], scale: float,
+                 first_done: LayerDone) -> None:
+        """scale x the gradient sums of this rank's parameters into gws/gbs (added to them where
+        they are the parameters themselves: the fused update), the loss sum into loss_out[0].
+        Each layer's input gradient is computed before its weights may change."""
         xp, L = self.xp, self.shard.n_layers
+        beta = 1.0 if self.applies_update else 0.0
         a_out = self._act(L - 1, n)
         err = xp.reshape(self.scratch[: n * a_out.shape[1]], (n, -1))
         row, y = self.row[:n, ...], self.y[:n, ...]
@@ -135,56 +151,79 @@ class TensorStep:
         d = self.loss_fn.delta_(xp, a_out, y, err, row, self.act if self.loss_fn.output_activation else None)
         for l in range(L - 1, -1, -1):
             a_in = x[:n, ...] if l == 0 else self._act(l - 1, n)
-            ops.gemm(xp, a_in.T, d, self.gws[l])
-            ops.gemm(xp, self.ones[:, :n], d, self.gbs[l][None, :])
-            self.layer_done(l)
-            if l == 0:
-                break
-            back = xp.reshape(self.scratch[: n * a_in.shape[1]], (n, -1))
-            ops.matmul(xp, d, self.ws[l].T, out=back)
-            if self.kinds[l] == COL:  # partial sums over this rank's output units: the group completes them
-                self._allreduce(self.scratch[: n * a_in.shape[1]], True)
-            self.act.delta_(xp, a_in, back)
-            d = a_in
+            if l > 0:
+                back = xp.reshape(self.scratch[: n * a_in.shape[1]], (n, -1))
+                ops.matmul(xp, d, ws[l].T, out=back)
+                if self.kinds[l] == COL:  # partial sums over this rank's output units: the group completes them
+                    self._allreduce(self.scratch[: n * a_in.shape[1]], True)
+            ops.gemm(xp, a_in.T, d, gws[l], alpha=scale, beta=beta)
+            if gbs[l] is not None:  # None: the bias's gradient came out of the GEMM above
+                ops.gemm(xp, self.ones[:, :n], d, gbs[l][None, :], alpha=scale, beta=beta)
+            (first_done if l == 0 else self.layer_done)(l)
+            if l > 0:
+                self.act.delta_(xp, a_in, back)
+                d = a_in
 
     # -- the local step's interface ---------------------------------------------------------------
     def __call__(self, idx: Any, scale: float = 0.0) -> None:
+        """The gradient sum and loss of examples idx (with applies_update: the update, scale = -lr / B)."""
         n = idx.shape[0]
         self.steps += 1
-        if n == 0 or not self.rows_of:  # no rows (more data groups than examples), or nothing split
-            if n == 0:
-                self.params_grad[...] = 0
-                self.loss[...] = 0
-                for l in reversed(range(self.shard.n_layers)):
-                    self.layer_done(l)
-            else:
-                self._run(idx, n)
-            if self.T > 1:
-                self.stop_buf[0] = self.extras[STOP_SLOT]
-                self._allreduce(self.stop_buf, True)
-                self.extras[STOP_SLOT] = self.stop_buf[0]
-            return
-        self._run(idx, n)
+        if n > 0:
+            self._run(idx, n, scale if self.applies_update else 1.0)
+        else:  # more data groups than examples: this group's share is empty
+            self.params_grad[...] = 0
+            self.loss[...] = 0
+            for l in reversed(range(self.shard.n_layers)):
+                self.layer_done(l)
+        if self.T > 1 and (n == 0 or not self.rows_of):  # no forward Allreduce carried the stop flag
+            self.stop_buf[0] = self.extras[STOP_SLOT]
+            self._allreduce(self.stop_buf, True)
+            self.extras[STOP_SLOT] = self.stop_buf[0]
 
-    def _run(self, idx: Any, n: int) -> None:
-        datasets.fill_batch(self.source, idx, self.x, self.y, self.xp, self.rows)
-        self.forward(self.x, n, train=True)
-        self.backward(self.x, n)
+    def _run(self, idx: Any, n: int, scale: float) -> None:
+        xp, skip, fused = self.xp, self.skip, self.applies_update
+        ws, bs = self.ws, self.bs
+        gws, gbs = (ws, bs) if fused else (self.gws, self.gbs)
+        cols = None
+        if skip is None:
+            datasets.fill_batch(self.source, idx, self.x, self.y, xp, self.rows)
+            x = self.x
+        else:
+            cols = self.source.active_features_into(idx, self.xc, skip)
+            datasets.fill_targets(self.source, idx, self.y, self.rows)
+            d = self.shard.sizes[0] if cols is None else cols.shape[0] + 1
+            x = self.xc[: n * d].reshape(n, d)
+        if cols is None:
+            self.forward(ws, bs, x, n, train=True)
+            self.backward(ws, x, n, gws, gbs, scale, self.layer_done)
+            return
+        w0 = skip.weights(ws[0], bs[0], self.wc)  # the active rows of the first weight block, then its bias
+        ws = [w0, *ws[1:]]
+        self.forward(ws, [None, *bs[1:]], x, n, train=True)
+        if fused:
+            self.backward(ws, x, n, ws, [None, *bs[1:]], scale, self.layer_done)
+            skip.put_weights(self.ws[0], self.bs[0], w0)  # the updated rows go back
+        else:
+            self.backward(ws, x, n, [skip.rows(self.g0), *gws[1:]], [None, *gbs[1:]], scale, self._expand_then_done)
+
+    def _expand_then_done(self, l: int) -> None:
+        self.skip.expand_gradient(self.g0)  # the compact gradient rows spread over the whole block
+        self.layer_done(l)
 
     def count_correct(self, source: Any, idx: Any) -> Any:
         """How many of examples idx the model classifies correctly (collective over the tensor group)."""
         n = idx.shape[0]
         datasets.fill_batch(source, idx, self.x, self.y, self.xp, self.rows)
-        pred = self.xp.argmax(self.forward(self.x, n, train=False), axis=1)
+        pred = self.xp.argmax(self.forward(self.ws, self.bs, self.x, n, train=False), axis=1)
         return device_data.count_correct(source, pred, idx)
 
     def batch_x(self, n: int) -> Any:
         return self.x
 
     def own_bytes(self) -> int:
-        return 0
+        return 0 if self.skip is None else self.wc.nbytes + self.xc.nbytes
 
     def bytes_per_step(self) -> float:
         """Activation bytes this rank sent per training step, counted (mean over the steps run)."""
         return self.sent_bytes / self.steps if self.steps else 0.0
-
