@@ -27,6 +27,7 @@ from pbp_hpc.engine.model import Layout
 from pbp_hpc.engine.tensor_layout import COL, FULL, ROW, ShardLayout, assemble, extract, plan
 from pbp_hpc.errors import ConfigError
 from pbp_hpc.parallel import tensor
+from pbp_hpc.parallel.reducers.compression import allreduce_bytes
 from pbp_hpc.parallel.tensor_step import activation_bytes
 
 WORLD = MPI.COMM_WORLD
@@ -190,6 +191,8 @@ def test_data_2_by_tensor_2_on_two_nodes_computes_the_one_rank_parameters():
     cmd = [*launcher, sys.executable, str(ROOT / "tests" / "nodes_program.py"), *map(json.dumps, cases)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=150, cwd=ROOT)
     assert res.returncode == 0, res.stderr
-    for case in last_json(res.stdout)["cases"]:
+    for case, layers in zip(last_json(res.stdout)["cases"], ([784, 16, 12, 10], json.loads(DEEP))):
         assert case["rel_diff"] < 1e-10, case
         assert case["identical_on_all_ranks"], case
+        # rank 0's gradient shard (and the loss and stop slots), summed over its data-parallel group of 2
+        assert case["wire_bytes_per_step"] == allreduce_bytes(2, ShardLayout(layers, 2, 0).n_params + 2, 8)
