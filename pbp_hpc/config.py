@@ -177,6 +177,13 @@ class ParallelConfig(_Section):
     # ranks that hold each layer's units in slices (tensor parallelism, pbp_hpc/parallel/tensor.py):
     # the world is data-parallel groups of this many ranks; 1: every rank holds the whole model
     tensor: int = Field(1, ge=1)
+    # stages of consecutive layers on consecutive ranks (pipeline parallelism, pbp_hpc/parallel/pipeline.py);
+    # each share of a minibatch in `microbatches` parts, scheduled gpipe or 1f1b; pipeline_split:
+    # layers per stage (null: the split whose most expensive stage is cheapest)
+    pipeline: int = Field(1, ge=1)
+    microbatches: int = Field(4, ge=1, le=64)
+    pipeline_schedule: Literal["1f1b", "gpipe"] = "1f1b"
+    pipeline_split: Optional[list[int]] = None
     # how ranks combine their work (pbp_hpc/parallel/strategies/): allreduce (the report's
     # Algorithm 5), local_sgd, async_ps, ssp, hogwild (docs/strategies.md)
     strategy: str = "allreduce"

@@ -50,10 +50,10 @@ class State:
         self.layout = model.Layout(cfg.model.layers)
         self.n_params = self.layout.n_params  # the whole model's (a tensor-parallel rank holds a part)
         self.data_comm, self.sharding = comm, None  # the data-parallel group; what gathers a whole model
-        if cfg.parallel.tensor > 1:  # the grid's tensor groups: strategy, reducer, shards (parallel/tensor.py)
-            from pbp_hpc.parallel import tensor
+        if cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1:  # a grid: strategy, reducer, shards
+            from pbp_hpc.parallel import pipeline, tensor
 
-            tensor.build(self)
+            (tensor if cfg.parallel.tensor > 1 else pipeline).build(self)  # sets grid_header too
             return
         self.strategy = strategies.make(cfg, comm, xp)  # first: it decides where the parameters live
         self.reducer = reducers.make(cfg, comm, self.layout, xp)
@@ -195,7 +195,7 @@ def run(cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, log: Optional[Log] = None,
                 f"reducer {st.reducer.name} ({st.reducer.choice.get('reducer_reason', 'parallel.gpu_reducer')}), "
                 f"strategy {st.strategy.name}")
             if st.sharding is not None:
-                log(st.sharding.header(st.data_comm.size))
+                log(st.grid_header)
             info["binding"] = binding  # rank 0's node
             result = _train(st, threads, info, log, quiet)
             result.update(st.reducer.choice)

@@ -25,6 +25,7 @@ class Above:
 
 
 TENSOR = ("parallel.tensor", Above(1))
+PIPELINE = ("parallel.pipeline", Above(1))
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,14 @@ RULES = [
     Rule(TENSOR, ("algorithm", ("per_example",)),
          "tensor parallelism splits the batched GEMMs; per_example is the one-at-a-time baseline"),
     Rule(TENSOR, ("backend", ("cupy",)), "tensor parallelism runs on host buffers; with backend: cupy use parallel.tensor 1"),
+    Rule(TENSOR, PIPELINE, "a grid with both tensor and pipeline groups is not built yet; choose one of them (and data)"),
+    Rule(PIPELINE, ("parallel.strategy", ("local_sgd", "async_ps", "ssp", "hogwild")),
+         "a pipeline computes every step together; that strategy lets ranks run apart; use allreduce"),
+    Rule(PIPELINE, ("parallel.reducer", ("overlap", "shm", "shared_batch")),
+         "each stage's data-parallel group sums its gradient with one Allreduce; use parallel.reducer auto or blocking"),
+    Rule(PIPELINE, ("algorithm", ("per_example",)),
+         "a pipeline runs batched microbatches; per_example is the one-at-a-time baseline"),
+    Rule(PIPELINE, ("backend", ("cupy",)), "pipeline parallelism runs on host buffers; with backend: cupy use parallel.pipeline 1"),
 ]
 
 

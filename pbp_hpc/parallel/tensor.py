@@ -146,6 +146,7 @@ def build(st: Any) -> None:
                               -(-cfg.train.batch_size // data.size), st.reducer.layer_done, tensor,
                               cfg.model.activation, cfg.model.loss, fused=fused, skip_zero_inputs=skip)
         st.strategy.attach(st.local, st.reducer, st.optimizer)
+        st.grid_header = sh.header(data.size)
     except BaseException:
         st.strategy.reducer = getattr(st, "reducer", None)
         st.strategy.close()

@@ -1,0 +1,242 @@
+"""One rank's part of a step when consecutive layers live on consecutive ranks (a pipeline).
+
+Stage s of S holds layers lo_s .. hi_s - 1 whole (engine.model's layout of that sub-network,
+one flat buffer). Each share of a global minibatch is cut into M microbatches (contiguous
+rows, sizes differing by at most one; an empty one is skipped by every stage alike). A
+microbatch's activations travel up with MPI_Isend / MPI_Irecv, its gradients (dL/d of the
+stage's input) travel down the same way, and each stage adds its layers' gradient sums over
+the microbatches, so the update is the one a single rank makes.
+
+Schedules (parallel.pipeline_schedule), both running the backward passes in microbatch order
+0, 1, .., M-1 so that they add the gradients in the same order and give identical parameters:
+
+    gpipe   every forward pass, then every backward pass: M microbatches' activations held
+    1f1b    S - s - 1 forwards to fill the pipe, then one forward and one backward in turn,
+            then the remaining backwards: at most min(M, S) microbatches' activations held
+
+The loss (on the last stage) and the stop flag reach every stage in one Allreduce of the two
+extras over the pipeline group at the end of the step. Communicators are passed in.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import numpy as np
+from mpi4py import MPI
+
+from pbp_hpc.data import datasets, device as device_data
+from pbp_hpc.engine import activations, losses, model, ops
+from pbp_hpc.parallel.strategies.base import my_share
+
+LayerDone = Callable[[int], None]
+
+
+class _Slot:
+    """The buffers of one microbatch in flight on this stage."""
+
+    def __init__(self, xp: Any, rows: int, n_in: int, widths: list[int], dtype: Any):
+        self.x = xp.zeros((rows, n_in), dtype=dtype)  # this stage's input: the data, or what came from below
+        self.acts = [xp.zeros((rows, w), dtype=dtype) for w in widths]
+        self.g_out = xp.zeros((rows, widths[-1]), dtype=dtype)  # dL/d(output), from the stage above
+        self.g_in = xp.zeros((rows, n_in), dtype=dtype)  # dL/d(input), sent to the stage below
+        self.y = xp.zeros((rows, widths[-1]), dtype=dtype)  # targets (last stage)
+        self.sent: Any = None  # the Isend of this microbatch's output, to finish before its delta overwrites it
+
+
+class PipelineStep:
+    """A pipeline stage's local step (engine.step's interface): the gradient sums of its layers."""
+
+    applies_update = False
+    skip = None
+
+    def __init__(self, layout: model.Layout, theta: Any, grad: Any, loss_out: Any, source: Any, xp: Any,
+                 max_batch: int, layer_done: LayerDone, pipe: MPI.Comm, first_layer: int, n_layers: int,
+                 microbatches: int, schedule: str, activation: str, loss: str):
+        self.layout, self.theta, self.grad, self.loss, self.source, self.xp = layout, theta, grad, loss_out, source, xp
+        self.pipe, self.s, self.S = pipe, pipe.rank, pipe.size
+        self.first_layer, self.global_last = first_layer, first_layer + layout.n_layers == n_layers
+        self.M, self.schedule = microbatches, schedule
+        self.act, self.loss_fn = activations.get(activation), losses.get(loss)
+        self.layer_done = layer_done
+        self.ws, self.bs = model.views(theta, layout, xp)
+        self.gws, self.gbs = model.views(grad, layout, xp)
+        self.extras = grad[layout.n_params:]
+        self.rows_per = rows = max(1, -(-max(1, max_batch) // microbatches))  # a microbatch's rows at most
+        slots = microbatches if schedule == "gpipe" else min(microbatches, self.S)
+        dtype = theta.dtype
+        self.slots = [_Slot(xp, rows, layout.sizes[0], layout.sizes[1:], dtype) for _ in range(slots)]
+        self.scratch = xp.zeros((rows * max(layout.sizes),), dtype=dtype)
+        self.ones = xp.ones((1, rows), dtype=dtype)
+        self.row = xp.zeros((rows, 1), dtype=dtype)
+        self.rows = np.arange(rows)
+        self.max_batch = rows  # evaluation's chunks: one microbatch's buffers
+        self.work = self
+        self.seconds = 0.0  # time waiting for the neighbours' messages
+        self.sent_bytes = 0
+        self.steps = 0
+        self._pending: list[Any] = []  # sends of gradients not known to be finished
+
+    # -- arithmetic of one microbatch --------------------------------------------------------------
+    def _forward(self, slot: _Slot, n: int) -> Any:
+        xp, act = self.xp, self.act
+        a = slot.x[:n]
+        last = self.layout.n_layers - 1
+        for l in range(self.layout.n_layers):
+            z = slot.acts[l][:n]
+            activated = not (self.global_last and l == last) or self.loss_fn.output_activation
+            ops.linear_(xp, a, self.ws[l], self.bs[l], out=z, scale=act.pre_scale if activated else 1.0)
+            if activated:
+                act.fast_forward_(xp, z)
+            a = z
+        return a
+
+    def _backward(self, slot: _Slot, n: int, beta: float) -> float:
+        """Gradient sums of this microbatch added (beta 1) or written (beta 0) into grad; dL/d(input)
+        into slot.g_in where a stage lies below. Returns the microbatch's loss sum (last stage) or 0."""
+        xp, L = self.xp, self.layout.n_layers
+        a_out = slot.acts[L - 1][:n]
+        loss = 0.0
+        if self.global_last:
+            err = xp.reshape(self.scratch[: n * a_out.shape[1]], (n, -1))
+            row, y = self.row[:n], slot.y[:n]
+            loss = float(self.loss_fn.value_(xp, a_out, y, err, row))
+            d = self.loss_fn.delta_(xp, a_out, y, err, row, self.act if self.loss_fn.output_activation else None)
+        else:
+            d = self.act.delta_(xp, a_out, slot.g_out[:n])
+        for l in range(L - 1, -1, -1):
+            a_in = slot.x[:n] if l == 0 else slot.acts[l - 1][:n]
+            if l > 0:
+                back = xp.reshape(self.scratch[: n * a_in.shape[1]], (n, -1))
+                ops.matmul(xp, d, self.ws[l].T, out=back)
+            elif self.s > 0:
+                ops.matmul(xp, d, self.ws[0].T, out=slot.g_in[:n])
+            ops.gemm(xp, a_in.T, d, self.gws[l], beta=beta)
+            ops.gemm(xp, self.ones[:, :n], d, self.gbs[l][None, :], beta=beta)
+            if l > 0:
+                self.act.delta_(xp, a_in, back)
+                d = a_in
+        return loss
+
+    # -- messages ------------------------------------------------------------------------------
+    def _wait(self, req: Any) -> None:
+        t = time.perf_counter()
+        req.Wait()
+        self.seconds += time.perf_counter() - t
+
+    def _send(self, buf: Any, dest: int, tag: int) -> Any:
+        self.sent_bytes += buf.nbytes
+        return self.pipe.Isend(buf, dest=dest, tag=tag)
+
+    # -- the local step's interface ---------------------------------------------------------------
+    def __call__(self, idx: Any, scale: float = 0.0) -> None:
+        self.steps += 1
+        n = idx.shape[0]
+        bounds = [my_share(n, self.M, m) for m in range(self.M)]
+        micro = [m for m, (lo, hi) in enumerate(bounds) if hi > lo]
+        if not micro:
+            self.grad[: self.layout.n_params] = 0
+            self.loss[0] = 0.0
+        else:
+            self.loss[0] = self._schedule(idx, bounds, micro)
+        for l in reversed(range(self.layout.n_layers)):
+            self.layer_done(l)
+        if self.S > 1:  # the loss (last stage) and the stop flags, to every stage
+            t = time.perf_counter()
+            self.pipe.Allreduce(MPI.IN_PLACE, self.extras, op=MPI.SUM)
+            self.seconds += time.perf_counter() - t
+
+    def _schedule(self, idx: Any, bounds: list[tuple[int, int]], micro: list[int]) -> float:
+        K = len(self.slots)
+        recvs: dict[tuple[str, int], Any] = {}
+        up, down = self.s + 1 < self.S, self.s > 0
+
+        def post(i: int) -> None:  # the receives of the i-th microbatch, into its slot
+            m, slot = micro[i], self.slots[i % K]
+            rows = bounds[m][1] - bounds[m][0]
+            if down:
+                recvs["x", i] = self.pipe.Irecv(slot.x[:rows], source=self.s - 1, tag=2 * m)
+            if up:
+                recvs["g", i] = self.pipe.Irecv(slot.g_out[:rows], source=self.s + 1, tag=2 * m + 1)
+
+        def forward(i: int) -> None:
+            m, slot = micro[i], self.slots[i % K]
+            lo, hi = bounds[m]
+            part = idx[lo:hi]
+            if down:
+                self._wait(recvs.pop(("x", i)))
+            else:
+                datasets.fill_batch(self.source, part, slot.x, slot.y, self.xp, self.rows)
+            if not up:
+                datasets.fill_targets(self.source, part, slot.y, self.rows)
+            out = self._forward(slot, hi - lo)
+            if up:
+                slot.sent = self._send(out, self.s + 1, 2 * m)
+
+        loss = 0.0
+
+        def backward(i: int) -> None:
+            nonlocal loss
+            m, slot = micro[i], self.slots[i % K]
+            rows = bounds[m][1] - bounds[m][0]
+            if up:
+                self._wait(recvs.pop(("g", i)))
+                self._wait(slot.sent)  # (delivered already: the gradient of it came back)
+            loss += self._backward(slot, rows, 0.0 if i == 0 else 1.0)
+            if down:
+                self._pending.append(self._send(slot.g_in[:rows], self.s - 1, 2 * m + 1))
+            if i + K < len(micro):
+                self._finish_sends()  # the slot's g_in is reused by microbatch i + K
+                post(i + K)
+
+        for i in range(min(K, len(micro))):
+            post(i)
+        n_micro = len(micro)
+        if self.schedule == "gpipe":
+            for i in range(n_micro):
+                forward(i)
+            for i in range(n_micro):
+                backward(i)
+        else:
+            warm = min(self.S - self.s - 1, n_micro)
+            for i in range(warm):
+                forward(i)
+            for i in range(n_micro - warm):
+                forward(warm + i)
+                backward(i)
+            for i in range(n_micro - warm, n_micro):
+                backward(i)
+        self._finish_sends()
+        return loss
+
+    def _finish_sends(self) -> None:
+        if self._pending:
+            t = time.perf_counter()
+            MPI.Request.Waitall(self._pending)
+            self.seconds += time.perf_counter() - t
+            self._pending = []
+
+    def count_correct(self, source: Any, idx: Any) -> Any:
+        """How many of examples idx the model classifies correctly (collective over the pipeline)."""
+        n, slot = idx.shape[0], self.slots[0]
+        if self.s == 0:
+            datasets.fill_batch(source, idx, slot.x, slot.y, self.xp, self.rows)
+        else:
+            self.pipe.Recv(slot.x[:n], source=self.s - 1, tag=0x7E)
+        out = self._forward(slot, n)
+        correct = 0
+        if self.s + 1 < self.S:
+            self.pipe.Send(out, dest=self.s + 1, tag=0x7E)
+        else:
+            correct = int(device_data.count_correct(source, self.xp.argmax(out, axis=1), idx))
+        return self.pipe.bcast(correct, root=self.S - 1)
+
+    def batch_x(self, n: int) -> Any:
+        return self.slots[0].x
+
+    def own_bytes(self) -> int:
+        return 0
+
+    def bytes_per_step(self) -> float:
+        return self.sent_bytes / self.steps if self.steps else 0.0
