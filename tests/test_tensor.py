@@ -26,7 +26,7 @@ from pbp_hpc import config, model_file, train
 from pbp_hpc.engine.model import Layout
 from pbp_hpc.engine.tensor_layout import COL, FULL, ROW, ShardLayout, assemble, extract, plan
 from pbp_hpc.errors import ConfigError
-from pbp_hpc.parallel import tensor
+from pbp_hpc.parallel import pipeline, tensor
 from pbp_hpc.parallel.reducers.compression import allreduce_bytes
 from pbp_hpc.parallel.tensor_step import activation_bytes
 
@@ -102,8 +102,9 @@ def test_a_world_or_network_the_tensor_groups_cannot_split_is_refused():
 # -- under mpiexec: the world is one tensor group --------------------------------------------------
 
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("layers", [DEEP, NET1H_LIKE, ODD])
-@pytest.mark.parametrize("setup", [SIGMOID_MSE_SGD, RELU_CE_NESTEROV], ids=["sigmoid-mse-sgd", "relu-ce-nesterov-wd"])
+@pytest.mark.parametrize("setup,layers", [(SIGMOID_MSE_SGD, DEEP), (RELU_CE_NESTEROV, DEEP), (SIGMOID_MSE_SGD, NET1H_LIKE),
+                                          (RELU_CE_NESTEROV, ODD)],
+                         ids=["sigmoid-mse-sgd-deep", "relu-ce-nesterov-wd-deep", "sigmoid-mse-sgd-net1h", "relu-ce-odd"])
 def test_a_tensor_group_computes_the_one_rank_parameters(setup, layers):
     T = WORLD.size
     par = train.run(cfg_of(setup, model__layers=layers, parallel__tensor=T), WORLD, return_params=True)
@@ -184,15 +185,19 @@ def test_the_saved_model_and_the_evaluation_see_the_whole_model(tmp_path):
 
 # -- a 4-rank job: data 2 x tensor 2, on two emulated nodes ------------------------------------------
 
-def test_data_2_by_tensor_2_on_two_nodes_computes_the_one_rank_parameters():
+def test_data_2_by_tensor_2_and_by_pipeline_2_on_two_nodes_compute_the_one_rank_parameters():
     launcher = [MPIEXEC, "-n", "4", "-ppn", "2", "-hosts", "localhost,127.0.0.1", "-launcher", "fork"]
     cases = [{"parallel.tensor": 2},
-             {"parallel.tensor": 2, "model.layers": DEEP, **RELU_CE_NESTEROV}]
+             {"parallel.tensor": 2, "model.layers": DEEP, **RELU_CE_NESTEROV},
+             {"parallel.pipeline": 2, "parallel.microbatches": 2, "model.layers": DEEP, **RELU_CE_NESTEROV}]
     cmd = [*launcher, sys.executable, str(ROOT / "tests" / "nodes_program.py"), *map(json.dumps, cases)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=150, cwd=ROOT)
     assert res.returncode == 0, res.stderr
-    for case, layers in zip(last_json(res.stdout)["cases"], ([784, 16, 12, 10], json.loads(DEEP))):
+    lo, hi = pipeline.split_layers(json.loads(DEEP), 2)[0]
+    shards = [ShardLayout([784, 16, 12, 10], 2, 0).n_params, ShardLayout(json.loads(DEEP), 2, 0).n_params,
+              Layout(json.loads(DEEP)[lo:hi + 1]).n_params]
+    for case, n in zip(last_json(res.stdout)["cases"], shards):
         assert case["rel_diff"] < 1e-10, case
         assert case["identical_on_all_ranks"], case
-        # rank 0's gradient shard (and the loss and stop slots), summed over its data-parallel group of 2
-        assert case["wire_bytes_per_step"] == allreduce_bytes(2, ShardLayout(layers, 2, 0).n_params + 2, 8)
+        # rank 0's part of the gradient (and the loss and stop slots), summed over its data-parallel group of 2
+        assert case["wire_bytes_per_step"] == allreduce_bytes(2, n + 2, 8)
