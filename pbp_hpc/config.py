@@ -181,6 +181,9 @@ class ParallelConfig(_Section):
     # each share of a minibatch in `microbatches` parts, scheduled gpipe or 1f1b; pipeline_split:
     # layers per stage (null: the split whose most expensive stage is cheapest)
     pipeline: int = Field(1, ge=1)
+    # manual: the grid is data x parallel.tensor x parallel.pipeline as given; auto: a cost model fed
+    # by start-up measurements chooses tensor and pipeline (pbp_hpc/parallel/grid_auto.py)
+    grid: Literal["manual", "auto"] = "manual"
     microbatches: int = Field(4, ge=1, le=64)
     pipeline_schedule: Literal["1f1b", "gpipe"] = "1f1b"
     pipeline_split: Optional[list[int]] = None

@@ -185,6 +185,11 @@ def run(cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, log: Optional[Log] = None,
         if xp is not np:
             host, data = data, device_data.to_device(data, xp)  # uploaded once; batches are gathered on the device
             host.close()  # the node's shared copy (collective): no rank reads it again
+        why_grid = None
+        if cfg.parallel.grid == "auto":  # data x tensor x pipeline from a cost model (collective)
+            from pbp_hpc.parallel import grid_auto
+
+            cfg, why_grid = grid_auto.choose(cfg, comm)
         with State(cfg, comm, xp, data) as st:
             info = provenance.collect() if comm.rank == 0 else {}
             if devices is not None and comm.rank == 0:
@@ -194,6 +199,8 @@ def run(cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, log: Optional[Log] = None,
             log(f"pbp_hpc: {comm.size} rank(s) x {threads} thread(s) ({why_threads}), {binding['how']}, "
                 f"reducer {st.reducer.name} ({st.reducer.choice.get('reducer_reason', 'parallel.gpu_reducer')}), "
                 f"strategy {st.strategy.name}")
+            if why_grid is not None:
+                log(f"pbp_hpc: {why_grid}")
             if st.sharding is not None:
                 log(st.grid_header)
             info["binding"] = binding  # rank 0's node

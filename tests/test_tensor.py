@@ -201,3 +201,29 @@ def test_data_2_by_tensor_2_and_by_pipeline_2_on_two_nodes_compute_the_one_rank_
         assert case["identical_on_all_ranks"], case
         # rank 0's part of the gradient (and the loss and stop slots), summed over its data-parallel group of 2
         assert case["wire_bytes_per_step"] == allreduce_bytes(2, n + 2, 8)
+
+
+# -- parallel.grid: auto ------------------------------------------------------------------------------
+
+def test_the_grid_cost_model_prefers_splitting_units_where_the_gradient_is_large_and_the_batch_small():
+    from pbp_hpc.parallel import grid_auto
+
+    assert grid_auto.candidates(2, [784, 1024, 10], True) == [(2, 1, 1), (1, 2, 1), (1, 1, 2)]
+    assert grid_auto.candidates(4, [784, 1024, 1024, 10], True) == [(4, 1, 1), (2, 2, 1), (1, 4, 1), (2, 1, 2)]
+    assert grid_auto.candidates(2, [784, 1024, 10], False) == [(2, 1, 1)]
+    # Net-1h at batch 1 on a network of 1 ms latency and 10 ns per byte: the 3.26 MB gradient dominates
+    data, tp = (grid_auto.predict([784, 1024, 10], 1, g, 4, 4, 1e-3, 1e-8, "float32") for g in [(2, 1, 1), (1, 2, 1)])
+    assert tp < data
+
+
+@pytest.mark.mpi(min_size=2)
+def test_grid_auto_chooses_a_grid_the_header_names_and_trains_the_one_rank_parameters():
+    lines: list[str] = []
+    par = train.run(cfg_of(SIGMOID_MSE_SGD, model__layers=DEEP, parallel__grid="auto"), WORLD, return_params=True,
+                    log=lines.append)
+    ref = train.run(cfg_of(SIGMOID_MSE_SGD, model__layers=DEEP), MPI.COMM_SELF, return_params=True)
+    assert rel(par["params"], ref["params"]) < 1e-10
+    if WORLD.rank == 0:
+        assert any(line.startswith("pbp_hpc: grid auto: data ") for line in lines)
+    chosen = par["config"]["parallel"]
+    assert WORLD.size % (chosen["tensor"] * chosen["pipeline"]) == 0

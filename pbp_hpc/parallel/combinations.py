@@ -61,6 +61,8 @@ RULES = [
     Rule(TENSOR, ("algorithm", ("per_example",)),
          "tensor parallelism splits the batched GEMMs; per_example is the one-at-a-time baseline"),
     Rule(TENSOR, ("backend", ("cupy",)), "tensor parallelism runs on host buffers; with backend: cupy use parallel.tensor 1"),
+    Rule(("parallel.grid", ("auto",)), TENSOR, "grid auto chooses the tensor and pipeline sizes itself; leave them at 1"),
+    Rule(("parallel.grid", ("auto",)), PIPELINE, "grid auto chooses the tensor and pipeline sizes itself; leave them at 1"),
     Rule(TENSOR, PIPELINE, "a grid with both tensor and pipeline groups is not built yet; choose one of them (and data)"),
     Rule(PIPELINE, ("parallel.strategy", ("local_sgd", "async_ps", "ssp", "hogwild")),
          "a pipeline computes every step together; that strategy lets ranks run apart; use allreduce"),
