@@ -19,7 +19,6 @@ from mpi4py import MPI
 
 from pbp_hpc import model_file
 from pbp_hpc.data import device as device_data
-from pbp_hpc.engine import backend
 from pbp_hpc.parallel import runtime
 from pbp_hpc.parallel.strategies.base import my_share
 
@@ -36,7 +35,7 @@ def accuracy(st: Any, source: Any) -> Optional[float]:
     for start in range(lo, hi, chunk):
         correct += st.local.count_correct(source, device_data.index_range(source, start, min(hi, start + chunk)))
     total = np.array([int(correct)], dtype=np.int64)  # a buffer: MPI then waits without holding the GIL the watch needs
-    watch = st.reducer.watch  # a rank stopped or slow in the pass is noticed here, as in a step
+    watch = st.watch  # a rank stopped or slow in the pass is noticed here, as in a step
     with watch.around(f"the evaluation after step {watch.step}"):
         st.comm.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
     return int(total[0]) / n_total
@@ -70,7 +69,7 @@ class Tracker:
     def evaluate(self, epoch: int, steps_done: int, train_s: float, wall_s: float) -> Optional[str]:
         """A validation pass after `steps_done` global steps; returns why the run should stop, or None."""
         t0 = time.perf_counter()
-        watch = self.st.reducer.watch
+        watch = self.st.watch
         stalled0 = watch.stalled_s
         self._inject_stall()
         acc = accuracy(self.st, self.st.data.val)
@@ -84,8 +83,10 @@ class Tracker:
         self.loss_sum, self.loss_n = 0.0, 0
         if acc is not None and acc > self.best:
             self.best, self.since_best, self.best_at = acc, 0, point
-            if self.best_theta is not None:
-                self.best_theta[...] = backend.to_host(self.st.theta)
+            if self.best_theta is not None or self.st.grid.model.size > 1:  # gathered over the model's ranks
+                whole = self.st.whole(self.st.theta, root=0)
+                if self.best_theta is not None:
+                    self.best_theta[...] = whole
         else:
             self.since_best += 1
         self.eval_s += time.perf_counter() - t0
@@ -108,8 +109,9 @@ class Tracker:
         cfg = self.st.cfg
         if not cfg.train.save_model:
             return None
+        last = self.st.whole(self.st.theta, root=0) if self.best_at is None else None  # collective over the model's ranks
         if self.st.comm.rank == 0:
-            theta = self.best_theta if self.best_at is not None else backend.to_host(self.st.theta)
+            theta = self.best_theta if self.best_at is not None else last
             model_file.save(cfg.train.save_model, theta, cfg.to_dict(), {"best": self.best_at})
         self.st.comm.Barrier()
         return cfg.train.save_model

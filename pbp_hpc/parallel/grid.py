@@ -51,9 +51,18 @@ class Grid:
     model: MPI.Comm
     node: MPI.Comm
     across: MPI.Comm
-    nodes: int  # how many nodes the data group spans
-    equal_nodes: bool  # every node holds as many of the data group's ranks (node-shared buffers need it)
+    node_sizes: tuple[int, ...]  # the data group's ranks on each node, one entry per node
     _owned: list = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def nodes(self) -> int:
+        """How many nodes the data group spans."""
+        return len(self.node_sizes)
+
+    @property
+    def equal_nodes(self) -> bool:
+        """Whether every node holds as many of the data group's ranks (node-shared buffers need it)."""
+        return len(set(self.node_sizes)) == 1
 
     @property
     def one_node(self) -> bool:
@@ -108,8 +117,8 @@ def make_grid(world: MPI.Comm, cfg_or_dims: Union[Any, Dims] = (None, 1, 1)) -> 
     tensor = _split(world, T, d * S + s, t, owned)
     pipeline = _split(world, S, d * T + t, s, owned)
     model = _split(world, T * S, d, s * T + t, owned)
-    node, across, nodes, equal = _nodes(data, owned)
-    return Grid(world, D, T, S, d, t, s, data, tensor, pipeline, model, node, across, nodes, equal, owned)
+    node, across, node_sizes = _nodes(data, owned)
+    return Grid(world, D, T, S, d, t, s, data, tensor, pipeline, model, node, across, node_sizes, owned)
 
 
 def _split(world: MPI.Comm, n: int, color: int, key: int, owned: list) -> MPI.Comm:
@@ -124,18 +133,17 @@ def _split(world: MPI.Comm, n: int, color: int, key: int, owned: list) -> MPI.Co
     return c
 
 
-def _nodes(data: MPI.Comm, owned: list) -> tuple[MPI.Comm, MPI.Comm, int, bool]:
-    """The data group's node-local and across-node communicators, how many nodes, whether they
-    hold as many ranks each (collective over data)."""
+def _nodes(data: MPI.Comm, owned: list) -> tuple[MPI.Comm, MPI.Comm, tuple[int, ...]]:
+    """The data group's node-local and across-node communicators, and its ranks per node
+    (collective over data)."""
     if data.size == 1:
-        return data, MPI.COMM_SELF, 1, True
+        return data, MPI.COMM_SELF, (1,)
     node = data.Split_type(MPI.COMM_TYPE_SHARED, key=data.rank)
-    sizes = data.allgather(node.size if node.rank == 0 else 0)
-    nodes, equal = sum(1 for n in sizes if n), len({n for n in sizes if n}) == 1
-    if nodes == 1:  # one node: the data communicator itself
+    sizes = tuple(n for n in data.allgather(node.size if node.rank == 0 else 0) if n)
+    if len(sizes) == 1:  # one node: the data communicator itself
         node.Free()
-        return data, MPI.COMM_SELF, 1, True
+        return data, MPI.COMM_SELF, sizes
     owned.append(node)
     across = data.Split(node.rank, key=data.rank)
     owned.append(across)
-    return node, across, nodes, equal
+    return node, across, sizes
