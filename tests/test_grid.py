@@ -113,3 +113,58 @@ def test_grid_coordinates_follow_the_rank_order():
             assert after == (grid.s + 1 if grid.s < S - 1 else MPI.PROC_NULL)
         finally:
             grid.close()
+
+
+# --- a model split over a tensor group: gathered, it is the 1-rank model; checkpointed, it resumes ---
+
+def _one_rank_cfg(path, epochs, resume=False):
+    from pbp_hpc import config
+    from helpers import REPORT_SETUP
+
+    over = {**REPORT_SETUP, "model.layers": "[784, 12, 10]", "model.dtype": "float64", "data.name": "synthetic",
+            "data.n_train": 120, "data.n_test": 30, "train.epochs": epochs, "train.learning_rate": 0.3,
+            "train.eval_every": 0, "train.progress": "false", "train.batch_size": 10, "optimizer.name": "momentum",
+            "checkpoint.path": path, "checkpoint.resume": str(resume).lower()}
+    return config.load(None, [f"{k}={v}" for k, v in over.items()])
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_first_layer_split_over_two_ranks_gathers_to_the_one_rank_model_and_its_checkpoint_resumes_it(tmp_path):
+    import types
+
+    from pbp_hpc import checkpoint, resume, train
+
+    pair = WORLD.Split(0 if WORLD.rank < 2 else MPI.UNDEFINED, WORLD.rank)
+    if pair == MPI.COMM_NULL:
+        return
+    where = pair.bcast(str(tmp_path), root=0)
+    whole_ck, split_ck = f"{where}/whole.h5", f"{where}/split.h5"
+    try:
+        if pair.rank == 0:  # the 1-rank run: one epoch, checkpointed at its end; and two epochs uninterrupted
+            train.run(_one_rank_cfg(whole_ck, 1), MPI.COMM_SELF)
+            full = train.run(_one_rank_cfg(f"{where}/full.h5", 2), MPI.COMM_SELF, return_params=True)
+        pair.Barrier()
+        ck = checkpoint.load(whole_ck)
+        grid = make_grid(pair, (1, 2, 1))  # one tensor group of 2: the first layer in two halves of its units
+        sizes = [784, 12, 10]
+        layout = Layout(sizes, tensor_parts(sizes, ["cols", "whole"], 2, grid.t))
+        theta, velocity = np.zeros(layout.n_params), np.zeros(layout.n_params)
+        scatter_whole(layout, ck["theta"], theta)
+        scatter_whole(layout, ck["state"]["velocity"], velocity)
+        assert theta.shape[0] < ck["theta"].shape[0]  # each rank holds part of the model only
+        np.testing.assert_array_equal(gather_whole(layout, theta, grid.model), ck["theta"])
+        st = types.SimpleNamespace(cfg=_one_rank_cfg(split_ck, 2), comm=pair, grid=grid, layout=layout, theta=theta,
+                                   strategy=types.SimpleNamespace(state=lambda: {"velocity": velocity}))
+        st.whole = lambda buf, root=None: train.State.whole(st, buf, root)
+        resume.save(st, ck["epoch"], ck["step"], ck["meta"]["records"], ck["meta"]["extra"])  # from the parts
+        grid.close()
+        if pair.rank == 0:
+            written = checkpoint.load(split_ck)
+            assert written["meta"]["grid"] == [1, 2, 1] and written["meta"]["ranks"] == 1
+            np.testing.assert_array_equal(written["theta"], ck["theta"])
+            np.testing.assert_array_equal(written["state"]["velocity"], ck["state"]["velocity"])
+            resumed = train.run(_one_rank_cfg(split_ck, 2, resume=True), MPI.COMM_SELF, return_params=True)
+            assert resumed["status"] == "ok" and [e["epoch"] for e in resumed["epochs"]] == [0, 1]
+            assert resumed["params"].tobytes() == full["params"].tobytes()  # bit for bit
+    finally:
+        pair.Free()
