@@ -25,7 +25,7 @@ import numpy as np
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
-from pbp_hpc import evaluation, model_file, resume
+from pbp_hpc import evaluation, model_file, protocols, resume
 from pbp_hpc.config import Config
 from pbp_hpc.data import datasets, device as device_data
 from pbp_hpc.engine import backend, model, optimizers, step as local_steps
@@ -35,6 +35,7 @@ from pbp_hpc.parallel import gpu, provenance, reducers, runtime, shards, strateg
 from pbp_hpc.parallel.grid import make_grid
 from pbp_hpc.parallel.reducers import LOSS_SLOT
 from pbp_hpc.parallel.stall import StallWatch
+from pbp_hpc.results.finite import finite_json
 
 Log = Callable[[str], None]
 
@@ -53,8 +54,8 @@ class State:
         self.watch = StallWatch(comm)  # the stall check of every blocking wait in the run
         self.layout = model.Layout(cfg.model.layers)  # what this rank holds (all of it, today)
         self.n_params = self.layout.n_params
-        self.strategy = strategies.make(cfg, self.grid, xp)  # first: it decides where the parameters live
-        self.reducer = reducers.make(cfg, self.grid, self.layout, xp, self.watch)
+        self.strategy: protocols.Strategy = strategies.make(cfg, self.grid, xp)  # first: it decides where the parameters live
+        self.reducer: protocols.Reducer = reducers.make(cfg, self.grid, self.layout, xp, self.watch)
         try:
             self.grad = self.reducer.grad
             init = functools.partial(model.init_params, self.layout, cfg.train.seed, cfg.model.dtype, init=cfg.model.init)
@@ -398,31 +399,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.json and comm.rank == 0:
         print(json.dumps(finite_json(result), allow_nan=False), flush=True)
     return 0
-
-
-def finite_json(record: dict[str, Any]) -> dict[str, Any]:
-    """The record with every NaN or infinite float made null, each listed in record["notes"].
-
-    JSON has no NaN: Python's json writes a bare NaN that strict readers refuse. A timing or a
-    rate can be undefined (an epoch of zero duration, a median of nothing): null says so."""
-    notes: list[str] = list(record.get("notes") or [])
-
-    def clean(value: Any, where: str) -> Any:
-        if isinstance(value, dict):
-            return {k: clean(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v, f"{where}[{i}]") for i, v in enumerate(value)]
-        if isinstance(value, (float, np.floating)) and not np.isfinite(value):
-            notes.append(f"{where} was {float(value)} (undefined), written as null")
-            return None
-        if isinstance(value, np.generic):
-            return value.item()
-        return value
-
-    out = clean({k: v for k, v in record.items() if k != "notes"}, "")
-    if notes:
-        out["notes"] = notes
-    return out
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import numpy as np
 
 from pbp_hpc.data import datasets, device as device_data
 from pbp_hpc.engine import activations, active_inputs, losses, model, naive, ops, shared_batch
+from pbp_hpc.protocols import LocalStep, Reducer
 
 LayerDone = Callable[[int], None]
 
@@ -158,8 +159,8 @@ class CompactedStep(BatchedStep):
         return self.wc.nbytes + self.xc.nbytes
 
 
-def make_local_step(cfg: Any, layout: model.Layout, theta: Any, reducer: Any, source: Any, xp: Any,
-                    max_batch: int, may_fuse: bool) -> Any:
+def make_local_step(cfg: Any, layout: model.Layout, theta: Any, reducer: Reducer, source: Any, xp: Any,
+                    max_batch: int, may_fuse: bool) -> LocalStep:
     """The variant for this configuration and data (see the module docstring), with its
     activation and loss (model.activation, model.loss), writing into the reducer's buffer.
 

@@ -36,19 +36,19 @@ class SharedBatchReducer(NodeCopyReducer):
             raise ValueError("parallel.reducer=shared_batch works on host (numpy) buffers")
         super().__init__(comm, layout, dtype, xp, grid)
         self.step = 0
-        self.packed_sum: Optional[compression.CompressedSum] = None
+        self.compressed: Optional[compression.CompressedSum] = None
         if self.shared is None:  # one rank: nothing to share, a plain reducer
             return
         node = self.shared.local
         self.slices = spans(layout, node.size, node.rank)
         size = sum((r.stop - r.start) * layout.sizes[l + 1] + (c.stop - c.start) for l, r, c in self.slices)
-        self.packed = np.zeros(size, dtype=dtype)  # this rank's slices of the gradient, one buffer
+        self.own_grad = np.zeros(size, dtype=dtype)  # this rank's slices of the gradient, one buffer
         self.views, self._shares, off = [], [], 0
         for l, rows, cols in self.slices:
             w_span, b_span = flat_span(layout, l, rows, cols)
             nw, nb = w_span.stop - w_span.start, b_span.stop - b_span.start
-            gw = self.packed[off : off + nw].reshape(rows.stop - rows.start, layout.sizes[l + 1])
-            gb = self.packed[off + nw : off + nw + nb].reshape(1, nb)
+            gw = self.own_grad[off : off + nw].reshape(rows.stop - rows.start, layout.sizes[l + 1])
+            gb = self.own_grad[off + nw : off + nw + nb].reshape(1, nb)
             self.views.append((gw, gb))
             self._shares += [(w_span, [gw.reshape(-1)]), (b_span, [gb.reshape(-1)])]
             off += nw + nb
@@ -80,18 +80,18 @@ class SharedBatchReducer(NodeCopyReducer):
     def use_compression(self, kind: str, feedback: bool) -> None:
         """Only the Allreduce across nodes sends anything: it is the one compressed."""
         if self.shared is not None and self.shared.cross is not None:
-            self.packed_sum = compression.CompressedSum(self.shared.cross, self.packed.shape[0], kind, feedback)
+            self.compressed = compression.CompressedSum(self.shared.cross, self.own_grad.shape[0], kind, feedback)
 
     def wire_bytes(self) -> int:
         if self.shared is None:
             return super().wire_bytes()
         if self.shared.cross is None:
             return 0
-        nodes, item = self.shared.cross.size, self.packed.itemsize
+        nodes, item = self.shared.cross.size, self.own_grad.itemsize
         extras = compression.allreduce_bytes(nodes, EXTRAS, item)
-        if self.packed_sum is not None:
-            return self.packed_sum.wire_bytes() + extras
-        return compression.allreduce_bytes(nodes, self.packed.shape[0], item) + extras
+        if self.compressed is not None:
+            return self.compressed.wire_bytes() + extras
+        return compression.allreduce_bytes(nodes, self.own_grad.shape[0], item) + extras
 
     def finish(self) -> None:
         """Every rank's rows are in the node's buffers; the extras (loss, stop) are global."""
@@ -112,8 +112,8 @@ class SharedBatchReducer(NodeCopyReducer):
         if cross is None:
             return
         t = time.perf_counter()
-        if self.packed_sum is not None:
-            self.packed_sum.blocking(self.packed, self._watched)
+        if self.compressed is not None:
+            self.compressed.blocking(self.own_grad, self._watched)
         else:
-            self._watched(lambda: cross.Allreduce(MPI.IN_PLACE, self.packed, op=MPI.SUM))
+            self._watched(lambda: cross.Allreduce(MPI.IN_PLACE, self.own_grad, op=MPI.SUM))
         self.seconds += time.perf_counter() - t

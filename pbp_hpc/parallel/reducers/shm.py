@@ -170,13 +170,13 @@ class SharedMemoryReducer(NodeCopyReducer):
         # several nodes: the slice's sum is needed whole, for the Allreduce across nodes
         self.acc = np.empty(hi - lo, dtype=dtype) if self.shared.cross is not None else None
         self.parts = parts
-        self.packed: Optional[compression.CompressedSum] = None
+        self.compressed: Optional[compression.CompressedSum] = None
         self._shares = [(slice(lo, hi), parts if self.acc is None else [self.acc])]
 
     def use_compression(self, kind: str, feedback: bool) -> None:
         """Only the Allreduce across nodes sends anything: it is the one compressed."""
         if self.shared is not None and self.shared.cross is not None:
-            self.packed = compression.CompressedSum(self.shared.cross, self.acc.shape[0], kind, feedback)
+            self.compressed = compression.CompressedSum(self.shared.cross, self.acc.shape[0], kind, feedback)
 
     def wire_bytes(self) -> int:
         """Across nodes only: within a node the gradients are read from shared memory."""
@@ -184,8 +184,8 @@ class SharedMemoryReducer(NodeCopyReducer):
             return 0
         nodes, item = self.shared.cross.size, self.acc.itemsize
         extras = compression.allreduce_bytes(nodes, EXTRAS, item)
-        if self.packed is not None:
-            return self.packed.wire_bytes() + extras
+        if self.compressed is not None:
+            return self.compressed.wire_bytes() + extras
         return compression.allreduce_bytes(nodes, self.acc.shape[0], item) + extras
 
     def allocate(self, size: int) -> Any:
@@ -204,9 +204,9 @@ class SharedMemoryReducer(NodeCopyReducer):
         self.step += 1
         if shared.cross is not None:
             sum_parts(self.parts, self.acc)
-            if self.packed is not None:
+            if self.compressed is not None:
                 extras = shared.cross.Iallreduce(MPI.IN_PLACE, self.extras, op=MPI.SUM)
-                self.packed.blocking(self.acc, self._watched)
+                self.compressed.blocking(self.acc, self._watched)
                 self.watch.wait(extras)
             else:
                 with self.watch:

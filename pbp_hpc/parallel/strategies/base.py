@@ -36,6 +36,7 @@ import numpy as np
 
 from pbp_hpc.errors import DivergenceError
 from pbp_hpc.parallel.straggler import Straggler
+from pbp_hpc.protocols import LocalStep, Optimizer, Reducer
 
 
 def my_share(batch: int, size: int, rank: int) -> tuple[int, int]:
@@ -69,9 +70,9 @@ class Strategy:
     def __init__(self, cfg: Any, grid: Any, xp: Any):
         self.cfg, self.grid, self.xp = cfg, grid, xp
         self.comm = grid.data  # the ranks holding the same part of the model
-        self.local: Any = None
-        self.reducer: Any = None
-        self.optimizer: Any = None
+        self.local: Optional[LocalStep] = None
+        self.reducer: Optional[Reducer] = None
+        self.optimizer: Optional[Optimizer] = None
         self.watch: Any = None  # the run's stall check (parallel.stall), the reducer's
         self.compute_s = 0.0  # time outside communication calls, accumulated over the run
         self.exchange_s = 0.0  # time in the strategy's own communication (comm_s adds the reducer's)
@@ -81,15 +82,15 @@ class Strategy:
         self.sync: Callable[[], None] = lambda: None  # GPU kernels run asynchronously: compute time must hold them
 
     # -- construction ---------------------------------------------------------------------------
-    def parameters(self, reducer: Any, fill: Callable[[Any], Any]) -> Any:
+    def parameters(self, reducer: Reducer, fill: Callable[[Any], Any]) -> Any:
         """The parameter buffer, filled by fill (collective). By default the reducer's."""
         return reducer.parameters(fill)
 
-    def state_buffer(self, reducer: Any) -> Callable[[], Any]:
+    def state_buffer(self, reducer: Reducer) -> Callable[[], Any]:
         """What the optimizer calls for each state buffer it needs (zeroed, parameter-shaped)."""
         return reducer.state_buffer
 
-    def attach(self, local: Any, reducer: Any, optimizer: Any) -> None:
+    def attach(self, local: LocalStep, reducer: Reducer, optimizer: Optimizer) -> None:
         self.local, self.reducer, self.optimizer = local, reducer, optimizer
         # views the strategies that apply their own updates use (made once, not per step)
         self.theta = optimizer.theta
