@@ -1,4 +1,12 @@
-"""The package's own error types: every expected failure is one of these, never a raw traceback."""
+"""The package's own error types: every expected failure is one of these, never a raw traceback;
+and the exit codes a run ends with (defined here once; parallel/runtime.py maps errors to them)."""
+
+EXIT_FAILED = 1  # one rank's failure: the world was aborted
+EXIT_SETUP = 2  # a bad config, data or checkpoint, or a world that does not match it
+EXIT_DIVERGED = 3  # the loss or the parameters stopped being finite
+EXIT_STALLED = 4  # a step waited longer than parallel.stall_timeout_s for another rank: the world was aborted
+EXIT_STOPPED = 128  # + the signal's number (143: SIGTERM, 138: SIGUSR1): stopped outside the training loop
+EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 
 
 class PbpError(Exception):

@@ -29,14 +29,14 @@ def accuracy(st: Any, source: Any) -> Optional[float]:
     n_total = len(source)
     if n_total == 0:
         return None
-    comm = st.data_comm  # a tensor group evaluates the same examples together
+    comm = st.grid.data  # the ranks of a tensor group or pipeline evaluate the same examples together
     lo, hi = my_share(n_total, comm.size, comm.rank)
     correct = 0
     chunk = st.local.work.max_batch
     for start in range(lo, hi, chunk):
         correct += st.local.count_correct(source, device_data.index_range(source, start, min(hi, start + chunk)))
     total = np.array([int(correct)], dtype=np.int64)  # a buffer: MPI then waits without holding the GIL the watch needs
-    watch = st.reducer.watch  # a rank stopped or slow in the pass is noticed here, as in a step
+    watch = st.watch  # a rank stopped or slow in the pass is noticed here, as in a step
     with watch.around(f"the evaluation after step {watch.step}"):
         comm.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
     return int(total[0]) / n_total
@@ -70,7 +70,7 @@ class Tracker:
     def evaluate(self, epoch: int, steps_done: int, train_s: float, wall_s: float) -> Optional[str]:
         """A validation pass after `steps_done` global steps; returns why the run should stop, or None."""
         t0 = time.perf_counter()
-        watch = self.st.reducer.watch
+        watch = self.st.watch
         stalled0 = watch.stalled_s
         self._inject_stall()
         acc = accuracy(self.st, self.st.data.val)
@@ -84,10 +84,10 @@ class Tracker:
         self.loss_sum, self.loss_n = 0.0, 0
         if acc is not None and acc > self.best:
             self.best, self.since_best, self.best_at = acc, 0, point
-            if self.best_theta is not None or (self.st.sharding is not None and self.st.cfg.train.save_model):
-                theta = self.st.whole(self.st.theta)  # collective where the model is sharded
+            if self.best_theta is not None or self.st.grid.model.size > 1:  # gathered over the model's ranks
+                whole = self.st.whole(self.st.theta, root=0)
                 if self.best_theta is not None:
-                    self.best_theta[...] = theta
+                    self.best_theta[...] = whole
         else:
             self.since_best += 1
         self.eval_s += time.perf_counter() - t0
@@ -110,11 +110,9 @@ class Tracker:
         cfg = self.st.cfg
         if not cfg.train.save_model:
             return None
-        current = None
-        if self.best_at is None and (self.st.sharding is not None or self.st.comm.rank == 0):
-            current = self.st.whole(self.st.theta)  # collective where the model is sharded
+        last = self.st.whole(self.st.theta, root=0) if self.best_at is None else None  # collective over the model's ranks
         if self.st.comm.rank == 0:
-            theta = self.best_theta if self.best_at is not None else current
+            theta = self.best_theta if self.best_at is not None else last
             model_file.save(cfg.train.save_model, theta, cfg.to_dict(), {"best": self.best_at})
         self.st.comm.Barrier()
         return cfg.train.save_model

@@ -15,7 +15,9 @@ from typing import Any, Callable, Optional
 from pbp_hpc import checkpoint
 from pbp_hpc.checkpoint import CheckpointError
 from pbp_hpc.config import Config
-from pbp_hpc.parallel import runtime
+from pbp_hpc.engine import backend
+from pbp_hpc.engine.layout import Layout
+from pbp_hpc.parallel import runtime, shards, strategies
 
 Log = Callable[[str], None]
 
@@ -32,8 +34,18 @@ def resume_key(cfg: Config) -> dict[str, Any]:
     key = {"model": d["model"], "data": d["data"], "algorithm": d["algorithm"], "optimizer": d["optimizer"],
            "schedule": d["schedule"],
            "train": {k: d["train"][k] for k in ("batch_size", "learning_rate", "seed", "shuffle")}}
-    if cfg.parallel.strategy != "allreduce":  # (absent for allreduce: checkpoints from before strategies still resume)
-        p = d["parallel"]
+    facts = strategies.facts(cfg.parallel.strategy)
+    # absent for a strategy with no settings that sums gradients (allreduce): checkpoints from before strategies resume
+    if facts.keys or not facts.sums_gradients:
+        key["strategy"] = {"strategy": cfg.parallel.strategy, **{k: d["parallel"][k] for k in facts.keys}}
+    return key
+
+
+def _legacy_key(cfg: Config) -> dict[str, Any]:
+    """The key checkpoints of the shipped strategies had before strategies declared their settings
+    (every strategy setting, whatever the strategy): they still resume."""
+    key, p = resume_key(cfg), cfg.to_dict()["parallel"]
+    if "strategy" in key:
         key["strategy"] = {k: p[k] for k in ("strategy", "local_steps", "staleness_bound", "meet_every_steps")}
     return key
 
@@ -50,15 +62,24 @@ def save(st: Any, epoch: int, step: int, records: list[dict[str, Any]], extra: O
     extra: more JSON-able state of the loop (the evaluation curve, training time so far),
     returned by try_resume as it was given."""
     path = checkpoint_path(st.cfg)
-    if st.sharding is not None or st.comm.rank == 0:  # the whole model, gathered where it is sharded (collective)
-        theta = st.whole(st.theta)
-        state = {name: st.whole(buf) for name, buf in st.strategy.state().items()}
+    # the whole model, gathered from the ranks that hold its parts (each rank holds all of it today)
+    theta = st.whole(st.theta, root=0)
+    state = {name: _whole_state(st, buf) for name, buf in st.strategy.state().items()}
     if st.comm.rank == 0:
-        meta = {"resume_key": resume_key(st.cfg), "ranks": st.comm.size, "records": records, "extra": extra or {},
-                "data_ranks": st.data_comm.size}
+        grid = st.grid
+        # ranks: the data-parallel count, the one that fixes the order of the gradient sums
+        meta = {"resume_key": resume_key(st.cfg), "ranks": grid.D, "grid": [grid.D, grid.T, grid.S],
+                "records": records, "extra": extra or {}}
         checkpoint.save(path, theta, epoch, step, meta, state)
     st.comm.Barrier()
     return path
+
+
+def _whole_state(st: Any, buf: Any) -> Any:
+    """A state buffer as the checkpoint holds it: parameter-shaped ones whole (gathered), others as they are."""
+    if tuple(buf.shape) == (st.layout.n_params,):
+        return st.whole(buf, root=0)
+    return backend.to_host(buf)
 
 
 def _is_num(v: Any) -> bool:
@@ -74,19 +95,17 @@ def _check_meta(path: Path, meta: dict[str, Any], cfg: Config, ranks: int) -> No
         raise CheckpointError(f"{path} is a pbp_hpc checkpoint without the resume information (resume_key, ranks, records)")
     if not isinstance(meta["resume_key"], dict):
         raise bad("resume_key", "expected an object")
-    if meta["resume_key"] != resume_key(cfg):
+    if meta["resume_key"] not in (resume_key(cfg), _legacy_key(cfg)):
         differ = sorted(k for k, v in resume_key(cfg).items() if meta["resume_key"].get(k) != v)
         raise CheckpointError(f"checkpoint {path} was written by a run with other model/data/training settings "
                               f"(they differ in {', '.join(differ) or 'their keys'}); refusing to resume it")
     if not isinstance(meta["ranks"], int) or isinstance(meta["ranks"], bool) or meta["ranks"] < 1:
         raise bad("ranks", f"expected a positive integer, found {str(meta['ranks'])[:40]!r}")
-    written = meta.get("data_ranks", meta["ranks"])  # ranks that sum gradients; a tensor group's share one
-    if written != ranks:
+    if meta["ranks"] != ranks:
         raise CheckpointError(
-            f"checkpoint {path} was written by a {written}-rank run and this run has {ranks}; "
+            f"checkpoint {path} was written by a {meta['ranks']}-rank run and this run has {ranks}; "
             "resume with the same rank count (a different count sums gradients in another order, so the result "
             "would not be bit-for-bit that of an uninterrupted run)"
-            + ("" if written == meta["ranks"] else "; counted in data-parallel ranks (parallel.tensor groups count once)")
         )
     records = meta["records"]
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
@@ -121,10 +140,12 @@ def _read(path: Path, cfg: Optional[Config] = None, expect: Optional[checkpoint.
 def expect_of(st: Any) -> checkpoint.Expect:
     """What this run needs a checkpoint to hold (checked when it is opened, before any training)."""
     cfg = st.cfg
-    whole = (st.n_params,) if st.sharding is not None else None  # a sharded state is checkpointed whole
-    state = {name: (whole or tuple(buf.shape), str(buf.dtype)) for name, buf in st.strategy.state().items()}
+    n = st.layout.n_params
+    whole = Layout(st.layout.sizes).n_params  # a checkpoint holds the whole model, whatever this rank holds
+    state = {name: ((whole,) if tuple(buf.shape) == (n,) else tuple(buf.shape), str(buf.dtype))
+             for name, buf in st.strategy.state().items()}
     steps = -(-len(st.data.train) // cfg.train.batch_size)
-    return checkpoint.Expect(st.n_params, cfg.model.dtype, state, cfg.train.epochs, steps)
+    return checkpoint.Expect(whole, cfg.model.dtype, state, cfg.train.epochs, steps)
 
 
 def try_resume(st: Any, log: Log) -> tuple[int, int, list[dict[str, Any]], dict[str, Any]]:
@@ -139,15 +160,18 @@ def try_resume(st: Any, log: Log) -> tuple[int, int, list[dict[str, Any]], dict[
     expect = expect_of(st)
     # Rank 0 alone reads and sends what it found: every rank resumes from the same bytes, and a
     # rank on a node that sees another (or no) file cannot make the ranks disagree.
-    ck = runtime.together(st.comm, lambda: _read(path, cfg, expect, st.data_comm.size) if st.comm.rank == 0 else None,
+    ck = runtime.together(st.comm, lambda: _read(path, cfg, expect, st.grid.D) if st.comm.rank == 0 else None,
                           name_ranks=False)
     ck = st.comm.bcast(ck, root=0)
     if ck is None:
         log(f"no checkpoint at {path}: starting from scratch")
         return 0, 0, [], {}
-    state = st.strategy.state()
-    st.put_whole(ck["theta"], st.theta)
-    for name, buf in state.items():
-        st.put_whole(ck["state"][name], buf)
+    n = st.layout.n_params
+    shards.scatter_whole(st.layout, ck["theta"], st.theta, st.xp)  # each rank takes its part
+    for name, buf in st.strategy.state().items():
+        if tuple(buf.shape) == (n,):
+            shards.scatter_whole(st.layout, ck["state"][name], buf, st.xp)
+        else:
+            buf[...] = st.xp.asarray(ck["state"][name])
     log(f"resumed from {path} at epoch {ck['epoch']} step {ck['step']}")
     return ck["epoch"], ck["step"], ck["meta"]["records"], ck["meta"].get("extra") or {}

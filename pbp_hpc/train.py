@@ -25,14 +25,17 @@ import numpy as np
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
-from pbp_hpc import evaluation, model_file, resume
+from pbp_hpc import evaluation, model_file, protocols, resume
 from pbp_hpc.config import Config
 from pbp_hpc.data import datasets, device as device_data
 from pbp_hpc.engine import backend, model, optimizers, step as local_steps
 from pbp_hpc.engine.schedules import Schedule
 from pbp_hpc.errors import DataError, DivergenceError, InjectedFault, Stopped
-from pbp_hpc.parallel import gpu, provenance, reducers, runtime, strategies
-from pbp_hpc.parallel.reducers.base import LOSS_SLOT
+from pbp_hpc.parallel import gpu, provenance, reducers, runtime, shards, strategies
+from pbp_hpc.parallel.grid import make_grid
+from pbp_hpc.parallel.reducers import LOSS_SLOT
+from pbp_hpc.parallel.stall import StallWatch
+from pbp_hpc.results.finite import finite_json
 
 Log = Callable[[str], None]
 
@@ -47,52 +50,48 @@ class State:
     def __init__(self, cfg: Config, comm: MPI.Comm, xp: ModuleType, data: datasets.Data):
         self.cfg, self.comm, self.xp, self.data = cfg, comm, xp, data
         self.fault_fired = False  # debug.fail_*: injected once
-        self.layout = model.Layout(cfg.model.layers)
-        self.n_params = self.layout.n_params  # the whole model's (a tensor-parallel rank holds a part)
-        self.data_comm, self.sharding = comm, None  # the data-parallel group; what gathers a whole model
-        if cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1:  # a grid: strategy, reducer, shards
+        self.grid = make_grid(comm, cfg)  # the communicators each piece works on (data group, node, ...)
+        self.watch = StallWatch(comm)  # the stall check of every blocking wait in the run
+        self.layout = model.Layout(cfg.model.layers)  # what this rank holds (all of it, unless T or S > 1)
+        self.n_params = self.layout.n_params  # the whole model's
+        self.grid_header: Optional[str] = None
+        if self.grid.T > 1 or self.grid.S > 1:  # the model in parts: parallel/tensor.py, parallel/pipeline.py
             from pbp_hpc.parallel import pipeline, tensor
 
-            (tensor if cfg.parallel.tensor > 1 else pipeline).build(self)  # sets grid_header too
+            try:
+                (tensor if self.grid.T > 1 else pipeline).build(self)  # this rank's layout, strategy, reducer, ...
+            except BaseException:
+                self.grid.close()
+                raise
             return
-        self.strategy = strategies.make(cfg, comm, xp)  # first: it decides where the parameters live
-        self.reducer = reducers.make(cfg, comm, self.layout, xp)
+        self.strategy: protocols.Strategy = strategies.make(cfg, self.grid, xp)  # first: it decides where the parameters live
+        self.reducer: protocols.Reducer = reducers.make(cfg, self.grid, self.layout, xp, self.watch)
         try:
             self.grad = self.reducer.grad
             init = functools.partial(model.init_params, self.layout, cfg.train.seed, cfg.model.dtype, init=cfg.model.init)
             self.theta = self.strategy.parameters(self.reducer, lambda out: init(out=out))
             self.optimizer = optimizers.make(cfg, self.theta, self.strategy.state_buffer(self.reducer), xp)
-            max_local = -(-cfg.train.batch_size // comm.size)
-            fused = self.strategy.fusable and local_steps.can_fuse(cfg, comm.size, xp, max_local, self.optimizer.fusable)
-            loss_out = self.grad[self.n_params + LOSS_SLOT : self.n_params + LOSS_SLOT + 1]
-            node = self.reducer.node_batch(max_local)  # parallel.reducer=shared_batch: the node's batch buffers
-            # shared_batch on one node with plain SGD: the update inside its GEMMs too
-            node_fused = node is not None and self.strategy.fusable and self.optimizer.fusable and self.reducer.one_node
-            self.local = local_steps.make_local_step(cfg, self.layout, self.theta, self.grad, loss_out, data.train, xp,
-                                                     max_local, self.reducer.layer_done, fused, node, node_fused)
-            if node is not None:  # its phase 2 (each rank's slice of the gradient) runs inside the reducer's shares()
-                self.reducer.compute = self.local.weight_gradients
+            max_local = -(-cfg.train.batch_size // self.grid.data.size)
+            self.local = local_steps.make_local_step(cfg, self.layout, self.theta, self.reducer, data.train, xp, max_local,
+                                                     self.strategy.fusable and self.optimizer.fusable)
             self.strategy.attach(self.local, self.reducer, self.optimizer)
         except BaseException:
             self.strategy.reducer = self.reducer
             self.strategy.close()
+            self.grid.close()
             raise
 
-    def whole(self, buf: Any) -> np.ndarray:
-        """The whole model (or a parameter-shaped state) on the host, from this rank's buffer
-        (collective over a tensor group when the model is sharded)."""
-        return backend.to_host(buf) if self.sharding is None else self.sharding.gather(buf)
-
-    def put_whole(self, whole: Any, buf: Any) -> None:
-        """buf <- this rank's part of a whole model (all of it unless sharded)."""
-        if self.sharding is None:
-            buf[...] = self.xp.asarray(whole)
-        else:
-            self.sharding.scatter(whole, buf)
+    def whole(self, buf: Any, root: Optional[int] = None) -> Optional[np.ndarray]:
+        """The whole model's host vector from this rank's part of a parameter-shaped buffer (the
+        parameters, an optimizer's state), gathered over the grid's model group (collective
+        there; with root, only that rank of it gets it). Every rank holds all of it today: its own."""
+        return shards.gather_whole(self.layout, backend.to_host(buf), self.grid.model, root)
 
     def close(self) -> None:
         self.strategy.close()
         self.data.close()  # the node's shared copy of the data (collective), if it has one
+        self.watch.close()
+        self.grid.close()
 
     def __enter__(self) -> "State":
         return self
@@ -201,14 +200,14 @@ def run(cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, log: Optional[Log] = None,
                 f"strategy {st.strategy.name}")
             if why_grid is not None:
                 log(f"pbp_hpc: {why_grid}")
-            if st.sharding is not None:
+            if st.grid_header is not None:
                 log(st.grid_header)
             info["binding"] = binding  # rank 0's node
             result = _train(st, threads, info, log, quiet)
             result.update(st.reducer.choice)
             result.update(st.strategy.describe())
             if return_params:
-                result["params"] = st.whole(st.theta).copy()
+                result["params"] = np.array(st.whole(st.theta))  # a copy
                 if hasattr(st.strategy, "gathered_log"):  # async_ps, ssp: (worker, clock, version read, written)
                     result["update_log"] = st.strategy.gathered_log()
             return result
@@ -292,12 +291,9 @@ def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
     order = _epoch_order(st, epoch, len(st.data.train))
     # a rank stopped at an epoch's edge stalls the others in this barrier or in the closing
     # reduction below: both count as the epoch's (a tiny epoch spends much of its time there)
-    stalled0 = st.reducer.watch.stalled_s
-    st.reducer.watch.enter()  # the stall check covers the loop's own collectives too
-    try:
+    stalled0 = st.watch.stalled_s
+    with st.watch:  # the stall check covers the loop's own collectives too
         comm.Barrier()  # epochs start together, so the slowest rank's time is the epoch's time
-    finally:
-        st.reducer.watch.leave()
     t0, compute0, comm0, eval0 = time.perf_counter(), strategy.compute_s, strategy.comm_s, tracker.eval_s
     loss_sum, seen, stopped, ended, done = 0.0, 0, None, None, first
     bar = _progress(cfg, comm, steps - first, epoch, quiet)
@@ -322,10 +318,10 @@ def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
     if bar is not None:
         bar.close()
     wall = time.perf_counter() - t0 - (tracker.eval_s - eval0)
-    closing = st.reducer.watch.stalled_s
+    closing = st.watch.stalled_s
     slow = runtime.slowest(comm, [wall, strategy.compute_s - compute0, strategy.comm_s - comm0,
-                                  closing - stalled0], st.reducer.watch)
-    closing = st.reducer.watch.stalled_s - closing  # this rank's stall in that reduction itself
+                                  closing - stalled0], st.watch)
+    closing = st.watch.stalled_s - closing  # this rank's stall in that reduction itself
     loop.train_s += float(slow[0])
     flops = model.flops_per_example(cfg.model.layers) * seen
     return {
@@ -422,31 +418,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.json and comm.rank == 0:
         print(json.dumps(finite_json(result), allow_nan=False), flush=True)
     return 0
-
-
-def finite_json(record: dict[str, Any]) -> dict[str, Any]:
-    """The record with every NaN or infinite float made null, each listed in record["notes"].
-
-    JSON has no NaN: Python's json writes a bare NaN that strict readers refuse. A timing or a
-    rate can be undefined (an epoch of zero duration, a median of nothing): null says so."""
-    notes: list[str] = list(record.get("notes") or [])
-
-    def clean(value: Any, where: str) -> Any:
-        if isinstance(value, dict):
-            return {k: clean(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v, f"{where}[{i}]") for i, v in enumerate(value)]
-        if isinstance(value, (float, np.floating)) and not np.isfinite(value):
-            notes.append(f"{where} was {float(value)} (undefined), written as null")
-            return None
-        if isinstance(value, np.generic):
-            return value.item()
-        return value
-
-    out = clean({k: v for k, v in record.items() if k != "notes"}, "")
-    if notes:
-        out["notes"] = notes
-    return out
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ from mpi4py import MPI
 from pbp_hpc import config, train
 from pbp_hpc.data import datasets
 from pbp_hpc.errors import ConfigError
-from pbp_hpc.parallel import reducers
+from pbp_hpc.parallel import reducers, strategies
 
 from example_reducer import ReduceBcastReducer
+from example_strategy import Gossip
 from helpers import REPORT_SETUP
 
 WORLD = MPI.COMM_WORLD
@@ -40,6 +41,59 @@ def test_a_reducer_registered_from_outside_trains_like_blocking(reduce_bcast):
     np.testing.assert_allclose(added["params"], blocking["params"], rtol=1e-12, atol=1e-14)
     assert added["epochs"][-1]["loss"] == pytest.approx(blocking["epochs"][-1]["loss"], rel=1e-12)
     assert added["epochs"][-1]["allreduce_s"] > 0  # its time is counted as communication
+
+
+@pytest.fixture
+def gossip():
+    strategies.register("gossip", Gossip)  # the one line that adds a strategy
+    yield
+    strategies.STRATEGIES._entries.pop("gossip")
+
+
+class RecordingGossip(Gossip):
+    """Gossip that also reports what it received last (its predecessor's parameters before the exchange)."""
+
+    def describe(self):
+        return {**super().describe(), "received": self.received.copy()}
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_strategy_registered_from_outside_with_two_ranks_and_k_1_is_local_sgd(gossip):
+    # with 2 ranks the ring's neighbour is the other rank: every rank averages with all (a third waits)
+    two = WORLD.Split(0 if WORLD.rank < 2 else MPI.UNDEFINED, WORLD.rank)
+    if two == MPI.COMM_NULL:
+        return
+    over = {"train.batch_size": 8, "parallel.local_steps": 1}
+    try:
+        local = train.run(small(**over, **{"parallel.strategy": "local_sgd"}), two, return_params=True)
+        added = train.run(small(**over, **{"parallel.strategy": "gossip"}), two, return_params=True)
+    finally:
+        two.Free()
+    assert added["strategy"] == "gossip" and added["local_steps"] == 1
+    np.testing.assert_array_equal(added["params"], local["params"])  # (a + b) / 2 either way: bit for bit
+    assert added["epochs"][-1]["loss"] == pytest.approx(local["epochs"][-1]["loss"], rel=1e-12)
+    assert added["epochs"][-1]["allreduce_s"] > 0  # its exchanges count as communication
+
+
+@pytest.mark.mpi(min_size=2)
+def test_gossip_averages_with_its_ring_predecessor_from_the_grid(gossip):
+    strategies.register("recording_gossip", RecordingGossip)
+    try:
+        res = train.run(small(**{"parallel.strategy": "recording_gossip", "parallel.local_steps": 2,
+                                 "train.batch_size": 4 * WORLD.size}), WORLD, return_params=True)
+    finally:
+        strategies.STRATEGIES._entries.pop("recording_gossip")
+    received = WORLD.allgather(res["received"])  # rank r's: rank r-1's parameters before the last exchange
+    mine = received[(WORLD.rank + 1) % WORLD.size]  # this rank's, as its successor received them
+    np.testing.assert_array_equal(res["params"], (mine + received[WORLD.rank]) * 0.5)
+    assert res["epochs"][-1]["loss"] < res["epochs"][0]["loss"]
+    params = WORLD.allgather(res["params"])
+    assert all(np.array_equal(p, params[0]) for p in params) == (WORLD.size == 2)  # from 3 ranks on, not yet agreed
+
+
+def test_a_gossip_config_is_refused_with_the_reducers_of_gradient_sums(gossip):
+    with pytest.raises(ConfigError, match="parallel.strategy=gossip does not go with parallel.reducer=shm"):
+        small(**{"parallel.strategy": "gossip", "parallel.reducer": "shm"})
 
 
 def test_an_unregistered_reducer_is_refused_naming_the_choices():

@@ -22,9 +22,11 @@ from pbp_hpc.analyze.accuracy import reached, straggler_of, strategy_of, target_
 from pbp_hpc.analyze.points import Case, case_of
 from pbp_hpc.analyze.records import Record, _cfg
 from pbp_hpc.analyze.tables import Column, Table, num, text
+from pbp_hpc.parallel import strategies
 
-ORDER = ["allreduce", "local_sgd", "ssp", "async_ps", "hogwild"]
-ASYNC = ("async_ps", "ssp", "hogwild")
+ORDER = strategies.names()  # the registry's order: from lockstep to fully asynchronous
+# each rank's update is its own (one per share): P updates per global step
+ASYNC = tuple(n for n in ORDER if strategies.facts(n).splits_decay)
 
 
 def is_study(records: Iterable[Record]) -> bool:

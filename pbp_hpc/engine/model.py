@@ -15,51 +15,17 @@ size, which is Algorithm 5 of the report.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Callable, Optional
 
 import numpy as np
 
 from pbp_hpc.engine import activations, losses, ops
+from pbp_hpc.engine.layout import Layout, take, views  # noqa: F401  (Layout, views: where they lived)
 from pbp_hpc.engine.activations import Activation
 from pbp_hpc.engine.losses import Loss
 
 Array = Any
-
-
-@dataclass
-class Layout:
-    """Where each layer's weights and biases live in the flat buffer."""
-
-    sizes: list[int]
-    w_slices: list[slice] = field(default_factory=list)
-    b_slices: list[slice] = field(default_factory=list)
-    n_params: int = 0
-
-    def __post_init__(self) -> None:
-        off = 0
-        for n_in, n_out in zip(self.sizes[:-1], self.sizes[1:]):
-            self.w_slices.append(slice(off, off + n_in * n_out))
-            off += n_in * n_out
-            self.b_slices.append(slice(off, off + n_out))
-            off += n_out
-        self.n_params = off
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.sizes) - 1
-
-    def layer_slice(self, l: int) -> slice:
-        """The contiguous span of layer l (weights then bias)."""
-        return slice(self.w_slices[l].start, self.b_slices[l].stop)
-
-
-def views(flat: Array, layout: Layout, xp: ModuleType) -> tuple[list[Array], list[Array]]:
-    """Per-layer (W, b) views into a flat buffer; writing to a view writes the buffer."""
-    ws = [xp.reshape(flat[s], (n_in, n_out)) for s, n_in, n_out in zip(layout.w_slices, layout.sizes[:-1], layout.sizes[1:])]
-    bs = [flat[s] for s in layout.b_slices]
-    return ws, bs
 
 
 # model.init -> the bound of the uniform draw of a layer's weights, from its fan-in and fan-out
@@ -81,6 +47,11 @@ def init_params(layout: Layout, seed: int, dtype: str, out: Optional[np.ndarray]
     """
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    if not layout.is_whole:  # a rank's part: drawn whole and cut, so it is the 1-rank model's part
+        whole = init_params(Layout(layout.sizes), seed, dtype, None, init)
+        part = np.zeros(layout.n_params, dtype=dtype) if out is None else out
+        take(layout, whole, part)
+        return part
     bound = INITS[init]
     rng = np.random.default_rng([seed, 0x6C6F7261])  # a stream of its own, apart from the data order
     if out is None:

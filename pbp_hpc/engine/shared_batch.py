@@ -86,7 +86,7 @@ def node_buffers(layout: model.Layout, rows_per_rank: int, part: int, parts: int
 
 
 class SharedBatchStep:
-    """The local step over a NodeBatch: phase 1 on call, phase 2 in weight_gradients()."""
+    """The local step over a NodeBatch: phase 1 on call, phase 2 in complete() (weight_gradients)."""
 
     applies_update = False
 
@@ -163,6 +163,15 @@ class SharedBatchStep:
     def own_bytes(self) -> int:
         """Bytes this rank holds beside the node-shared buffers (the benchmark's memory budget)."""
         return self.y.nbytes + self.err.nbytes + self.row.nbytes + self.back.nbytes + self.ones.nbytes
+
+    def complete(self, reducer: Any) -> bool:
+        """Phase 2, after the ranks met (every rank's phase 1 is in the node's buffers): this rank's
+        slices of the gradient over all the node's rows, into the reducer's, summed across nodes
+        by it; True where fused (the update is applied already)."""
+        if self.weight_gradients(reducer.views):
+            return True
+        reducer.sum_across()
+        return False
 
     def weight_gradients(self, out: list[tuple[Array, Array]]) -> bool:
         """Phase 2 (after every rank's phase 1): this rank's slice of each layer's gradient,

@@ -22,6 +22,7 @@ import numpy as np
 
 from pbp_hpc.data import datasets, device as device_data
 from pbp_hpc.engine import activations, active_inputs, losses, model, naive, ops, shared_batch
+from pbp_hpc.protocols import LocalStep, Reducer
 
 LayerDone = Callable[[int], None]
 
@@ -42,6 +43,10 @@ class BatchedStep:
         self.params_grad = grad[: layout.n_params]
         self.work = model.Workspace(layout, max_batch, xp, theta.dtype, full_scratch=fused)
         self.rows = np.arange(self.work.max_batch)  # for the one-hot scatter, made once
+
+    def complete(self, reducer: Any) -> bool:
+        """After the ranks met: nothing is left to compute; True where the GEMMs applied the update."""
+        return self.applies_update
 
     def __call__(self, idx: Any, scale: float = 0.0) -> None:
         """The gradient sum and loss of examples idx into the gradient buffer.
@@ -154,27 +159,34 @@ class CompactedStep(BatchedStep):
         return self.wc.nbytes + self.xc.nbytes
 
 
-def make_local_step(cfg: Any, layout: model.Layout, theta: Any, grad: Any, loss_out: Any, source: Any, xp: Any,
-                    max_batch: int, layer_done: LayerDone, fused: bool, node: Any = None, node_fused: bool = False) -> Any:
+def make_local_step(cfg: Any, layout: model.Layout, theta: Any, reducer: Reducer, source: Any, xp: Any,
+                    max_batch: int, may_fuse: bool) -> LocalStep:
     """The variant for this configuration and data (see the module docstring), with its
-    activation and loss (model.activation, model.loss). node: the reducer's NodeBatch, where
-    the node's ranks compute each batch together (engine.shared_batch); node_fused: they apply
-    a plain SGD update inside its GEMMs."""
+    activation and loss (model.activation, model.loss), writing into the reducer's buffer.
+
+    The one place that decides whether the update happens inside the GEMMs (the step's
+    applies_update): may_fuse says the strategy and the optimizer allow it (Strategy.fusable and
+    Optimizer.fusable); then one rank fuses where can_fuse says so, and a node's ranks that
+    compute each batch together (the reducer's node_batch, engine.shared_batch) fuse where they
+    are every rank of the run."""
     f = {"activation": cfg.model.activation, "loss": cfg.model.loss}
     skip = xp is np and cfg.train.skip_zero_inputs and datasets.has_active_features(source)
+    grad, loss_out = reducer.grad, reducer.loss_out
+    node = reducer.node_batch(max_batch)
     if node is not None:
         return shared_batch.SharedBatchStep(layout, theta, loss_out, source, node, **f, skip_zero_inputs=skip,
-                                            fused=node_fused)
+                                            fused=may_fuse and reducer.one_node)
+    fused = may_fuse and can_fuse(cfg, reducer.comm.size, xp, max_batch)
     if cfg.algorithm == "per_example":
-        return PerExampleStep(layout, theta, grad, loss_out, source, xp, max_batch, layer_done, **f)
+        return PerExampleStep(layout, theta, grad, loss_out, source, xp, max_batch, reducer.layer_done, **f)
     if skip:
-        return CompactedStep(layout, theta, grad, loss_out, source, xp, max_batch, layer_done, fused, **f)
-    return BatchedStep(layout, theta, grad, loss_out, source, xp, max_batch, layer_done, fused, **f)
+        return CompactedStep(layout, theta, grad, loss_out, source, xp, max_batch, reducer.layer_done, fused, **f)
+    return BatchedStep(layout, theta, grad, loss_out, source, xp, max_batch, reducer.layer_done, fused, **f)
 
 
-def can_fuse(cfg: Any, world_size: int, xp: Any, max_batch: int, optimizer_fusable: bool) -> bool:
-    """Whether the update may happen inside the GEMMs: one rank, a stateless update, a BLAS
-    callable with alpha/beta, and a batch whose full-batch scratch costs no more memory than
-    the gradient buffer it saves (Workspace.BLOCK_ROWS)."""
-    return (world_size == 1 and cfg.algorithm == "batched" and optimizer_fusable and ops.has_gemm(xp)
+def can_fuse(cfg: Any, world_size: int, xp: Any, max_batch: int) -> bool:
+    """Whether one rank's update may happen inside the GEMMs: one rank, a BLAS callable with
+    alpha/beta, and a batch whose full-batch scratch costs no more memory than the gradient
+    buffer it saves (Workspace.BLOCK_ROWS)."""
+    return (world_size == 1 and cfg.algorithm == "batched" and ops.has_gemm(xp)
             and max_batch <= model.Workspace.BLOCK_ROWS)

@@ -20,8 +20,8 @@ per example against two messages). The run's header says so.
 Unit counts need not divide by T: block t of n units is my_share(n, T, t) (sizes differ by at
 most one). A rank's flat buffer holds, layer by layer, its weight block (row-major) then its
 bias block, so an optimizer updates it as it would the whole model; `extract` and `assemble`
-convert between it and the whole model's flat layout (engine.model.Layout), for
-initialisation, checkpoints, saved models and return_params.
+convert between it and the whole model's flat layout, through engine.layout's Layout of the
+same part (`ShardLayout.layout`, which parallel.shards gathers and scatters by).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from pbp_hpc.engine.model import Layout
+from pbp_hpc.engine import layout
 
 COL, ROW, FULL = "col", "row", "full"
 
@@ -99,32 +99,25 @@ class ShardLayout:
         """Each layer's output width on this rank: its block for a column-split layer, else whole."""
         return [s[1] for s in self.shapes]
 
+    @property
+    def layout(self) -> layout.Layout:
+        """The same part as engine.layout's Layout (what parallel.shards gathers and scatters by)."""
+        kind = {COL: "cols", ROW: "rows", FULL: "whole"}
+        parts = [layout.WHOLE if k == FULL else layout.Part(kind[k], lo, hi, True)
+                 for k, (lo, hi) in zip(self.kinds, self.blocks)]
+        out = layout.Layout(list(self.sizes), parts)
+        assert out.n_params == self.n_params and out.w_shapes == self.shapes
+        return out
+
     def views(self, flat: Any, xp: Any) -> tuple[list[Any], list[Any]]:
         """Per-layer (W block, b block) views into a flat shard buffer."""
         ws = [xp.reshape(flat[s], shape) for s, shape in zip(self.w_slices, self.shapes)]
         return ws, [flat[s] for s in self.b_slices]
 
 
-def _parts(whole: np.ndarray, whole_layout: Layout, shard: ShardLayout, l: int) -> tuple[np.ndarray, np.ndarray]:
-    """Views of layer l of a whole flat model that shard's rank owns: (weights, bias)."""
-    n_in, n_out = whole_layout.sizes[l], whole_layout.sizes[l + 1]
-    w = whole[whole_layout.w_slices[l]].reshape(n_in, n_out)
-    b = whole[whole_layout.b_slices[l]]
-    lo, hi = shard.blocks[l]
-    if shard.kinds[l] == COL:
-        return w[:, lo:hi], b[lo:hi]
-    if shard.kinds[l] == ROW:
-        return w[lo:hi, :], b
-    return w, b
-
-
 def extract(whole: np.ndarray, shard: ShardLayout, out: np.ndarray) -> np.ndarray:
     """out <- shard's part of a whole flat model (host arrays)."""
-    layout = Layout(shard.sizes)
-    for l in range(shard.n_layers):
-        w, b = _parts(whole, layout, shard, l)
-        out[shard.w_slices[l]] = w.reshape(-1)
-        out[shard.b_slices[l]] = b
+    layout.take(shard.layout, np.asarray(whole), out)
     return out
 
 
@@ -133,11 +126,7 @@ def assemble(shards: list[np.ndarray], sizes: list[int], out: np.ndarray) -> np.
 
     Parts held by several ranks (the row-split layers' biases, a replicated last layer) are
     identical on all of them; rank 0's copy is taken."""
-    T, layout = len(shards), Layout(sizes)
+    T = len(shards)
     for t in reversed(range(T)):  # rank 0 last: its copy of the shared parts is what stays
-        shard = ShardLayout(sizes, T, t)
-        for l in range(shard.n_layers):
-            w, b = _parts(out, layout, shard, l)
-            w[...] = shards[t][shard.w_slices[l]].reshape(shard.shapes[l])
-            b[...] = shards[t][shard.b_slices[l]]
+        layout.put(ShardLayout(sizes, T, t).layout, shards[t], out)
     return out

@@ -11,9 +11,10 @@ and every rank applies the optimizer to its stage's parameters only. The update 
 single rank makes.
 
 A stage's parameters are one contiguous span of the whole model's flat buffer (layers are
-laid out in order), so the whole model is the stages' buffers end to end: `StageSharding`
-gathers it for checkpoints, saved models and return_params and gives each stage its span
-back on resume (a checkpoint resumes on any grid with the same data-parallel rank count).
+laid out in order): as engine.layout's Layout its other layers are "none", and
+parallel.shards gathers the whole model over the grid's model group for checkpoints, saved
+models and return_params and gives each stage its span back on resume (a checkpoint resumes
+on any grid with the same data-parallel rank count).
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ import itertools
 from typing import Any, Optional
 
 import numpy as np
-from mpi4py import MPI
 
-from pbp_hpc.engine import backend, model, optimizers
+from pbp_hpc.engine import layout, model, optimizers
 from pbp_hpc.errors import ConfigError
 from pbp_hpc.parallel import reducers
 from pbp_hpc.parallel.pipeline_step import PipelineStep
@@ -67,37 +67,23 @@ def check(cfg: Any, size: int) -> None:
                           f"{L} in all")
 
 
-class StageSharding:
-    """This stage's span of the whole flat model, and the pipeline group that holds the rest."""
+def stage_layout(sizes: list[int], stages: list[tuple[int, int]], s: int) -> layout.Layout:
+    """Stage s's part of the model as engine.layout's Layout: its layers whole, the others none
+    (its flat buffer is that of model.Layout(sizes[lo:hi + 1]), the stage's own network)."""
+    lo, hi = stages[s]
+    return layout.Layout(list(sizes), [layout.WHOLE if lo <= l < hi else layout.Part("none")
+                                       for l in range(len(sizes) - 1)])
 
-    def __init__(self, sizes: list[int], stages: list[tuple[int, int]], pipe: MPI.Comm, xp: Any):
-        self.sizes, self.stages, self.pipe, self.xp = sizes, stages, pipe, xp
-        whole = model.Layout(sizes)
-        lo, hi = stages[pipe.rank]
-        self.span = slice(whole.w_slices[lo].start, whole.b_slices[hi - 1].stop)
-        self.layout = model.Layout(sizes[lo:hi + 1])
-        self.n_whole = whole.n_params
 
-    def gather(self, buf: Any) -> np.ndarray:
-        mine = np.ascontiguousarray(backend.to_host(buf)[: self.layout.n_params])
-        return np.concatenate(self.pipe.allgather(mine))
-
-    def scatter(self, whole: Any, buf: Any) -> None:
-        buf[: self.layout.n_params] = self.xp.asarray(np.asarray(whole)[self.span])
-
-    def header(self, data_size: int, microbatches: int, schedule: str) -> str:
-        layers = ", ".join(f"stage {s}: layers {lo}..{hi - 1}" for s, (lo, hi) in enumerate(self.stages))
-        return (f"pbp_hpc: grid data {data_size} x pipeline {self.pipe.size} ({layers}), "
-                f"{microbatches} microbatches a step, schedule {schedule}")
+def header(stages: list[tuple[int, int]], D: int, microbatches: int, schedule: str) -> str:
+    layers = ", ".join(f"stage {s}: layers {lo}..{hi - 1}" for s, (lo, hi) in enumerate(stages))
+    return (f"pbp_hpc: grid data {D} x pipeline {len(stages)} ({layers}), "
+            f"{microbatches} microbatches a step, schedule {schedule}")
 
 
 class PipelineStrategy(AllreduceStrategy):
-    """Algorithm 5 over the data-parallel group, on a pipeline stage's local step; waiting for
-    the neighbours' messages counts as communication, not compute."""
-
-    def __init__(self, cfg: Any, data: MPI.Comm, pipe: MPI.Comm, xp: Any):
-        super().__init__(cfg, data, xp)
-        self.pipe = pipe
+    """Algorithm 5 over the data-parallel group (the grid's data communicator), on a pipeline
+    stage's local step; waiting for the neighbours' messages counts as communication, not compute."""
 
     def step(self, gidx: Any, lr: float, stop: bool, at: tuple[int, int, int]) -> tuple[float, int]:
         before = self.local.seconds
@@ -107,53 +93,43 @@ class PipelineStrategy(AllreduceStrategy):
 
     @property
     def comm_s(self) -> float:
-        return self.reducer.seconds + self.local.seconds
+        return self.reducer.seconds + self.exchange_s + self.local.seconds
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "grid": {"data": self.comm.size, "tensor": 1, "pipeline": self.pipe.size},
+        return {**super().describe(), "grid": {"data": self.grid.D, "tensor": self.grid.T, "pipeline": self.grid.S},
                 "pipeline_schedule": self.local.schedule, "microbatches": self.local.M,
                 "bytes_per_step": {"activations": self.local.bytes_per_step(), "gradients": self.reducer.wire_bytes()}}
 
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            for c in (self.comm, self.pipe):
-                if c != MPI.COMM_NULL:
-                    c.Free()
-            self.comm = self.pipe = MPI.COMM_NULL
-
 
 def build(st: Any) -> None:
-    """The state of a pipeline-parallel run (train.State's fields), collective over the world."""
-    cfg, comm, xp = st.cfg, st.comm, st.xp
+    """The state of a pipeline-parallel run (train.State's fields) on st.grid (collective over the world)."""
+    cfg, xp, grid = st.cfg, st.xp, st.grid
     p = cfg.parallel
-    check(cfg, comm.size)
-    d, s = divmod(comm.rank, p.pipeline)
-    pipe = comm.Split(color=d, key=s)
-    data = comm.Split(color=s, key=d)
-    st.strategy = PipelineStrategy(cfg, data, pipe, xp)
-    st.data_comm = data
-    stages = split_layers(cfg.model.layers, p.pipeline, p.pipeline_split)
-    st.sharding = sh = StageSharding(cfg.model.layers, stages, pipe, xp)
+    check(cfg, st.comm.size)
+    stages = split_layers(cfg.model.layers, grid.S, p.pipeline_split)
+    lo, hi = stages[grid.s]
+    st.layout = stage_layout(cfg.model.layers, stages, grid.s)  # shards.gather_whole assembles it over grid.model
+    mine = model.Layout(cfg.model.layers[lo:hi + 1])  # the stage's own network: the same flat buffer
+    st.strategy = PipelineStrategy(cfg, grid, xp)
     try:
         why = ("auto: pipeline parallelism: each stage's data-parallel group sums its gradient in one Allreduce"
                if p.reducer == "auto" else "parallel.reducer")
         st.reducer = reducers.HOST.load("blocking" if p.reducer == "auto" else p.reducer)(
-            data, sh.layout, getattr(xp, cfg.model.dtype), xp)
+            grid.data, mine, getattr(xp, cfg.model.dtype), xp, grid)
         st.reducer.choice = {"reducer_reason": why}
+        st.reducer.watch = st.watch
         reducers.configure(st.reducer, p)
         st.grad = st.reducer.grad
-        whole = model.init_params(st.layout, cfg.train.seed, cfg.model.dtype, init=cfg.model.init)
-        st.theta = st.reducer.parameters(lambda out: np.ascontiguousarray(whole[sh.span]))
+        whole = model.init_params(model.Layout(cfg.model.layers), cfg.train.seed, cfg.model.dtype, init=cfg.model.init)
+        span = slice(model.Layout(cfg.model.layers).w_slices[lo].start, model.Layout(cfg.model.layers).b_slices[hi - 1].stop)
+        st.theta = st.reducer.parameters(lambda out: np.ascontiguousarray(whole[span]))
         st.optimizer = optimizers.make(cfg, st.theta, st.reducer.state_buffer, xp)
-        n = sh.layout.n_params
-        st.local = PipelineStep(sh.layout, st.theta, st.grad, st.grad[n:n + 1], st.data.train, xp,
-                                -(-cfg.train.batch_size // data.size), st.reducer.layer_done, pipe, stages[s][0],
+        st.local = PipelineStep(mine, st.theta, st.grad, st.reducer.loss_out, st.data.train, xp,
+                                -(-cfg.train.batch_size // grid.D), st.reducer.layer_done, grid.pipeline, lo,
                                 len(cfg.model.layers) - 1, p.microbatches, p.pipeline_schedule,
                                 cfg.model.activation, cfg.model.loss)
         st.strategy.attach(st.local, st.reducer, st.optimizer)
-        st.grid_header = sh.header(data.size, p.microbatches, p.pipeline_schedule)
+        st.grid_header = header(stages, grid.D, p.microbatches, p.pipeline_schedule)
     except BaseException:
         st.strategy.reducer = getattr(st, "reducer", None)
         st.strategy.close()

@@ -217,6 +217,10 @@ class PipelineStep:
             self.seconds += time.perf_counter() - t
             self._pending = []
 
+    def complete(self, reducer: Any) -> bool:
+        """After the ranks met: nothing is left to compute; True where the GEMMs applied the update."""
+        return self.applies_update
+
     def count_correct(self, source: Any, idx: Any) -> Any:
         """How many of examples idx the model classifies correctly (collective over the pipeline)."""
         n, slot = idx.shape[0], self.slots[0]

@@ -23,15 +23,11 @@ from pbp_hpc import config as configmod
 from pbp_hpc.checkpoint import CheckpointError
 from pbp_hpc.config import Config
 from pbp_hpc.engine.model import Layout
-from pbp_hpc.errors import ConfigError, DataError, DivergenceError, PbpError, StallError, Stopped, WorldSizeError
+from pbp_hpc.errors import (EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_SETUP, EXIT_STALLED,  # noqa: F401
+                            EXIT_STOPPED, ConfigError, DataError, DivergenceError, PbpError, StallError, Stopped,
+                            WorldSizeError)
 from pbp_hpc.parallel import provenance
 
-EXIT_FAILED = 1  # one rank's failure: the world was aborted
-EXIT_SETUP = 2  # a bad config, data or checkpoint, or a world that does not match it
-EXIT_DIVERGED = 3  # the loss or the parameters stopped being finite
-EXIT_STALLED = 4  # a step waited longer than parallel.stall_timeout_s for another rank: the world was aborted
-EXIT_STOPPED = 128  # + the signal's number (143: SIGTERM, 138: SIGUSR1): stopped outside the training loop
-EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 
 # Errors every rank raises together (same config, same reduced values): they end the job
 # cleanly with this exit code. Anything else is one rank's failure and aborts the world.
@@ -251,15 +247,10 @@ def check_memory(cfg: Config, world_size: int) -> None:
 
 def slowest(comm: MPI.Comm, values: list[float], watch: Any = None) -> np.ndarray:
     """Element-wise max over ranks: an epoch lasts as long as its slowest rank. watch: a
-    reducers.base.StallWatch that notices a rank stalled here (enter/leave around the wait)."""
+    parallel.stall.StallWatch that notices a rank stalled here."""
     out = np.array(values, dtype=np.float64)
-    if watch is not None:
-        watch.enter()
-    try:
+    with (watch if watch is not None else contextlib.nullcontext()):
         comm.Allreduce(MPI.IN_PLACE, out, op=MPI.MAX)
-    finally:
-        if watch is not None:
-            watch.leave()
     return out
 
 

@@ -211,6 +211,10 @@ class TensorStep:
         self.skip.expand_gradient(self.g0)  # the compact gradient rows spread over the whole block
         self.layer_done(l)
 
+    def complete(self, reducer: Any) -> bool:
+        """After the ranks met: nothing is left to compute; True where the GEMMs applied the update."""
+        return self.applies_update
+
     def count_correct(self, source: Any, idx: Any) -> Any:
         """How many of examples idx the model classifies correctly (collective over the tensor group)."""
         n = idx.shape[0]

@@ -32,6 +32,11 @@ DEVICE = Registry("device reducer", {
 })
 register = HOST.register
 
+# The reducer's buffer is [gradients | extras]: scalars that ride along with the sum (base.py)
+EXTRAS = 2  # slots after the gradients
+LOSS_SLOT = 0  # offsets within the extras: the summed loss,
+STOP_SLOT = 1  # and the count of ranks asked to stop (a signal)
+
 
 def names() -> list[str]:
     """What `parallel.reducer` accepts: "auto" and every registered host reducer."""
@@ -42,14 +47,14 @@ def names() -> list[str]:
 SHARED_BATCH_ROWS = 64
 
 
-def choose_auto(comm: Any, rows_per_rank: int = SHARED_BATCH_ROWS + 1) -> tuple[str, str]:
+def choose_auto(grid: Any, rows_per_rank: int = SHARED_BATCH_ROWS + 1) -> tuple[str, str]:
     """`parallel.reducer: auto`: shared memory where ranks share a node, else one Allreduce; and why.
 
     Measured here (Net-1h, batch 1024, 2 cores): shm 0.47 s per epoch against blocking's 0.59 at
     4 ranks, 0.95 against 1.14 at 16 (oversubscribed), and never slower in the benchmark. On
     several nodes shm is the hierarchical path (node windows, then an Allreduce across nodes
     of 1/P of the buffer per rank). With one rank per node, or unequal ranks per node, there
-    is no memory to share evenly: the blocking Allreduce (collective: every rank decides alike).
+    is no memory to share evenly: the blocking Allreduce (every rank decides alike, from the grid).
 
     Where ranks share a node and each has at most SHARED_BATCH_ROWS rows of the batch, they
     compute the batch together (shared_batch): measured here, 2 ranks, s/epoch, shm against
@@ -58,18 +63,14 @@ def choose_auto(comm: Any, rows_per_rank: int = SHARED_BATCH_ROWS + 1) -> tuple[
     rows) Net-2h 4.40/5.15 against 4.57/4.57 (even) and Net-1h 1.40/1.43 against 1.70/1.68
     (shm ahead: its first layer runs on the active inputs in the forward pass too).
     """
-    from mpi4py import MPI
-
-    if comm.size == 1:
+    if grid.data.size == 1:
         return "blocking", "auto: one rank, nothing to combine"
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    sizes = comm.allgather(node.size)
-    node.Free()
-    if len(set(sizes)) != 1:
+    sizes = grid.node_sizes
+    if not grid.equal_nodes:
         return "blocking", f"auto: unequal ranks per node ({min(sizes)}..{max(sizes)}), so no even shared-memory split"
     if sizes[0] == 1:
         return "blocking", "auto: one rank per node, no memory to share"
-    nodes = comm.size // sizes[0]
+    nodes = grid.nodes
     across = f", then an Allreduce across {nodes} nodes" if nodes > 1 else ""
     if rows_per_rank <= SHARED_BATCH_ROWS:
         return "shared_batch", (f"auto: {sizes[0]} ranks share each node's memory and, at {rows_per_rank} rows "
@@ -77,35 +78,52 @@ def choose_auto(comm: Any, rows_per_rank: int = SHARED_BATCH_ROWS + 1) -> tuple[
     return "shm", f"auto: {sizes[0]} ranks share each node's memory{across}"
 
 
-def make(cfg: Any, comm: Any, layout: Any, xp: Any) -> Any:
+def make(cfg: Any, grid: Any, layout: Any, xp: Any, watch: Any = None) -> Any:
     """The reducer the config asks for, for buffers of namespace xp (collective).
 
     Host (numpy): parallel.reducer, "auto" resolved by choose_auto. Any other namespace takes the device path:
     parallel.gpu_reducer, resolved by what MPI can do (pbp_hpc.parallel.gpu.choose_reducer);
-    the record of that choice lands in the reducer's describe().
+    the record of that choice lands in the reducer's describe(). grid: the run's parallel.grid.Grid
+    (its data group is the reducer's communicator), or a bare communicator (tests). watch: the
+    run's stall check (parallel.stall), which the reducer's waits report to.
     """
     import numpy as np
 
+    from pbp_hpc.parallel.grid import Grid
+
+    comm, grid = (grid.data, grid) if isinstance(grid, Grid) else (grid, None)  # a bare communicator: tests
     if xp is not np:
-        return make_device(cfg, comm, layout, xp)
-    from pbp_hpc.parallel.strategies import SUMS_GRADIENTS
+        reducer = make_device(cfg, comm, layout, xp)
+        reducer.watch = reducer.watch if watch is None else watch
+        return reducer
+    from pbp_hpc.parallel import strategies
 
     name, why = cfg.parallel.reducer, "parallel.reducer"
-    if name == "auto" and cfg.parallel.strategy not in SUMS_GRADIENTS:
+    if name == "auto" and not strategies.STRATEGIES.load(cfg.parallel.strategy).sums_gradients:
         name, why = "blocking", (f"auto: strategy {cfg.parallel.strategy} exchanges parameters its own way; "
                                  "its buffers are private (blocking)")
     elif name == "auto":
         # shared_batch batches the node's examples together: not for the one-at-a-time baseline
         rows = -(-cfg.train.batch_size // comm.size) if cfg.algorithm == "batched" else SHARED_BATCH_ROWS + 1
-        name, why = choose_auto(comm, rows)
-    reducer = HOST.load(name)(comm, layout, getattr(xp, cfg.model.dtype), xp)
+        name, why = choose_auto(grid if grid is not None else _grid_of(comm), rows)
+    reducer = HOST.load(name)(comm, layout, getattr(xp, cfg.model.dtype), xp, grid)
     reducer.choice = {"reducer_reason": why}
+    reducer.watch = reducer.watch if watch is None else watch
     try:
         configure(reducer, cfg.parallel)
     except BaseException:
         reducer.close()
         raise
     return reducer
+
+
+def _grid_of(comm: Any) -> Any:
+    """The default grid over a bare communicator, its communicators freed (only its facts are read)."""
+    from pbp_hpc.parallel.grid import make_grid
+
+    grid = make_grid(comm)
+    grid.close()
+    return grid
 
 
 def configure(reducer: Any, parallel: Any) -> None:

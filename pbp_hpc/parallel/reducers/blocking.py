@@ -16,23 +16,23 @@ from pbp_hpc.parallel.reducers.base import EXTRAS, Reducer
 
 class BlockingReducer(Reducer):
     name = "blocking"
-    packed: Optional[compression.CompressedSum] = None
+    compressed: Optional[compression.CompressedSum] = None
 
     def use_compression(self, kind: str, feedback: bool) -> None:
         if self.comm.size > 1:
-            self.packed = compression.CompressedSum(self.comm, self.n, kind, feedback)
+            self.compressed = compression.CompressedSum(self.comm, self.n, kind, feedback)
 
     def wire_bytes(self) -> int:
-        if self.packed is None:
+        if self.compressed is None:
             return super().wire_bytes()
-        return self.packed.wire_bytes() + compression.allreduce_bytes(self.comm.size, EXTRAS, self.extras.itemsize)
+        return self.compressed.wire_bytes() + compression.allreduce_bytes(self.comm.size, EXTRAS, self.extras.itemsize)
 
     def finish(self) -> None:
-        if self.packed is None:
+        if self.compressed is None:
             self._timed_allreduce(self.grad)
             return
         t = time.perf_counter()
         extras = self._start_extras()
-        self.packed.blocking(self.grad[: self.n], self._watched)
+        self.compressed.blocking(self.grad[: self.n], self._watched)
         self.watch.wait(extras)
         self.seconds += time.perf_counter() - t

@@ -32,11 +32,8 @@ class CudaAwareReducer(Reducer):
             return
         t = time.perf_counter()
         self.sync()
-        self.watch.enter()  # the stall check
-        try:
+        with self.watch:  # the stall check
             self.comm.Allreduce(MPI.IN_PLACE, self.grad, op=MPI.SUM)
-        finally:
-            self.watch.leave()
         self.seconds += time.perf_counter() - t
 
 
@@ -61,11 +58,8 @@ class StagedReducer(Reducer):
         t = time.perf_counter()
         self.sync()  # the copy below is ordered on the stream anyway; this keeps `seconds` honest
         self.to_host(self.grad, self.host)
-        self.watch.enter()  # the stall check
-        try:
+        with self.watch:  # the stall check
             self.comm.Allreduce(MPI.IN_PLACE, self.host, op=MPI.SUM)
-        finally:
-            self.watch.leave()
         self.to_device(self.host, self.grad)
         self.seconds += time.perf_counter() - t
 
@@ -103,9 +97,6 @@ class NcclReducer(Reducer):
         stream = cupy.cuda.get_current_stream()
         ptr = self.grad.data.ptr
         self.nccl_comm.allReduce(ptr, ptr, self.grad.size, self.nccl_dtype, self.nccl.NCCL_SUM, stream.ptr)
-        self.watch.enter()  # the stall check
-        try:
+        with self.watch:  # the stall check
             stream.synchronize()  # so `seconds` is the reduction, not its launch
-        finally:
-            self.watch.leave()
         self.seconds += time.perf_counter() - t

@@ -28,8 +28,8 @@ from pbp_hpc.parallel.reducers.base import EXTRAS, Reducer
 class OverlapReducer(Reducer):
     name = "overlap"
 
-    def __init__(self, comm: MPI.Comm, layout: Any, dtype: Any, xp: Any):
-        super().__init__(comm, layout, dtype, xp)
+    def __init__(self, comm: MPI.Comm, layout: Any, dtype: Any, xp: Any, grid: Any = None):
+        super().__init__(comm, layout, dtype, xp, grid)
         self.fusion_bytes = 0
         self.kind: Optional[str] = None  # the compression, if any
         self.feedback = False

@@ -3,7 +3,7 @@
 With this reducer the local step is engine.shared_batch.SharedBatchStep: each rank writes its
 rows' activations and deltas into node-shared buffers (node_batch()), and after finish()'s
 barrier computes the gradient of its own slice of every layer over all the node's rows in
-shares(), so the sum over a node's examples happens inside the GEMMs and no rank writes or
+phase 2 (SharedBatchStep.complete, which the strategy calls; then sum_across()), so the sum over a node's examples happens inside the GEMMs and no rank writes or
 reads a whole gradient (see that module for why this is faster at small batches). The
 parameters and optimizer state are one node-shared copy, as with shm; each rank updates its
 slices and updated() is the barrier after which every rank reads the new parameters. On several
@@ -31,25 +31,24 @@ from pbp_hpc.parallel.reducers.shm import NodeCopyReducer, SharedRows
 class SharedBatchReducer(NodeCopyReducer):
     name = "shared_batch"
 
-    def __init__(self, comm: MPI.Comm, layout: model.Layout, dtype: Any, xp: Any):
+    def __init__(self, comm: MPI.Comm, layout: model.Layout, dtype: Any, xp: Any, grid: Any = None):
         if xp is not np:
             raise ValueError("parallel.reducer=shared_batch works on host (numpy) buffers")
-        super().__init__(comm, layout, dtype, xp)
+        super().__init__(comm, layout, dtype, xp, grid)
         self.step = 0
-        self.packed_sum: Optional[compression.CompressedSum] = None
-        self.compute = None  # phase 2 of the local step: SharedBatchStep.weight_gradients
+        self.compressed: Optional[compression.CompressedSum] = None
         if self.shared is None:  # one rank: nothing to share, a plain reducer
             return
         node = self.shared.local
         self.slices = spans(layout, node.size, node.rank)
         size = sum((r.stop - r.start) * layout.sizes[l + 1] + (c.stop - c.start) for l, r, c in self.slices)
-        self.packed = np.zeros(size, dtype=dtype)  # this rank's slices of the gradient, one buffer
+        self.own_grad = np.zeros(size, dtype=dtype)  # this rank's slices of the gradient, one buffer
         self.views, self._shares, off = [], [], 0
         for l, rows, cols in self.slices:
             w_span, b_span = flat_span(layout, l, rows, cols)
             nw, nb = w_span.stop - w_span.start, b_span.stop - b_span.start
-            gw = self.packed[off : off + nw].reshape(rows.stop - rows.start, layout.sizes[l + 1])
-            gb = self.packed[off + nw : off + nw + nb].reshape(1, nb)
+            gw = self.own_grad[off : off + nw].reshape(rows.stop - rows.start, layout.sizes[l + 1])
+            gb = self.own_grad[off + nw : off + nw + nb].reshape(1, nb)
             self.views.append((gw, gb))
             self._shares += [(w_span, [gw.reshape(-1)]), (b_span, [gb.reshape(-1)])]
             off += nw + nb
@@ -58,7 +57,7 @@ class SharedBatchReducer(NodeCopyReducer):
         if self.comm.size == 1:
             return super().allocate(size)
         # the windows: each rank's extras and their mailboxes (no gradient row: see shares())
-        self.shared = SharedRows(self.comm, 0, self.dtype, self.name)
+        self.shared = SharedRows(self.node_grid(), 0, self.dtype, self.name)
         # The whole-gradient buffer the interface promises is never written here but for its
         # extras: np.empty's untouched pages cost no memory.
         grad = np.empty(size, dtype=self.dtype)
@@ -81,18 +80,18 @@ class SharedBatchReducer(NodeCopyReducer):
     def use_compression(self, kind: str, feedback: bool) -> None:
         """Only the Allreduce across nodes sends anything: it is the one compressed."""
         if self.shared is not None and self.shared.cross is not None:
-            self.packed_sum = compression.CompressedSum(self.shared.cross, self.packed.shape[0], kind, feedback)
+            self.compressed = compression.CompressedSum(self.shared.cross, self.own_grad.shape[0], kind, feedback)
 
     def wire_bytes(self) -> int:
         if self.shared is None:
             return super().wire_bytes()
         if self.shared.cross is None:
             return 0
-        nodes, item = self.shared.cross.size, self.packed.itemsize
+        nodes, item = self.shared.cross.size, self.own_grad.itemsize
         extras = compression.allreduce_bytes(nodes, EXTRAS, item)
-        if self.packed_sum is not None:
-            return self.packed_sum.wire_bytes() + extras
-        return compression.allreduce_bytes(nodes, self.packed.shape[0], item) + extras
+        if self.compressed is not None:
+            return self.compressed.wire_bytes() + extras
+        return compression.allreduce_bytes(nodes, self.own_grad.shape[0], item) + extras
 
     def finish(self) -> None:
         """Every rank's rows are in the node's buffers; the extras (loss, stop) are global."""
@@ -106,19 +105,15 @@ class SharedBatchReducer(NodeCopyReducer):
             self._watched(lambda: shared.cross.Allreduce(MPI.IN_PLACE, self.extras, op=MPI.SUM))
         self.seconds += time.perf_counter() - t
 
-    def shares(self) -> list[tuple[slice, list[Any]]]:
-        """This rank's slices, their gradient computed now from the node's rows (and summed across
-        nodes); none where the local step applied the update itself (fused)."""
-        if self.shared is None:
-            return self._shares
-        if self.compute(self.views):
-            return []
-        cross = self.shared.cross
-        if cross is not None:
-            t = time.perf_counter()
-            if self.packed_sum is not None:
-                self.packed_sum.blocking(self.packed, self._watched)
-            else:
-                self._watched(lambda: cross.Allreduce(MPI.IN_PLACE, self.packed, op=MPI.SUM))
-            self.seconds += time.perf_counter() - t
-        return self._shares
+    def sum_across(self) -> None:
+        """Phase 2 wrote this rank's slices of its node's gradient (SharedBatchStep.complete):
+        on several nodes, add them up with the ranks owning the same slices there."""
+        cross = self.shared.cross if self.shared is not None else None
+        if cross is None:
+            return
+        t = time.perf_counter()
+        if self.compressed is not None:
+            self.compressed.blocking(self.own_grad, self._watched)
+        else:
+            self._watched(lambda: cross.Allreduce(MPI.IN_PLACE, self.own_grad, op=MPI.SUM))
+        self.seconds += time.perf_counter() - t

@@ -35,22 +35,17 @@ from pbp_hpc.parallel.reducers.base import EXTRAS, Fill, Reducer
 class SharedRows:
     """One gradient row per rank and the node's parameter-shaped buffers, in shared windows."""
 
-    def __init__(self, comm: MPI.Comm, n: int, dtype: Any, reducer: str = "shm"):
-        node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
-        sizes = set(comm.allgather(node.size))
-        if len(sizes) != 1:
-            node.Free()
-            raise ConfigError(f"parallel.reducer={reducer} needs the same number of ranks on every node, got {sorted(sizes)} "
+    def __init__(self, grid: Any, n: int, dtype: Any, reducer: str = "shm"):
+        """grid: the run's (parallel.grid): its node communicator holds the windows, its across
+        communicator joins the ranks owning the same slice on every node."""
+        if not grid.equal_nodes:
+            sizes = grid.node_sizes
+            raise ConfigError(f"parallel.reducer={reducer} needs the same number of ranks on every node, got {sorted(set(sizes))} "
                               "(a node's slices of the buffer must match across nodes): launch as many ranks on "
                               "every node (mpiexec -ppn, srun --ntasks-per-node), or choose parallel.reducer=auto, "
                               "which takes blocking here")
-        self.cross: Optional[MPI.Comm] = None
-        self.own_local = node.size < comm.size
-        if self.own_local:  # several nodes: a window per node, and the ranks that own the same slice
-            self.local, self.cross = node, comm.Split(node.rank, key=comm.rank)
-        else:  # one node: comm itself (a new communicator costs MPI shared buffers of its own)
-            node.Free()
-            self.local = comm
+        self.local = grid.node
+        self.cross: Optional[MPI.Comm] = None if grid.one_node else grid.across
         self.dtype, self.item = dtype, np.dtype(dtype).itemsize
         # each rank's row: its buffer [gradients | extras], then two mailboxes for its extras
         width = n + 3 * EXTRAS
@@ -101,11 +96,8 @@ class SharedRows:
         if watch is None:
             self.local.Barrier()
         else:
-            watch.enter()  # the stall check
-            try:
+            with watch:  # the stall check
                 self.local.Barrier()
-            finally:
-                watch.leave()
         for w in self.wins:
             w.Sync()
 
@@ -114,10 +106,6 @@ class SharedRows:
             w.Unlock_all()
             w.Free()
         self.wins = []
-        if self.own_local:
-            self.local.Free()
-        if self.cross is not None:
-            self.cross.Free()
 
 
 class NodeCopyReducer(Reducer):
@@ -125,6 +113,15 @@ class NodeCopyReducer(Reducer):
     windows (shm, shared_batch); with one rank, a plain reducer (shared stays None)."""
 
     shared: Optional[SharedRows] = None  # made by the subclass's allocate()
+    _own_grid: Any = None  # made on a bare communicator (tests): this reducer frees it
+
+    def node_grid(self) -> Any:
+        """The run's grid, or one of its own over comm where it was made on a bare communicator."""
+        if self.grid is None:
+            from pbp_hpc.parallel.grid import make_grid
+
+            self.grid = self._own_grid = make_grid(self.comm)
+        return self.grid
 
     def parameters(self, fill: Fill) -> Any:
         """The node's one copy of the parameters, filled by the node's first rank."""
@@ -150,6 +147,9 @@ class NodeCopyReducer(Reducer):
         if self.shared is not None:
             self.shared.free()
             self.shared = None
+        if self._own_grid is not None:
+            self._own_grid.close()
+            self._own_grid = None
 
 
 class SharedMemoryReducer(NodeCopyReducer):
@@ -157,10 +157,10 @@ class SharedMemoryReducer(NodeCopyReducer):
     sums_in_update = True
     ALIGN = 16  # slice boundaries on 64-byte lines (float32), so no two ranks write one line
 
-    def __init__(self, comm: MPI.Comm, layout: Any, dtype: Any, xp: Any):
+    def __init__(self, comm: MPI.Comm, layout: Any, dtype: Any, xp: Any, grid: Any = None):
         if xp is not np:
             raise ValueError("parallel.reducer=shm works on host (numpy) buffers")
-        super().__init__(comm, layout, dtype, xp)  # calls allocate(), which makes the windows
+        super().__init__(comm, layout, dtype, xp, grid)  # calls allocate(), which makes the windows
         if self.shared is None:  # one rank: a plain buffer, and nothing to share
             return
         n, P, r = self.n, self.shared.local.size, self.shared.local.rank
@@ -170,13 +170,13 @@ class SharedMemoryReducer(NodeCopyReducer):
         # several nodes: the slice's sum is needed whole, for the Allreduce across nodes
         self.acc = np.empty(hi - lo, dtype=dtype) if self.shared.cross is not None else None
         self.parts = parts
-        self.packed: Optional[compression.CompressedSum] = None
+        self.compressed: Optional[compression.CompressedSum] = None
         self._shares = [(slice(lo, hi), parts if self.acc is None else [self.acc])]
 
     def use_compression(self, kind: str, feedback: bool) -> None:
         """Only the Allreduce across nodes sends anything: it is the one compressed."""
         if self.shared is not None and self.shared.cross is not None:
-            self.packed = compression.CompressedSum(self.shared.cross, self.acc.shape[0], kind, feedback)
+            self.compressed = compression.CompressedSum(self.shared.cross, self.acc.shape[0], kind, feedback)
 
     def wire_bytes(self) -> int:
         """Across nodes only: within a node the gradients are read from shared memory."""
@@ -184,14 +184,14 @@ class SharedMemoryReducer(NodeCopyReducer):
             return 0
         nodes, item = self.shared.cross.size, self.acc.itemsize
         extras = compression.allreduce_bytes(nodes, EXTRAS, item)
-        if self.packed is not None:
-            return self.packed.wire_bytes() + extras
+        if self.compressed is not None:
+            return self.compressed.wire_bytes() + extras
         return compression.allreduce_bytes(nodes, self.acc.shape[0], item) + extras
 
     def allocate(self, size: int) -> Any:
         if self.comm.size == 1:
             return super().allocate(size)
-        self.shared = SharedRows(self.comm, self.n, self.dtype)
+        self.shared = SharedRows(self.node_grid(), self.n, self.dtype)
         return self.shared.rows[self.shared.local.rank]
 
 
@@ -204,17 +204,14 @@ class SharedMemoryReducer(NodeCopyReducer):
         self.step += 1
         if shared.cross is not None:
             sum_parts(self.parts, self.acc)
-            if self.packed is not None:
+            if self.compressed is not None:
                 extras = shared.cross.Iallreduce(MPI.IN_PLACE, self.extras, op=MPI.SUM)
-                self.packed.blocking(self.acc, self._watched)
+                self.compressed.blocking(self.acc, self._watched)
                 self.watch.wait(extras)
             else:
-                self.watch.enter()
-                try:
+                with self.watch:
                     shared.cross.Allreduce(MPI.IN_PLACE, self.acc, op=MPI.SUM)
                     shared.cross.Allreduce(MPI.IN_PLACE, self.extras, op=MPI.SUM)
-                finally:
-                    self.watch.leave()
         self.seconds += time.perf_counter() - t
 
 

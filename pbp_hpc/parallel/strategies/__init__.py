@@ -1,4 +1,4 @@
-"""Strategies, one module each, behind one factory: `make(cfg, comm, xp)` (then base.Strategy's
+"""Strategies, one module each, behind one factory: `make(cfg, grid, xp)` (then base.Strategy's
 parameters() and attach()).
 
     allreduce   the gradient summed over ranks every step; the same update everywhere (allreduce.py)
@@ -7,9 +7,20 @@ parameters() and attach()).
     ssp         async_ps with bounded staleness: no worker more than s updates ahead (ssp.py)
     hogwild     one node-shared parameter array updated without locks; nodes averaged (hogwild.py)
 
-The interface is base.Strategy. To add one: a module with a subclass of it and a line below
-(or `register(name, cls)`); `parallel.strategy` then accepts it, and
-pbp_hpc.parallel.combinations says which reducers and optimizers it runs with.
+Adding a strategy (tests/example_strategy.py is one, 40 lines: gossip):
+  1. A module with a subclass of base.Strategy that declares what it is: `name`;
+     `sums_gradients` (True: it sums a gradient every step through the reducer, which any reducer
+     and compression then serve; False: it exchanges parameters itself over private buffers);
+     `keys`, the parallel.* settings it reads (a checkpoint resumes only with the same ones);
+     `asynchronous`, `host_only`, `splits_decay` where they hold. The combination rules, the
+     resume key, the reducer `auto` picks and analyze's grouping are read from these.
+  2. Its run: a synchronous strategy writes step(); one that meets every few steps writes
+     block_end() and run_block(). Every local step goes through self.compute() (its chores
+     are done there), and a block ends with self.settle() (loss, stops and the divergence check).
+     Its communicators come from self.grid (parallel/grid.py): self.comm is the data group,
+     grid.ring() a ring's neighbours, grid.node / grid.across the node split.
+  3. A line in STRATEGIES below, or `register(name, cls)` from a test or plugin; then
+     `parallel.strategy` accepts it.
 """
 
 from __future__ import annotations
@@ -18,21 +29,22 @@ from typing import Any
 
 from pbp_hpc.registry import Registry
 
+# in the order tables list them: from lockstep to fully asynchronous
 STRATEGIES = Registry("strategy", {
     "allreduce": "pbp_hpc.parallel.strategies.allreduce:AllreduceStrategy",
     "local_sgd": "pbp_hpc.parallel.strategies.local_sgd:LocalSGD",
-    "async_ps": "pbp_hpc.parallel.strategies.async_ps:AsyncPS",
     "ssp": "pbp_hpc.parallel.strategies.ssp:SSP",
+    "async_ps": "pbp_hpc.parallel.strategies.async_ps:AsyncPS",
     "hogwild": "pbp_hpc.parallel.strategies.hogwild:Hogwild",
 })
 register = STRATEGIES.register
 names = STRATEGIES.names
 
 
-# Strategies that sum a gradient every step; the others exchange parameters or updates
-# their own way and take the private buffers of the blocking reducer (reducers.make).
-SUMS_GRADIENTS = ("allreduce",)
+def facts(name: str) -> Any:
+    """The class of strategy `name`, whose attributes say what it is (imports no MPI)."""
+    return STRATEGIES.load(name)
 
 
-def make(cfg: Any, comm: Any, xp: Any) -> Any:
-    return STRATEGIES.load(cfg.parallel.strategy)(cfg, comm, xp)
+def make(cfg: Any, grid: Any, xp: Any) -> Any:
+    return STRATEGIES.load(cfg.parallel.strategy)(cfg, grid, xp)

@@ -10,50 +10,37 @@ computes with the same global batch, up to the order of floating-point sums.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
 from pbp_hpc.engine.backend import to_host
-from pbp_hpc.errors import DivergenceError
-from pbp_hpc.parallel import gpu
-from pbp_hpc.parallel.reducers.base import LOSS_SLOT, STOP_SLOT
+from pbp_hpc.parallel.reducers import LOSS_SLOT, STOP_SLOT
 from pbp_hpc.parallel.strategies.base import Strategy, my_share
 
 
 class AllreduceStrategy(Strategy):
     name = "allreduce"
+    sums_gradients = True
     fusable = True
 
     def attach(self, local: Any, reducer: Any, optimizer: Any) -> None:
         super().attach(local, reducer, optimizer)
         self.extras = reducer.extras
-        self.sync = gpu.stream_sync(self.xp)  # GPU kernels run asynchronously: compute time must hold them
 
     def step(self, gidx: Any, lr: float, stop: bool, at: tuple[int, int, int]) -> tuple[float, int]:
         B = gidx.shape[0]
         lo, hi = my_share(B, self.comm.size, self.comm.rank)
         self.extras[STOP_SLOT] = 1.0 if stop else 0.0
-        tc = time.perf_counter()
-        self.local(gidx[lo:hi], -lr / B)
-        if self.after_local is not None:
-            self.after_local(at[2])
-        self.sync()
-        if self.straggler.active:  # study.straggler_*: a slow rank's compute (so it counts as compute)
-            self.straggler.after(at[2], time.perf_counter() - tc)
-        self.reducer.watch.step = at[2]
-        t_reduce = time.perf_counter()
-        self.reducer.finish()
-        tu = time.perf_counter()
+        self.compute(gidx[lo:hi], at[2], -lr / B)  # this rank's gradient sum (and its chores)
+        self.reducer.finish()  # the ranks meet: the extras are global, the shares sum to the gradient
+        t = time.perf_counter()
         extras = to_host(self.extras)  # the one host sync per step: loss and stop flag
-        loss = float(extras[LOSS_SLOT])
-        if not math.isfinite(loss):
-            raise DivergenceError(f"training diverged at epoch {at[0]} step {at[1]}: loss is {loss} "
-                                  f"(learning rate {lr} is likely too high)", at[0], at[1])
-        if not self.local.applies_update:
+        self.check(float(extras[LOSS_SLOT]), at[0], at[1])
+        if not self.local.complete(self.reducer):  # shared_batch's phase 2; True: the GEMMs applied the update
             self.update(lr, B)
-        self.compute_s += (t_reduce - tc) + (time.perf_counter() - tu)
-        return loss, int(extras[STOP_SLOT])
+        self.reducer.updated()  # every rank sees the new parameters before its next forward pass
+        self.compute_s += time.perf_counter() - t
+        return float(extras[LOSS_SLOT]), int(extras[STOP_SLOT])
 
     def update(self, lr: float, batch: int) -> None:
         """The same update on every rank: each applies the optimizer to the spans the reducer gives it."""
@@ -62,4 +49,3 @@ class AllreduceStrategy(Strategy):
             self.optimizer.apply(span, parts, lr, batch)
         if self.reducer.sums_in_update:  # the summation an Allreduce would do, fused with the update
             self.reducer.seconds += time.perf_counter() - t
-        self.reducer.updated()

@@ -29,34 +29,34 @@ interleaving of updates is not reproducible, so neither is the rest of the run).
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
 import numpy as np
 
 from pbp_hpc.engine import backend
-from pbp_hpc.errors import DivergenceError
-from pbp_hpc.parallel import parameter_windows as pw
-from pbp_hpc.parallel.strategies.base import BlockResult, LrOf, StopOf, Strategy, settle, share_indices
+from pbp_hpc.parallel.strategies.base import BlockResult, LrOf, StopOf, Strategy, share_indices
 
 
 class AsyncPS(Strategy):
     name = "async_ps"
+    keys = ("meet_every_steps",)
+    asynchronous = host_only = splits_decay = True
 
-    def __init__(self, cfg: Any, comm: Any, xp: Any):
-        super().__init__(cfg, comm, xp)
+    def __init__(self, cfg: Any, grid: Any, xp: Any):
+        super().__init__(cfg, grid, xp)
         self.meet = cfg.parallel.meet_every_steps
         self.claimed = 0  # the claim counter's value at the current block's start (the same on every rank)
         self.clock = 0  # updates this worker has made
         # the update log, append-only: (worker, clock, version read, version written); rank 0 gathers it
         self.log: list[tuple[int, int, int, int]] = []
-        self.comm_seconds = 0.0
 
     def attach(self, local: Any, reducer: Any, optimizer: Any) -> None:
+        from pbp_hpc.parallel import parameter_windows as pw
+
         super().attach(local, reducer, optimizer)
+        self.pw = pw
         self.before = np.empty_like(self.theta)  # the parameters as read: the update is theta - before
-        optimizer.weight_decay /= self.comm.size  # P updates per global minibatch: each carries 1/P of the decay
         self.store = pw.ParameterWindows(self.comm, self.theta)
 
     def block_end(self, first: int, limit: int, steps: int, epoch: int) -> int:
@@ -64,14 +64,14 @@ class AsyncPS(Strategy):
 
     def run_block(self, order: Any, epoch: int, first: int, end: int, steps: int, lr_of: LrOf, stop_of: StopOf
                   ) -> BlockResult:
-        P, B = self.comm.size, self.cfg.train.batch_size
+        P, B, pw = self.comm.size, self.cfg.train.batch_size, self.pw
         pool = (end - first) * P
         loss_sum, examples, stop = 0.0, 0, False
         while True:
             self.wait_turn()
             t = time.perf_counter()
             j = self.store.fetch_add(pw.CLAIMS) - self.claimed  # the next share of the block's pool
-            self.comm_seconds += time.perf_counter() - t
+            self.exchange_s += time.perf_counter() - t
             if j >= pool:
                 break
             s, part = first + j // P, j % P
@@ -83,39 +83,27 @@ class AsyncPS(Strategy):
         self.claimed += pool + P  # every worker's last claim found the pool empty
         self.finished_block()
         t = time.perf_counter()
-        self.reducer.watch.enter()  # the meeting: every update of the block has landed after it
-        try:
+        with self.watch:  # the meeting: every update of the block has landed after it
             self.comm.Barrier()
-        finally:
-            self.reducer.watch.leave()
         self.store.read(self.theta)
-        loss, stop_ranks, seen = settle(self.comm, self.reducer.watch, loss_sum, stop, examples)
-        self.comm_seconds += time.perf_counter() - t
-        if not math.isfinite(loss) or not bool(np.isfinite(self.theta).all()):
-            raise DivergenceError(f"training diverged at epoch {epoch} before step {end}: loss is {loss} "
-                                  "(the learning rate is likely too high for asynchronous updates)", epoch, end - 1)
-        return loss, seen, end, stop_ranks
+        self.exchange_s += time.perf_counter() - t
+        return self.settle(loss_sum, stop, examples, epoch, end, params=True)
 
     def update(self, idx: Any, lr: float, g: int) -> float:
         """One share: read, compute, push. Returns the share's summed loss."""
-        t = time.perf_counter()
+        pw, t = self.pw, time.perf_counter()
         version_read = self.store.fetch(pw.UPDATES)
         self.store.read(self.theta)
-        tc = time.perf_counter()
-        self.comm_seconds += tc - t
         self.before[...] = self.theta
-        self.local(idx)
-        if self.after_local is not None:
-            self.after_local(g)
+        self.exchange_s += time.perf_counter() - t
+        # an update from this share alone, lr / B times its gradient sum (an empty share: momentum's part)
+        self.compute(idx, g, lr=lr, batch=self.cfg.train.batch_size)
         loss = float(self.loss[0])
-        self.optimizer.apply(self.whole, [self.grad], lr, self.cfg.train.batch_size)  # an empty share: momentum's part
         np.subtract(self.theta, self.before, out=self.before)  # the update
-        self.straggler.after(g, time.perf_counter() - tc)
         t = time.perf_counter()
-        self.compute_s += t - tc
         self.store.add(self.before)
         version_written = self.store.fetch_add(pw.UPDATES) + 1
-        self.comm_seconds += time.perf_counter() - t
+        self.exchange_s += time.perf_counter() - t
         self.log.append((self.comm.rank, self.clock, version_read, version_written))
         self.clock += 1
         self.applied(self.before)
@@ -131,10 +119,6 @@ class AsyncPS(Strategy):
     def applied(self, delta: Any) -> None:
         """This worker's update was added to the store."""
 
-    @property
-    def comm_s(self) -> float:
-        return self.comm_seconds
-
     def gathered_log(self) -> np.ndarray:
         """Every worker's update log, on every rank (collective): rows (worker, clock, read, written)."""
         mine = np.array(self.log, dtype=np.int64).reshape(-1, 4)
@@ -146,7 +130,7 @@ class AsyncPS(Strategy):
         stale = log[:, 3] - log[:, 2] - 1 if log.shape[0] else np.zeros(0, dtype=np.int64)
         per_worker = np.bincount(log[:, 0], minlength=self.comm.size) if log.shape[0] else np.zeros(self.comm.size)
         return {
-            "strategy": self.name, "meet_every_steps": self.meet,
+            **super().describe(),
             "updates": int(log.shape[0]),
             "updates_per_worker": [int(c) for c in per_worker],
             "staleness_mean": float(stale.mean()) if stale.size else None,

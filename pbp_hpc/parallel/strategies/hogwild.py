@@ -17,32 +17,32 @@ restores the parameters exactly and each rank's velocity from rank 0's.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Callable
 
 import numpy as np
-from mpi4py import MPI
 
-from pbp_hpc.errors import DivergenceError
-from pbp_hpc.parallel.strategies.base import BlockResult, LrOf, StopOf, Strategy, settle, share_indices
+from pbp_hpc.parallel.strategies.base import BlockResult, LrOf, StopOf, Strategy, share_indices
 
 
 class Hogwild(Strategy):
     name = "hogwild"
+    keys = ("meet_every_steps",)
+    asynchronous = host_only = splits_decay = True
 
-    def __init__(self, cfg: Any, comm: Any, xp: Any):
-        super().__init__(cfg, comm, xp)
+    def __init__(self, cfg: Any, grid: Any, xp: Any):
+        super().__init__(cfg, grid, xp)
         self.meet = cfg.parallel.meet_every_steps
-        self.node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
+        self.node = grid.node  # the ranks sharing the node's array
         # one rank per node (its node rank 0) averages the node arrays across nodes
-        self.leaders = comm.Split(0 if self.node.rank == 0 else MPI.UNDEFINED, key=comm.rank)
-        self.nodes = comm.allreduce(1 if self.node.rank == 0 else 0)
+        self.leaders = grid.across if self.node.rank == 0 else None
+        self.nodes = grid.nodes
         self.win: Any = None
-        self.comm_seconds = 0.0
         self.updates = 0
 
     def parameters(self, reducer: Any, fill: Callable[[Any], Any]) -> Any:
+        from mpi4py import MPI
+
         item = np.dtype(reducer.dtype).itemsize
         n = reducer.n
         self.win = MPI.Win.Allocate_shared(n * item if self.node.rank == 0 else 0, item, comm=self.node)
@@ -51,10 +51,6 @@ class Hogwild(Strategy):
             fill(theta)
         self.node.Barrier()
         return theta
-
-    def attach(self, local: Any, reducer: Any, optimizer: Any) -> None:
-        super().attach(local, reducer, optimizer)
-        optimizer.weight_decay /= self.comm.size  # P updates per global minibatch: each carries 1/P of the decay
 
     def block_end(self, first: int, limit: int, steps: int, epoch: int) -> int:
         return min(limit, first + self.meet)
@@ -67,52 +63,32 @@ class Hogwild(Strategy):
             g = epoch * steps + s
             stop = stop_of(g) or stop
             idx = share_indices(order, B, s, r, P)
-            tc = time.perf_counter()
-            self.local(idx)
-            if self.after_local is not None:
-                self.after_local(g)
+            self.compute(idx, g, lr=lr_of(g), batch=B)  # the update on the shared array, no lock
             loss_sum += float(self.loss[0])
-            self.optimizer.apply(self.whole, [self.grad], lr_of(g), B)  # on the shared array, no lock
             self.updates += 1
             examples += idx.shape[0]
-            self.straggler.after(g, time.perf_counter() - tc)
-            self.compute_s += time.perf_counter() - tc
-        t = time.perf_counter()
         self._meet()
-        loss, stop_ranks, seen = settle(self.comm, self.reducer.watch, loss_sum, stop, examples)
-        self.comm_seconds += time.perf_counter() - t
-        if not math.isfinite(loss) or not bool(np.isfinite(self.theta).all()):
-            raise DivergenceError(f"training diverged at epoch {epoch} before step {end}: loss is {loss} "
-                                  "(the learning rate is likely too high for lock-free updates)", epoch, end - 1)
-        return loss, seen, end, stop_ranks
+        return self.settle(loss_sum, stop, examples, epoch, end, params=True)
 
     def _meet(self) -> None:
         """Every rank's updates are in its node's array; across nodes, the arrays are averaged."""
-        watch = self.reducer.watch
-        watch.enter()
-        try:
+        from mpi4py import MPI
+
+        t = time.perf_counter()
+        with self.watch:
             self.node.Barrier()
             if self.nodes > 1:
-                if self.node.rank == 0:
+                if self.leaders is not None:
                     self.leaders.Allreduce(MPI.IN_PLACE, self.theta, op=MPI.SUM)
                     self.theta *= 1.0 / self.nodes
                 self.node.Barrier()  # no rank reads the array before its leader wrote the average
-        finally:
-            watch.leave()
-
-    @property
-    def comm_s(self) -> float:
-        return self.comm_seconds
+        self.exchange_s += time.perf_counter() - t
 
     def describe(self) -> dict[str, Any]:
-        return {"strategy": self.name, "meet_every_steps": self.meet, "nodes": self.nodes,
-                "updates": int(self.comm.allreduce(self.updates))}
+        return {**super().describe(), "nodes": self.nodes, "updates": int(self.comm.allreduce(self.updates))}
 
     def close(self) -> None:
         if self.win is not None:
             self.win.Free()
             self.win = None
-            if self.leaders != MPI.COMM_NULL:
-                self.leaders.Free()
-            self.node.Free()
         super().close()

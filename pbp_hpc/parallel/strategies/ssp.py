@@ -25,9 +25,10 @@ DONE = 1 << 60  # a clock that satisfies every wait
 
 class SSP(AsyncPS):
     name = "ssp"
+    keys = ("meet_every_steps", "staleness_bound")
 
-    def __init__(self, cfg: Any, comm: Any, xp: Any):
-        super().__init__(cfg, comm, xp)
+    def __init__(self, cfg: Any, grid: Any, xp: Any):
+        super().__init__(cfg, grid, xp)
         self.bound = cfg.parallel.staleness_bound
         self.waited_s = 0.0
 
@@ -44,19 +45,16 @@ class SSP(AsyncPS):
         pause = 50e-6
         clocks = self.store.clocks()
         if clocks.min() >= need:
-            self.comm_seconds += time.perf_counter() - t
+            self.exchange_s += time.perf_counter() - t
             return
-        self.reducer.watch.enter()
-        try:
+        with self.watch:
             while clocks.min() < need:
                 time.sleep(pause)
                 pause = min(2 * pause, 1e-3)
                 clocks = self.store.clocks()
-        finally:
-            self.reducer.watch.leave()
         waited = time.perf_counter() - t
         self.waited_s += waited
-        self.comm_seconds += waited
+        self.exchange_s += waited
 
     def applied(self, delta: Any) -> None:
         self.store.publish_clock(self.comm.rank, self.clock)  # after the update landed (add() flushed it)
@@ -73,6 +71,4 @@ class SSP(AsyncPS):
         return out
 
     def describe(self) -> dict[str, Any]:
-        out = super().describe()
-        out.update({"staleness_bound": self.bound, "gate_wait_s": self.waited_s})
-        return out
+        return {**super().describe(), "gate_wait_s": self.waited_s}
