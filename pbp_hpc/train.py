@@ -31,7 +31,7 @@ from pbp_hpc.data import datasets, device as device_data
 from pbp_hpc.engine import backend, model, optimizers, step as local_steps
 from pbp_hpc.engine.schedules import Schedule
 from pbp_hpc.errors import DataError, DivergenceError, InjectedFault, Stopped
-from pbp_hpc.parallel import gpu, provenance, reducers, runtime, shards, strategies
+from pbp_hpc.parallel import grid_auto, gpu, provenance, reducers, runtime, shards, strategies
 from pbp_hpc.parallel.grid import make_grid
 from pbp_hpc.parallel.reducers import LOSS_SLOT
 from pbp_hpc.parallel.stall import StallWatch
@@ -56,13 +56,7 @@ class State:
         self.n_params = self.layout.n_params  # the whole model's
         self.grid_header: Optional[str] = None
         if self.grid.T > 1 or self.grid.S > 1:  # the model in parts: parallel/tensor.py, parallel/pipeline.py
-            from pbp_hpc.parallel import pipeline, tensor
-
-            try:
-                (tensor if self.grid.T > 1 else pipeline).build(self)  # this rank's layout, strategy, reducer, ...
-            except BaseException:
-                self.grid.close()
-                raise
+            grid_auto.build_parts(self)  # this rank's layout, strategy, reducer, optimizer, local step
             return
         self.strategy: protocols.Strategy = strategies.make(cfg, self.grid, xp)  # first: it decides where the parameters live
         self.reducer: protocols.Reducer = reducers.make(cfg, self.grid, self.layout, xp, self.watch)
@@ -184,11 +178,7 @@ def run(cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, log: Optional[Log] = None,
         if xp is not np:
             host, data = data, device_data.to_device(data, xp)  # uploaded once; batches are gathered on the device
             host.close()  # the node's shared copy (collective): no rank reads it again
-        why_grid = None
-        if cfg.parallel.grid == "auto":  # data x tensor x pipeline from a cost model (collective)
-            from pbp_hpc.parallel import grid_auto
-
-            cfg, why_grid = grid_auto.choose(cfg, comm)
+        cfg, why_grid = grid_auto.choose(cfg, comm)  # parallel.grid auto: data x tensor x pipeline (collective)
         with State(cfg, comm, xp, data) as st:
             info = provenance.collect() if comm.rank == 0 else {}
             if devices is not None and comm.rank == 0:
@@ -198,10 +188,9 @@ def run(cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, log: Optional[Log] = None,
             log(f"pbp_hpc: {comm.size} rank(s) x {threads} thread(s) ({why_threads}), {binding['how']}, "
                 f"reducer {st.reducer.name} ({st.reducer.choice.get('reducer_reason', 'parallel.gpu_reducer')}), "
                 f"strategy {st.strategy.name}")
-            if why_grid is not None:
-                log(f"pbp_hpc: {why_grid}")
-            if st.grid_header is not None:
-                log(st.grid_header)
+            for line in (why_grid, st.grid_header):  # the grid: how it was chosen, how the model is split
+                if line is not None:
+                    log(line)
             info["binding"] = binding  # rank 0's node
             result = _train(st, threads, info, log, quiet)
             result.update(st.reducer.choice)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from mpi4py import MPI
@@ -107,8 +107,23 @@ def predict(sizes: list[int], B: int, grid: tuple[int, int, int], M: int, itemsi
     return compute + data + tensor + pipe
 
 
-def choose(cfg: Any, comm: MPI.Comm) -> tuple[Any, str]:
-    """The config with parallel.tensor and parallel.pipeline set by the model, and why (collective)."""
+def build_parts(st: Any) -> None:
+    """train.State's fields where the grid splits the model (tensor or pipeline groups); the
+    grid is closed if building fails."""
+    from pbp_hpc.parallel import pipeline, tensor
+
+    try:
+        (tensor if st.grid.T > 1 else pipeline).build(st)
+    except BaseException:
+        st.grid.close()
+        raise
+
+
+def choose(cfg: Any, comm: MPI.Comm) -> tuple[Any, Optional[str]]:
+    """With parallel.grid auto: the config with parallel.tensor and parallel.pipeline set by the
+    model, and the header's line saying why (collective). Otherwise (cfg, None)."""
+    if cfg.parallel.grid != "auto":
+        return cfg, None
     p = cfg.parallel
     allowed = (p.strategy == "allreduce" and p.reducer in ("auto", "blocking") and cfg.backend == "numpy"
                and cfg.algorithm == "batched")
@@ -116,7 +131,7 @@ def choose(cfg: Any, comm: MPI.Comm) -> tuple[Any, str]:
     grids = candidates(comm.size, sizes, allowed)
     if len(grids) == 1:
         why = "one rank" if comm.size == 1 else "only data parallelism goes with these settings"
-        return cfg, f"grid auto: data {comm.size} ({why})"
+        return cfg, f"pbp_hpc: grid auto: data {comm.size} ({why})"
     alpha, beta = measure_network(comm)
     itemsize = np.dtype(cfg.model.dtype).itemsize
     times = None
@@ -125,7 +140,7 @@ def choose(cfg: Any, comm: MPI.Comm) -> tuple[Any, str]:
     times = comm.bcast(times, root=0)
     D, T, S = grids[int(np.argmin(times))]
     shown = ", ".join(f"{d}x{t}x{s} {1e3 * x:.3g} ms" for (d, t, s), x in zip(grids, times))
-    why = (f"grid auto: data {D} x tensor {T} x pipeline {S}, the least predicted step time of (data x tensor x "
+    why = (f"pbp_hpc: grid auto: data {D} x tensor {T} x pipeline {S}, the least predicted step time of (data x tensor x "
            f"pipeline) {shown}; measured alpha {alpha * 1e6:.3g} us, beta {beta * 1e9:.3g} ns/byte")
     chosen = cfg.model_copy(update={"parallel": p.model_copy(update={"tensor": T, "pipeline": S})})
     return chosen, why
