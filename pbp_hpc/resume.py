@@ -144,5 +144,6 @@ def try_resume(st: Any, log: Log) -> tuple[int, int, list[dict[str, Any]], dict[
     st.theta[...] = st.xp.asarray(ck["theta"])
     for name, buf in state.items():
         buf[...] = st.xp.asarray(ck["state"][name])
+    st.strategy.restored()  # collective: where the strategy reads its parameters from holds these
     log(f"resumed from {path} at epoch {ck['epoch']} step {ck['step']}")
     return ck["epoch"], ck["step"], ck["meta"]["records"], ck["meta"].get("extra") or {}

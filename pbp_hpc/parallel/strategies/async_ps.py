@@ -59,6 +59,11 @@ class AsyncPS(Strategy):
         optimizer.weight_decay /= self.comm.size  # P updates per global minibatch: each carries 1/P of the decay
         self.store = pw.ParameterWindows(self.comm, self.theta)
 
+    def restored(self) -> None:
+        # the windows were filled from the initial parameters when the run was built: without
+        # this the first read after a resume would bring those back, not the checkpoint's
+        self.store.overwrite(self.theta)
+
     def block_end(self, first: int, limit: int, steps: int, epoch: int) -> int:
         return min(limit, first + self.meet)
 

@@ -56,6 +56,11 @@ class Hogwild(Strategy):
         super().attach(local, reducer, optimizer)
         optimizer.weight_decay /= self.comm.size  # P updates per global minibatch: each carries 1/P of the decay
 
+    def restored(self) -> None:
+        # every rank of the node wrote the same checkpointed values into the node's one array:
+        # none may start updating it while another is still writing
+        self.node.Barrier()
+
     def block_end(self, first: int, limit: int, steps: int, epoch: int) -> int:
         return min(limit, first + self.meet)
 
