@@ -249,6 +249,9 @@ class DebugConfig(_Section):
     # the validation pass (counted from 0) before whose reduction debug.fail_rank (null: every rank)
     # sleeps debug.stall_s seconds: a rank stopped or slow during an evaluation (test-only)
     stall_evaluation: Optional[int] = Field(None, ge=0)
+    # a fault outside the training loop (pbp_hpc/faults.py): debug.fail_rank (null: every rank)
+    # fails as debug.fail_kind says in this phase; writes: the end-of-run checkpoint and model
+    fail_phase: Optional[Literal["setup", "evaluation", "writes"]] = None
 
 
 class Config(_Section):

@@ -75,6 +75,9 @@ def check_target(path: str | Path) -> None:
     path = Path(path)
     if path.is_dir():
         raise ModelFileError(f"train.save_model {path} is a directory; give a file name such as {path / 'model.h5'}")
+    blocker = next((q for q in path.parents if q.exists() and not q.is_dir()), None)
+    if blocker is not None:  # mkdir at the end would say only "File exists"
+        raise ModelFileError(f"train.save_model {path}: {blocker} is a file, not a directory")
     if path.exists():
         try:
             with h5py.File(path, "r") as f:
@@ -83,3 +86,10 @@ def check_target(path: str | Path) -> None:
             ours = False
         if not ours:
             raise ModelFileError(f"train.save_model {path} exists and is not a pbp_hpc model file; refusing to overwrite it")
+    try:  # the directory can be made and written: proven now, not after the training
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise ModelFileError(f"train.save_model {path} cannot be written: {exc.strerror or exc}") from None

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from pbp_hpc import checkpoint
+from pbp_hpc import checkpoint, faults
 from pbp_hpc.checkpoint import CheckpointError
 from pbp_hpc.config import Config
 from pbp_hpc.engine import backend
@@ -45,18 +45,31 @@ def check_target(cfg: Config) -> None:
         checkpoint.check_target(checkpoint_path(cfg))
 
 
-def save(st: Any, epoch: int, step: int, records: list[dict[str, Any]], extra: Optional[dict[str, Any]] = None) -> Path:
+def save(st: Any, epoch: int, step: int, records: list[dict[str, Any]], extra: Optional[dict[str, Any]] = None,
+         arrays: Optional[dict[str, Any]] = None) -> Path:
     """Rank 0 writes where the next step would begin; every rank returns once it is written.
 
     extra: more JSON-able state of the loop (the evaluation curve, training time so far),
-    returned by try_resume as it was given."""
+    returned by try_resume as it was given. arrays: the loop's parameter-shaped buffers (the
+    best pass's parameters, LOOP_ARRAYS), returned by try_resume in extra under their names.
+    A failure to write (rank 0 alone) is raised on every rank: no rank waits for a write that
+    never comes."""
     path = checkpoint_path(st.cfg)
-    if st.comm.rank == 0:
-        meta = {"resume_key": resume_key(st.cfg), "ranks": st.comm.size, "records": records, "extra": extra or {}}
-        state = {name: backend.to_host(buf) for name, buf in st.strategy.state().items()}
-        checkpoint.save(path, backend.to_host(st.theta), epoch, step, meta, state)
-    st.comm.Barrier()
+
+    def write() -> None:
+        faults.inject(st.cfg, st.comm.rank, "writes", CheckpointError)  # debug.fail_phase (tests)
+        if st.comm.rank == 0:
+            meta = {"resume_key": resume_key(st.cfg), "ranks": st.comm.size, "records": records, "extra": extra or {}}
+            state = {name: backend.to_host(buf) for name, buf in st.strategy.state().items()}
+            state.update({name: buf for name, buf in (arrays or {}).items() if buf is not None})
+            checkpoint.save(path, backend.to_host(st.theta), epoch, step, meta, state)
+
+    runtime.together(st.comm, write, name_ranks=False)
     return path
+
+
+# parameter-shaped buffers of the training loop itself, stored beside the strategy's state
+LOOP_ARRAYS = ("best_theta",)  # the best validation pass's parameters (train.save_model)
 
 
 def _is_num(v: Any) -> bool:
@@ -146,4 +159,6 @@ def try_resume(st: Any, log: Log) -> tuple[int, int, list[dict[str, Any]], dict[
         buf[...] = st.xp.asarray(ck["state"][name])
     st.strategy.restored()  # collective: where the strategy reads its parameters from holds these
     log(f"resumed from {path} at epoch {ck['epoch']} step {ck['step']}")
-    return ck["epoch"], ck["step"], ck["meta"]["records"], ck["meta"].get("extra") or {}
+    extra = dict(ck["meta"].get("extra") or {})
+    extra.update({name: ck["state"][name] for name in LOOP_ARRAYS if name in ck["state"]})
+    return ck["epoch"], ck["step"], ck["meta"]["records"], extra

@@ -96,7 +96,7 @@ def test_the_best_model_and_the_curve_survive_a_resume(strategy):
     best = max(resumed["evaluations"], key=lambda p: p["val_accuracy"])
     assert meta_r["best"]["step"] == best["step"]
     if strategy == "allreduce":  # deterministic: the resumed run's model is the uninterrupted run's
-        assert meta["best"]["step"] < 2 * STEPS, "the setup should put the best pass before the stop"
+        assert meta["best"]["step"] <= 2 * STEPS, "the setup should put the best pass before the stop"
         assert theta.tobytes() == whole.tobytes()
     # the model written is the best pass's, which the checkpoint carried
     ck = WORLD.bcast(checkpoint.load(d / "cut" / "ck.h5") if WORLD.rank == 0 else None)
