@@ -86,9 +86,16 @@ def _check_meta(path: Path, meta: dict[str, Any], cfg: Config, ranks: int) -> No
     if not isinstance(meta["resume_key"], dict):
         raise bad("resume_key", "expected an object")
     if meta["resume_key"] != resume_key(cfg):
-        differ = sorted(k for k, v in resume_key(cfg).items() if meta["resume_key"].get(k) != v)
+        ours, theirs = resume_key(cfg), meta["resume_key"]
+        differ = sorted(str(k) for k in ours.keys() | theirs.keys() if theirs.get(k) != ours.get(k))
+        saved = theirs.get("strategy") or {}
+        saved = saved.get("strategy", "?") if isinstance(saved, dict) else "?"
+        saved = "allreduce" if "strategy" not in theirs else saved  # (allreduce's key has no strategy part)
+        if saved != cfg.parallel.strategy:
+            raise CheckpointError(f"checkpoint {path} was written by a parallel.strategy={saved} run and this run is "
+                                  f"parallel.strategy={cfg.parallel.strategy}; resume it with the strategy that wrote it")
         raise CheckpointError(f"checkpoint {path} was written by a run with other model/data/training settings "
-                              f"(they differ in {', '.join(differ) or 'their keys'}); refusing to resume it")
+                              f"(they differ in {', '.join(differ)[:200]}); refusing to resume it")
     if not isinstance(meta["ranks"], int) or isinstance(meta["ranks"], bool) or meta["ranks"] < 1:
         raise bad("ranks", f"expected a positive integer, found {str(meta['ranks'])[:40]!r}")
     if meta["ranks"] != ranks:
