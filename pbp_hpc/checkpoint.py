@@ -178,7 +178,8 @@ def _load(f: h5py.File, path: Path, expect: Optional[Expect],
         raise _bad(path, "state", "expected a group of arrays")
     state = {}
     for name in (group or {}):
-        shape, dtype = expect.state.get(name, (None, None)) if expect else (None, None)
+        # a buffer this run does not name: shaped like theta (a declared size bounded by the layout)
+        shape, dtype = expect.state.get(name, (theta.shape, expect.dtype)) if expect else (theta.shape, str(theta.dtype))
         state[name] = _array(path, f"state/{name}", group[name], shape, dtype)
     if expect is not None:
         missing = sorted(set(expect.state) - set(state))

@@ -16,10 +16,20 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pbp_hpc.config_yaml import MAX_CONFIG_BYTES, MAX_OVERRIDE_CHARS, _Refused, _short_repr, parse_yaml
 from pbp_hpc.errors import ConfigError
+
+
+# Upper bounds of the keys that feed a sleep, an allocation or a count: a few digits too many
+# must be a config error naming the key, not an overflow, a sleep of years or a swapped node.
+BIG_COUNT = 10**9  # epochs, examples, steps, batch sizes: far past any real run
+MAX_CLASSES = 1 << 16
+MAX_THREADS = 4096
+MAX_WAIT_S = 7 * 24 * 3600.0  # stall warnings/timeouts, debug stalls: a week
+MAX_FUSION_BYTES = 1 << 31
+MAX_STRAGGLER_FACTOR = 1000.0  # a rank slowed 1000x: beyond it a step's sleep overflows the clock
 
 
 def _scalar_kind(annotation: Any) -> Any:
@@ -106,32 +116,39 @@ class DataConfig(_Section):
     dir: Optional[str] = None
     download: bool = True
     val_fraction: float = Field(1.0 / 6.0, ge=0.0, lt=1.0)  # the report's 5:1 train:validation split
-    n_train: Optional[int] = Field(None, ge=1)  # mnist: use the first n of the training file; synthetic: size
-    n_test: Optional[int] = Field(None, ge=0)
+    n_train: Optional[int] = Field(None, ge=1, le=BIG_COUNT)  # mnist: use the first n of the training file; synthetic: size
+    n_test: Optional[int] = Field(None, ge=0, le=BIG_COUNT)
     scale_with_ranks: bool = False  # synthetic weak scaling: n_train is per rank
     noise: float = Field(0.35, ge=0.0)  # synthetic: spread of examples around their class prototype
     # idx: the number of classes, when the labels do not show it (max label + 1 otherwise);
     # it must equal model.layers[-1]
-    n_classes: Optional[int] = Field(None, ge=2)
+    n_classes: Optional[int] = Field(None, ge=2, le=MAX_CLASSES)
     # IDX data in training: the node's first rank loads it into an MPI shared window that the
     # node's ranks read (pbp_hpc/data/node_copy.py); false: every rank loads its own copy; auto:
     # shared where a node runs more than node_copy.AUTO_MIN_RANKS - 1 ranks (where copies add up:
     # 32 ranks, 1.8 GB against 0.18), private below (2 ranks reading the shared copy trained
     # 15-25% slower per epoch at batch 128 here, cause not found)
-    one_copy_per_node: Union[Literal["auto"], bool] = "auto"
+    one_copy_per_node: Union[Literal["auto"], StrictBool] = "auto"  # strict: "yes", "off" and 0 are not booleans
+
+    @field_validator("one_copy_per_node", mode="before")
+    @classmethod
+    def _auto_or_bool(cls, v: Any) -> Any:
+        if v != "auto" and not isinstance(v, bool):
+            raise ValueError("expected true, false or auto")
+        return v
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(8, ge=1)
-    batch_size: int = Field(1024, ge=1)
+    epochs: int = Field(8, ge=1, le=BIG_COUNT)
+    batch_size: int = Field(1024, ge=1, le=BIG_COUNT)
     learning_rate: float = Field(0.5, gt=0.0)  # the base rate: the schedule's peak (see schedule)
     seed: int = Field(0, ge=0)
     shuffle: bool = True
-    eval_every: int = Field(1, ge=0)  # epochs between validation passes; 0: only at the end
-    eval_every_steps: Optional[int] = Field(None, ge=1)  # also every this many steps (a finer curve)
+    eval_every: int = Field(1, ge=0, le=BIG_COUNT)  # epochs between validation passes; 0: only at the end
+    eval_every_steps: Optional[int] = Field(None, ge=1, le=BIG_COUNT)  # also every this many steps (a finer curve)
     # stop once validation accuracy reaches this (a fraction); the result records the time to it
     target_accuracy: Optional[float] = Field(None, gt=0.0, le=1.0)
-    early_stopping: Optional[int] = Field(None, ge=1)  # stop after this many evaluations without a better one
+    early_stopping: Optional[int] = Field(None, ge=1, le=BIG_COUNT)  # stop after this many evaluations without a better one
     save_model: Optional[str] = None  # HDF5 file for the parameters of the best validation pass
     warmup_epochs: int = Field(0, ge=0)  # epochs excluded from the timing summary
     progress: bool = True  # progress bar on rank 0, only when attached to a terminal
@@ -173,14 +190,14 @@ class ScheduleConfig(_Section):
 
 class ParallelConfig(_Section):
     ranks: Optional[int] = Field(None, ge=1)  # expected world size; null accepts any
-    threads_per_rank: Optional[int] = Field(None, ge=1)  # null: cores on the node / ranks on the node
+    threads_per_rank: Optional[int] = Field(None, ge=1, le=MAX_THREADS)  # null: cores on the node / ranks on the node
     # ranks that hold each layer's units in slices (tensor parallelism, pbp_hpc/parallel/tensor.py):
     # the world is data-parallel groups of this many ranks; 1: every rank holds the whole model
-    tensor: int = Field(1, ge=1)
+    tensor: int = Field(1, ge=1, le=MAX_THREADS)
     # stages of consecutive layers on consecutive ranks (pipeline parallelism, pbp_hpc/parallel/pipeline.py);
     # each share of a minibatch in `microbatches` parts, scheduled gpipe or 1f1b; pipeline_split:
     # layers per stage (null: the split whose most expensive stage is cheapest)
-    pipeline: int = Field(1, ge=1)
+    pipeline: int = Field(1, ge=1, le=MAX_THREADS)
     # manual: the grid is data x parallel.tensor x parallel.pipeline as given; auto: a cost model fed
     # by start-up measurements chooses tensor and pipeline (pbp_hpc/parallel/grid_auto.py)
     grid: Literal["manual", "auto"] = "manual"
@@ -190,11 +207,11 @@ class ParallelConfig(_Section):
     # how ranks combine their work (pbp_hpc/parallel/strategies/): allreduce (the report's
     # Algorithm 5), local_sgd, async_ps, ssp, hogwild (docs/strategies.md)
     strategy: str = "allreduce"
-    local_steps: int = Field(4, ge=1)  # local_sgd: local steps between parameter averages (k)
-    staleness_bound: int = Field(2, ge=0)  # ssp: how many updates a worker may run ahead of the slowest (s)
+    local_steps: int = Field(4, ge=1, le=BIG_COUNT)  # local_sgd: local steps between parameter averages (k)
+    staleness_bound: int = Field(2, ge=0, le=BIG_COUNT)  # ssp: how many updates a worker may run ahead of the slowest (s)
     # async_ps, ssp, hogwild: the workers meet every this many global steps (stop requests, the
     # loss, the divergence check; hogwild across nodes: the average of the nodes' parameters)
-    meet_every_steps: int = Field(16, ge=1)
+    meet_every_steps: int = Field(16, ge=1, le=BIG_COUNT)
     # how a sum over ranks is carried out (pbp_hpc/parallel/reducers/): blocking, overlap, shm
     # (node-wide shared memory, CPU only), shared_batch (a node's ranks compute each batch
     # together, each its slice of the gradient; CPU only), or auto: shared_batch where ranks
@@ -206,9 +223,9 @@ class ParallelConfig(_Section):
     # backend: cupy only. auto: cuda-aware if MPI says it is (PBP_HPC_CUDA_AWARE=0|1 overrides), else staged
     gpu_reducer: Literal["auto", "cuda-aware", "staged", "nccl"] = "auto"
     # a step whose reduction waits longer than this prints one warning naming the ranks not yet there
-    stall_warning_s: float = Field(60.0, gt=0.0)
+    stall_warning_s: float = Field(60.0, gt=0.0, le=MAX_WAIT_S)
     # ... and longer than this aborts the job (runtime.EXIT_STALLED); null: wait for ever
-    stall_timeout_s: Optional[float] = Field(None, gt=0.0)
+    stall_timeout_s: Optional[float] = Field(None, gt=0.0, le=MAX_WAIT_S)
     # Communication for many nodes (pbp_hpc/parallel/reducers/compression.py). compression: the
     # gradients on the wire; none: full precision (the sum bit-for-bit as without it); fp16, bf16:
     # 16-bit words, summed in float32 (the loss and stop count stay full precision)
@@ -216,7 +233,7 @@ class ParallelConfig(_Section):
     error_feedback: bool = False  # fp16/bf16: carry what rounding lost into the next step's gradient
     # reducer overlap: combine consecutive layers' messages up to this many bytes (Horovod's
     # tensor fusion); 0: a message per layer. blocking and shm send one message already
-    fusion_bytes: int = Field(0, ge=0)
+    fusion_bytes: int = Field(0, ge=0, le=MAX_FUSION_BYTES)
 
     @field_validator("strategy")
     @classmethod
@@ -237,14 +254,14 @@ class StudyConfig(_Section):
     """Settings of a study, not of training: a straggler to measure strategies against
     (pbp_hpc/parallel/straggler.py)."""
 
-    straggler_factor: float = Field(1.0, ge=1.0)  # a slowed rank's steps take this many times as long; 1: none
+    straggler_factor: float = Field(1.0, ge=1.0, le=MAX_STRAGGLER_FACTOR)  # a slowed rank's steps take this many times as long; 1: none
     straggler: Literal["fixed", "random"] = "fixed"  # fixed: straggler_rank; random: a rank drawn per step
     straggler_rank: Optional[int] = Field(None, ge=0)  # fixed: which rank; null: the last
 
 
 class CheckpointConfig(_Section):
     path: Optional[str] = None
-    every_epochs: int = Field(0, ge=0)  # 0: only on a signal (SIGUSR1/SIGTERM) and at the end
+    every_epochs: int = Field(0, ge=0, le=BIG_COUNT)  # 0: only on a signal (SIGUSR1/SIGTERM) and at the end
     resume: bool = False
 
 
@@ -256,12 +273,15 @@ class DebugConfig(_Section):
     # exception: a PbpError; oserror: a Python error that is not ours; nan: NaN gradient and loss
     # stall: the rank sleeps debug.stall_s seconds (a rank stopped by SIGSTOP, say)
     fail_kind: Literal["exception", "oserror", "nan", "stall"] = "exception"
-    stall_s: float = Field(0.0, ge=0.0)
+    stall_s: float = Field(0.0, ge=0.0, le=MAX_WAIT_S)
     signal_step: Optional[int] = Field(None, ge=0)  # global step at which a SIGUSR1 is simulated
     signal_rank: Optional[int] = Field(None, ge=0)  # the rank that "receives" it; null: every rank
     # the validation pass (counted from 0) before whose reduction debug.fail_rank (null: every rank)
     # sleeps debug.stall_s seconds: a rank stopped or slow during an evaluation (test-only)
     stall_evaluation: Optional[int] = Field(None, ge=0)
+    # a fault outside the training loop (pbp_hpc/faults.py): debug.fail_rank (null: every rank)
+    # fails as debug.fail_kind says in this phase; writes: the end-of-run checkpoint and model
+    fail_phase: Optional[Literal["setup", "evaluation", "writes"]] = None
 
 
 class Config(_Section):

@@ -196,6 +196,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.n_test is not None and args.n_test < 1:
             raise ConfigError("--n-test must be at least 1")
+        if args.plots and Path(args.plots).exists() and not Path(args.plots).is_dir():
+            raise ConfigError(f"--plots {args.plots} is a file; give a directory for the figure")
         result, cfg, meta = _evaluate(path, args.data_dir, args.n_test)
         if args.plots:
             acc = "n/a" if result["accuracy"] is None else f"{100 * result['accuracy']:.2f}%"

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import numpy as np
 from mpi4py import MPI
 
-from pbp_hpc import model_file
+from pbp_hpc import faults, model_file
 from pbp_hpc.data import device as device_data
 from pbp_hpc.parallel import runtime
 from pbp_hpc.parallel.strategies.base import my_share
@@ -35,6 +35,7 @@ def accuracy(st: Any, source: Any) -> Optional[float]:
     chunk = st.local.work.max_batch
     for start in range(lo, hi, chunk):
         correct += st.local.count_correct(source, device_data.index_range(source, start, min(hi, start + chunk)))
+    faults.inject(st.cfg, st.comm.rank, "evaluation")  # debug.fail_phase (tests)
     total = np.array([int(correct)], dtype=np.int64)  # a buffer: MPI then waits without holding the GIL the watch needs
     watch = st.watch  # a rank stopped or slow in the pass is noticed here, as in a step
     with watch.around(f"the evaluation after step {watch.step}"):
@@ -45,7 +46,8 @@ def accuracy(st: Any, source: Any) -> Optional[float]:
 class Tracker:
     """The evaluation curve of one run, its best point and its stopping rules."""
 
-    def __init__(self, st: Any, steps_per_epoch: int, curve: Optional[list[dict[str, Any]]] = None):
+    def __init__(self, st: Any, steps_per_epoch: int, curve: Optional[list[dict[str, Any]]] = None,
+                 best_theta: Optional[np.ndarray] = None):
         t = st.cfg.train
         self.st, self.per_epoch = st, steps_per_epoch
         self.every_steps, self.target, self.patience = t.eval_every_steps, t.target_accuracy, t.early_stopping
@@ -56,6 +58,10 @@ class Tracker:
         self.since_best = 0
         self.best_theta = np.empty(st.n_params, dtype=st.cfg.model.dtype) if (t.save_model and st.comm.rank == 0) else None
         self.best_at: Optional[dict[str, Any]] = None
+        if best_theta is not None and self.best >= 0:  # resumed: the best pass so far and its parameters
+            self.best_at = next(p for p in self.curve if p["val_accuracy"] == self.best)
+            if self.best_theta is not None:
+                self.best_theta[...] = best_theta
         self.loss_sum, self.loss_n = 0.0, 0
         self.passes = 0  # this run's validation passes so far (debug.stall_evaluation counts them)
 
@@ -111,10 +117,15 @@ class Tracker:
         if not cfg.train.save_model:
             return None
         last = self.st.whole(self.st.theta, root=0) if self.best_at is None else None  # collective over the model's ranks
-        if self.st.comm.rank == 0:
-            theta = self.best_theta if self.best_at is not None else last
-            model_file.save(cfg.train.save_model, theta, cfg.to_dict(), {"best": self.best_at})
-        self.st.comm.Barrier()
+
+        def write() -> None:
+            faults.inject(cfg, self.st.comm.rank, "writes", model_file.ModelFileError)  # debug.fail_phase (tests)
+            if self.st.comm.rank == 0:
+                theta = self.best_theta if self.best_at is not None else last
+                model_file.save(cfg.train.save_model, theta, cfg.to_dict(), {"best": self.best_at})
+
+        # rank 0 writes; its failure is raised on every rank (a rank left in a barrier would wait for ever)
+        runtime.together(self.st.comm, write, name_ranks=False)
         return cfg.train.save_model
 
     def summary(self) -> dict[str, Any]:

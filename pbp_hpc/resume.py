@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from pbp_hpc import checkpoint
+from pbp_hpc import checkpoint, faults
 from pbp_hpc.checkpoint import CheckpointError
 from pbp_hpc.config import Config
 from pbp_hpc.engine import backend
@@ -56,22 +56,31 @@ def check_target(cfg: Config) -> None:
         checkpoint.check_target(checkpoint_path(cfg))
 
 
-def save(st: Any, epoch: int, step: int, records: list[dict[str, Any]], extra: Optional[dict[str, Any]] = None) -> Path:
+def save(st: Any, epoch: int, step: int, records: list[dict[str, Any]], extra: Optional[dict[str, Any]] = None,
+         arrays: Optional[dict[str, Any]] = None) -> Path:
     """Rank 0 writes where the next step would begin; every rank returns once it is written.
 
     extra: more JSON-able state of the loop (the evaluation curve, training time so far),
-    returned by try_resume as it was given."""
+    returned by try_resume as it was given. arrays: the loop's parameter-shaped buffers (the
+    best pass's parameters, LOOP_ARRAYS), returned by try_resume in extra under their names.
+    A failure to write (rank 0 alone) is raised on every rank: no rank waits for a write that
+    never comes."""
     path = checkpoint_path(st.cfg)
-    # the whole model, gathered from the ranks that hold its parts (each rank holds all of it today)
+    # the whole model, gathered from the ranks that hold its parts (collective; rank 0 gets it)
     theta = st.whole(st.theta, root=0)
     state = {name: _whole_state(st, buf) for name, buf in st.strategy.state().items()}
-    if st.comm.rank == 0:
-        grid = st.grid
-        # ranks: the data-parallel count, the one that fixes the order of the gradient sums
-        meta = {"resume_key": resume_key(st.cfg), "ranks": grid.D, "grid": [grid.D, grid.T, grid.S],
-                "records": records, "extra": extra or {}}
-        checkpoint.save(path, theta, epoch, step, meta, state)
-    st.comm.Barrier()
+
+    def write() -> None:
+        faults.inject(st.cfg, st.comm.rank, "writes", CheckpointError)  # debug.fail_phase (tests)
+        if st.comm.rank == 0:
+            grid = st.grid
+            # ranks: the data-parallel count, the one that fixes the order of the gradient sums
+            meta = {"resume_key": resume_key(st.cfg), "ranks": grid.D, "grid": [grid.D, grid.T, grid.S],
+                    "records": records, "extra": extra or {}}
+            state.update({name: buf for name, buf in (arrays or {}).items() if buf is not None})
+            checkpoint.save(path, theta, epoch, step, meta, state)
+
+    runtime.together(st.comm, write, name_ranks=False)
     return path
 
 
@@ -80,6 +89,10 @@ def _whole_state(st: Any, buf: Any) -> Any:
     if tuple(buf.shape) == (st.layout.n_params,):
         return st.whole(buf, root=0)
     return backend.to_host(buf)
+
+
+# parameter-shaped buffers of the training loop itself, stored beside the strategy's state
+LOOP_ARRAYS = ("best_theta",)  # the best validation pass's parameters (train.save_model)
 
 
 def _is_num(v: Any) -> bool:
@@ -96,9 +109,16 @@ def _check_meta(path: Path, meta: dict[str, Any], cfg: Config, ranks: int) -> No
     if not isinstance(meta["resume_key"], dict):
         raise bad("resume_key", "expected an object")
     if meta["resume_key"] not in (resume_key(cfg), _legacy_key(cfg)):
-        differ = sorted(k for k, v in resume_key(cfg).items() if meta["resume_key"].get(k) != v)
+        ours, theirs = resume_key(cfg), meta["resume_key"]
+        differ = sorted(str(k) for k in ours.keys() | theirs.keys() if theirs.get(k) != ours.get(k))
+        saved = theirs.get("strategy") or {}
+        saved = saved.get("strategy", "?") if isinstance(saved, dict) else "?"
+        saved = "allreduce" if "strategy" not in theirs else saved  # (allreduce's key has no strategy part)
+        if saved != cfg.parallel.strategy:
+            raise CheckpointError(f"checkpoint {path} was written by a parallel.strategy={saved} run and this run is "
+                                  f"parallel.strategy={cfg.parallel.strategy}; resume it with the strategy that wrote it")
         raise CheckpointError(f"checkpoint {path} was written by a run with other model/data/training settings "
-                              f"(they differ in {', '.join(differ) or 'their keys'}); refusing to resume it")
+                              f"(they differ in {', '.join(differ)[:200]}); refusing to resume it")
     if not isinstance(meta["ranks"], int) or isinstance(meta["ranks"], bool) or meta["ranks"] < 1:
         raise bad("ranks", f"expected a positive integer, found {str(meta['ranks'])[:40]!r}")
     if meta["ranks"] != ranks:
@@ -173,5 +193,8 @@ def try_resume(st: Any, log: Log) -> tuple[int, int, list[dict[str, Any]], dict[
             shards.scatter_whole(st.layout, ck["state"][name], buf, st.xp)
         else:
             buf[...] = st.xp.asarray(ck["state"][name])
+    st.strategy.restored()  # collective: where the strategy reads its parameters from holds these
     log(f"resumed from {path} at epoch {ck['epoch']} step {ck['step']}")
-    return ck["epoch"], ck["step"], ck["meta"]["records"], ck["meta"].get("extra") or {}
+    extra = dict(ck["meta"].get("extra") or {})
+    extra.update({name: ck["state"][name] for name in LOOP_ARRAYS if name in ck["state"]})
+    return ck["epoch"], ck["step"], ck["meta"]["records"], extra

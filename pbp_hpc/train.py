@@ -25,7 +25,7 @@ import numpy as np
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
-from pbp_hpc import evaluation, model_file, protocols, resume
+from pbp_hpc import evaluation, faults, model_file, protocols, resume
 from pbp_hpc.config import Config
 from pbp_hpc.data import datasets, device as device_data
 from pbp_hpc.engine import backend, model, optimizers, step as local_steps
@@ -178,6 +178,7 @@ def run(cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, log: Optional[Log] = None,
         if xp is not np:
             host, data = data, device_data.to_device(data, xp)  # uploaded once; batches are gathered on the device
             host.close()  # the node's shared copy (collective): no rank reads it again
+        faults.inject(cfg, comm.rank, "setup", DataError)  # debug.fail_phase (tests)
         cfg, why_grid = grid_auto.choose(cfg, comm)  # parallel.grid auto: data x tensor x pipeline (collective)
         with State(cfg, comm, xp, data) as st:
             info = provenance.collect() if comm.rank == 0 else {}
@@ -209,7 +210,7 @@ class Loop:
     def __init__(self, st: State, steps: int, records: list[dict[str, Any]], extra: dict[str, Any]):
         self.steps, self.records = steps, records
         self.schedule = Schedule(st.cfg, steps)
-        self.tracker = evaluation.Tracker(st, steps, extra.get("evaluations"))
+        self.tracker = evaluation.Tracker(st, steps, extra.get("evaluations"), extra.get("best_theta"))
         self.train_s = float(extra.get("train_s", 0.0))
         self.t_start = time.perf_counter()
 
@@ -219,6 +220,11 @@ class Loop:
     def extra(self) -> dict[str, Any]:
         """For the checkpoint: what a resumed run continues from."""
         return {"evaluations": self.tracker.curve, "train_s": self.train_s}
+
+    def arrays(self) -> dict[str, Any]:
+        """For the checkpoint: the best pass's parameters (rank 0, train.save_model), so that a
+        resumed run still writes the best pass's model (resume.LOOP_ARRAYS)."""
+        return {"best_theta": self.tracker.best_theta if self.tracker.best_at is not None else None}
 
 
 def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool) -> dict[str, Any]:
@@ -258,16 +264,17 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
             if stopped is not None and not last:  # asked at an epoch's last step: it is recorded
                 return _stop(st, threads, info, loop, (epoch + 1, 0, stopped[2]), log)
             if cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0 and not last:
-                resume.save(st, epoch + 1, 0, loop.records, loop.extra())
+                resume.save(st, epoch + 1, 0, loop.records, loop.extra(), loop.arrays())
     test_acc = evaluation.accuracy(st, st.data.test)
     total = loop.wall()
     shown = "n/a (no test examples)" if test_acc is None else f"{100 * test_acc:.2f}%"
     log(f"test accuracy {shown}  ({len(st.data.test)} examples), total {total:.2f}s, training {loop.train_s:.2f}s")
     if cfg.checkpoint.path or cfg.checkpoint.every_epochs:
-        resume.save(st, cfg.train.epochs, 0, loop.records, loop.extra())
+        resume.save(st, cfg.train.epochs, 0, loop.records, loop.extra(), loop.arrays())
     saved = loop.tracker.save_best()
     if saved:
-        log(f"model of the best validation pass written to {saved}")
+        log(f"model of the best validation pass written to {saved}" if loop.tracker.best_at is not None else
+            f"model written to {saved}: the last parameters (no validation pass, or a checkpoint without the best's)")
     return _result(st, threads, info, loop, total, test_accuracy=test_acc, ended_early=ended, model_path=saved)
 
 
@@ -342,7 +349,7 @@ def _block_limit(tracker: evaluation.Tracker, epoch: int, steps: int, step: int)
 
 def _stop(st: State, threads: int, info: dict[str, Any], loop: Loop, at: tuple[int, int, int], log: Log) -> dict[str, Any]:
     """Every rank was asked to stop at the same step: checkpoint where the next step would begin."""
-    path = resume.save(st, at[0], at[1], loop.records, loop.extra())
+    path = resume.save(st, at[0], at[1], loop.records, loop.extra(), loop.arrays())
     log(f"stop requested by a signal (SIGUSR1/SIGTERM) on {at[2]} of {st.comm.size} rank(s): checkpoint written "
         f"to {path} at epoch {at[0]} step {at[1]}; run again with --resume to continue")
     return _result(st, threads, info, loop, loop.wall(), status="checkpointed", checkpoint=str(path),

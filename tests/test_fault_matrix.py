@@ -223,6 +223,16 @@ def test_full_disk_x_training_cannot_occur():
     pytest.skip("the training loop writes nothing (checkpoints are the checkpoint column)")
 
 
+def test_stop_x_training_a_stall_timeout_below_the_warning_ends_the_job_at_the_timeout(mpi_job):
+    # the default warning (60 s) is longer than the timeout: the watch must look at the finer one
+    job = _job(mpi_job, 2, *LONG, "--set", "train.eval_every=0", "--set", "parallel.stall_timeout_s=2")
+    assert job.wait_for("epoch   0", 60)
+    job.ranks()[1].suspend()
+    rc, out, err, seconds = job.finish(BOUND)
+    assert rc == 4, err  # runtime.EXIT_STALLED, well before the 60 s warning
+    assert "more than parallel.stall_timeout_s 2" in err
+
+
 # --- evaluation ---------------------------------------------------------------------------------
 
 def test_signal_x_evaluation_the_final_evaluation_stops_at_once(mpi_job):
@@ -463,3 +473,33 @@ def test_signal_x_setup_bench_stops_at_once_with_its_worker_job(tmp_path):
                 p.kill()
             except psutil.Error:
                 pass
+
+
+# --- an error on some ranks, per phase (debug.fail_phase: pbp_hpc/faults.py) ------------------
+# Every error that can arise on one rank alone is either checked collectively up front (exit 2
+# on every rank) or aborts the world (exit 1): no rank is left waiting in a collective.
+
+PHASES = [  # (phase, failing rank, fail_kind, the exit code on every rank)
+    ("setup", 1, "exception", 1),
+    ("evaluation", 1, "oserror", 1),
+    ("writes", 0, "exception", 2),  # the writer's own error (the model's or the checkpoint's): raised on every rank
+    ("writes", 1, "oserror", 1),
+]
+
+
+@pytest.mark.parametrize("phase,rank,kind,code", PHASES, ids=[f"{p}-rank{r}-{k}" for p, r, k, _ in PHASES])
+def test_error_x_phase_a_failure_on_one_rank_ends_the_job(mpi_job, tmp_path, phase, rank, kind, code):
+    job = _job(mpi_job, 2, *TINY, "--set", "train.epochs=1", "--set", f"train.save_model={tmp_path / 'm.h5'}",
+               "--set", f"debug.fail_phase={phase}", "--set", f"debug.fail_rank={rank}", "--set", f"debug.fail_kind={kind}")
+    rc, out, err, seconds = job.finish(BOUND)
+    assert rc == code, err
+    assert f"in {phase} (debug.fail_phase)" in err
+
+
+def test_config_x_writes_a_model_path_under_a_regular_file_is_refused_before_training(mpi_job, tmp_path):
+    (tmp_path / "FILE").write_text("not a directory")
+    job = _job(mpi_job, 2, *TINY, "--set", f"train.save_model={tmp_path / 'FILE' / 'model.h5'}")
+    rc, out, err, seconds = job.finish(BOUND)
+    assert rc == 2, err
+    assert f"{tmp_path / 'FILE'} is a file, not a directory" in err and "epoch" not in out
+    assert "Traceback" not in err

@@ -38,6 +38,20 @@ def _read_json_records(path: Path) -> list[Record]:
         return [json.loads(line) for line in text_.splitlines() if line.strip().startswith("{")]
 
 
+def _checked(rec: Any, path: str, i: int) -> Record:
+    """A JSON record whose numbers the tables and figures can use (results.checks)."""
+    from pbp_hpc.results.checks import check_record
+    from pbp_hpc.results.schema import FLOAT_FIELDS
+
+    if not isinstance(rec, dict):
+        raise ResultsError(f"{path}: record {i} is a {type(rec).__name__}, not an object")
+    try:
+        check_record(rec, FLOAT_FIELDS)
+    except ResultsError as exc:
+        raise ResultsError(f"{path}: record {i}: {exc}") from None
+    return rec
+
+
 def read_records(paths: list[str]) -> list[Record]:
     """Records from HDF5 results files (pbp_hpc.results) and from JSON / JSON-lines files."""
     records: list[Record] = []
@@ -45,9 +59,10 @@ def read_records(paths: list[str]) -> list[Record]:
     for p in paths:
         if p.endswith((".json", ".jsonl")):
             try:
-                records += _read_json_records(Path(p))
-            except (OSError, ValueError) as exc:
+                found = _read_json_records(Path(p))
+            except (OSError, ValueError, RecursionError) as exc:
                 raise ResultsError(f"cannot read run records from {p}: {exc}") from None
+            records += [_checked(rec, p, i) for i, rec in enumerate(found)]
     if h5:
         # Imported only when needed: JSON input must work without h5py.
         try:

@@ -71,6 +71,22 @@ def _read_exactly(stream: BinaryIO, out: memoryview, path: Path) -> int:
     return got
 
 
+def _rest(stream: BinaryIO, compressed: bool, disk_size: int) -> int:
+    """Bytes after the array. A gzip stream is read to its end (at most what deflate can expand
+    disk_size to, a chunk at a time): a member damaged in the middle can inflate to more bytes
+    than the header says, and only its check (the CRC, read at the end) tells damage from data
+    that follows; a failed check raises here, as a corrupt gzip stream."""
+    if not compressed:
+        return len(stream.read(1))
+    extra, cap = 0, MAX_GZIP_RATIO * disk_size + _CHUNK
+    while extra <= cap:
+        n = len(stream.read(_CHUNK))
+        if not n:
+            break
+        extra += n
+    return extra
+
+
 def read_idx(path: str | Path, max_bytes: Optional[int] = None) -> np.ndarray:
     """Return the array stored in an IDX file (gzip or not), native-endian, shape as in the header.
 
@@ -122,7 +138,7 @@ def _read_stream(stream: BinaryIO, path: Path, disk_size: int, compressed: bool,
     got = _read_exactly(stream, memoryview(out), path)
     if got < payload:
         raise DataError(f"{path} is truncated: shape {shape} of {dtype.name} needs {expected} bytes, found {header + got}")
-    if stream.read(1):
+    if _rest(stream, compressed, disk_size):
         raise DataError(f"{path} is followed by trailing bytes: shape {shape} of {dtype.name} needs {expected} bytes, found more")
     try:
         array = out.view(dtype).reshape(shape)

@@ -91,6 +91,15 @@ class ParameterWindows:
         self.win.Flush_all()
         self.bytes_moved += out.nbytes
 
+    def overwrite(self, theta: np.ndarray) -> None:
+        """Collective: the store holds theta (every rank passes the same); no rank reads it
+        before every stripe is written (a resume: the checkpoint's parameters)."""
+        lo, hi = self.stripes[self.comm.rank]
+        self.own[...] = theta[lo:hi]
+        self.win.Sync()  # the local stores visible to the window (MPI's unified memory model)
+        self.comm.Barrier()
+        self.win.Sync()
+
     def add(self, delta: np.ndarray) -> None:
         """parameters += delta, on every owner; complete (visible to any later read) on return."""
         for r, (lo, hi) in enumerate(self.stripes):

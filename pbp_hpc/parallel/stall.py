@@ -88,9 +88,13 @@ class StallWatch:
 
     def _watch(self) -> None:
         told, warned, arrived = 0.0, 0.0, set()
-        tick = min(0.25, self.warning_s / 4)
+        tick = 0.25
         last = woke = perf_counter()
         while not self._quit.wait(tick):
+            # the finer of the two thresholds (a timeout below the warning fires at the timeout);
+            # read each tick: the strategy sets them after the watch has started
+            first = self.warning_s if self.timeout_s is None else min(self.warning_s, self.timeout_s)
+            tick = min(0.25, first / 4)
             now = perf_counter()
             if now - last > max(1.0, 4 * tick):  # this process itself was stopped (SIGSTOP) or starved:
                 woke = now  # its own pause is not a wait for the others
@@ -99,7 +103,7 @@ class StallWatch:
             if not since:
                 continue
             waited = now - max(since, woke)
-            if waited < self.warning_s:
+            if waited < first:
                 continue
             step, what = self.step, self.what or f"step {self.step}"
             if told != since:  # a new stalled wait

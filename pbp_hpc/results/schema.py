@@ -48,6 +48,7 @@ import h5py
 import numpy as np
 
 from pbp_hpc.errors import ResultsError
+from pbp_hpc.results import checks
 
 SCHEMA = "pbp_hpc-results"
 SCHEMA_VERSION = 2
@@ -158,6 +159,7 @@ EVAL_FIELDS: tuple[Column, ...] = (
 )
 INT_ATTRS = tuple(f.name for f in RUN_FIELDS if f.kind == "int")
 FLOAT_ATTRS = tuple(f.name for f in RUN_FIELDS if f.kind == "float")
+FLOAT_FIELDS = tuple(f.name for f in RUN_FIELDS if f.kind == "float" and not f.path)  # top-level record keys
 STR_ATTRS = tuple(f.name for f in RUN_FIELDS if f.kind in ("str", "ostr"))
 BOOL_ATTRS = tuple(f.name for f in RUN_FIELDS if f.kind == "bool")
 JSON_ATTRS = tuple(f.name for f in RUN_FIELDS if f.kind == "json")
@@ -267,6 +269,7 @@ def _write_run(runs: h5py.Group, key: str, record: dict[str, Any]) -> None:
 
 def _read_columns(g: h5py.Group, columns: tuple[Column, ...], length_of: str) -> list[dict[str, Any]]:
     """The rows of a table of 1-D datasets (KeyError where an original column is missing)."""
+    checks.check_columns(g, [c.name for c in columns], g.name.rsplit("/", 1)[-1] if length_of == "step" else "epochs")
     data = {col.name: g[col.name][...] for col in columns if col.old_files is ORIGINAL or col.name in g}
     rows = []
     for i in range(data[length_of].shape[0]):
@@ -306,7 +309,10 @@ def _read_run(key: str, g: h5py.Group, version: int = SCHEMA_VERSION) -> dict[st
             if not field.path:
                 rec.setdefault(field.name, field.old_files)  # written before the field existed
             continue
-        value = _decode(field, a[field.name])
+        try:
+            value = _decode(field, a[field.name])
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise ValueError(f"field {field.name}: {str(exc)[:80]}") from None
         if field.path:
             subs.setdefault(field.path[0], {})[field.path[1]] = value
         else:
@@ -326,6 +332,7 @@ def _read_run(key: str, g: h5py.Group, version: int = SCHEMA_VERSION) -> dict[st
         rec[CURVE_GROUP] = [{c.name: pt.get(c.name) for c in EVAL_FIELDS if c.old_files is not OMIT or c.name in pt}
                             for pt in curve if isinstance(pt, dict)] \
             if isinstance(curve, list) else []
+    checks.check_record(rec, FLOAT_FIELDS, tuple(c.name for c in EPOCH_FIELDS), tuple(c.name for c in EVAL_FIELDS))
     return rec
 
 

@@ -194,7 +194,7 @@ def _copy_run(path: Path, src: h5py.File, key: str, runs: h5py.Group) -> None:
         return
     try:
         _write_run(runs, key, _read_run(key, old, version))
-    except (KeyError, ValueError, OSError) as exc:
+    except (KeyError, ValueError, OSError, TypeError, IndexError, AttributeError, ResultsError) as exc:
         raise ResultsError(f"{path}: run {key} does not follow schema version {version} ({exc})") from None
     new = runs[key]
     for name, value in old.attrs.items():
@@ -211,7 +211,7 @@ def _iter_runs(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         for key in f["runs"]:
             try:
                 yield key, _read_run(key, f["runs"][key], version)
-            except (KeyError, ValueError, OSError) as exc:
+            except (KeyError, ValueError, OSError, TypeError, IndexError, AttributeError, ResultsError) as exc:
                 raise ResultsError(f"{path}: run {key} does not follow schema version {version} ({exc})") from None
 
 
@@ -239,7 +239,7 @@ def identities(path: str | Path) -> dict[str, dict[str, Any]]:
         for key, g in f["runs"].items():
             try:
                 ident = _read_identity(g)
-            except (KeyError, ValueError, OSError) as exc:
+            except (KeyError, ValueError, OSError, TypeError, AttributeError) as exc:
                 raise ResultsError(f"{path}: run {key} does not follow schema version {_version(f)} ({exc})") from None
             out[key] = ident
     return out

@@ -59,6 +59,11 @@ class AsyncPS(Strategy):
         self.before = np.empty_like(self.theta)  # the parameters as read: the update is theta - before
         self.store = pw.ParameterWindows(self.comm, self.theta)
 
+    def restored(self) -> None:
+        # the windows were filled from the initial parameters when the run was built: without
+        # this the first read after a resume would bring those back, not the checkpoint's
+        self.store.overwrite(self.theta)
+
     def block_end(self, first: int, limit: int, steps: int, epoch: int) -> int:
         return min(limit, first + self.meet)
 

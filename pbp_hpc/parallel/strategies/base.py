@@ -107,6 +107,11 @@ class Strategy:
 
             self.sync = gpu.stream_sync(self.xp)
 
+    def restored(self) -> None:
+        """After a resume wrote the checkpoint's parameters into self.theta on every rank
+        (collective): a strategy whose parameters live elsewhere too (windows, a node's shared
+        copy) makes that copy hold them before any rank reads it."""
+
     # -- running --------------------------------------------------------------------------------
     def block_end(self, first: int, limit: int, steps: int, epoch: int) -> int:
         """Where the block that starts at step `first` of the epoch ends (exclusive, <= limit)."""

@@ -52,6 +52,11 @@ class Hogwild(Strategy):
         self.node.Barrier()
         return theta
 
+    def restored(self) -> None:
+        # every rank of the node wrote the same checkpointed values into the node's one array:
+        # none may start updating it while another is still writing
+        self.node.Barrier()
+
     def block_end(self, first: int, limit: int, steps: int, epoch: int) -> int:
         return min(limit, first + self.meet)
 
