@@ -3,6 +3,12 @@
 The format is pbp_hpc.checkpoint's; this module decides what goes in (parameters, the
 strategy's and optimizer's state, the epochs recorded so far), where it goes (checkpoint.path,
 or one per Slurm job), and what a resumed run must share with the run that wrote it.
+
+The rank count may change between the run that wrote a checkpoint and the run that resumes it
+(docs/elastic.md): allreduce's training does not depend on it (every rank draws the same order,
+the global batch is fixed), local_sgd checkpoints at an average, where every rank holds the same
+parameters and state, and the asynchronous strategies' per-worker state is written as the
+workers' average and rescaled to the new count.
 """
 
 from __future__ import annotations
@@ -39,9 +45,21 @@ def resume_key(cfg: Config) -> dict[str, Any]:
     return key
 
 
+# Strategies whose optimizer state (momentum's velocity) is each worker's own, fed by its share
+# of the updates: the workers' velocities add up to the one allreduce keeps, so each holds about
+# 1/P of it. A checkpoint holds their average; a run on P' ranks starts each worker at avg * P / P'.
+PER_WORKER_STATE = frozenset({"async_ps", "ssp", "hogwild"})
+
+
+def periodic(cfg: Config) -> bool:
+    """Whether the run checkpoints on its own (every N epochs, steps or seconds), not only on a signal."""
+    c = cfg.checkpoint
+    return bool(c.every_epochs or c.every_steps or c.every_seconds)
+
+
 def check_target(cfg: Config) -> None:
     """Before training, not hours later: a checkpoint can be written where the config says."""
-    if cfg.checkpoint.path or cfg.checkpoint.every_epochs:
+    if cfg.checkpoint.path or periodic(cfg):
         checkpoint.check_target(checkpoint_path(cfg))
 
 
@@ -51,12 +69,24 @@ def save(st: Any, epoch: int, step: int, records: list[dict[str, Any]], extra: O
     extra: more JSON-able state of the loop (the evaluation curve, training time so far),
     returned by try_resume as it was given."""
     path = checkpoint_path(st.cfg)
+    state = {name: backend.to_host(buf) for name, buf in st.strategy.state().items()}
+    if st.cfg.parallel.strategy in PER_WORKER_STATE and st.comm.size > 1:
+        state = {name: _average(st.comm, buf) for name, buf in state.items()}  # collective: every rank is here
     if st.comm.rank == 0:
         meta = {"resume_key": resume_key(st.cfg), "ranks": st.comm.size, "records": records, "extra": extra or {}}
-        state = {name: backend.to_host(buf) for name, buf in st.strategy.state().items()}
         checkpoint.save(path, backend.to_host(st.theta), epoch, step, meta, state)
     st.comm.Barrier()
     return path
+
+
+def _average(comm: Any, buf: Any) -> Any:
+    import numpy as np
+    from mpi4py import MPI
+
+    out = np.array(buf, copy=True)
+    comm.Allreduce(MPI.IN_PLACE, out, op=MPI.SUM)
+    out /= comm.size
+    return out
 
 
 def _is_num(v: Any) -> bool:
@@ -78,11 +108,10 @@ def _check_meta(path: Path, meta: dict[str, Any], cfg: Config, ranks: int) -> No
                               f"(they differ in {', '.join(differ) or 'their keys'}); refusing to resume it")
     if not isinstance(meta["ranks"], int) or isinstance(meta["ranks"], bool) or meta["ranks"] < 1:
         raise bad("ranks", f"expected a positive integer, found {str(meta['ranks'])[:40]!r}")
-    if meta["ranks"] != ranks:
+    if meta["ranks"] != ranks and cfg.data.scale_with_ranks:
         raise CheckpointError(
-            f"checkpoint {path} was written by a {meta['ranks']}-rank run and this run has {ranks}; "
-            "resume with the same rank count (a different count sums gradients in another order, so the result "
-            "would not be bit-for-bit that of an uninterrupted run)"
+            f"checkpoint {path} was written by a {meta['ranks']}-rank run and this run has {ranks}; with "
+            "data.scale_with_ranks the training set's size depends on the rank count, so resume with the same count"
         )
     records = meta["records"]
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
@@ -141,8 +170,13 @@ def try_resume(st: Any, log: Log) -> tuple[int, int, list[dict[str, Any]], dict[
         log(f"no checkpoint at {path}: starting from scratch")
         return 0, 0, [], {}
     state = st.strategy.state()
+    wrote = ck["meta"]["ranks"]
+    # each worker's share of the velocity, for the new count (scaled before it is written: a
+    # node-shared buffer is written by each of the node's ranks)
+    scale = wrote / st.comm.size if wrote != st.comm.size and cfg.parallel.strategy in PER_WORKER_STATE else 1.0
     st.theta[...] = st.xp.asarray(ck["theta"])
     for name, buf in state.items():
-        buf[...] = st.xp.asarray(ck["state"][name])
-    log(f"resumed from {path} at epoch {ck['epoch']} step {ck['step']}")
+        buf[...] = st.xp.asarray(ck["state"][name] * scale if scale != 1.0 else ck["state"][name])
+    log(f"resumed from {path} at epoch {ck['epoch']} step {ck['step']}"
+        + (f" (written by {wrote} rank(s), continuing on {st.comm.size})" if wrote != st.comm.size else ""))
     return ck["epoch"], ck["step"], ck["meta"]["records"], ck["meta"].get("extra") or {}

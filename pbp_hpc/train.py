@@ -16,6 +16,8 @@ import argparse
 import errno
 import functools
 import json
+import os
+import signal
 import sys
 import time
 from types import ModuleType
@@ -116,6 +118,9 @@ def _inject_fault(st: State, global_step: int) -> None:
         st.grad[0] = float("nan")
         st.grad[st.n_params + LOSS_SLOT] = float("nan")
         return
+    if dbg.fail_kind == "kill":  # a rank that dies without a word (OOM killer, a node lost): no cleanup, no abort
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
     if dbg.fail_kind == "oserror":  # a failure that is not one of ours, as a dying disk would raise
         raise OSError(errno.EIO, f"injected I/O error on rank {st.comm.rank} at step {global_step} (debug.fail_kind=oserror)")
     raise InjectedFault(f"injected fault on rank {st.comm.rank} at step {global_step} (debug.fail_step)")
@@ -197,6 +202,8 @@ class Loop:
         self.tracker = evaluation.Tracker(st, steps, extra.get("evaluations"))
         self.train_s = float(extra.get("train_s", 0.0))
         self.t_start = time.perf_counter()
+        self.last_checkpoint = time.monotonic()  # rank 0's clock decides checkpoint.every_seconds
+        self.checkpoint_s = 0.0  # seconds spent writing checkpoints, over the run
 
     def wall(self) -> float:
         return time.perf_counter() - self.t_start
@@ -214,6 +221,9 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
         st.strategy.after_local = functools.partial(_inject_fault, st)
     start_epoch, start_step, records, extra = resume.try_resume(st, log)
     loop = Loop(st, steps, records, extra)
+    if os.environ.get("PBP_HPC_ELASTIC"):  # python -m pbp_hpc.elastic reads which process each rank is
+        where = comm_where(st.comm)
+        log(f"pbp_hpc: elastic: ranks {json.dumps(where)}")
     ended: Optional[str] = None  # why the run ended before its last epoch (target, early stopping)
     with runtime.training_loop():  # a stop signal: checkpoint-and-stop; outside it, runtime.Stopped at once
         # logged here, inside: from this line on, a stop signal checkpoints (scripts and tests wait for it)
@@ -223,6 +233,7 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
         for epoch in range(start_epoch, cfg.train.epochs):
             first = start_step if epoch == start_epoch else 0
             rec, stopped, ended = _epoch(st, loop, epoch, first, quiet)
+            due = rec.pop("checkpoint_due")  # every_steps / every_seconds came due at the epoch's last block
             if stopped is not None and stopped[1] < steps and ended is None:  # mid-epoch: the part-epoch is not recorded
                 return _stop(st, threads, info, loop, stopped, log)
             last = epoch == cfg.train.epochs - 1
@@ -242,13 +253,14 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
                 break
             if stopped is not None and not last:  # asked at an epoch's last step: it is recorded
                 return _stop(st, threads, info, loop, (epoch + 1, 0, stopped[2]), log)
-            if cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0 and not last:
-                resume.save(st, epoch + 1, 0, loop.records, loop.extra())
+            if (due or (cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0)) and not last:
+                rec["checkpoint_s"] += _checkpoint(st, loop, epoch + 1, 0)
+                rec["checkpoints"] += 1
     test_acc = evaluation.accuracy(st, st.data.test)
     total = loop.wall()
     shown = "n/a (no test examples)" if test_acc is None else f"{100 * test_acc:.2f}%"
     log(f"test accuracy {shown}  ({len(st.data.test)} examples), total {total:.2f}s, training {loop.train_s:.2f}s")
-    if cfg.checkpoint.path or cfg.checkpoint.every_epochs:
+    if cfg.checkpoint.path or resume.periodic(cfg):
         resume.save(st, cfg.train.epochs, 0, loop.records, loop.extra())
     saved = loop.tracker.save_best()
     if saved:
@@ -273,10 +285,12 @@ def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
         st.reducer.watch.leave()
     t0, compute0, comm0, eval0 = time.perf_counter(), strategy.compute_s, strategy.comm_s, tracker.eval_s
     loss_sum, seen, stopped, ended, done = 0.0, 0, None, None, first
+    ckpt0, checkpoints, due = loop.checkpoint_s, 0, False
     bar = _progress(cfg, comm, steps - first, epoch, quiet)
     stop_of = functools.partial(_stop_requested, st)
     while done < steps:  # blocks of steps: one step each for allreduce (parallel/strategies/base.py)
         end = strategy.block_end(done, _block_limit(tracker, epoch, steps, done), steps, epoch)
+        begun = epoch * steps + done  # the block's first global step
         loss, n, reached, stop_ranks = strategy.run_block(order, epoch, done, end, steps, loop.schedule, stop_of)
         loss_sum += loss
         seen += n
@@ -292,9 +306,14 @@ def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
             stopped = (epoch, done, stop_ranks)
         if stopped is not None or ended is not None:
             break
+        due = _checkpoint_due(st, loop, begun, g + 1)
+        if due and done < steps:  # mid-epoch: where the next block begins (an epoch's end: _train, once recorded)
+            in_epoch = time.perf_counter() - t0 - (tracker.eval_s - eval0) - (loop.checkpoint_s - ckpt0)
+            _checkpoint(st, loop, epoch, done, train_s=loop.train_s + in_epoch)
+            checkpoints, due = checkpoints + 1, False
     if bar is not None:
         bar.close()
-    wall = time.perf_counter() - t0 - (tracker.eval_s - eval0)
+    wall = time.perf_counter() - t0 - (tracker.eval_s - eval0) - (loop.checkpoint_s - ckpt0)
     closing = st.reducer.watch.stalled_s
     slow = runtime.slowest(comm, [wall, strategy.compute_s - compute0, strategy.comm_s - comm0,
                                   closing - stalled0], st.reducer.watch)
@@ -315,7 +334,51 @@ def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
         # seconds of steps that waited past parallel.stall_warning_s for another rank (the slowest
         # rank's; plus this rank's in the reduction that found the slowest)
         "stalled_s": float(slow[3]) + closing,
+        # seconds spent writing checkpoints in the epoch (rank 0's; not in time_s), and how many
+        "checkpoint_s": loop.checkpoint_s - ckpt0,
+        "checkpoints": checkpoints,
+        "checkpoint_due": due,
     }, stopped, ended
+
+
+def _checkpoint_due(st: State, loop: Loop, begun: int, reached: int) -> bool:
+    """Whether to checkpoint after the block of global steps begun..reached-1 (the same on every rank).
+
+    checkpoint.every_steps: a block that reached or crossed a multiple of it (a block is one step
+    for allreduce: exact; local_sgd and the asynchronous strategies checkpoint at their meeting,
+    where every rank holds the same parameters). checkpoint.every_seconds: rank 0's clock,
+    broadcast at the block's end, so that every rank writes after the same step."""
+    c = st.cfg.checkpoint
+    due = bool(c.every_steps) and reached // c.every_steps > begun // c.every_steps
+    if c.every_seconds and st.comm.size > 1:
+        flag = np.array([time.monotonic() - loop.last_checkpoint >= c.every_seconds], dtype=np.int8)
+        st.reducer.watch.enter()  # a rank lost here is found by the stall check, as in a step
+        try:
+            st.comm.Bcast(flag, root=0)
+        finally:
+            st.reducer.watch.leave()
+        due = due or bool(flag[0])
+    elif c.every_seconds:
+        due = due or time.monotonic() - loop.last_checkpoint >= c.every_seconds
+    return due
+
+
+def _checkpoint(st: State, loop: Loop, epoch: int, step: int, train_s: Optional[float] = None) -> float:
+    """A periodic checkpoint at (epoch, step): its seconds, added to the run's checkpoint time."""
+    t = time.perf_counter()
+    extra = loop.extra()
+    if train_s is not None:
+        extra["train_s"] = train_s
+    resume.save(st, epoch, step, loop.records, extra)
+    cost = time.perf_counter() - t
+    loop.checkpoint_s += cost
+    loop.last_checkpoint = time.monotonic()
+    return cost
+
+
+def comm_where(comm: MPI.Comm) -> list[dict[str, Any]]:
+    """Each rank's host and process id (rank order): what a launcher needs to name a lost rank."""
+    return comm.allgather({"host": MPI.Get_processor_name(), "pid": os.getpid()})
 
 
 def _block_limit(tracker: evaluation.Tracker, epoch: int, steps: int, step: int) -> int:
