@@ -221,9 +221,8 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
         st.strategy.after_local = functools.partial(_inject_fault, st)
     start_epoch, start_step, records, extra = resume.try_resume(st, log)
     loop = Loop(st, steps, records, extra)
-    if os.environ.get("PBP_HPC_ELASTIC"):  # python -m pbp_hpc.elastic reads which process each rank is
-        where = comm_where(st.comm)
-        log(f"pbp_hpc: elastic: ranks {json.dumps(where)}")
+    if os.environ.get("PBP_HPC_ELASTIC"):  # python -m pbp_hpc.elastic: which process each rank is, and where it starts
+        elastic_hello(st.comm, start_epoch, start_step)
     ended: Optional[str] = None  # why the run ended before its last epoch (target, early stopping)
     with runtime.training_loop():  # a stop signal: checkpoint-and-stop; outside it, runtime.Stopped at once
         # logged here, inside: from this line on, a stop signal checkpoints (scripts and tests wait for it)
@@ -376,9 +375,12 @@ def _checkpoint(st: State, loop: Loop, epoch: int, step: int, train_s: Optional[
     return cost
 
 
-def comm_where(comm: MPI.Comm) -> list[dict[str, Any]]:
-    """Each rank's host and process id (rank order): what a launcher needs to name a lost rank."""
-    return comm.allgather({"host": MPI.Get_processor_name(), "pid": os.getpid()})
+def elastic_hello(comm: MPI.Comm, epoch: int, step: int) -> None:
+    """Rank 0 prints each rank's host, Slurm node and process id (what the elastic launcher needs
+    to name a lost rank) and the position training starts from, on one line of stderr (even with -q)."""
+    where = comm.allgather({"host": MPI.Get_processor_name(), "node": os.environ.get("SLURMD_NODENAME"), "pid": os.getpid()})
+    if comm.rank == 0:
+        print("pbp_hpc: elastic: " + json.dumps({"ranks": where, "epoch": epoch, "step": step}), file=sys.stderr, flush=True)
 
 
 def _block_limit(tracker: evaluation.Tracker, epoch: int, steps: int, step: int) -> int:

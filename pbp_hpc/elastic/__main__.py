@@ -1,0 +1,5 @@
+import sys
+
+from pbp_hpc.elastic import main
+
+sys.exit(main())
