@@ -84,3 +84,98 @@ def test_every_steps_checkpoints_lose_at_most_the_interval_and_their_cost_is_rec
     assert rc == 0, err
     res = last_json(out)
     assert res["epochs"][1]["checkpoints"] == 2 and res["epochs"][1]["checkpoint_s"] > 0  # after global steps 14 and 17
+
+
+# --- the elastic launcher -----------------------------------------------------------------------
+
+SMALL = {**NET1H, "model.layers": "[784, 64, 10]", "model.dtype": "float32", "train.epochs": "3",
+         "checkpoint.every_steps": "4"}
+KILL_STEP = 15  # epoch 1 step 5; the last checkpoint before it is after global step 11: "epoch 1 step 2"
+
+
+def elastic(mpi_job, ranks: int, *opts: str, **over: object) -> tuple[int, dict, str, object]:
+    merged = {**SMALL, **{k.replace("__", "."): str(v) for k, v in over.items()}}
+    args = [a for k, v in merged.items() for a in ("--set", f"{k}={v}")]
+    job = mpi_job([sys.executable, "-m", "pbp_hpc.elastic", *opts, "--", MPIEXEC, "-n", str(ranks), *PY, *args,
+                   "--json", "-q"])
+    rc, out, err, _ = job.finish(BOUND)
+    assert rc is not None, f"the elastic run ran past {BOUND}s; stderr:\n{err}"
+    return rc, last_json(out), err, job.out_path.parent
+
+
+def test_a_rank_killed_mid_run_is_left_out_and_the_run_finishes_on_the_others(mpi_job):
+    # rank 1 is slow all along (3 times the others' compute): not a failure
+    rc, res, err, where = elastic(mpi_job, 3, "--min-ranks", "2", debug__fail_rank=2, debug__fail_step=KILL_STEP,
+                                  debug__fail_kind="kill", study__straggler_factor=3, study__straggler_rank=1)
+    assert rc == 0 and res["status"] == "ok", err
+    assert res["ranks"] == 2 and res["restarts"] == 1 and res["lost_s"] > 0
+    [event] = res["elastic"]["events"]
+    assert event["lost_ranks"] == [2] and "SIGKILL" in event["cause"] and event["ranks_after"] == 2
+    ck = event["checkpoint"]
+    assert ck["valid"] and (ck["epoch"], ck["step"]) == (1, 2)
+    assert KILL_STEP - (ck["epoch"] * STEPS + ck["step"]) <= 4  # work redone: at most checkpoint.every_steps
+    assert event["redone_s"] >= 0 and event["restart_s"] > 0
+    assert "restart 1 of at most 3: rank 2" in err
+    assert checkpoint.load(where / "ck.h5")["epoch"] == 3  # the final checkpoint: valid, at the end
+
+
+def test_a_second_loss_below_min_ranks_ends_cleanly_and_keeps_the_checkpoint(mpi_job):
+    # rank 1 dies again in the 2-rank restart: 1 rank would be left, fewer than --min-ranks 2
+    rc, res, err, where = elastic(mpi_job, 3, "--min-ranks", "2", debug__fail_rank=1, debug__fail_step=KILL_STEP,
+                                  debug__fail_kind="kill")
+    assert rc == 9 and res["status"] == "failed" and "fewer than --min-ranks 2" in res["error"], err
+    assert res["restarts"] == 1 and [e["ranks"] for e in res["elastic"]["events"]] == [3, 2]
+    ck = checkpoint.load(where / "ck.h5")  # every field checked
+    assert (ck["epoch"], ck["step"]) == (1, 2) and ck["meta"]["ranks"] == 3
+    assert sorted(p.name for p in where.iterdir()) == ["ck.h5", "job.err", "job.out"]  # no temporary file left
+
+
+def test_a_bad_setup_is_not_restarted(mpi_job):
+    rc, res, err, _ = elastic(mpi_job, 2, parallel__ranks=3)  # the world is not what the config asks for: exit 2
+    assert rc == 2 and res["status"] == "failed" and res["restarts"] == 0, err
+    assert "not restarted" in res["error"] and "attempt 2" not in err
+
+
+# --- the launch rewritten for what is left, and what an ending says (no processes) --------------
+
+def _shrunk(cmd: str, lost_ranks=(), lost_hosts=(), where=()) -> tuple[str, int]:
+    from pbp_hpc.elastic import command
+
+    new, n = command.shrunk(command.parse(cmd.split()), list(lost_ranks), list(lost_hosts), list(where))
+    return " ".join(new.argv()), n
+
+
+def test_a_plain_launch_loses_one_rank_and_parallel_ranks_follows():
+    cmd, n = _shrunk("mpiexec -n 3 python -m pbp_hpc.train --set parallel.ranks=3 -q", lost_ranks=[2])
+    assert n == 2 and cmd == "mpiexec -n 2 python -m pbp_hpc.train --set parallel.ranks=2 -q --resume"
+
+
+def test_a_hosts_launch_drops_the_host_of_the_lost_rank():
+    where = [{"host": "a"}, {"host": "a"}, {"host": "b"}, {"host": "b"}]
+    cmd, n = _shrunk("mpiexec -n 4 -hosts a,b -ppn 2 python -m pbp_hpc.train", lost_ranks=[3], where=where)
+    assert n == 2 and cmd == "mpiexec -n 2 -hosts a -ppn 2 python -m pbp_hpc.train --resume"
+
+
+def test_srun_excludes_a_failed_node_and_asks_for_one_node_fewer():
+    where = [{"host": "h", "node": "n1"}, {"host": "h", "node": "n2"}]
+    cmd, n = _shrunk("srun --mpi=pmi2 -N 2 --ntasks-per-node=1 python -m pbp_hpc.train --set parallel.ranks=2",
+                     lost_hosts=["n2"], where=where)
+    assert n == 1 and cmd.startswith("srun -N 1 -x n2 --mpi=pmi2 --ntasks-per-node=1 python")
+    assert cmd.endswith("--set parallel.ranks=1 --resume")
+
+
+def test_endings_are_read_from_exit_codes_and_the_launchers_notices():
+    from pbp_hpc.elastic import failures
+
+    where = [{"host": "h", "pid": 10}, {"host": "h", "pid": 11}, {"host": "h", "pid": 12}]
+    hydra = "=   PID 11 RUNNING AT h\n=   EXIT CODE: 9\n"
+    assert failures.classify(9, hydra, where).ranks == [1]  # Hydra's notice alone
+    assert failures.classify(9, hydra, where, first_dead=[2]).ranks == [2]  # the launcher saw rank 2 end first
+    srun = "srun: error: n2: task 1: Killed\nsrun: error: Node failure on n2\n"
+    end = failures.classify(137, srun, where)
+    assert (end.kind, end.ranks, end.hosts) == ("lost", [1], ["n2"])
+    stall = "more than parallel.stall_timeout_s 5, for rank 2; aborting the job (exit 4)"
+    assert failures.classify(4, stall, where).ranks == [2]
+    for code in (1, 2, 3, 130, 143):  # an error a restart would repeat, divergence, a stop signal: final
+        assert failures.classify(code, "", where).kind == "final"
+    assert failures.classify(0, "", where).kind == "finished"

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
+import socket
 import subprocess
 import sys
 import threading
@@ -42,6 +44,7 @@ class Attempt:
         self.err: list[str] = []
         self.json: Optional[str] = None
         self.clean_stdout = "--json" in argv
+        self.first_dead: list[int] = []  # the rank(s) seen to end first, on this host (watch)
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                      bufsize=1, start_new_session=True, preexec_fn=_die_with_parent)
         self.pumps = [threading.Thread(target=self._stderr, daemon=True), threading.Thread(target=self._stdout, daemon=True)]
@@ -53,6 +56,7 @@ class Attempt:
         for line in self.proc.stderr:
             if line.startswith(failures.WHERE_TAG) and self.began is None:
                 self.began = time.time()
+                self.watch(failures.reported(line).get("ranks", []))
             self.err.append(line)
             sys.stderr.write(line)
             sys.stderr.flush()
@@ -67,6 +71,33 @@ class Attempt:
             out = sys.stderr if self.clean_stdout else sys.stdout
             out.write(line)
             out.flush()
+
+    def watch(self, where: list[dict[str, Any]]) -> None:
+        """Watch this host's ranks (pidfds): the first to end is the one lost. Hydra then kills the
+        others within milliseconds, and its notice names whichever process it reaped first, not
+        necessarily the one that died (seen here: the rank before it)."""
+        host = socket.gethostname()
+        fds = {}
+        for r, w in enumerate(where):
+            if w.get("host") in (host, host.split(".")[0]) and hasattr(os, "pidfd_open"):
+                try:
+                    fds[os.pidfd_open(int(w["pid"]))] = r
+                except OSError:  # already gone, or not ours to watch
+                    pass
+        if fds:
+            threading.Thread(target=self._watch, args=(fds,), daemon=True).start()
+
+    def _watch(self, fds: dict[int, int]) -> None:
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        try:
+            ready = poller.poll()  # blocks until a rank ends (or the attempt does: every fd then)
+            if len(ready) < len(fds) or len(fds) == 1:  # not all at once: the first are the lost
+                self.first_dead = sorted(fds[fd] for fd, _ in ready)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def wait(self) -> int:
         code = self.proc.wait()
@@ -148,7 +179,7 @@ def run(launch: command.Launch, path: Path, min_ranks: int, max_restarts: int, s
         if events and last_fail is not None:  # the previous restart's cost: failure -> training again
             events[-1]["restart_s"] = (att.began or t_end) - last_fail
         where = failures.reported(att.output()).get("ranks", [])
-        end = failures.classify(code, att.output(), where, signalled=stop.requested)
+        end = failures.classify(code, att.output(), where, signalled=stop.requested, first_dead=att.first_dead)
         if end.kind == "finished":
             return finish(att, events, ranks, "finished", code)
         ck = position(path)

@@ -72,8 +72,10 @@ def _ranks(spec: str) -> list[int]:
     return out
 
 
-def classify(code: int, stderr: str, where: list[dict[str, Any]], signalled: bool = False) -> Ending:
-    """What an attempt's exit code and stderr say. where: the ranks as train reported them."""
+def classify(code: int, stderr: str, where: list[dict[str, Any]], signalled: bool = False,
+             first_dead: Optional[list[int]] = None) -> Ending:
+    """What an attempt's exit code and output say. where: the ranks as train reported them;
+    first_dead: the rank(s) the launcher saw end first on its host (it watches their pids)."""
     if code == 0:
         return Ending(0, "finished", "finished")
     if signalled:
@@ -82,14 +84,19 @@ def classify(code: int, stderr: str, where: list[dict[str, Any]], signalled: boo
     ranks: list[int] = []
     hosts: list[str] = []
     causes: list[str] = []
-    for pid, host, sig in _HYDRA.findall(stderr):
+    for pid, host, sig in _HYDRA.findall(stderr)[:1]:
         n = int(sig)
         if n in (EXIT_FAILED, EXIT_SETUP, EXIT_DIVERGED, EXIT_STALLED):  # one of ours: said below
             continue
-        r = by_pid.get(int(pid))
-        if r is not None and r not in ranks:
+        # Hydra names the first process it reaped, which after its clean-up may be another than
+        # the one that died: the launcher's own watch says which ended first, where it could see
+        r = first_dead[0] if first_dead and len(first_dead) == 1 else by_pid.get(int(pid)) if not first_dead else None
+        if r is not None:
             ranks.append(r)
-        causes.append(f"rank {r if r is not None else '?'} (pid {pid} on {host}) died: {_signame(n)}")
+            w = where[r] if r < len(where) else {}
+            causes.append(f"rank {r} (pid {w.get('pid', pid)} on {w.get('host', host)}) died: {_signame(n)}")
+        else:
+            causes.append(f"one of ranks {', '.join(map(str, first_dead or [])) or '?'} died: {_signame(n)}")
     for node, tasks, what in _SRUN_TASK.findall(stderr):
         if "Exited with exit code" in what:  # a rank that exited on its own (one of ours)
             continue
