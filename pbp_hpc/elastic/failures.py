@@ -113,6 +113,10 @@ def classify(code: int, stderr: str, where: list[dict[str, Any]], signalled: boo
         late = _ranks(m[-1]) if m else []
         ranks += [r for r in late if r not in ranks]
         causes.append(f"rank(s) {', '.join(map(str, late)) or '?'} stopped answering (parallel.stall_timeout_s)")
+    if hosts:  # a node failure ends the step: the tasks killed elsewhere with it were not lost
+        on = {r for r, w in enumerate(where) if (w.get("node") or w.get("host")) in hosts}
+        ranks = [r for r in ranks if r in on] or sorted(on)
+        causes = [c for c in causes if not c.startswith("task(s)")] + [f"rank(s) {', '.join(map(str, ranks))} with it"] * bool(ranks)
     if ranks or hosts or code == EXIT_STALLED:
         return Ending(code, "lost", "; ".join(causes), ranks, hosts)
     if code in (EXIT_SETUP, EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED) or code >= EXIT_STOPPED:
