@@ -46,7 +46,7 @@ class Attempt:
         self.clean_stdout = "--json" in argv
         self.first_dead: list[int] = []  # the rank(s) seen to end first, on this host (watch)
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                     bufsize=1, start_new_session=True, preexec_fn=_die_with_parent)
+                                     bufsize=1, preexec_fn=_die_with_parent)
         self.pumps = [threading.Thread(target=self._stderr, daemon=True), threading.Thread(target=self._stdout, daemon=True)]
         for t in self.pumps:
             t.start()
