@@ -86,6 +86,17 @@ def test_every_steps_checkpoints_lose_at_most_the_interval_and_their_cost_is_rec
     assert res["epochs"][1]["checkpoints"] == 2 and res["epochs"][1]["checkpoint_s"] > 0  # after global steps 14 and 17
 
 
+def test_every_seconds_is_rank_0s_clock_and_every_rank_writes_at_the_same_step(mpi_job, tmp_path):
+    # an interval that has always passed by a block's end: a checkpoint after every step of the
+    # epoch but its last (the run's end writes that one); ranks that disagreed would hang in save's barrier
+    rc, out, err, _ = mpirun(mpi_job, 3, *sets(checkpoint__every_seconds=1e-6, train__epochs=1,
+                                               model__layers="[784, 16, 10]", checkpoint__path=tmp_path / "ck.h5"),
+                             "--json")
+    assert rc == 0, err
+    assert last_json(out)["epochs"][0]["checkpoints"] == STEPS - 1
+    assert (checkpoint.load(tmp_path / "ck.h5")["epoch"]) == 1
+
+
 # --- the elastic launcher -----------------------------------------------------------------------
 
 SMALL = {**NET1H, "model.layers": "[784, 64, 10]", "model.dtype": "float32", "train.epochs": "3",
