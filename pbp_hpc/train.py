@@ -27,7 +27,7 @@ import numpy as np
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
-from pbp_hpc import evaluation, model_file, resume
+from pbp_hpc import evaluation, model_file, periodic, resume
 from pbp_hpc.config import Config
 from pbp_hpc.data import datasets, device as device_data
 from pbp_hpc.engine import backend, model, optimizers, step as local_steps
@@ -202,8 +202,8 @@ class Loop:
         self.tracker = evaluation.Tracker(st, steps, extra.get("evaluations"))
         self.train_s = float(extra.get("train_s", 0.0))
         self.t_start = time.perf_counter()
-        self.last_checkpoint = time.monotonic()  # rank 0's clock decides checkpoint.every_seconds
-        self.checkpoint_s = 0.0  # seconds spent writing checkpoints, over the run
+        self.last_checkpoint = time.monotonic()  # rank 0's clock decides checkpoint.every_seconds (periodic.py)
+        self.checkpoint_s = 0.0  # seconds spent writing periodic checkpoints, over the run
 
     def wall(self) -> float:
         return time.perf_counter() - self.t_start
@@ -222,7 +222,9 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
     start_epoch, start_step, records, extra = resume.try_resume(st, log)
     loop = Loop(st, steps, records, extra)
     if os.environ.get("PBP_HPC_ELASTIC"):  # python -m pbp_hpc.elastic: which process each rank is, and where it starts
-        elastic_hello(st.comm, start_epoch, start_step)
+        from pbp_hpc.elastic import ranks
+
+        ranks.report(st.comm, start_epoch, start_step)
     ended: Optional[str] = None  # why the run ended before its last epoch (target, early stopping)
     with runtime.training_loop():  # a stop signal: checkpoint-and-stop; outside it, runtime.Stopped at once
         # logged here, inside: from this line on, a stop signal checkpoints (scripts and tests wait for it)
@@ -253,7 +255,7 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
             if stopped is not None and not last:  # asked at an epoch's last step: it is recorded
                 return _stop(st, threads, info, loop, (epoch + 1, 0, stopped[2]), log)
             if (due or (cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0)) and not last:
-                rec["checkpoint_s"] += _checkpoint(st, loop, epoch + 1, 0)
+                rec["checkpoint_s"] += periodic.write(st, loop, epoch + 1, 0)
                 rec["checkpoints"] += 1
     test_acc = evaluation.accuracy(st, st.data.test)
     total = loop.wall()
@@ -305,10 +307,10 @@ def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
             stopped = (epoch, done, stop_ranks)
         if stopped is not None or ended is not None:
             break
-        due = _checkpoint_due(st, loop, begun, g + 1)
+        due = periodic.due(st, loop, begun, g + 1)
         if due and done < steps:  # mid-epoch: where the next block begins (an epoch's end: _train, once recorded)
             in_epoch = time.perf_counter() - t0 - (tracker.eval_s - eval0) - (loop.checkpoint_s - ckpt0)
-            _checkpoint(st, loop, epoch, done, train_s=loop.train_s + in_epoch)
+            periodic.write(st, loop, epoch, done, train_s=loop.train_s + in_epoch)
             checkpoints, due = checkpoints + 1, False
     if bar is not None:
         bar.close()
@@ -338,49 +340,6 @@ def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
         "checkpoints": checkpoints,
         "checkpoint_due": due,
     }, stopped, ended
-
-
-def _checkpoint_due(st: State, loop: Loop, begun: int, reached: int) -> bool:
-    """Whether to checkpoint after the block of global steps begun..reached-1 (the same on every rank).
-
-    checkpoint.every_steps: a block that reached or crossed a multiple of it (a block is one step
-    for allreduce: exact; local_sgd and the asynchronous strategies checkpoint at their meeting,
-    where every rank holds the same parameters). checkpoint.every_seconds: rank 0's clock,
-    broadcast at the block's end, so that every rank writes after the same step."""
-    c = st.cfg.checkpoint
-    due = bool(c.every_steps) and reached // c.every_steps > begun // c.every_steps
-    if c.every_seconds and st.comm.size > 1:
-        flag = np.array([time.monotonic() - loop.last_checkpoint >= c.every_seconds], dtype=np.int8)
-        st.reducer.watch.enter()  # a rank lost here is found by the stall check, as in a step
-        try:
-            st.comm.Bcast(flag, root=0)
-        finally:
-            st.reducer.watch.leave()
-        due = due or bool(flag[0])
-    elif c.every_seconds:
-        due = due or time.monotonic() - loop.last_checkpoint >= c.every_seconds
-    return due
-
-
-def _checkpoint(st: State, loop: Loop, epoch: int, step: int, train_s: Optional[float] = None) -> float:
-    """A periodic checkpoint at (epoch, step): its seconds, added to the run's checkpoint time."""
-    t = time.perf_counter()
-    extra = loop.extra()
-    if train_s is not None:
-        extra["train_s"] = train_s
-    resume.save(st, epoch, step, loop.records, extra)
-    cost = time.perf_counter() - t
-    loop.checkpoint_s += cost
-    loop.last_checkpoint = time.monotonic()
-    return cost
-
-
-def elastic_hello(comm: MPI.Comm, epoch: int, step: int) -> None:
-    """Rank 0 prints each rank's host, Slurm node and process id (what the elastic launcher needs
-    to name a lost rank) and the position training starts from, on one line of stderr (even with -q)."""
-    where = comm.allgather({"host": MPI.Get_processor_name(), "node": os.environ.get("SLURMD_NODENAME"), "pid": os.getpid()})
-    if comm.rank == 0:
-        print("pbp_hpc: elastic: " + json.dumps({"ranks": where, "epoch": epoch, "step": step}), file=sys.stderr, flush=True)
 
 
 def _block_limit(tracker: evaluation.Tracker, epoch: int, steps: int, step: int) -> int:

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from helpers import MPIEXEC, last_json
-from pbp_hpc import checkpoint, elastic
+from mpi4py import MPI
+
+from pbp_hpc import checkpoint, config, train
 
 PY = [sys.executable, "-m", "pbp_hpc.train"]
 BOUND = 90  # seconds any one job may take
@@ -61,12 +63,13 @@ def test_a_two_rank_checkpoint_resumed_on_one_and_three_ranks_ends_where_the_two
 
 
 def test_scale_with_ranks_data_refuses_another_rank_count_and_keeps_the_checkpoint(mpi_job, tmp_path):
-    over = {"data__scale_with_ranks": "true", "data__n_train": "360", "checkpoint__path": tmp_path / "ck.h5"}
-    rc, _, err, _ = mpirun(mpi_job, 2, *sets(debug__signal_step=3, **over), "-q")
-    assert rc == 0, err
+    over = {"data__scale_with_ranks": "true", "data__n_train": "360", "checkpoint__path": tmp_path / "ck.h5",
+            "model__layers": "[784, 16, 10]"}
+    cfg = config.load(None, [a for a in sets(debug__signal_step=3, **over) if a != "--set"])
+    train.run(cfg, MPI.COMM_SELF)  # a 1-rank checkpoint
     before = (tmp_path / "ck.h5").read_bytes()
-    rc, _, err, _ = mpirun(mpi_job, 1, *sets(**over), "--resume", "-q")
-    assert rc == 2 and "data.scale_with_ranks" in err and "written by a 2-rank run and this run has 1" in err
+    rc, _, err, _ = mpirun(mpi_job, 2, *sets(**over), "--resume", "-q")
+    assert rc == 2 and "data.scale_with_ranks" in err and "written by a 1-rank run and this run has 2" in err
     assert (tmp_path / "ck.h5").read_bytes() == before
 
 
@@ -99,7 +102,7 @@ def test_every_seconds_is_rank_0s_clock_and_every_rank_writes_at_the_same_step(m
 
 # --- the elastic launcher -----------------------------------------------------------------------
 
-SMALL = {**NET1H, "model.layers": "[784, 64, 10]", "model.dtype": "float32", "train.epochs": "3",
+SMALL = {**NET1H, "model.layers": "[784, 64, 10]", "model.dtype": "float32", "train.epochs": "2",
          "checkpoint.every_steps": "4"}
 KILL_STEP = 15  # epoch 1 step 5; the last checkpoint before it is after global step 11: "epoch 1 step 2"
 
@@ -127,7 +130,7 @@ def test_a_rank_killed_mid_run_is_left_out_and_the_run_finishes_on_the_others(mp
     assert KILL_STEP - (ck["epoch"] * STEPS + ck["step"]) <= 4  # work redone: at most checkpoint.every_steps
     assert event["redone_s"] >= 0 and event["restart_s"] > 0
     assert "restart 1 of at most 3: rank 2" in err
-    assert checkpoint.load(where / "ck.h5")["epoch"] == 3  # the final checkpoint: valid, at the end
+    assert checkpoint.load(where / "ck.h5")["epoch"] == 2  # the final checkpoint: valid, at the end
 
 
 def test_a_second_loss_below_min_ranks_ends_cleanly_and_keeps_the_checkpoint(mpi_job):
@@ -182,9 +185,10 @@ def test_endings_are_read_from_exit_codes_and_the_launchers_notices():
     hydra = "=   PID 11 RUNNING AT h\n=   EXIT CODE: 9\n"
     assert failures.classify(9, hydra, where).ranks == [1]  # Hydra's notice alone
     assert failures.classify(9, hydra, where, first_dead=[2]).ranks == [2]  # the launcher saw rank 2 end first
-    srun = "srun: error: n2: task 1: Killed\nsrun: error: Node failure on n2\n"
-    end = failures.classify(137, srun, where)
-    assert (end.kind, end.ranks, end.hosts) == ("lost", [1], ["n2"])
+    on_nodes = [{"host": "h", "node": "n1"}, {"host": "h", "node": "n2"}, {"host": "h", "node": "n2"}]
+    srun = "srun: error: Node failure on n2\nsrun: error: n1: task 0: Killed\n"  # task 0 went with the step
+    end = failures.classify(137, srun, on_nodes)
+    assert (end.kind, end.ranks, end.hosts) == ("lost", [1, 2], ["n2"])
     stall = "more than parallel.stall_timeout_s 5, for rank 2; aborting the job (exit 4)"
     assert failures.classify(4, stall, where).ranks == [2]
     for code in (1, 2, 3, 130, 143):  # an error a restart would repeat, divergence, a stop signal: final

@@ -20,10 +20,11 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from pbp_hpc.elastic import ranks
 from pbp_hpc.parallel.runtime import (EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_SETUP, EXIT_STALLED,
                                       EXIT_STOPPED)
 
-WHERE_TAG = "pbp_hpc: elastic: "  # train's line for this launcher (train.elastic_hello)
+WHERE_TAG = ranks.TAG  # the line train prints for this launcher
 
 _HYDRA = re.compile(r"PID (\d+) RUNNING AT (\S+)\s*\n=+\s*EXIT CODE: (\d+)")
 _SRUN_TASK = re.compile(r"srun: error: (\S+): tasks? ([\d,\- ]+): (.+)")
