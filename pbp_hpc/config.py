@@ -262,6 +262,10 @@ class StudyConfig(_Section):
 class CheckpointConfig(_Section):
     path: Optional[str] = None
     every_epochs: int = Field(0, ge=0, le=BIG_COUNT)  # 0: only on a signal (SIGUSR1/SIGTERM) and at the end
+    every_steps: int = Field(0, ge=0, le=BIG_COUNT)  # also after every N global steps (0: not by steps)
+    # also once rank 0's clock says this many seconds passed since the last one (0: not by time);
+    # decided by rank 0 and shared, so every rank checkpoints after the same step
+    every_seconds: float = Field(0.0, ge=0.0, le=MAX_WAIT_S)
     resume: bool = False
 
 
@@ -272,7 +276,8 @@ class DebugConfig(_Section):
     fail_step: Optional[int] = Field(None, ge=0)  # global step counter, from 0
     # exception: a PbpError; oserror: a Python error that is not ours; nan: NaN gradient and loss
     # stall: the rank sleeps debug.stall_s seconds (a rank stopped by SIGSTOP, say)
-    fail_kind: Literal["exception", "oserror", "nan", "stall"] = "exception"
+    # kill: the rank sends itself SIGKILL (a process or node that dies without a word)
+    fail_kind: Literal["exception", "oserror", "nan", "stall", "kill"] = "exception"
     stall_s: float = Field(0.0, ge=0.0, le=MAX_WAIT_S)
     signal_step: Optional[int] = Field(None, ge=0)  # global step at which a SIGUSR1 is simulated
     signal_rank: Optional[int] = Field(None, ge=0)  # the rank that "receives" it; null: every rank

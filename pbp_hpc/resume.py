@@ -3,6 +3,12 @@
 The format is pbp_hpc.checkpoint's; this module decides what goes in (parameters, the
 strategy's and optimizer's state, the epochs recorded so far), where it goes (checkpoint.path,
 or one per Slurm job), and what a resumed run must share with the run that wrote it.
+
+The rank count may change between the run that wrote a checkpoint and the run that resumes it
+(docs/elastic.md): allreduce's training does not depend on it (every rank draws the same order,
+the global batch is fixed), local_sgd checkpoints at an average, where every rank holds the same
+parameters and state, and the asynchronous strategies' per-worker state is written as the
+workers' average and rescaled to the new count.
 """
 
 from __future__ import annotations
@@ -50,9 +56,23 @@ def _legacy_key(cfg: Config) -> dict[str, Any]:
     return key
 
 
+# Strategies whose optimizer state (momentum's velocity) is each worker's own, fed by its share
+# of the updates: the workers' velocities add up to the one allreduce keeps, so each holds about
+# 1/P of it. A checkpoint holds their average; a run on P' ranks starts each worker at avg * P / P'.
+# They are the strategies in which each rank applies its own update per share (splits_decay).
+def per_worker_state(cfg: Config) -> bool:
+    return bool(strategies.facts(cfg.parallel.strategy).splits_decay)
+
+
+def periodic(cfg: Config) -> bool:
+    """Whether the run checkpoints on its own (every N epochs, steps or seconds), not only on a signal."""
+    c = cfg.checkpoint
+    return bool(c.every_epochs or c.every_steps or c.every_seconds)
+
+
 def check_target(cfg: Config) -> None:
     """Before training, not hours later: a checkpoint can be written where the config says."""
-    if cfg.checkpoint.path or cfg.checkpoint.every_epochs:
+    if cfg.checkpoint.path or periodic(cfg):
         checkpoint.check_target(checkpoint_path(cfg))
 
 
@@ -68,7 +88,10 @@ def save(st: Any, epoch: int, step: int, records: list[dict[str, Any]], extra: O
     path = checkpoint_path(st.cfg)
     # the whole model, gathered from the ranks that hold its parts (collective; rank 0 gets it)
     theta = st.whole(st.theta, root=0)
-    state = {name: _whole_state(st, buf) for name, buf in st.strategy.state().items()}
+    if per_worker_state(st.cfg) and st.comm.size > 1:  # (never model-parallel)
+        state = {name: _average(st.comm, backend.to_host(buf)) for name, buf in st.strategy.state().items()}
+    else:
+        state = {name: _whole_state(st, buf) for name, buf in st.strategy.state().items()}
 
     def write() -> None:
         faults.inject(st.cfg, st.comm.rank, "writes", CheckpointError)  # debug.fail_phase (tests)
@@ -89,6 +112,16 @@ def _whole_state(st: Any, buf: Any) -> Any:
     if tuple(buf.shape) == (st.layout.n_params,):
         return st.whole(buf, root=0)
     return backend.to_host(buf)
+
+
+def _average(comm: Any, buf: Any) -> Any:
+    import numpy as np
+    from mpi4py import MPI
+
+    out = np.array(buf, copy=True)
+    comm.Allreduce(MPI.IN_PLACE, out, op=MPI.SUM)
+    out /= comm.size
+    return out
 
 
 # parameter-shaped buffers of the training loop itself, stored beside the strategy's state
@@ -121,11 +154,10 @@ def _check_meta(path: Path, meta: dict[str, Any], cfg: Config, ranks: int) -> No
                               f"(they differ in {', '.join(differ)[:200]}); refusing to resume it")
     if not isinstance(meta["ranks"], int) or isinstance(meta["ranks"], bool) or meta["ranks"] < 1:
         raise bad("ranks", f"expected a positive integer, found {str(meta['ranks'])[:40]!r}")
-    if meta["ranks"] != ranks:
+    if meta["ranks"] != ranks and cfg.data.scale_with_ranks:
         raise CheckpointError(
-            f"checkpoint {path} was written by a {meta['ranks']}-rank run and this run has {ranks}; "
-            "resume with the same rank count (a different count sums gradients in another order, so the result "
-            "would not be bit-for-bit that of an uninterrupted run)"
+            f"checkpoint {path} was written by a {meta['ranks']}-rank run and this run has {ranks}; with "
+            "data.scale_with_ranks the training set's size depends on the rank count, so resume with the same count"
         )
     records = meta["records"]
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
@@ -187,14 +219,21 @@ def try_resume(st: Any, log: Log) -> tuple[int, int, list[dict[str, Any]], dict[
         log(f"no checkpoint at {path}: starting from scratch")
         return 0, 0, [], {}
     n = st.layout.n_params
+    wrote = ck["meta"]["ranks"]
+    # each worker's share of the velocity, for the new count (scaled before it is written: a
+    # node-shared buffer is written by each of the node's ranks)
+    per_worker = per_worker_state(cfg)
+    scale = wrote / st.comm.size if wrote != st.comm.size and per_worker else 1.0
     shards.scatter_whole(st.layout, ck["theta"], st.theta, st.xp)  # each rank takes its part
     for name, buf in st.strategy.state().items():
-        if tuple(buf.shape) == (n,):
-            shards.scatter_whole(st.layout, ck["state"][name], buf, st.xp)
+        saved = ck["state"][name] * scale if scale != 1.0 else ck["state"][name]
+        if tuple(buf.shape) == (n,) and not per_worker:
+            shards.scatter_whole(st.layout, saved, buf, st.xp)
         else:
-            buf[...] = st.xp.asarray(ck["state"][name])
+            buf[...] = st.xp.asarray(saved)
     st.strategy.restored()  # collective: where the strategy reads its parameters from holds these
-    log(f"resumed from {path} at epoch {ck['epoch']} step {ck['step']}")
+    log(f"resumed from {path} at epoch {ck['epoch']} step {ck['step']}"
+        + (f" (written by {wrote} data-parallel rank(s), continuing on {st.grid.D})" if wrote != st.grid.D else ""))
     extra = dict(ck["meta"].get("extra") or {})
     extra.update({name: ck["state"][name] for name in LOOP_ARRAYS if name in ck["state"]})
     return ck["epoch"], ck["step"], ck["meta"]["records"], extra

@@ -16,6 +16,8 @@ import argparse
 import errno
 import functools
 import json
+import os
+import signal
 import sys
 import time
 from types import ModuleType
@@ -25,7 +27,7 @@ import numpy as np
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
-from pbp_hpc import evaluation, faults, model_file, protocols, resume
+from pbp_hpc import evaluation, faults, model_file, periodic, protocols, resume
 from pbp_hpc.config import Config
 from pbp_hpc.data import datasets, device as device_data
 from pbp_hpc.engine import backend, model, optimizers, step as local_steps
@@ -127,6 +129,9 @@ def _inject_fault(st: State, global_step: int) -> None:
         st.grad[0] = float("nan")
         st.grad[st.n_params + LOSS_SLOT] = float("nan")
         return
+    if dbg.fail_kind == "kill":  # a rank that dies without a word (OOM killer, a node lost): no cleanup, no abort
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
     if dbg.fail_kind == "oserror":  # a failure that is not one of ours, as a dying disk would raise
         raise OSError(errno.EIO, f"injected I/O error on rank {st.comm.rank} at step {global_step} (debug.fail_kind=oserror)")
     raise InjectedFault(f"injected fault on rank {st.comm.rank} at step {global_step} (debug.fail_step)")
@@ -213,6 +218,8 @@ class Loop:
         self.tracker = evaluation.Tracker(st, steps, extra.get("evaluations"), extra.get("best_theta"))
         self.train_s = float(extra.get("train_s", 0.0))
         self.t_start = time.perf_counter()
+        self.last_checkpoint = time.monotonic()  # rank 0's clock decides checkpoint.every_seconds (periodic.py)
+        self.checkpoint_s = 0.0  # seconds spent writing periodic checkpoints, over the run
 
     def wall(self) -> float:
         return time.perf_counter() - self.t_start
@@ -235,6 +242,10 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
         st.strategy.after_local = functools.partial(_inject_fault, st)
     start_epoch, start_step, records, extra = resume.try_resume(st, log)
     loop = Loop(st, steps, records, extra)
+    if os.environ.get("PBP_HPC_ELASTIC"):  # python -m pbp_hpc.elastic: which process each rank is, and where it starts
+        from pbp_hpc.elastic import ranks
+
+        ranks.report(st.comm, start_epoch, start_step)
     ended: Optional[str] = None  # why the run ended before its last epoch (target, early stopping)
     with runtime.training_loop():  # a stop signal: checkpoint-and-stop; outside it, runtime.Stopped at once
         # logged here, inside: from this line on, a stop signal checkpoints (scripts and tests wait for it)
@@ -244,6 +255,7 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
         for epoch in range(start_epoch, cfg.train.epochs):
             first = start_step if epoch == start_epoch else 0
             rec, stopped, ended = _epoch(st, loop, epoch, first, quiet)
+            due = rec.pop("checkpoint_due")  # every_steps / every_seconds came due at the epoch's last block
             if stopped is not None and stopped[1] < steps and ended is None:  # mid-epoch: the part-epoch is not recorded
                 return _stop(st, threads, info, loop, stopped, log)
             last = epoch == cfg.train.epochs - 1
@@ -263,13 +275,14 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
                 break
             if stopped is not None and not last:  # asked at an epoch's last step: it is recorded
                 return _stop(st, threads, info, loop, (epoch + 1, 0, stopped[2]), log)
-            if cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0 and not last:
-                resume.save(st, epoch + 1, 0, loop.records, loop.extra(), loop.arrays())
+            if (due or (cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0)) and not last:
+                rec["checkpoint_s"] += periodic.write(st, loop, epoch + 1, 0)
+                rec["checkpoints"] += 1
     test_acc = evaluation.accuracy(st, st.data.test)
     total = loop.wall()
     shown = "n/a (no test examples)" if test_acc is None else f"{100 * test_acc:.2f}%"
     log(f"test accuracy {shown}  ({len(st.data.test)} examples), total {total:.2f}s, training {loop.train_s:.2f}s")
-    if cfg.checkpoint.path or cfg.checkpoint.every_epochs:
+    if cfg.checkpoint.path or resume.periodic(cfg):
         resume.save(st, cfg.train.epochs, 0, loop.records, loop.extra(), loop.arrays())
     saved = loop.tracker.save_best()
     if saved:
@@ -292,10 +305,12 @@ def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
         comm.Barrier()  # epochs start together, so the slowest rank's time is the epoch's time
     t0, compute0, comm0, eval0 = time.perf_counter(), strategy.compute_s, strategy.comm_s, tracker.eval_s
     loss_sum, seen, stopped, ended, done = 0.0, 0, None, None, first
+    ckpt0, checkpoints, due = loop.checkpoint_s, 0, False
     bar = _progress(cfg, comm, steps - first, epoch, quiet)
     stop_of = functools.partial(_stop_requested, st)
     while done < steps:  # blocks of steps: one step each for allreduce (parallel/strategies/base.py)
         end = strategy.block_end(done, _block_limit(tracker, epoch, steps, done), steps, epoch)
+        begun = epoch * steps + done  # the block's first global step
         loss, n, reached, stop_ranks = strategy.run_block(order, epoch, done, end, steps, loop.schedule, stop_of)
         loss_sum += loss
         seen += n
@@ -311,9 +326,14 @@ def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
             stopped = (epoch, done, stop_ranks)
         if stopped is not None or ended is not None:
             break
+        due = periodic.due(st, loop, begun, g + 1)
+        if due and done < steps:  # mid-epoch: where the next block begins (an epoch's end: _train, once recorded)
+            in_epoch = time.perf_counter() - t0 - (tracker.eval_s - eval0) - (loop.checkpoint_s - ckpt0)
+            periodic.write(st, loop, epoch, done, train_s=loop.train_s + in_epoch)
+            checkpoints, due = checkpoints + 1, False
     if bar is not None:
         bar.close()
-    wall = time.perf_counter() - t0 - (tracker.eval_s - eval0)
+    wall = time.perf_counter() - t0 - (tracker.eval_s - eval0) - (loop.checkpoint_s - ckpt0)
     closing = st.watch.stalled_s
     slow = runtime.slowest(comm, [wall, strategy.compute_s - compute0, strategy.comm_s - comm0,
                                   closing - stalled0], st.watch)
@@ -334,6 +354,10 @@ def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
         # seconds of steps that waited past parallel.stall_warning_s for another rank (the slowest
         # rank's; plus this rank's in the reduction that found the slowest)
         "stalled_s": float(slow[3]) + closing,
+        # seconds spent writing checkpoints in the epoch (rank 0's; not in time_s), and how many
+        "checkpoint_s": loop.checkpoint_s - ckpt0,
+        "checkpoints": checkpoints,
+        "checkpoint_due": due,
     }, stopped, ended
 
 

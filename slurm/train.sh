@@ -26,6 +26,10 @@
 #   PBP_PYTHON      Python interpreter            (default: `python` after the venv is activated)
 #   PBP_SRUN_MPI    srun's --mpi plugin           (default auto: pmix for Open MPI, pmi2 for anything else)
 #   PBP_MAX_RESTARTS  stop requeueing after this many restarts (default 20)
+#   PBP_ELASTIC     1: run under python -m pbp_hpc.elastic: a rank or node lost mid-run is left out and the
+#                   step runs again from the last checkpoint on the nodes left (submit with --no-kill, so
+#                   that Slurm keeps the job when a node fails; docs/elastic.md). Default 0.
+#   PBP_MIN_RANKS, PBP_ELASTIC_RESTARTS   its --min-ranks (default 1) and --max-restarts (default 3)
 #
 # MPI and srun's --mpi plugin -- they must match, or srun -n P silently starts P separate 1-rank jobs
 # (the program then fails loudly, because parallel.ranks is set to $SLURM_NTASKS below):
@@ -154,7 +158,19 @@ requeue() {
 
 [ "$signals" -gt 0 ] && requeue # the signal came before training even started
 
-run_step srun --mpi="$MPI_PLUGIN" --kill-on-bad-exit=1 \
+# elastic: the launcher reruns the step without a lost node (srun -x), so it needs the step's shape spelt out
+ELASTIC=()
+SHAPE=()
+if [ "${PBP_ELASTIC:-0}" = 1 ]; then
+    ELASTIC=("$PYTHON" -m pbp_hpc.elastic --min-ranks "${PBP_MIN_RANKS:-1}" --max-restarts "${PBP_ELASTIC_RESTARTS:-3}" --)
+    SHAPE=(-N "${SLURM_JOB_NUM_NODES:-1}" -n "$NTASKS")
+    if [ -n "${SLURM_NTASKS_PER_NODE:-}" ] && [ "${SLURM_NTASKS_PER_NODE%%(*}" = "$SLURM_NTASKS_PER_NODE" ]; then
+        SHAPE+=(--ntasks-per-node="$SLURM_NTASKS_PER_NODE")
+    fi
+    log "elastic: ${ELASTIC[*]} (a lost node is left out of the next srun)"
+fi
+
+run_step "${ELASTIC[@]}" srun --mpi="$MPI_PLUGIN" --kill-on-bad-exit=1 "${SHAPE[@]}" \
     "$PYTHON" -m pbp_hpc.train \
     --config "${PBP_CONFIG:-configs/mnist_net1h.yaml}" \
     --set parallel.ranks="$NTASKS" \

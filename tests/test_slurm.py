@@ -874,3 +874,79 @@ def test_an_asynchronous_strategy_runs_across_two_slurm_nodes(slurm_cluster, tmp
     assert "pbp_hpc: 4 rank(s)" in out and f"strategy {strategy}" in out, out
     assert len(set(re.findall(r"^rank \d of 4: node (\S+) ", out, re.M))) == 2, out
     assert re.search(r"^test accuracy \d+\.\d+%", out, re.M), out
+
+
+# ---------------------------------------------------------------- elastic: a node lost mid-run (docs/elastic.md)
+
+ELASTIC_ARGS = ["--set", "model.layers=[784,16,10]", "--set", "data.n_train=1200", "--set", "data.n_test=200",
+                "--set", "train.epochs=60", "--set", "train.batch_size=100", "--set", "train.eval_every=0",
+                "--set", "train.progress=false", "--set", "checkpoint.every_steps=20"]
+
+
+def _fail_node_when_training(cluster: SlurmCluster, out_file: Path, node: str) -> None:
+    """Once both ranks train (the elastic line, then a checkpoint), mark `node` DOWN as slurmctld does
+    when a node stops answering, and drain it so that nothing is placed on it again."""
+    cluster.wait_for_text(out_file, "epoch   3 ", timeout=90)
+    cluster.run("scontrol", "update", f"nodename={node}", "state=down", "reason=pbp-elastic-test")
+    cluster.run("scontrol", "update", f"nodename={node}", "state=drain", "reason=pbp-elastic-test")
+
+
+def _return_node(cluster: SlurmCluster, node: str) -> None:
+    cluster.run("scontrol", "update", f"nodename={node}", "state=resume", check=False)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "idle" not in cluster.run("sinfo", "-h", "-n", node, "-o", "%T").stdout:
+        time.sleep(0.5)
+
+
+@retry_on_ucx_flake
+def test_an_elastic_job_that_loses_a_node_finishes_on_the_other(slurm_cluster, tmp_path):
+    """PBP_ELASTIC=1 sbatch --no-kill -N2 slurm/train.sh: the second node fails mid-run; Slurm keeps the
+    job (--no-kill), the elastic launcher reruns the step with -x NODE on the node left, from the last
+    checkpoint, with 1 rank instead of 2."""
+    _mpi_plugin_or_skip()
+    from pbp_hpc import checkpoint
+    nodes = slurm_cluster.run("sinfo", "-h", "-N", "-o", "%N").stdout.split()
+    env = dict(_real_env(), PBP_CONFIG=str(REPO / "configs" / "synthetic.yaml"), PBP_ELASTIC="1")
+    job = slurm_cluster.submit(SLURM_DIR / "train.sh", *ELASTIC_ARGS, env=env, cwd=tmp_path,
+                               sbatch_args=["--no-kill", "--nodes=2", "--ntasks-per-node=1", "--time=5"])
+    out_file = tmp_path / f"pbp-train-{job}.out"
+    try:
+        _fail_node_when_training(slurm_cluster, out_file, nodes[1])
+        res = slurm_cluster.wait_for(job, timeout=120)
+    finally:
+        _return_node(slurm_cluster, nodes[1])
+    out = res.output()
+    assert (res.state, res.exit_code) == ("COMPLETED", 0), out
+    assert f"node failure on {nodes[1]}" in out and "continuing from epoch" in out, out
+    assert re.search(rf"srun -n 1 -N 1 -x {nodes[1]} .*--set parallel.ranks=1 .*--resume", out), out
+    assert "(written by 2 rank(s), continuing on 1)" in out, out
+    assert "1 restart(s)" in out and re.search(r"^test accuracy \d+\.\d+%", out, re.M), out
+    assert res.info["NodeList"] == nodes[0], res.info  # the job gave the failed node back
+    ck = checkpoint.load(tmp_path / "checkpoints" / f"{job}.h5")
+    assert (ck["epoch"], ck["step"]) == (60, 0)
+
+
+@retry_on_ucx_flake
+def test_a_requeued_job_resumes_after_losing_a_node(slurm_cluster, tmp_path):
+    """sbatch (--requeue, train.sh's default) on two nodes; one fails: Slurm requeues the job (the
+    ranks checkpoint on the SIGTERM of the cancelled step), it waits for nodes, and the run resumes."""
+    _mpi_plugin_or_skip()
+    from pbp_hpc import checkpoint
+    nodes = slurm_cluster.run("sinfo", "-h", "-N", "-o", "%N").stdout.split()
+    env = dict(_real_env(), PBP_CONFIG=str(REPO / "configs" / "synthetic.yaml"))
+    job = slurm_cluster.submit(SLURM_DIR / "train.sh", *ELASTIC_ARGS, env=env, cwd=tmp_path,
+                               sbatch_args=["--nodes=1-2", "--ntasks=2", "--spread-job", "--time=5"])
+    out_file = tmp_path / f"pbp-train-{job}.out"
+    try:
+        _fail_node_when_training(slurm_cluster, out_file, nodes[1])
+        deadline = time.monotonic() + 60
+        while slurm_cluster.job_records(job)[0].get("Restarts", "0") == "0" and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        _return_node(slurm_cluster, nodes[1])  # the requeued job asks for what it had
+    res = slurm_cluster.wait_for(job, timeout=150)
+    out = res.output()
+    assert (res.state, res.exit_code, res.restarts) == ("COMPLETED", 0, 1), out
+    assert re.search(rf"resumed from checkpoints/{job}.h5 at epoch [1-9]", out), out
+    ck = checkpoint.load(tmp_path / "checkpoints" / f"{job}.h5")
+    assert (ck["epoch"], ck["step"]) == (60, 0)

@@ -133,6 +133,9 @@ RUN_FIELDS: tuple[Field, ...] = (
     Field("staleness_mean", "float", old_files=None),  # async_ps, ssp: updates between a read and its write
     Field("staleness_max", "int", old_files=None),
     Field("staleness_histogram", "json", old_files=None),  # [updates with staleness 0, 1, ...]
+    # Elastic runs (python -m pbp_hpc.elastic): restarts after a lost rank or node, seconds lost to them
+    Field("restarts", "int", old_files=None),
+    Field("lost_s", "float", old_files=None),
 )
 EPOCH_FIELDS: tuple[Column, ...] = (
     Column("epoch", "i8", -1),
@@ -145,6 +148,8 @@ EPOCH_FIELDS: tuple[Column, ...] = (
     Column("examples", "i8", -1),
     Column("partial", "u1", 0),  # 1: the epoch started mid-way (a resumed run); excluded from timings
     Column("steps_done", "i8", -1, old_files=None),  # steps of the epoch that ran (fewer if it ended early)
+    Column("checkpoint_s", "f8", math.nan, old_files=OMIT),  # seconds writing periodic checkpoints in it (not in time_s)
+    Column("checkpoints", "i8", -1, old_files=OMIT),  # how many
 )
 # The evaluation curve (record["evaluations"]): one element per validation pass, in /runs/<key>/evaluations.
 EVAL_FIELDS: tuple[Column, ...] = (
