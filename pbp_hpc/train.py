@@ -31,7 +31,7 @@ from pbp_hpc.data import datasets, device as device_data
 from pbp_hpc.engine import backend, model, optimizers, step as local_steps
 from pbp_hpc.engine.schedules import Schedule
 from pbp_hpc.errors import DataError, DivergenceError, InjectedFault, Stopped
-from pbp_hpc.parallel import gpu, provenance, reducers, runtime, strategies
+from pbp_hpc.parallel import accounting, gpu, provenance, reducers, runtime, strategies
 from pbp_hpc.parallel.reducers.base import LOSS_SLOT
 
 Log = Callable[[str], None]
@@ -177,9 +177,11 @@ def run(cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, log: Optional[Log] = None,
                 f"reducer {st.reducer.name} ({st.reducer.choice.get('reducer_reason', 'parallel.gpu_reducer')}), "
                 f"strategy {st.strategy.name}")
             info["binding"] = binding  # rank 0's node
+            log(f"communication: {accounting.communication(st.strategy.name, st.reducer.name)}")
             result = _train(st, threads, info, log, quiet)
             result.update(st.reducer.choice)
             result.update(st.strategy.describe())
+            result["communication"] = accounting.communication(st.strategy.name, st.reducer.name)
             if return_params:
                 result["params"] = backend.to_host(st.theta).copy()
                 if hasattr(st.strategy, "gathered_log"):  # async_ps, ssp: (worker, clock, version read, written)
@@ -196,6 +198,7 @@ class Loop:
         self.schedule = Schedule(st.cfg, steps)
         self.tracker = evaluation.Tracker(st, steps, extra.get("evaluations"))
         self.train_s = float(extra.get("train_s", 0.0))
+        self.account = accounting.EpochAccount(st.comm, steps)  # where each epoch's time goes
         self.t_start = time.perf_counter()
 
     def wall(self) -> float:
@@ -233,8 +236,8 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
             rec["val_accuracy"] = point["val_accuracy"] if point and point["step"] == epoch * steps + rec["steps_done"] else None
             loop.records.append(rec)
             va = "   n/a" if rec["val_accuracy"] is None else f"{100 * rec['val_accuracy']:6.2f}%"
-            log(f"epoch {epoch:3d}  loss {rec['loss']:.5f}  val_acc {va}  time {rec['time_s']:.3f}s  "
-                f"(compute {rec['compute_s']:.3f}s, allreduce {rec['allreduce_s']:.3f}s)  {rec['gflops']:.1f} GFLOP/s")
+            log(f"epoch {epoch:3d}  loss {rec['loss']:.5f}  val_acc {va}  {accounting.parts_line(rec)}  "
+                f"{rec['gflops']:.1f} GFLOP/s")
             if not bool(st.xp.all(st.xp.isfinite(st.theta))):
                 raise DivergenceError(f"training diverged in epoch {epoch}: parameters are no longer finite", epoch, steps - 1)
             if ended is not None:
@@ -272,12 +275,15 @@ def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
     finally:
         st.reducer.watch.leave()
     t0, compute0, comm0, eval0 = time.perf_counter(), strategy.compute_s, strategy.comm_s, tracker.eval_s
+    account = loop.account
+    account.start(comm0, st.reducer.watch)
     loss_sum, seen, stopped, ended, done = 0.0, 0, None, None, first
     bar = _progress(cfg, comm, steps - first, epoch, quiet)
     stop_of = functools.partial(_stop_requested, st)
     while done < steps:  # blocks of steps: one step each for allreduce (parallel/strategies/base.py)
         end = strategy.block_end(done, _block_limit(tracker, epoch, steps, done), steps, epoch)
         loss, n, reached, stop_ranks = strategy.run_block(order, epoch, done, end, steps, loop.schedule, stop_of)
+        account.block(strategy.comm_s, st.reducer.watch)
         loss_sum += loss
         seen += n
         tracker.add_loss(loss, n)
@@ -296,25 +302,26 @@ def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
         bar.close()
     wall = time.perf_counter() - t0 - (tracker.eval_s - eval0)
     closing = st.reducer.watch.stalled_s
-    slow = runtime.slowest(comm, [wall, strategy.compute_s - compute0, strategy.comm_s - comm0,
-                                  closing - stalled0], st.reducer.watch)
+    parts = account.close(wall, strategy.compute_s - compute0, strategy.comm_s - comm0, closing - stalled0,
+                          st.reducer.watch)
     closing = st.reducer.watch.stalled_s - closing  # this rank's stall in that reduction itself
-    loop.train_s += float(slow[0])
+    loop.train_s += parts["time_s"]
     flops = model.flops_per_example(cfg.model.layers) * seen
     return {
         "epoch": epoch,
         "loss": loss_sum / max(seen, 1),
         "val_accuracy": None,
-        "time_s": float(slow[0]),
-        "compute_s": float(slow[1]),
-        "allreduce_s": float(slow[2]),
-        "gflops": flops / slow[0] / 1e9 if slow[0] > 0 else 0.0,
+        # the slowest rank's time and its parts, which add up to it (parallel/accounting.py), and
+        # the spread of compute and wait over the ranks
+        **{k: parts[k] for k in ("time_s", "compute_s", "comm_s", "wait_s", "other_s",
+                                 "compute_s_min", "compute_s_max", "wait_s_min", "wait_s_max")},
+        "gflops": flops / parts["time_s"] / 1e9 if parts["time_s"] > 0 else 0.0,
         "examples": seen,
         "steps_done": done,
         "partial": first > 0 or done < steps,
         # seconds of steps that waited past parallel.stall_warning_s for another rank (the slowest
         # rank's; plus this rank's in the reduction that found the slowest)
-        "stalled_s": float(slow[3]) + closing,
+        "stalled_s": parts["stalled_s"] + closing,
     }, stopped, ended
 
 

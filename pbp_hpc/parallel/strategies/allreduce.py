@@ -34,7 +34,7 @@ class AllreduceStrategy(Strategy):
         B = gidx.shape[0]
         lo, hi = my_share(B, self.comm.size, self.comm.rank)
         self.extras[STOP_SLOT] = 1.0 if stop else 0.0
-        tc = time.perf_counter()
+        tc, in_comm = time.perf_counter(), self.reducer.seconds
         self.local(gidx[lo:hi], -lr / B)
         if self.after_local is not None:
             self.after_local(at[2])
@@ -42,9 +42,7 @@ class AllreduceStrategy(Strategy):
         if self.straggler.active:  # study.straggler_*: a slow rank's compute (so it counts as compute)
             self.straggler.after(at[2], time.perf_counter() - tc)
         self.reducer.watch.step = at[2]
-        t_reduce = time.perf_counter()
         self.reducer.finish()
-        tu = time.perf_counter()
         extras = to_host(self.extras)  # the one host sync per step: loss and stop flag
         loss = float(extras[LOSS_SLOT])
         if not math.isfinite(loss):
@@ -52,7 +50,10 @@ class AllreduceStrategy(Strategy):
                                   f"(learning rate {lr} is likely too high)", at[0], at[1])
         if not self.local.applies_update:
             self.update(lr, B)
-        self.compute_s += (t_reduce - tc) + (time.perf_counter() - tu)
+        # everything but the communication timed inside the step (finish; overlap's sends started
+        # in the backward pass; shm's and shared_batch's sums and barriers in the update): the parts
+        # of an epoch's time then add up (parallel/accounting.py)
+        self.compute_s += (time.perf_counter() - tc) - (self.reducer.seconds - in_comm)
         return loss, int(extras[STOP_SLOT])
 
     def update(self, lr: float, batch: int) -> None:
