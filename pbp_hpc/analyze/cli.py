@@ -48,7 +48,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not records:
             raise ResultsError(f"no runs in {', '.join(args.files)}")
         points, problems = aggregate(records)
-        ab = choose_alpha_beta(points, args.alpha_beta, args.alpha, args.beta)
+        ab = choose_alpha_beta(points, args.alpha_beta, args.alpha, args.beta, records)
         tables = build_tables(points, problems, ab, args.max_ranks, records=records)
         tables += strategies.tables(records)  # a strategy study's comparison (none for other runs)
         for line in [f"WARNING: alpha-beta: {f}" for f in ab.flags] + [n for t in tables for n in t.notes if n.startswith("WARNING")]:
