@@ -31,7 +31,7 @@ from pbp_hpc.data import datasets, device as device_data
 from pbp_hpc.engine import backend, model, optimizers, step as local_steps
 from pbp_hpc.engine.schedules import Schedule
 from pbp_hpc.errors import DataError, DivergenceError, InjectedFault, Stopped
-from pbp_hpc.parallel import accounting, gpu, provenance, reducers, runtime, strategies
+from pbp_hpc.parallel import accounting, gpu, noise_scale, provenance, reducers, runtime, strategies
 from pbp_hpc.parallel.reducers.base import LOSS_SLOT
 
 Log = Callable[[str], None]
@@ -67,6 +67,8 @@ class State:
             if node is not None:  # its phase 2 (each rank's slice of the gradient) runs inside the reducer's shares()
                 self.reducer.compute = self.local.weight_gradients
             self.strategy.attach(self.local, self.reducer, self.optimizer)
+            self.noise, self.noise_why = noise_scale.make(cfg, comm, self.strategy, self.reducer)
+            self.strategy.noise = self.noise
         except BaseException:
             self.strategy.reducer = self.reducer
             self.strategy.close()
@@ -178,6 +180,7 @@ def run(cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, log: Optional[Log] = None,
                 f"strategy {st.strategy.name}")
             info["binding"] = binding  # rank 0's node
             log(f"communication: {accounting.communication(st.strategy.name, st.reducer.name)}")
+            log(f"gradient noise scale: {st.noise_why}")
             result = _train(st, threads, info, log, quiet)
             result.update(st.reducer.choice)
             result.update(st.strategy.describe())
@@ -236,8 +239,9 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
             rec["val_accuracy"] = point["val_accuracy"] if point and point["step"] == epoch * steps + rec["steps_done"] else None
             loop.records.append(rec)
             va = "   n/a" if rec["val_accuracy"] is None else f"{100 * rec['val_accuracy']:6.2f}%"
+            noise = f"  B_noise ≈ {st.noise.value:.0f}" if st.noise is not None and st.noise.value is not None else ""
             log(f"epoch {epoch:3d}  loss {rec['loss']:.5f}  val_acc {va}  {accounting.parts_line(rec)}  "
-                f"{rec['gflops']:.1f} GFLOP/s")
+                f"{rec['gflops']:.1f} GFLOP/s{noise}")
             if not bool(st.xp.all(st.xp.isfinite(st.theta))):
                 raise DivergenceError(f"training diverged in epoch {epoch}: parameters are no longer finite", epoch, steps - 1)
             if ended is not None:
@@ -366,6 +370,9 @@ def _result(st: State, threads: int, info: dict[str, Any], loop: Loop, total: fl
         # rank 0's count: ranks see different batches, and so compact differently
         "active_inputs": skip.summary() if skip is not None else None,
         **loop.tracker.summary(),
+        # the gradient noise scale at the end, and what estimating it cost (rank 0's seconds)
+        "b_noise": st.noise.value if st.noise is not None else None,
+        "noise_scale_cost_s": st.noise.seconds if st.noise is not None else None,
     }
     out.update(extra)
     return out

@@ -139,7 +139,7 @@ def _tpe_cell(v: Any, row: dict[str, Any]) -> str:
 
 
 TTA_COLUMNS = [
-    Column("variant", "optimizer, schedule, rate", text), Column("batch_size", "B", text),
+    Column("variant", "optimizer, schedule, rate", text), Column("batch_size", "B", text), Column("b_noise", "B_noise", num(".0f")),
     Column("implementation", "implementation", text), Column("ranks", "PxT", _cores), Column("reps", "reps", text),
     Column("reached", "reached", lambda v, r: f"{v}/{r['reps']}"), Column("time_to_target_s", "to target s", _to_target),
     Column("eval_time_s", "eval s", num(".3g")), Column("epochs_to_target", "epochs", num(".3g")),
@@ -151,6 +151,8 @@ TTA_NOTES = [
     "  over the runs that reached it; eval s: the time in validation passes until then, apart; epochs: steps / steps per epoch",
     "  at that pass. TPE: as in the performance table (timed full epochs); * where the run had none (the target came in the",
     "  warm-up or first epoch): time to target / epochs to target. best val %: the best pass (median over runs).",
+    "B_noise: the gradient noise scale tr(Sigma)/|G|^2 (McCandlish et al. 2018) at the target pass (else at the end), median",
+    "  over runs; - where not estimated (one rank, or a reducer without the whole local gradient: docs/analysis.md).",
 ]
 
 

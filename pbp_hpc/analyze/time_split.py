@@ -29,7 +29,7 @@ def figures(points: list[Point], outdir: Path, slugs: dict[Case, str]) -> list[P
         if p.wait_fraction is not None and p.compute_fraction is not None:
             by_case[p.case].append(p)
     for case, pts in by_case.items():
-        rows = [{"point": _label(p)} for p in pts]
+        rows = [{"point": _label(p).replace("\n", " ")} for p in pts]
         if not varies(rows, "point", f"{case.label()}: no time-split figure"):
             continue
         fig, (ax,) = panels(f"{case.label()}\nwhere the time per epoch goes (slowest rank; median over timed epochs "

@@ -138,7 +138,9 @@ RUN_FIELDS: tuple[Field, ...] = (
     # Where the time goes (version 3): what comm_s/wait_s time, in words; the network as the sweep measured it
     Field("communication", "ostr", old_files=None),
     Field("interconnect", "json", old_files=None),  # pbp_hpc.sweep.network's measurements (sweep runs)
-    Field("trace_path", "ostr", old_files=None),  # train.trace: the run's timeline (Chrome trace-event JSON)
+    Field("trace_path", "ostr", old_files=None),
+    Field("b_noise", "float", old_files=None),  # the gradient noise scale at the end of training (examples)
+    Field("noise_scale_cost_s", "float", old_files=None),  # seconds spent estimating it (rank 0)  # train.trace: the run's timeline (Chrome trace-event JSON)
 )
 EPOCH_FIELDS: tuple[Column, ...] = (
     Column("epoch", "i8", -1),

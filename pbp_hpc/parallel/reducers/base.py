@@ -28,9 +28,10 @@ from mpi4py import MPI
 
 from pbp_hpc.engine.model import Layout
 
-EXTRAS = 2  # slots after the gradients
+EXTRAS = 3  # slots after the gradients
 LOSS_SLOT = 0  # offsets within the extras
 STOP_SLOT = 1
+NOISE_SLOT = 2  # this rank's mean-gradient norm^2 on the steps the noise scale is estimated (parallel/noise_scale.py)
 
 Fill = Callable[[Optional[np.ndarray]], np.ndarray]  # fill(out) -> the initial parameters (into out if given)
 _STALL_TAG = 0x5741  # the side channel's messages: "I have arrived at step g"

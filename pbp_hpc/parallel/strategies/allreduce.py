@@ -42,8 +42,12 @@ class AllreduceStrategy(Strategy):
         if self.straggler.active:  # study.straggler_*: a slow rank's compute (so it counts as compute)
             self.straggler.after(at[2], time.perf_counter() - tc)
         self.reducer.watch.step = at[2]
+        if self.noise is not None:  # the gradient noise scale: this rank's norm rides in the extras
+            self.noise.before(at[2], hi - lo)
         self.reducer.finish()
         extras = to_host(self.extras)  # the one host sync per step: loss and stop flag
+        if self.noise is not None:
+            self.noise.after(extras, B)
         loss = float(extras[LOSS_SLOT])
         if not math.isfinite(loss):
             raise DivergenceError(f"training diverged at epoch {at[0]} step {at[1]}: loss is {loss} "

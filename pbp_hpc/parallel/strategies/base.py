@@ -58,6 +58,7 @@ class Strategy:
         # called between the local step and the reduction (debug.fail_*: faults injected on purpose)
         self.after_local: Optional[Callable[[int], None]] = None
         self.straggler = Straggler(cfg, comm)  # study.straggler_*: a rank slowed on purpose
+        self.noise: Any = None  # parallel.noise_scale.NoiseScale, where the run estimates it (train.State)
 
     # -- construction ---------------------------------------------------------------------------
     def parameters(self, reducer: Any, fill: Callable[[Any], Any]) -> Any:
