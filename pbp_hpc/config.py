@@ -141,6 +141,10 @@ class TrainConfig(_Section):
     # the gradient noise scale B_noise (pbp_hpc/parallel/noise_scale.py): estimated every this many
     # steps from the local and summed gradients' norms (two dot products); 0: never
     noise_scale_every: int = Field(10, ge=0)
+    # a timeline of the run (pbp_hpc/trace.py): a Chrome trace-event JSON file, the first
+    # trace_steps steps of every epoch, every evaluation and checkpoint
+    trace: Optional[str] = None
+    trace_steps: int = Field(3, ge=1)
 
 
 def _registered(kind: str, names: list[str], value: str) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
-from pbp_hpc import evaluation, model_file, resume
+from pbp_hpc import evaluation, model_file, resume, trace
 from pbp_hpc.config import Config
 from pbp_hpc.data import datasets, device as device_data
 from pbp_hpc.engine import backend, model, optimizers, step as local_steps
@@ -47,6 +47,7 @@ class State:
     def __init__(self, cfg: Config, comm: MPI.Comm, xp: ModuleType, data: datasets.Data):
         self.cfg, self.comm, self.xp, self.data = cfg, comm, xp, data
         self.fault_fired = False  # debug.fail_*: injected once
+        self.trace: Optional[trace.Trace] = None  # train.trace: the run's timeline (instrumented in _train)
         self.layout = model.Layout(cfg.model.layers)
         self.n_params = self.layout.n_params
         self.strategy = strategies.make(cfg, comm, xp)  # first: it decides where the parameters live
@@ -220,6 +221,9 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
         st.strategy.after_local = functools.partial(_inject_fault, st)
     start_epoch, start_step, records, extra = resume.try_resume(st, log)
     loop = Loop(st, steps, records, extra)
+    if cfg.train.trace:  # off: nothing is wrapped, the loop runs as without it
+        st.trace = trace.instrument(st, cfg.train.trace, cfg.train.trace_steps)
+        st.trace.wrap(loop.tracker, "evaluate", "evaluation", "evaluation", always=True)
     ended: Optional[str] = None  # why the run ended before its last epoch (target, early stopping)
     with runtime.training_loop():  # a stop signal: checkpoint-and-stop; outside it, runtime.Stopped at once
         # logged here, inside: from this line on, a stop signal checkpoints (scripts and tests wait for it)
@@ -238,6 +242,8 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
             point = loop.tracker.curve[-1] if loop.tracker.curve else None
             rec["val_accuracy"] = point["val_accuracy"] if point and point["step"] == epoch * steps + rec["steps_done"] else None
             loop.records.append(rec)
+            if st.trace is not None:
+                st.trace.flush()  # what `python -m pbp_hpc.trace merge` reads if the job dies
             va = "   n/a" if rec["val_accuracy"] is None else f"{100 * rec['val_accuracy']:6.2f}%"
             noise = f"  B_noise ≈ {st.noise.value:.0f}" if st.noise is not None and st.noise.value is not None else ""
             log(f"epoch {epoch:3d}  loss {rec['loss']:.5f}  val_acc {va}  {accounting.parts_line(rec)}  "
@@ -250,17 +256,24 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
             if stopped is not None and not last:  # asked at an epoch's last step: it is recorded
                 return _stop(st, threads, info, loop, (epoch + 1, 0, stopped[2]), log)
             if cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0 and not last:
-                resume.save(st, epoch + 1, 0, loop.records, loop.extra())
-    test_acc = evaluation.accuracy(st, st.data.test)
+                with trace.span_of(st.trace, "checkpoint", "checkpoint"):
+                    resume.save(st, epoch + 1, 0, loop.records, loop.extra())
+    with trace.span_of(st.trace, "test evaluation", "evaluation"):
+        test_acc = evaluation.accuracy(st, st.data.test)
     total = loop.wall()
     shown = "n/a (no test examples)" if test_acc is None else f"{100 * test_acc:.2f}%"
     log(f"test accuracy {shown}  ({len(st.data.test)} examples), total {total:.2f}s, training {loop.train_s:.2f}s")
     if cfg.checkpoint.path or cfg.checkpoint.every_epochs:
-        resume.save(st, cfg.train.epochs, 0, loop.records, loop.extra())
+        with trace.span_of(st.trace, "checkpoint", "checkpoint"):
+            resume.save(st, cfg.train.epochs, 0, loop.records, loop.extra())
     saved = loop.tracker.save_best()
     if saved:
         log(f"model of the best validation pass written to {saved}")
-    return _result(st, threads, info, loop, total, test_accuracy=test_acc, ended_early=ended, model_path=saved)
+    traced = st.trace.finish() if st.trace is not None else None
+    if traced:
+        log(f"timeline written to {traced} (open it in https://ui.perfetto.dev or chrome://tracing)")
+    return _result(st, threads, info, loop, total, test_accuracy=test_acc, ended_early=ended, model_path=saved,
+                   trace_path=st.comm.bcast(traced, root=0) if st.trace is not None else None)
 
 
 def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
