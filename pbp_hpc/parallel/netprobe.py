@@ -78,7 +78,7 @@ def _pingpong(world: MPI.Comm, peer: int, seconds: float) -> float:
     return _time(world, op, seconds)[0] / 2
 
 
-def measure(world: MPI.Comm, seconds: float = 0.15, sizes: tuple[int, ...] = SIZES) -> dict[str, Any]:
+def measure(world: MPI.Comm, seconds: float = 0.1, sizes: tuple[int, ...] = SIZES) -> dict[str, Any]:
     """Every level's Allreduce time at each size, and rank 0's latency to the nearest and the
     farthest rank (collective; the same result on every rank)."""
     samples = []
@@ -101,7 +101,7 @@ def measure(world: MPI.Comm, seconds: float = 0.15, sizes: tuple[int, ...] = SIZ
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pbp_hpc.parallel.netprobe", description=__doc__.split("\n\n")[0])
-    p.add_argument("--seconds", type=float, default=0.15, help="time per message size (default 0.15 s)")
+    p.add_argument("--seconds", type=float, default=0.1, help="time per message size (default 0.1 s)")
     args = p.parse_args(argv)
     out = measure(MPI.COMM_WORLD, args.seconds)
     if MPI.COMM_WORLD.rank == 0:

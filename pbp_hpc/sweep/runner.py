@@ -17,7 +17,7 @@ from pbp_hpc.parallel import provenance
 from pbp_hpc.sweep import network
 from pbp_hpc.sweep.expand import Point, Sweep, available_cores, describe, skip_reason
 from pbp_hpc.sweep.identity import check_recorded, stale_note
-from pbp_hpc.sweep.launch import checkpoint_path, child_env, command
+from pbp_hpc.sweep.launch import checkpoint_path, child_env, command, trace_path
 from pbp_hpc.sweep.process import Outcome, Stop, execute
 
 
@@ -100,7 +100,8 @@ def run_sweep(sweep: Sweep, opts: Options, stop: Stop, say: Any = print) -> int:
             say(f"[{i}/{len(todo)}] {key} {describe(point)}: skipped: {reason}")
             continue
         ckpt = checkpoint_path(opts.results, key)
-        outcome = execute(command(sweep, point, opts.launcher, ckpt, opts.data_dir, cores), child_env(point),
+        traced = trace_path(opts.results, key) if sweep.spec.trace else None
+        outcome = execute(command(sweep, point, opts.launcher, ckpt, opts.data_dir, cores, traced), child_env(point),
                           sweep.spec.timeout_s, stop, log_path(opts.results, key))
         if outcome.status == "interrupted":
             say(f"[{i}/{len(todo)}] {key}: interrupted by signal {stop.signals[0]}; not recorded (it resumes on the next run)")
