@@ -155,6 +155,13 @@ class TrainConfig(_Section):
     # CPU, image data: the first layer's GEMMs skip input columns that are zero in the whole
     # minibatch (pbp_hpc/active_inputs.py); the same update up to rounding, ~20% less work on MNIST
     skip_zero_inputs: bool = True
+    # the gradient noise scale B_noise (pbp_hpc/parallel/noise_scale.py): estimated every this many
+    # steps from the local and summed gradients' norms (two dot products); 0: never
+    noise_scale_every: int = Field(10, ge=0)
+    # a timeline of the run (pbp_hpc/trace.py): a Chrome trace-event JSON file, the first
+    # trace_steps steps of every epoch, every evaluation and checkpoint
+    trace: Optional[str] = None
+    trace_steps: int = Field(3, ge=1)
 
 
 def _registered(kind: str, names: list[str], value: str) -> str:

@@ -85,6 +85,9 @@ class Tracker:
         point = {"epoch": epoch, "step": steps_done, "epochs": steps_done / self.per_epoch, "time_s": train_s,
                  "wall_s": wall_s, "val_accuracy": acc,
                  "loss": self.loss_sum / self.loss_n if self.loss_n else None, "stalled_s": stalled}
+        noise = getattr(self.st, "noise", None)
+        if noise is not None:  # the gradient noise scale so far (parallel/noise_scale.py)
+            point["b_noise"] = noise.value
         self.passes += 1
         self.curve.append(point)
         self.loss_sum, self.loss_n = 0.0, 0

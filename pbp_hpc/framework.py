@@ -234,7 +234,8 @@ def _epoch(torch: ModuleType, net: Any, opt: Any, cfg: Config, data: datasets.Da
     val_acc = evaluate(torch, net, data.val, buf) if (evaluate_now or epoch == cfg.train.epochs - 1) else None
     flops = model.flops_per_example(cfg.model.layers)
     rec = {"epoch": epoch, "loss": loss_sum / max(n_train, 1), "val_accuracy": val_acc, "time_s": wall,
-           "compute_s": compute, "allreduce_s": 0.0, "gflops": flops * n_train / wall / 1e9 if wall > 0 else 0.0,
+           "compute_s": compute, "comm_s": 0.0, "wait_s": 0.0,
+           "other_s": wall - compute, "gflops": flops * n_train / wall / 1e9 if wall > 0 else 0.0,
            "examples": n_train, "partial": False}
     va = "   n/a" if val_acc is None else f"{100 * val_acc:6.2f}%"
     say(f"epoch {epoch:3d}  loss {rec['loss']:.5f}  val_acc {va}  time {wall:.3f}s  {rec['gflops']:.1f} GFLOP/s")

@@ -165,7 +165,9 @@ def _check_meta(path: Path, meta: dict[str, Any], cfg: Config, ranks: int) -> No
     for i, r in enumerate(records):
         if not isinstance(r.get("epoch"), int) or isinstance(r.get("epoch"), bool) or r["epoch"] < 0:
             raise bad(f"records[{i}].epoch", f"expected a non-negative integer, found {str(r.get('epoch'))[:40]!r}")
-        for k in ("loss", "time_s", "compute_s", "allreduce_s", "gflops"):
+        if "allreduce_s" in r and "comm_s" not in r:  # written before results schema 3: its name then
+            r["comm_s"] = r.pop("allreduce_s")
+        for k in ("loss", "time_s", "compute_s", "comm_s", "wait_s", "other_s", "gflops"):
             if k in r and not _is_num(r[k]):
                 raise bad(f"records[{i}].{k}", f"expected a finite number, found {str(r[k])[:40]!r}")
     extra = meta.get("extra", {})

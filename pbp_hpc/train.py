@@ -27,13 +27,13 @@ import numpy as np
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
-from pbp_hpc import evaluation, faults, model_file, periodic, protocols, resume
+from pbp_hpc import evaluation, faults, model_file, periodic, protocols, resume, trace
 from pbp_hpc.config import Config
 from pbp_hpc.data import datasets, device as device_data
 from pbp_hpc.engine import backend, model, optimizers, step as local_steps
 from pbp_hpc.engine.schedules import Schedule
 from pbp_hpc.errors import DataError, DivergenceError, InjectedFault, Stopped
-from pbp_hpc.parallel import grid_auto, gpu, provenance, reducers, runtime, shards, strategies
+from pbp_hpc.parallel import accounting, grid_auto, gpu, noise_scale, provenance, reducers, runtime, shards, strategies
 from pbp_hpc.parallel.grid import make_grid
 from pbp_hpc.parallel.reducers import LOSS_SLOT
 from pbp_hpc.parallel.stall import StallWatch
@@ -54,6 +54,9 @@ class State:
         self.fault_fired = False  # debug.fail_*: injected once
         self.grid = make_grid(comm, cfg)  # the communicators each piece works on (data group, node, ...)
         self.watch = StallWatch(comm)  # the stall check of every blocking wait in the run
+        self.trace: Optional[trace.Trace] = None  # train.trace: the run's timeline (instrumented in _train)
+        self.noise: Optional[noise_scale.NoiseScale] = None  # the gradient noise scale, where estimated
+        self.noise_why = "not estimated with the model in parts (parallel.tensor, parallel.pipeline)"
         self.layout = model.Layout(cfg.model.layers)  # what this rank holds (all of it, unless T or S > 1)
         self.n_params = self.layout.n_params  # the whole model's
         self.grid_header: Optional[str] = None
@@ -71,6 +74,8 @@ class State:
             self.local = local_steps.make_local_step(cfg, self.layout, self.theta, self.reducer, data.train, xp, max_local,
                                                      self.strategy.fusable and self.optimizer.fusable)
             self.strategy.attach(self.local, self.reducer, self.optimizer)
+            self.noise, self.noise_why = noise_scale.make(cfg, self.grid.data, self.strategy, self.reducer)
+            self.strategy.noise = self.noise
         except BaseException:
             self.strategy.reducer = self.reducer
             self.strategy.close()
@@ -198,9 +203,12 @@ def run(cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, log: Optional[Log] = None,
                 if line is not None:
                     log(line)
             info["binding"] = binding  # rank 0's node
+            log(f"communication: {accounting.communication(st.strategy.name, st.reducer.name)}")
+            log(f"gradient noise scale: {st.noise_why}")
             result = _train(st, threads, info, log, quiet)
             result.update(st.reducer.choice)
             result.update(st.strategy.describe())
+            result["communication"] = accounting.communication(st.strategy.name, st.reducer.name)
             if return_params:
                 result["params"] = np.array(st.whole(st.theta))  # a copy
                 if hasattr(st.strategy, "gathered_log"):  # async_ps, ssp: (worker, clock, version read, written)
@@ -217,6 +225,7 @@ class Loop:
         self.schedule = Schedule(st.cfg, steps)
         self.tracker = evaluation.Tracker(st, steps, extra.get("evaluations"), extra.get("best_theta"))
         self.train_s = float(extra.get("train_s", 0.0))
+        self.account = accounting.EpochAccount(st.comm, steps)  # where each epoch's time goes
         self.t_start = time.perf_counter()
         self.last_checkpoint = time.monotonic()  # rank 0's clock decides checkpoint.every_seconds (periodic.py)
         self.checkpoint_s = 0.0  # seconds spent writing periodic checkpoints, over the run
@@ -246,6 +255,9 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
         from pbp_hpc.elastic import ranks
 
         ranks.report(st.comm, start_epoch, start_step)
+    if cfg.train.trace:  # off: nothing is wrapped, the loop runs as without it
+        st.trace = trace.instrument(st, cfg.train.trace, cfg.train.trace_steps)
+        st.trace.wrap(loop.tracker, "evaluate", "evaluation", "evaluation", always=True)
     ended: Optional[str] = None  # why the run ended before its last epoch (target, early stopping)
     with runtime.training_loop():  # a stop signal: checkpoint-and-stop; outside it, runtime.Stopped at once
         # logged here, inside: from this line on, a stop signal checkpoints (scripts and tests wait for it)
@@ -265,9 +277,12 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
             point = loop.tracker.curve[-1] if loop.tracker.curve else None
             rec["val_accuracy"] = point["val_accuracy"] if point and point["step"] == epoch * steps + rec["steps_done"] else None
             loop.records.append(rec)
+            if st.trace is not None:
+                st.trace.flush()  # what `python -m pbp_hpc.trace merge` reads if the job dies
             va = "   n/a" if rec["val_accuracy"] is None else f"{100 * rec['val_accuracy']:6.2f}%"
-            log(f"epoch {epoch:3d}  loss {rec['loss']:.5f}  val_acc {va}  time {rec['time_s']:.3f}s  "
-                f"(compute {rec['compute_s']:.3f}s, allreduce {rec['allreduce_s']:.3f}s)  {rec['gflops']:.1f} GFLOP/s")
+            noise = f"  B_noise ≈ {st.noise.value:.0f}" if st.noise is not None and st.noise.value is not None else ""
+            log(f"epoch {epoch:3d}  loss {rec['loss']:.5f}  val_acc {va}  {accounting.parts_line(rec)}  "
+                f"{rec['gflops']:.1f} GFLOP/s{noise}")
             if not bool(st.xp.all(st.xp.isfinite(st.theta))):
                 raise DivergenceError(f"training diverged in epoch {epoch}: parameters are no longer finite", epoch, steps - 1)
             if ended is not None:
@@ -276,19 +291,26 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
             if stopped is not None and not last:  # asked at an epoch's last step: it is recorded
                 return _stop(st, threads, info, loop, (epoch + 1, 0, stopped[2]), log)
             if (due or (cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0)) and not last:
-                rec["checkpoint_s"] += periodic.write(st, loop, epoch + 1, 0)
+                with trace.span_of(st.trace, "checkpoint", "checkpoint"):
+                    rec["checkpoint_s"] += periodic.write(st, loop, epoch + 1, 0)
                 rec["checkpoints"] += 1
-    test_acc = evaluation.accuracy(st, st.data.test)
+    with trace.span_of(st.trace, "test evaluation", "evaluation"):
+        test_acc = evaluation.accuracy(st, st.data.test)
     total = loop.wall()
     shown = "n/a (no test examples)" if test_acc is None else f"{100 * test_acc:.2f}%"
     log(f"test accuracy {shown}  ({len(st.data.test)} examples), total {total:.2f}s, training {loop.train_s:.2f}s")
     if cfg.checkpoint.path or resume.periodic(cfg):
-        resume.save(st, cfg.train.epochs, 0, loop.records, loop.extra(), loop.arrays())
+        with trace.span_of(st.trace, "checkpoint", "checkpoint"):
+            resume.save(st, cfg.train.epochs, 0, loop.records, loop.extra(), loop.arrays())
     saved = loop.tracker.save_best()
     if saved:
         log(f"model of the best validation pass written to {saved}" if loop.tracker.best_at is not None else
             f"model written to {saved}: the last parameters (no validation pass, or a checkpoint without the best's)")
-    return _result(st, threads, info, loop, total, test_accuracy=test_acc, ended_early=ended, model_path=saved)
+    traced = st.trace.finish() if st.trace is not None else None
+    if traced:
+        log(f"timeline written to {traced} (open it in https://ui.perfetto.dev or chrome://tracing)")
+    return _result(st, threads, info, loop, total, test_accuracy=test_acc, ended_early=ended, model_path=saved,
+                   trace_path=st.comm.bcast(traced, root=0) if st.trace is not None else None)
 
 
 def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
@@ -304,6 +326,8 @@ def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
     with st.watch:  # the stall check covers the loop's own collectives too
         comm.Barrier()  # epochs start together, so the slowest rank's time is the epoch's time
     t0, compute0, comm0, eval0 = time.perf_counter(), strategy.compute_s, strategy.comm_s, tracker.eval_s
+    account = loop.account
+    account.start(comm0, st.watch)
     loss_sum, seen, stopped, ended, done = 0.0, 0, None, None, first
     ckpt0, checkpoints, due = loop.checkpoint_s, 0, False
     bar = _progress(cfg, comm, steps - first, epoch, quiet)
@@ -312,6 +336,7 @@ def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
         end = strategy.block_end(done, _block_limit(tracker, epoch, steps, done), steps, epoch)
         begun = epoch * steps + done  # the block's first global step
         loss, n, reached, stop_ranks = strategy.run_block(order, epoch, done, end, steps, loop.schedule, stop_of)
+        account.block(strategy.comm_s, st.watch)
         loss_sum += loss
         seen += n
         tracker.add_loss(loss, n)
@@ -335,25 +360,25 @@ def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
         bar.close()
     wall = time.perf_counter() - t0 - (tracker.eval_s - eval0) - (loop.checkpoint_s - ckpt0)
     closing = st.watch.stalled_s
-    slow = runtime.slowest(comm, [wall, strategy.compute_s - compute0, strategy.comm_s - comm0,
-                                  closing - stalled0], st.watch)
+    parts = account.close(wall, strategy.compute_s - compute0, strategy.comm_s - comm0, closing - stalled0, st.watch)
     closing = st.watch.stalled_s - closing  # this rank's stall in that reduction itself
-    loop.train_s += float(slow[0])
+    loop.train_s += parts["time_s"]
     flops = model.flops_per_example(cfg.model.layers) * seen
     return {
         "epoch": epoch,
         "loss": loss_sum / max(seen, 1),
         "val_accuracy": None,
-        "time_s": float(slow[0]),
-        "compute_s": float(slow[1]),
-        "allreduce_s": float(slow[2]),
-        "gflops": flops / slow[0] / 1e9 if slow[0] > 0 else 0.0,
+        # the slowest rank's time and its parts, which add up to it (parallel/accounting.py), and
+        # the spread of compute and wait over the ranks
+        **{k: parts[k] for k in ("time_s", "compute_s", "comm_s", "wait_s", "other_s",
+                                 "compute_s_min", "compute_s_max", "wait_s_min", "wait_s_max")},
+        "gflops": flops / parts["time_s"] / 1e9 if parts["time_s"] > 0 else 0.0,
         "examples": seen,
         "steps_done": done,
         "partial": first > 0 or done < steps,
         # seconds of steps that waited past parallel.stall_warning_s for another rank (the slowest
         # rank's; plus this rank's in the reduction that found the slowest)
-        "stalled_s": float(slow[3]) + closing,
+        "stalled_s": parts["stalled_s"] + closing,
         # seconds spent writing checkpoints in the epoch (rank 0's; not in time_s), and how many
         "checkpoint_s": loop.checkpoint_s - ckpt0,
         "checkpoints": checkpoints,
@@ -402,6 +427,9 @@ def _result(st: State, threads: int, info: dict[str, Any], loop: Loop, total: fl
         # rank 0's count: ranks see different batches, and so compact differently
         "active_inputs": skip.summary() if skip is not None else None,
         **loop.tracker.summary(),
+        # the gradient noise scale at the end, and what estimating it cost (rank 0's seconds)
+        "b_noise": st.noise.value if st.noise is not None else None,
+        "noise_scale_cost_s": st.noise.seconds if st.noise is not None else None,
     }
     out.update(extra)
     return out

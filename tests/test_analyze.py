@@ -27,7 +27,7 @@ def rec(impl, ranks=1, threads=1, batch=100, times=(9.0, 2.0, 2.0), allreduce=No
     allreduce = allreduce or [0.0] * len(times)
     compute = compute or [t - a for t, a in zip(times, allreduce)]
     partial = partial or [False] * len(times)
-    epochs = [{"epoch": i, "loss": 0.1, "val_accuracy": 0.9, "time_s": t, "compute_s": c, "allreduce_s": a, "gflops": 0.0,
+    epochs = [{"epoch": i, "loss": 0.1, "val_accuracy": 0.9, "time_s": t, "compute_s": c, "comm_s": a, "gflops": 0.0,
                "examples": examples, "partial": p} for i, (t, a, c, p) in enumerate(zip(times, allreduce, compute, partial))]
     return {"status": status, "error": error, "sweep": "t", "point": point, "repetition": rep, "implementation": impl,
             "network": network, "batch_size": batch, "ranks": ranks, "threads_per_rank": threads,

@@ -22,7 +22,7 @@ from helpers import REPORT_SETUP
 
 JSON_KEYS = {"status", "config", "ranks", "threads_per_rank", "test_accuracy", "total_time_s", "n_train", "n_params",
              "flops_per_example", "warmup_epochs", "median_epoch_time_s", "epochs", "provenance"}
-EPOCH_KEYS = {"epoch", "loss", "val_accuracy", "time_s", "compute_s", "allreduce_s", "gflops", "examples", "partial"}
+EPOCH_KEYS = {"epoch", "loss", "val_accuracy", "time_s", "compute_s", "comm_s", "wait_s", "other_s", "gflops", "examples", "partial"}
 
 
 def tiny(**over):
@@ -119,7 +119,7 @@ def test_cli_prints_train_shaped_json():
     assert JSON_KEYS <= set(out)
     assert out["status"] == "ok" and out["ranks"] == 1 and out["threads_per_rank"] == 1
     assert len(out["epochs"]) == 2 and all(EPOCH_KEYS <= set(e) for e in out["epochs"])
-    assert all(e["allreduce_s"] == 0.0 and e["examples"] == 50 for e in out["epochs"])
+    assert all(e["comm_s"] == 0.0 and e["examples"] == 50 for e in out["epochs"])
     assert out["provenance"]["framework"]["name"] == "torch"
     assert out["provenance"]["framework"]["num_threads"] == 1
     assert "UserWarning" not in proc.stderr

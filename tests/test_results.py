@@ -27,7 +27,7 @@ def record(point: int = 0, repetition: int = 0, sweep: str = "demo", status: str
     """A run record shaped like `train --json` output plus the sweep keys, with values that vary by point."""
     epochs = [
         {"epoch": e, "loss": 1.0 / (e + 1 + point), "val_accuracy": None if e == 0 else 0.5 + e / 10,
-         "time_s": 0.25 + e + point / 1000, "compute_s": 0.2, "allreduce_s": 0.05, "gflops": 12.5 + point,
+         "time_s": 0.25 + e + point / 1000, "compute_s": 0.2, "comm_s": 0.05, "gflops": 12.5 + point,
          "examples": 1000, "partial": e == 0 and point % 2 == 1, "steps_done": 16}
         for e in range(3)
     ]
@@ -71,14 +71,14 @@ def test_the_file_follows_the_documented_schema(tmp_path):
     path = tmp_path / "r.h5"
     results.append_run(path, record(point=3, repetition=1))
     with h5py.File(path, "r") as f:
-        assert f.attrs["schema"] == "pbp_hpc-results" and f.attrs["schema_version"] == 2
+        assert f.attrs["schema"] == "pbp_hpc-results" and f.attrs["schema_version"] == 3
         g = f["runs/demo.p0003.r1"]
         for attr in ("config", "implementation", "network", "batch_size", "ranks", "threads_per_rank", "status", "error",
                      "host", "mpi_library", "blas", "package_version", "git_revision", "warmup_epochs",
                      "flops_per_example", "test_accuracy", "total_time_s", "recorded_at"):
             assert attr in g.attrs, attr
         assert json.loads(g.attrs["config"])["train"]["batch_size"] == 67
-        for name in ("epoch", "time_s", "compute_s", "allreduce_s", "loss", "val_accuracy", "gflops", "examples", "partial"):
+        for name in ("epoch", "time_s", "compute_s", "comm_s", "loss", "val_accuracy", "gflops", "examples", "partial"):
             assert g[name].shape == (3,), name
         assert g["val_accuracy"][0] != g["val_accuracy"][0]  # NaN: not evaluated in epoch 0
         assert list(g["partial"][...]) == [1, 0, 0]
@@ -288,6 +288,9 @@ V1_EPOCH = {"epoch": ("i8", -1), "time_s": ("f8", math.nan), "compute_s": ("f8",
             "examples": ("i8", -1), "partial": ("u1", 0)}
 
 
+V1_NAMES = {"allreduce_s": "comm_s"}  # a v1/v2 dataset -> the record key it holds now
+
+
 def write_v1(path: Path, records: list[dict]) -> None:
     with h5py.File(path, "w") as f:
         f.attrs["schema"], f.attrs["schema_version"], f.attrs["created_at"] = "pbp_hpc-results", 1, "2026-01-02T03:04:05+00:00"
@@ -308,7 +311,8 @@ def write_v1(path: Path, records: list[dict]) -> None:
             known = set(V1_INT + V1_FLOAT + V1_STR + V1_PROVENANCE) | {"config", "blas", "provenance", "epochs", "key"}
             g.attrs["extra"] = json.dumps({k: v for k, v in rec.items() if k not in known}, sort_keys=True, default=str)
             for n, (dtype, absent) in V1_EPOCH.items():
-                g.create_dataset(n, data=np.asarray([absent if e.get(n) is None else e[n] for e in rec["epochs"]], dtype=dtype))
+                g.create_dataset(n, data=np.asarray([absent if e.get(V1_NAMES.get(n, n)) is None else e[V1_NAMES.get(n, n)]
+                                                 for e in rec["epochs"]], dtype=dtype))
 
 
 def old_record(point: int) -> dict:
@@ -348,7 +352,7 @@ def test_appending_to_a_version_1_file_converts_it_and_loses_nothing(v1_file):
     before = results.read_runs(v1_file)
     results.append_run(v1_file, record(point=2))
     with h5py.File(v1_file, "r") as f:
-        assert f.attrs["schema_version"] == results.SCHEMA_VERSION == 2
+        assert f.attrs["schema_version"] == results.SCHEMA_VERSION == 3
         assert f.attrs["converted_from_version"] == 1 and f.attrs["created_at"] == "2026-01-02T03:04:05+00:00"
         for key in ("demo.p0000.r0", "demo.p0001.r0", "demo.p0002.r0"):  # every group is a version-2 group now
             assert "evaluations" in f["runs"][key] and "train_time_s" in f["runs"][key].attrs
@@ -366,7 +370,7 @@ def test_replacing_a_run_of_a_version_1_file_converts_the_rest(v1_file):
     after = results.read_runs(v1_file)
     assert after[0]["test_accuracy"] == 0.5 and after[1] == before[1]
     with h5py.File(v1_file, "r") as f:
-        assert f.attrs["schema_version"] == 2
+        assert f.attrs["schema_version"] == 3
 
 
 def test_merge_writes_version_2_from_version_1_and_2_inputs(v1_file, tmp_path):
@@ -375,7 +379,7 @@ def test_merge_writes_version_2_from_version_1_and_2_inputs(v1_file, tmp_path):
     results.append_run(v2, old_record(0))  # the same run as in v1_file: not a conflict
     assert results.merge([v1_file, v2], out) == 3
     with h5py.File(out, "r") as f:
-        assert f.attrs["schema_version"] == 2 and all("evaluations" in g for g in f["runs"].values())
+        assert f.attrs["schema_version"] == 3 and all("evaluations" in g for g in f["runs"].values())
     assert results.read_runs(out) == results.read_runs([v1_file, v2])
     # an existing version-1 output keeps its runs, converted
     old_out = tmp_path / "old_out.h5"

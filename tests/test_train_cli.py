@@ -4,7 +4,7 @@ import pytest
 
 from helpers import TINY, run_cmd, last_json
 
-EPOCH_KEYS = {"epoch", "loss", "val_accuracy", "time_s", "compute_s", "allreduce_s", "gflops"}
+EPOCH_KEYS = {"epoch", "loss", "val_accuracy", "time_s", "compute_s", "comm_s", "wait_s", "other_s", "gflops"}
 
 
 def test_two_rank_mnist_run_prints_epochs_once_and_a_json_result(mnist_dir):

@@ -136,8 +136,18 @@ def _row(key: tuple[Any, ...], runs: list[Record]) -> dict[str, Any]:
         "tpe_from": "time / epochs to target" if tpe_from == {"target"} else "mixed" if len(tpe_from) > 1
         else "timed epochs" if tpe_from else None,
         "test_accuracy": _median(r.get("test_accuracy") for r in runs),
+        "b_noise": _median(noise_scale_of(r) for r in runs),
         "best": False,
     }
+
+
+def noise_scale_of(rec: Record) -> Optional[float]:
+    """The gradient noise scale B_noise of a run (pbp_hpc/parallel/noise_scale.py): at the pass
+    that reached the target where it did, else at the end; None where it was not estimated."""
+    steps = (target_of(rec) or {}).get("steps") if reached(rec) else None
+    at = [p.get("b_noise") for p in rec.get("evaluations") or [] if steps is not None and p.get("step") == steps]
+    value = at[0] if at and at[0] is not None else rec.get("b_noise")
+    return float(value) if value is not None else None
 
 
 def time_to_target_rows(records: Iterable[Record]) -> list[dict[str, Any]]:
@@ -183,8 +193,11 @@ def best_line(rows: list[dict[str, Any]]) -> str:
     best = best_row(rows)
     if best is not None:
         tail = f", {best['epochs_to_target']:.3g} epochs" if best["epochs_to_target"] is not None else ""
+        noise = [r["b_noise"] for r in rows if r.get("b_noise") is not None]
+        beside = (f"; gradient noise scale B_noise ≈ {statistics.median(noise):.0f} (median over configurations, at the "
+                  f"target): batches much above it buy fewer steps per example" if noise else "")
         return (f"fastest to {target}: {describe(best)}: {best['time_to_target_s']:.4g} s of training{tail}"
-                f" (+{best['eval_time_s'] or 0:.3g} s evaluating)")
+                f" (+{best['eval_time_s'] or 0:.3g} s evaluating){beside}")
     some = [r for r in rows if r["reached"]]
     if some:
         r = min(some, key=lambda r: r["time_to_target_s"])

@@ -28,7 +28,7 @@ from matplotlib.lines import Line2D
 
 from pbp_hpc.analyze.accuracy import by_target, curves, row_key, time_to_target_rows
 from pbp_hpc.analyze import figstyle
-from pbp_hpc.analyze.figstyle import MARKERS
+from pbp_hpc.analyze.figstyle import MARKERS, varies
 from pbp_hpc.analyze.figstyle import chunks as _chunks
 from pbp_hpc.analyze.figstyle import log2_axis as _log2_axis
 from pbp_hpc.analyze.figstyle import plain_log as _plain_log
@@ -223,6 +223,7 @@ def write_all(records: Iterable[Record], outdir: Path) -> list[Path]:
     for (case, target), trows in groups.items():
         stem = f"{_slug(case, networks.count(case.network) == 1)}_to{100 * target:g}"
         accuracy_vs_time(trows, runs, case, target, outdir / f"accuracy_vs_time_{stem}.png", written)
-        time_to_target_vs_batch(trows, case, target, outdir / f"time_to_target_vs_batch_{stem}.png", written)
-        epochs_and_tpe_vs_batch(trows, case, target, outdir / f"epochs_tpe_vs_batch_{stem}.png", written)
+        if varies(trows, "batch_size", f"{case.label()}, target {100 * target:g}%: no figure against batch size"):
+            time_to_target_vs_batch(trows, case, target, outdir / f"time_to_target_vs_batch_{stem}.png", written)
+            epochs_and_tpe_vs_batch(trows, case, target, outdir / f"epochs_tpe_vs_batch_{stem}.png", written)
     return written

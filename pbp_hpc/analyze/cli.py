@@ -48,7 +48,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not records:
             raise ResultsError(f"no runs in {', '.join(args.files)}")
         points, problems = aggregate(records)
-        ab = choose_alpha_beta(points, args.alpha_beta, args.alpha, args.beta)
+        ab = choose_alpha_beta(points, args.alpha_beta, args.alpha, args.beta, records)
         tables = build_tables(points, problems, ab, args.max_ranks, records=records)
         tables += strategies.tables(records)  # a strategy study's comparison (none for other runs)
         for line in [f"WARNING: alpha-beta: {f}" for f in ab.flags] + [n for t in tables for n in t.notes if n.startswith("WARNING")]:
@@ -57,11 +57,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             write_csv(tables, Path(args.csv))
         if args.plots:
             # Imported only here: matplotlib is slow to import, and the tables need none of it.
-            from pbp_hpc.analyze import accuracy_figures, figures, strategy_figures
+            from pbp_hpc.analyze import accuracy_figures, figures, noise_figures, strategy_figures
 
             written = figures.write_all(points, Path(args.plots), ab, args.max_ranks)
             written += accuracy_figures.write_all(records, Path(args.plots))
             written += strategy_figures.write_all(records, Path(args.plots))
+            written += noise_figures.write_all(records, Path(args.plots))
             print(f"wrote {len(written)} figure(s) to {args.plots}", file=sys.stderr)
     except PbpError as exc:
         print(f"pbp_hpc.analyze: error: {exc}", file=sys.stderr)

@@ -117,3 +117,15 @@ def series_handle(label: str, style: dict[str, Any], **line: Any) -> Line2D:
 
 def oversubscribed_handle() -> Line2D:
     return Line2D([], [], color="k", marker="o", markerfacecolor="white", linestyle="none", label=OVERSUBSCRIBED)
+
+
+def varies(rows: list[dict[str, Any]], key: str, what: str) -> bool:
+    """Whether the rows' `key` takes more than one value: a figure against it needs that. Where
+    it does not, says so on stderr (what: which figure is left out), so no plot has one x."""
+    values = sorted({r[key] for r in rows if r.get(key) is not None})
+    if len(values) > 1:
+        return True
+    import sys
+
+    print(f"pbp_hpc.analyze: {what}: every point has {key} {values[0] if values else 'unknown'}", file=sys.stderr)
+    return False

@@ -37,6 +37,8 @@ from pbp_hpc.analyze.figstyle import (
 )
 from pbp_hpc.analyze.models import ModelSeries, choose_alpha_beta, model_series, projection
 from pbp_hpc.analyze.points import Case, Point
+from pbp_hpc.analyze import time_split
+from pbp_hpc.analyze.figstyle import varies
 from pbp_hpc.analyze.records import IMPLEMENTATIONS
 from pbp_hpc.analyze.scaling import performance_rows, strong_scaling_rows, weak_scaling_rows
 
@@ -100,6 +102,8 @@ def batch_figures(points: list[Point], outdir: Path, slugs: dict[Case, str]) -> 
     for r in performance_rows(points):
         by_case[Case(r["network"], r["dtype"], r["n_train"])].append(r)
     for case, crows in by_case.items():
+        if not varies(crows, "batch_size", f"{case.label()}: no figure against batch size"):
+            continue
         lines: dict[tuple[str, int, int], list[dict[str, Any]]] = defaultdict(list)
         for r in sorted(crows, key=lambda r: r["batch_size"]):
             lines[(r["implementation"], r["ranks"], r["threads"])].append(r)
@@ -186,6 +190,8 @@ def strong_figures(points: list[Point], outdir: Path, slugs: dict[Case, str]) ->
     for r in strong_scaling_rows(points):
         by_case[Case(r["network"], r["dtype"], r["n_train"])].append(r)
     for case, crows in by_case.items():
+        if not varies(crows, "ranks", f"{case.label()}: no strong-scaling figure"):
+            continue
         eff = lambda r: (r["efficiency"], r["speedup_min"] * r["efficiency"] / r["speedup"],  # noqa: E731
                          r["speedup_max"] * r["efficiency"] / r["speedup"])
         fig = _scaling_panels(
@@ -211,6 +217,8 @@ def weak_figures(points: list[Point], outdir: Path) -> list[Path]:
     a row of panels per implementation and threads (and per MAX_SERIES batches per rank)."""
     written: list[Path] = []
     for (network, dtype), nrows in _group(weak_scaling_rows(points), lambda r: (r["network"], r["dtype"])).items():
+        if not varies(nrows, "ranks", f"{network} ({dtype}): no weak-scaling figure"):
+            continue
         step = lambda r: (r["step_s"] * 1e3, r["step_min_s"] * 1e3, r["step_max_s"] * 1e3)  # noqa: E731
         # The first point of a series is its own reference (efficiency 1 exactly): no bar there.
         eff = lambda r: (r["efficiency"], r["efficiency"] * (1 if r["run"] == r["baseline"] else r["step_s"] / r["step_max_s"]),  # noqa: E731
@@ -291,4 +299,5 @@ def write_all(points: list[Point], outdir: Path, ab: Optional[perfmodel.AlphaBet
     networks = [c.network for c in cases]
     slugs = {c: _slug(c, networks.count(c.network) == 1) for c in cases}
     return (batch_figures(points, outdir, slugs) + strong_figures(points, outdir, slugs)
-            + weak_figures(points, outdir) + model_figures(points, outdir, slugs, ab, max_ranks))
+            + weak_figures(points, outdir) + model_figures(points, outdir, slugs, ab, max_ranks)
+            + time_split.figures(points, outdir, slugs))

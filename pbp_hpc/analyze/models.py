@@ -29,14 +29,44 @@ def _spans_nodes(p: Point) -> bool:
     return p.ranks_per_node is not None and p.ranks_per_node < p.ranks
 
 
+def probe_samples(records: list[dict[str, Any]]) -> tuple[list[tuple[int, int, float]], str, int]:
+    """(P, bytes, seconds) from the sweeps' own network measurements (record["interconnect"],
+    pbp_hpc.parallel.netprobe), each measurement once: between nodes where one spanned nodes,
+    else the whole world; (samples, which level, oversubscribed measurements left out)."""
+    seen, found, over = set(), [], 0
+    for rec in records:
+        m = rec.get("interconnect")
+        if not isinstance(m, dict) or not isinstance(m.get("samples"), list):
+            continue
+        key = (m.get("measured_at"), tuple(m.get("hosts") or ()), m.get("ranks"))
+        if key in seen:
+            continue
+        seen.add(key)
+        if m.get("oversubscribed"):
+            over += 1
+            continue
+        found += [s for s in m["samples"] if isinstance(s, dict)]
+    level = "inter_node" if any(s.get("level") == "inter_node" for s in found) else "world"
+    rows = [(int(s["ranks"]), int(s["bytes"]), float(s["seconds"])) for s in found if s.get("level") == level]
+    return rows, ("between nodes" if level == "inter_node" else "inside one node" if rows and all(
+        s.get("nodes", 1) == 1 for s in found) else "all ranks"), over
+
+
 def choose_alpha_beta(points: list[Point], path: Optional[str] = None, alpha: Optional[float] = None,
-                      beta: Optional[float] = None) -> perfmodel.AlphaBeta:
-    """Flags beat a file, a file beats the fit to these runs, the fit beats the defaults.
+                      beta: Optional[float] = None, records: Optional[list[dict[str, Any]]] = None) -> perfmodel.AlphaBeta:
+    """Flags beat a file, a file beats the sweep's own network measurements, those beat the fit
+    to these runs' Allreduce times, the fit beats the defaults.
 
     Runs inside one node and runs across nodes are fitted apart (their networks differ); the
     model uses the between-nodes fit when there are such runs, as that is what more ranks need."""
+    probed, level, over_probes = probe_samples(records or [])
     if path:
         ab = perfmodel.load_alpha_beta(path)
+    elif probed:
+        ab = perfmodel.fit_alpha_beta(*zip(*probed))
+        ab = replace(ab, source=f"measured by the sweep, {level}: {ab.source.replace('Allreduce times', 'probe Allreduce times')}")
+        if over_probes:
+            ab = replace(ab, flags=ab.flags + (f"{over_probes} oversubscribed network measurement(s) left out",))
     else:
         across = allreduce_samples(points, between_nodes=True)
         samples = across or allreduce_samples(points, between_nodes=False)

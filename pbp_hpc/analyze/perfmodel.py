@@ -43,8 +43,9 @@ ASSUMPTIONS = (
     "no overlap of computation and communication (blocking Allreduce after the backward pass)",
     "the same network and data as measured; the slowest rank computes ceil(B/P) examples per step",
     "Allreduce = Rabenseifner: 2 log2(P) alpha + 2 (P-1)/P n beta, reduction cost folded into beta",
-    "alpha, beta fitted to these runs' Allreduce times (intra-node values when every run was on one node) unless given "
-    "with --alpha-beta/--alpha/--beta",
+    "alpha, beta fitted to the sweep's own network measurement (pbp_hpc.parallel.netprobe: Allreduce at 8 B-8 MiB), else "
+    "to these runs' Allreduce times (intra-node values when every run was on one node), unless given with "
+    "--alpha-beta/--alpha/--beta",
     "the projection's range: alpha and beta at the ends of their ~95% ranges (+-2 s.e., taken as independent)",
 )
 

@@ -24,6 +24,7 @@ from pbp_hpc.analyze.records import (
     network_of,
     run_allreduce_per_step,
     run_comm_fraction,
+    run_fraction,
     run_compute_per_example,
     run_examples,
     run_node_share,
@@ -66,6 +67,10 @@ class Point:
     examples: Optional[float]
     oversubscribed: Optional[bool] = None  # ranks x threads > cores on a node, in any repetition; None: not recorded
     ranks_per_node: Optional[int] = None  # ranks on rank 0's node (fewer than ranks: the run spanned nodes)
+    # where the epoch's time goes (results schema 3): shares of compute, waiting, other; comm is comm_fraction
+    compute_fraction: Optional[float] = None
+    wait_fraction: Optional[float] = None
+    other_fraction: Optional[float] = None
 
     @property
     def cores(self) -> int:
@@ -112,7 +117,9 @@ def make_point(key: tuple[Any, ...], runs: list[Record]) -> Point:
                  allreduce_per_step_s=_median(run_allreduce_per_step(r) for r in runs),
                  gradient_bytes=gradient_bytes(runs[0]), examples=examples,
                  oversubscribed=_any_known(run_oversubscribed(r) for r in runs),
-                 ranks_per_node=min((s[0] for s in map(run_node_share, runs) if s), default=None))
+                 ranks_per_node=min((s[0] for s in map(run_node_share, runs) if s), default=None),
+                 **{f"{part}_fraction": _median(run_fraction(r, f"{part}_s") for r in runs)
+                    for part in ("compute", "wait", "other")})
 
 
 def _any_known(flags: Iterable[Optional[bool]]) -> Optional[bool]:

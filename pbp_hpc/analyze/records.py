@@ -136,8 +136,14 @@ def _median_of(rec: Record, fn: Callable[[dict[str, Any]], Optional[float]]) -> 
 
 
 def run_comm_fraction(rec: Record) -> Optional[float]:
-    """Median over timed epochs of allreduce_s / time_s."""
-    return _median_of(rec, lambda e: e["allreduce_s"] / e["time_s"] if e.get("allreduce_s") is not None and e["time_s"] > 0 else None)
+    """Median over timed epochs of comm_s / time_s (the transfers; waits for other ranks are wait_s)."""
+    return _median_of(rec, lambda e: e["comm_s"] / e["time_s"] if e.get("comm_s") is not None and e["time_s"] > 0 else None)
+
+
+def run_fraction(rec: Record, part: str) -> Optional[float]:
+    """Median over timed epochs of part / time_s (part: compute_s, comm_s, wait_s, other_s); None
+    where the epochs do not give it (wait_s in files of results schema <= 2)."""
+    return _median_of(rec, lambda e: e[part] / e["time_s"] if e.get(part) is not None and e["time_s"] > 0 else None)
 
 
 def run_examples(rec: Record) -> Optional[float]:
@@ -155,12 +161,12 @@ def run_compute_per_example(rec: Record) -> Optional[float]:
 
 def run_allreduce_per_step(rec: Record) -> Optional[float]:
     """Seconds in Allreduce per step; None for 1-rank runs and for the overlapping reducer
-    (whose allreduce_s is only the wait left after overlap, not the Allreduce's length)."""
+    (whose comm_s is only the wait left after overlap, not the Allreduce's length)."""
     batch = batch_of(rec)
     if (rec.get("ranks") or 1) < 2 or batch is None or (_cfg(rec, "parallel", "reducer") or "blocking") != "blocking":
         return None
-    return _median_of(rec, lambda e: e["allreduce_s"] / steps_per_epoch(e["examples"], batch)
-                      if e.get("allreduce_s") is not None and (e.get("examples") or 0) > 0 else None)
+    return _median_of(rec, lambda e: e["comm_s"] / steps_per_epoch(e["examples"], batch)
+                      if e.get("comm_s") is not None and (e.get("examples") or 0) > 0 else None)
 
 
 def run_node_share(rec: Record) -> Optional[tuple[int, int]]:

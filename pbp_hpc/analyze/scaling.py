@@ -62,6 +62,7 @@ def performance_rows(points: list[Point]) -> list[dict[str, Any]]:
             "gflops": p.gflops, "serial_counterpart": base.label if base else None, "speedup": s_own,
             "fastest_serial": fast.label if fast else None, "speedup_vs_fastest_serial": fast.tpe_s / p.tpe_s if fast else None,
             "efficiency": efficiency(s_own, p), "comm_fraction": p.comm_fraction, "test_accuracy": p.test_accuracy,
+            "compute_fraction": p.compute_fraction, "wait_fraction": p.wait_fraction,
             "oversubscribed": p.oversubscribed, "spread": p.spread if p.reps > 1 else None,
         })
     return rows
@@ -109,6 +110,7 @@ def strong_scaling_rows(points: list[Point]) -> list[dict[str, Any]]:
             rows.append({**asdict(case), "batch_size": batch, "implementation": impl, "threads": threads, "ranks": p.ranks,
                          "run": p.label, "tpe_s": p.tpe_s, "baseline": base.label, "base_ranks": base.ranks, "speedup": s,
                          "ideal": p.ranks / base.ranks, "efficiency": s * base.ranks / p.ranks, "comm_fraction": p.comm_fraction,
+                         "compute_fraction": p.compute_fraction, "wait_fraction": p.wait_fraction,
                          **_spread_fields(p, base)})
     return rows
 

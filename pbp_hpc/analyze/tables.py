@@ -116,13 +116,15 @@ PERF_COLUMNS = [
     Column("reps", "reps", text), Column("tpe_s", "TPE s", num(".4g")), Column("tpe_min_s", "TPE min–max s", _range),
     Column("spread", "spread", _spread), Column("gflops", "GFLOP/s", num(".3g")), Column("speedup", "speedup", num(".3g")),
     Column("speedup_vs_fastest_serial", "vs fastest serial", num(".3g")), Column("efficiency", "efficiency", num(".2f")),
-    Column("comm_fraction", "comm %", num(".1f", 100)), Column("test_accuracy", "test acc %", num(".2f", 100)),
+    Column("compute_fraction", "compute %", num(".1f", 100)), Column("comm_fraction", "comm %", num(".1f", 100)),
+    Column("wait_fraction", "wait %", num(".1f", 100)), Column("test_accuracy", "test acc %", num(".2f", 100)),
 ]
 PERF_NOTES = [
     "TPE: median over repetitions of each run's median epoch time (warm-up and partial epochs dropped); min–max over repetitions.",
     "speedup: TPE of the serial counterpart / TPE (example-parallel vs naive-serial; blas-threaded, hybrid, gpu vs blas-serial;",
     "  framework vs framework 1x1); vs fastest serial: against the fastest 1x1 CPU run of the same network and batch.",
-    "efficiency: speedup / (P x T), CPU only.  comm %: allreduce_s / time_s, median over timed epochs.",
+    "efficiency: speedup / (P x T), CPU only.  compute %, comm %, wait %: compute_s, comm_s (the transfers), wait_s (for",
+    "  other ranks) / time_s of the slowest rank, median over timed epochs; the rest is other_s (- for files before schema 3).",
     f"spread: (max - min) / median of the repetitions' TPEs;{SPREAD_MARK} above {100 * SPREAD_WARN:.0f}%.",
     OVER_NOTE,
 ]
@@ -137,7 +139,7 @@ def _tpe_cell(v: Any, row: dict[str, Any]) -> str:
 
 
 TTA_COLUMNS = [
-    Column("variant", "optimizer, schedule, rate", text), Column("batch_size", "B", text),
+    Column("variant", "optimizer, schedule, rate", text), Column("batch_size", "B", text), Column("b_noise", "B_noise", num(".0f")),
     Column("implementation", "implementation", text), Column("ranks", "PxT", _cores), Column("reps", "reps", text),
     Column("reached", "reached", lambda v, r: f"{v}/{r['reps']}"), Column("time_to_target_s", "to target s", _to_target),
     Column("eval_time_s", "eval s", num(".3g")), Column("epochs_to_target", "epochs", num(".3g")),
@@ -149,6 +151,8 @@ TTA_NOTES = [
     "  over the runs that reached it; eval s: the time in validation passes until then, apart; epochs: steps / steps per epoch",
     "  at that pass. TPE: as in the performance table (timed full epochs); * where the run had none (the target came in the",
     "  warm-up or first epoch): time to target / epochs to target. best val %: the best pass (median over runs).",
+    "B_noise: the gradient noise scale tr(Sigma)/|G|^2 (McCandlish et al. 2018) at the target pass (else at the end), median",
+    "  over runs; - where not estimated (one rank, or a reducer without the whole local gradient: docs/analysis.md).",
 ]
 
 
@@ -189,7 +193,8 @@ def build_tables(points: list[Point], problems: list[dict[str, Any]], ab: perfmo
             Column("implementation", "series", text), Column("run", "run (PxT)", _run), Column("tpe_s", "TPE s", num(".4g")),
             Column("spread", "spread", _spread),
             Column("speedup", "speedup", num(".3g")), Column("ideal", "ideal", num(".3g")),
-            Column("efficiency", "efficiency", num(".2f")), Column("comm_fraction", "comm %", num(".1f", 100))],
+            Column("efficiency", "efficiency", num(".2f")), Column("compute_fraction", "compute %", num(".1f", 100)),
+            Column("comm_fraction", "comm %", num(".1f", 100)), Column("wait_fraction", "wait %", num(".1f", 100))],
             strong, ["speedup = TPE(fewest ranks) / TPE(P); ideal = P / fewest ranks; efficiency = speedup / ideal.",
              "a series measured only at P > 1 (example-parallel, hybrid) starts from its serial counterpart at 1 rank.",
              OVER_NOTE], "batch_size"))

@@ -77,7 +77,7 @@ def run(spec: Spec, net: str, batch: int, timeout: Optional[float] = None, tuned
     cfg = out.get("config", {})
     active = out.get("active_inputs") or {}
     return {**rec, "times": [e["time_s"] for e in timed],
-            "comm": [e["allreduce_s"] / e["time_s"] for e in timed if e["time_s"] > 0],
+            "comm": [(e["comm_s"] + (e.get("wait_s") or 0.0)) / e["time_s"] for e in timed if e["time_s"] > 0],
             "first": epochs[0]["time_s"] if epochs else None, "n_train": out["n_train"], "ranks": out["ranks"],
             "threads": out["threads_per_rank"], "reducer": cfg.get("parallel", {}).get("reducer"),
             "reducer_reason": out.get("reducer_reason"), "dtype": cfg.get("model", {}).get("dtype"),

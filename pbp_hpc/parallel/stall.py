@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from time import perf_counter, sleep
+from time import perf_counter, sleep, thread_time
 from typing import Any, Optional
 
 import numpy as np
@@ -42,6 +42,10 @@ class StallWatch:
         self.step = 0  # the global step being waited for (set by the strategy)
         self.what = ""  # how the warning names a wait that is not a step's (around()); "": "step G"
         self.stalled_s = 0.0
+        # inside the watched waits: wall time, and this thread's CPU time (MPI polls while it moves
+        # data; a rank off its CPU, as when oversubscribed, is waiting: parallel/accounting.py)
+        self.in_s = self.cpu_s = 0.0
+        self._cpu0 = 0.0
         self.warnings = 0
         self.size, self.rank = comm.size, comm.rank
         self._since = 0.0  # perf_counter() when the current wait began; 0.0: not waiting
@@ -57,10 +61,13 @@ class StallWatch:
         if self._thread is None and self.size > 1:
             self._thread = threading.Thread(target=self._watch, daemon=True, name="pbp_hpc-stall-watch")
             self._thread.start()
+        self._cpu0 = thread_time()
         self._since = perf_counter()
 
     def leave(self) -> None:
         since, self._since = self._since, 0.0
+        self.in_s += perf_counter() - since
+        self.cpu_s += thread_time() - self._cpu0
         if self._flagged == since and since:
             self.stalled_s += perf_counter() - since
 

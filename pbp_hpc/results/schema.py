@@ -51,8 +51,11 @@ from pbp_hpc.errors import ResultsError
 from pbp_hpc.results import checks
 
 SCHEMA = "pbp_hpc-results"
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, SCHEMA_VERSION)  # 1: no evaluation curve (_read_run reads it as a v2 record)
+SCHEMA_VERSION = 3
+# 1: no evaluation curve (_read_run reads it as a current record); 2: the epoch's communication
+# time was `allreduce_s` and held the waits for other ranks too (read as comm_s, wait_s None)
+READABLE_VERSIONS = (1, 2, SCHEMA_VERSION)
+RENAMED_BEFORE_3 = {"comm_s": "allreduce_s"}  # epoch columns: version-3 name -> the dataset's name before
 CURVE_GROUP = "evaluations"  # the subgroup of /runs/<key> holding the evaluation curve (version 2)
 STATUSES = ("ok", "failed", "diverged", "timeout")
 IMPLEMENTATIONS = ("naive-serial", "example-parallel", "blas-serial", "blas-threaded", "hybrid", "gpu", "framework")
@@ -136,12 +139,26 @@ RUN_FIELDS: tuple[Field, ...] = (
     # Elastic runs (python -m pbp_hpc.elastic): restarts after a lost rank or node, seconds lost to them
     Field("restarts", "int", old_files=None),
     Field("lost_s", "float", old_files=None),
+    # Where the time goes (version 3): what comm_s/wait_s time, in words; the network as the sweep measured it
+    Field("communication", "ostr", old_files=None),
+    Field("interconnect", "json", old_files=None),  # pbp_hpc.sweep.network's measurements (sweep runs)
+    Field("trace_path", "ostr", old_files=None),  # train.trace: the run's timeline (Chrome trace-event JSON)
+    Field("b_noise", "float", old_files=None),  # the gradient noise scale at the end of training (examples)
+    Field("noise_scale_cost_s", "float", old_files=None),  # seconds spent estimating it (rank 0)
 )
 EPOCH_FIELDS: tuple[Column, ...] = (
     Column("epoch", "i8", -1),
     Column("time_s", "f8", math.nan),
     Column("compute_s", "f8", math.nan),
-    Column("allreduce_s", "f8", math.nan),
+    # version 3: comm_s + wait_s + other_s + compute_s = time_s (the slowest rank's parts; pbp_hpc.parallel.accounting).
+    # Files of version <= 2 store comm_s as `allreduce_s`, which held the waits too: read as comm_s, without wait_s.
+    Column("comm_s", "f8", math.nan),
+    Column("wait_s", "f8", math.nan, old_files=OMIT),
+    Column("other_s", "f8", math.nan, old_files=OMIT),
+    Column("compute_s_min", "f8", math.nan, old_files=OMIT),  # over ranks
+    Column("compute_s_max", "f8", math.nan, old_files=OMIT),
+    Column("wait_s_min", "f8", math.nan, old_files=OMIT),
+    Column("wait_s_max", "f8", math.nan, old_files=OMIT),
     Column("loss", "f8", math.nan),
     Column("val_accuracy", "f8", math.nan),  # NaN: not evaluated that epoch
     Column("gflops", "f8", math.nan),
@@ -161,6 +178,7 @@ EVAL_FIELDS: tuple[Column, ...] = (
     Column("val_accuracy", "f8", math.nan),
     Column("loss", "f8", math.nan),  # mean training loss since the previous pass
     Column("stalled_s", "f8", math.nan, old_files=OMIT),  # the pass's wait past parallel.stall_warning_s (slowest rank)
+    Column("b_noise", "f8", math.nan, old_files=OMIT),  # the gradient noise scale B_simple (smoothed), examples
 )
 INT_ATTRS = tuple(f.name for f in RUN_FIELDS if f.kind == "int")
 FLOAT_ATTRS = tuple(f.name for f in RUN_FIELDS if f.kind == "float")
@@ -272,10 +290,15 @@ def _write_run(runs: h5py.Group, key: str, record: dict[str, Any]) -> None:
     _write_columns(g.create_group(CURVE_GROUP), EVAL_FIELDS, record.get(CURVE_GROUP) or [])
 
 
-def _read_columns(g: h5py.Group, columns: tuple[Column, ...], length_of: str) -> list[dict[str, Any]]:
-    """The rows of a table of 1-D datasets (KeyError where an original column is missing)."""
-    checks.check_columns(g, [c.name for c in columns], g.name.rsplit("/", 1)[-1] if length_of == "step" else "epochs")
-    data = {col.name: g[col.name][...] for col in columns if col.old_files is ORIGINAL or col.name in g}
+def _read_columns(g: h5py.Group, columns: tuple[Column, ...], length_of: str,
+                  renamed: Optional[dict[str, str]] = None) -> list[dict[str, Any]]:
+    """The rows of a table of 1-D datasets (KeyError where an original column is missing);
+    renamed: column -> the name its dataset has in this group's version."""
+    renamed = renamed or {}
+    checks.check_columns(g, [renamed.get(c.name, c.name) for c in columns],
+                         g.name.rsplit("/", 1)[-1] if length_of == "step" else "epochs")
+    data = {col.name: g[renamed.get(col.name, col.name)][...] for col in columns
+            if col.old_files is ORIGINAL or renamed.get(col.name, col.name) in g}
     rows = []
     for i in range(data[length_of].shape[0]):
         row: dict[str, Any] = {}
@@ -329,7 +352,7 @@ def _read_run(key: str, g: h5py.Group, version: int = SCHEMA_VERSION) -> dict[st
         rec[name] = sub if any(v is not None for v in sub.values()) else None
     for name in {f.path[0] for f in RUN_FIELDS if f.path}:
         rec.setdefault(name, None)  # a group written before the sub-object existed, without it in `extra`
-    rec["epochs"] = _read_columns(g, EPOCH_FIELDS, "epoch")
+    rec["epochs"] = _read_columns(g, EPOCH_FIELDS, "epoch", RENAMED_BEFORE_3 if version < 3 else None)
     if version >= 2:
         rec[CURVE_GROUP] = _read_columns(g[CURVE_GROUP], EVAL_FIELDS, "step")
     else:

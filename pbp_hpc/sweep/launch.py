@@ -53,8 +53,13 @@ def checkpoint_path(results_path: Path, key: str) -> Path:
     return results_path.parent / f".{results_path.name}.checkpoints" / f"{key}.h5"
 
 
+def trace_path(results_path: Path, key: str) -> Path:
+    """A run's timeline, where the sweep asks for one (trace: true): kept beside the results."""
+    return results_path.with_suffix(".traces") / f"{key}.json"
+
+
 def command(sweep: Sweep, point: Point, launcher: str, ckpt: Optional[Path], data_dir: Optional[str],
-            cores: Optional[int] = None) -> list[str]:
+            cores: Optional[int] = None, trace: Optional[Path] = None) -> list[str]:
     """The point's command line; cores (default available_cores) decides whether its ranks are bound."""
     if cores is None:
         cores = available_cores(sweep.spec, launcher)
@@ -71,6 +76,9 @@ def command(sweep: Sweep, point: Point, launcher: str, ckpt: Optional[Path], dat
     if ckpt is not None and point.rule.module == "pbp_hpc.train":
         # Per point, so a SIGUSR1/SIGTERM'd point resumes where it stopped when the sweep runs again.
         cmd += ["--set", f"checkpoint.path={yaml_value(str(ckpt.resolve()))}", "--set", "checkpoint.resume=true"]
+    if trace is not None and point.rule.module == "pbp_hpc.train":
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        cmd += ["--set", f"train.trace={yaml_value(str(trace.resolve()))}"]
     if data_dir:
         cmd += ["--data-dir", data_dir]
     return [*cmd, "--json"]

@@ -14,9 +14,10 @@ from pbp_hpc import results
 from pbp_hpc.engine import model
 from pbp_hpc.errors import ResultsError
 from pbp_hpc.parallel import provenance
+from pbp_hpc.sweep import network
 from pbp_hpc.sweep.expand import Point, Sweep, available_cores, describe, skip_reason
 from pbp_hpc.sweep.identity import check_recorded, stale_note
-from pbp_hpc.sweep.launch import checkpoint_path, child_env, command
+from pbp_hpc.sweep.launch import checkpoint_path, child_env, command, trace_path
 from pbp_hpc.sweep.process import Outcome, Stop, execute
 
 
@@ -82,6 +83,7 @@ def run_sweep(sweep: Sweep, opts: Options, stop: Stop, say: Any = print) -> int:
     cores = available_cores(sweep.spec, opts.launcher)
     counts = dict.fromkeys(("ok", "diverged", "failed", "timeout", "skipped", "already recorded"), 0)
     todo = plan(sweep, opts)
+    interconnect = _measure_network(sweep, opts, cores, todo, recorded, say)
     for i, (point, rep) in enumerate(todo, 1):
         if stop.requested:
             break
@@ -98,13 +100,15 @@ def run_sweep(sweep: Sweep, opts: Options, stop: Stop, say: Any = print) -> int:
             say(f"[{i}/{len(todo)}] {key} {describe(point)}: skipped: {reason}")
             continue
         ckpt = checkpoint_path(opts.results, key)
-        outcome = execute(command(sweep, point, opts.launcher, ckpt, opts.data_dir, cores), child_env(point),
+        traced = trace_path(opts.results, key) if sweep.spec.trace else None
+        outcome = execute(command(sweep, point, opts.launcher, ckpt, opts.data_dir, cores, traced), child_env(point),
                           sweep.spec.timeout_s, stop, log_path(opts.results, key))
         if outcome.status == "interrupted":
             say(f"[{i}/{len(todo)}] {key}: interrupted by signal {stop.signals[0]}; not recorded (it resumes on the next run)")
             break
         try:
-            results.append_run(opts.results, make_record(sweep, point, rep, outcome), replace=retry)
+            results.append_run(opts.results, {**make_record(sweep, point, rep, outcome), "interconnect": interconnect},
+                               replace=retry)
         except ResultsError as exc:  # a full disk, say: the run is done but not recorded
             say(f"[{i}/{len(todo)}] {key}: {outcome.status} but not recorded: {exc}. Its checkpoint {ckpt} is kept: "
                 "run the sweep again once there is room, and it records the run without training it again")
@@ -126,6 +130,21 @@ def run_sweep(sweep: Sweep, opts: Options, stop: Stop, say: Any = print) -> int:
         say("some points failed (see `python -m pbp_hpc.results show` for their errors; --retry-failed reruns them)")
         return 1
     return 0
+
+
+def _measure_network(sweep: Sweep, opts: Options, cores: Optional[int], todo: list[tuple[Point, int]],
+                     recorded: dict[str, str], say: Any) -> Optional[dict[str, Any]]:
+    """The network on the ranks the points to run will use (once per sweep invocation: under
+    Slurm, once per job); None where measure_network is off or nothing multi-rank runs."""
+    if not sweep.spec.measure_network:
+        return None
+    pending = [p for p, r in todo if recorded.get(results.run_key(sweep.spec.name, p.index, r)) in (None, "failed", "timeout")
+               and not skip_reason(p, sweep.spec, cores)]
+    if not any(p.ranks > 1 for p in pending):
+        return None
+    found, line = network.for_sweep(pending, cores, opts.launcher)
+    say(line)
+    return found
 
 
 def _summary(o: Outcome) -> str:

@@ -109,6 +109,11 @@ class SweepSpec(_Strict):
     oversubscribe: bool = False
     use_all_cores: bool = False
     cores: Optional[int] = Field(None, ge=1)  # cores to plan for; default: detected where the sweep runs
+    # a few seconds of Allreduce and latency timings before the first point (pbp_hpc.sweep.network),
+    # stored with every run: what analyze fits alpha and beta to
+    measure_network: bool = True
+    # a timeline per point (train.trace, pbp_hpc/trace.py): <results>.traces/<run key>.json
+    trace: bool = False
     # hybrid's (ranks, threads): `axes` -- every P>1 x T of the ranks/threads_per_rank axes; `best` -- one
     # point per network, dtype and batch at the fastest measured split with P>=2 of the planned cores.
     hybrid_split: Literal["axes", "best"] = "axes"

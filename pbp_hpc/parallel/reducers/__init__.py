@@ -33,9 +33,10 @@ DEVICE = Registry("device reducer", {
 register = HOST.register
 
 # The reducer's buffer is [gradients | extras]: scalars that ride along with the sum (base.py)
-EXTRAS = 2  # slots after the gradients
+EXTRAS = 3  # slots after the gradients
 LOSS_SLOT = 0  # offsets within the extras: the summed loss,
-STOP_SLOT = 1  # and the count of ranks asked to stop (a signal)
+STOP_SLOT = 1  # the count of ranks asked to stop (a signal),
+NOISE_SLOT = 2  # and this rank's mean-gradient norm^2 on the steps the noise scale is estimated (parallel/noise_scale.py)
 
 
 def names() -> list[str]:

@@ -24,7 +24,7 @@ import numpy as np
 from mpi4py import MPI
 
 from pbp_hpc.engine.model import Layout
-from pbp_hpc.parallel.reducers import EXTRAS, LOSS_SLOT, STOP_SLOT  # noqa: F401  (defined with the registry: no MPI)
+from pbp_hpc.parallel.reducers import EXTRAS, LOSS_SLOT, NOISE_SLOT, STOP_SLOT  # noqa: F401  (defined with the registry: no MPI)
 from pbp_hpc.parallel.stall import StallWatch  # noqa: F401  (where it lived)
 
 Fill = Callable[[Optional[np.ndarray]], np.ndarray]  # fill(out) -> the initial parameters (into out if given)

@@ -31,15 +31,21 @@ class AllreduceStrategy(Strategy):
         B = gidx.shape[0]
         lo, hi = my_share(B, self.comm.size, self.comm.rank)
         self.extras[STOP_SLOT] = 1.0 if stop else 0.0
+        t0, c0, in_comm = time.perf_counter(), self.compute_s, self.reducer.seconds
         self.compute(gidx[lo:hi], at[2], -lr / B)  # this rank's gradient sum (and its chores)
+        if self.noise is not None:  # the gradient noise scale: this rank's norm rides in the extras
+            self.noise.before(at[2], hi - lo)
         self.reducer.finish()  # the ranks meet: the extras are global, the shares sum to the gradient
-        t = time.perf_counter()
         extras = to_host(self.extras)  # the one host sync per step: loss and stop flag
+        if self.noise is not None:
+            self.noise.after(extras, B)
         self.check(float(extras[LOSS_SLOT]), at[0], at[1])
         if not self.local.complete(self.reducer):  # shared_batch's phase 2; True: the GEMMs applied the update
             self.update(lr, B)
         self.reducer.updated()  # every rank sees the new parameters before its next forward pass
-        self.compute_s += time.perf_counter() - t
+        # all but the communication counts as compute, wherever it ran (overlap's sends in the
+        # backward pass, shm's sums in the update): an epoch's parts then add up (parallel/accounting.py)
+        self.compute_s = c0 + (time.perf_counter() - t0) - (self.reducer.seconds - in_comm)
         return float(extras[LOSS_SLOT]), int(extras[STOP_SLOT])
 
     def update(self, lr: float, batch: int) -> None:

@@ -80,6 +80,7 @@ class Strategy:
         self.after_local: Optional[Callable[[int], None]] = None
         self.straggler = Straggler(cfg, self.comm)  # study.straggler_*: a rank slowed on purpose
         self.sync: Callable[[], None] = lambda: None  # GPU kernels run asynchronously: compute time must hold them
+        self.noise: Any = None  # parallel.noise_scale.NoiseScale, where the run estimates it (train.State)
 
     # -- construction ---------------------------------------------------------------------------
     def parameters(self, reducer: Reducer, fill: Callable[[Any], Any]) -> Any:

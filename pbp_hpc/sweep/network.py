@@ -1,0 +1,39 @@
+"""The sweep's measurement of the network (pbp_hpc.parallel.netprobe, run under the sweep's
+launcher on the ranks its points use), before the first point; no MPI in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+from pbp_hpc.sweep.launch import launcher_prefix
+
+
+def for_sweep(points: list[Any], cores: Any, launcher: str, timeout_s: float = 120.0) -> tuple[Any, str]:
+    """Measure the network for a sweep's points (a subprocess under the sweep's launcher): on the
+    most ranks that fit the cores, bound, or where none fit, on the fewest multi-rank count
+    (oversubscribed, and said so). (the measurement or None, a line for the sweep's log)."""
+    multi = sorted({p.ranks for p in points if p.ranks > 1})
+    if not multi:
+        return None, "network: not measured (no point has more than one rank)"
+    fit = [r for r in multi if cores is None or r <= cores]
+    ranks, over = (fit[-1], False) if fit else (multi[0], True)
+    cmd = [*launcher_prefix(launcher, ranks, 1, bind=not over), sys.executable, "-m", "pbp_hpc.parallel.netprobe"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        out = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 and proc.stdout.strip() else None
+    except (subprocess.TimeoutExpired, ValueError, OSError) as exc:
+        return None, f"network: not measured ({type(exc).__name__}: {exc}); analyze falls back to the runs' own times"
+    if out is None:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, f"network: not measured (exit {proc.returncode}: {tail}); analyze falls back to the runs' own times"
+    out["oversubscribed"] = over
+    world = [s for s in out["samples"] if s["level"] == "world"]
+    big = max(world, key=lambda s: s["bytes"])
+    lat = out["latency"].get("same_node_s") or out["latency"].get("other_node_s")
+    return out, (f"network: measured on {ranks} ranks, {out['nodes']} node(s): Allreduce {big['bytes']} B in "
+                 f"{1e3 * big['seconds']:.3g} ms" + (f", latency {1e6 * lat:.3g} us" if lat else "")
+                 + (" (oversubscribed: no rank count fits the cores; the times include waits for a core)" if over else ""))
