@@ -147,9 +147,22 @@ def _registered(kind: str, names: list[str], value: str) -> str:
 
 
 class OptimizerConfig(_Section):
-    name: str = "nesterov"  # pbp_hpc/engine/optimizers/: sgd (the report's), momentum, nesterov
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # momentum and nesterov
+    name: str = "nesterov"  # pbp_hpc/engine/optimizers/: sgd (the report's), momentum, nesterov, lars, lamb
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # momentum, nesterov and lars
     weight_decay: float = Field(0.0, ge=0.0)  # L2: g / B + weight_decay * theta
+    # lars and lamb (pbp_hpc/engine/optimizers/layerwise.py): the trust ratio's coefficient (lars),
+    # Adam's betas (lamb), the epsilon of both, and whether biases skip the ratio and the decay
+    trust_coefficient: float = Field(0.001, gt=0.0)
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.999])
+    eps: float = Field(1e-6, ge=0.0)
+    exclude_biases: bool = True
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: list[float]) -> list[float]:
+        if len(v) != 2 or not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"expected two numbers in [0, 1), e.g. [0.9, 0.999], got {v}")
+        return v
 
     @field_validator("name")
     @classmethod

@@ -29,6 +29,7 @@ class AllreduceStrategy(Strategy):
         super().attach(local, reducer, optimizer)
         self.extras = reducer.extras
         self.sync = gpu.stream_sync(self.xp)  # GPU kernels run asynchronously: compute time must hold them
+        optimizer.node_sum = reducer.slice_sum()  # per-layer norms over the node's slices (lars, lamb)
 
     def step(self, gidx: Any, lr: float, stop: bool, at: tuple[int, int, int]) -> tuple[float, int]:
         B = gidx.shape[0]
@@ -58,8 +59,15 @@ class AllreduceStrategy(Strategy):
     def update(self, lr: float, batch: int) -> None:
         """The same update on every rank: each applies the optimizer to the spans the reducer gives it."""
         t = time.perf_counter()
-        for span, parts in self.reducer.shares():
-            self.optimizer.apply(span, parts, lr, batch)
+        self.optimizer.apply_all(self.reducer.shares(), lr, batch)
         if self.reducer.sums_in_update:  # the summation an Allreduce would do, fused with the update
             self.reducer.seconds += time.perf_counter() - t
         self.reducer.updated()
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        # lars, lamb under shm/shared_batch: the per-layer norms' reductions over the node's ranks
+        for key in ("slice_sums", "slice_sum_bytes"):
+            if getattr(self.reducer, key, 0):
+                out[key] = getattr(self.reducer, key)
+        return out
