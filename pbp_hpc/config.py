@@ -83,6 +83,8 @@ class ModelConfig(_Section):
     loss: Literal["mse", "cross_entropy"] = "cross_entropy"  # pbp_hpc/engine/losses.py; the report: mse
     dtype: Literal["float32", "float64"] = "float32"
     init: Literal["glorot_uniform", "he_uniform"] = "he_uniform"  # model.INITS; the report: glorot_uniform
+    # cross_entropy: targets (1 - e) y + e / classes (engine/losses.py); 0: none
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
 
     @field_validator("layers")
     @classmethod
@@ -95,6 +97,9 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _loss_fits_the_output(self) -> "ModelConfig":
+        if self.label_smoothing and self.loss != "cross_entropy":
+            raise ValueError(f"model.label_smoothing={self.label_smoothing} smooths the targets of cross_entropy; "
+                             f"model.loss is {self.loss}")
         if self.loss == "cross_entropy" and self.layers[-1] < 2:
             raise ValueError("loss cross_entropy needs at least 2 outputs (a softmax over classes), "
                              f"got model.layers[-1] = {self.layers[-1]}")
@@ -138,6 +143,9 @@ class TrainConfig(_Section):
     # CPU, image data: the first layer's GEMMs skip input columns that are zero in the whole
     # minibatch (pbp_hpc/active_inputs.py); the same update up to rounding, ~20% less work on MNIST
     skip_zero_inputs: bool = True
+    # an exponential moving average of the weights, ema <- d ema + (1 - d) theta after every step
+    # (pbp_hpc/engine/ema.py): evaluated, tested and saved in place of the raw weights; 0: off
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 def _registered(kind: str, names: list[str], value: str) -> str:
@@ -288,6 +296,12 @@ class Config(_Section):
                              f"{self.model.layers[-1]}; they must be equal")
         if self.data.name == "synthetic" and self.model.layers[-1] < 2:
             raise ValueError("model.layers[-1] (the number of classes) must be at least 2 for synthetic data")
+        if self.model.label_smoothing and self.algorithm == "per_example":
+            raise ValueError("model.label_smoothing is not implemented by algorithm per_example (the report's "
+                             "baseline); use algorithm batched")
+        if self.train.ema_decay and self.parallel.strategy != "allreduce":
+            raise ValueError(f"train.ema_decay averages the weights of parallel.strategy allreduce; "
+                             f"strategy {self.parallel.strategy} keeps no average")
         rank = self.study.straggler_rank
         if rank is not None and self.parallel.ranks is not None and rank >= self.parallel.ranks:
             raise ValueError(f"study.straggler_rank is {rank} but parallel.ranks is {self.parallel.ranks}")

@@ -73,7 +73,10 @@ class Tracker:
         watch = self.st.reducer.watch
         stalled0 = watch.stalled_s
         self._inject_stall()
-        acc = accuracy(self.st, self.st.data.val)
+        with self.st.strategy.evaluated():  # the weight average, where train.ema_decay keeps one
+            acc = accuracy(self.st, self.st.data.val)
+            if acc is not None and acc > self.best and self.best_theta is not None:
+                self.best_theta[...] = backend.to_host(self.st.theta)
         # seconds the pass waited past parallel.stall_warning_s for another rank (the slowest rank's)
         stalled = float(runtime.slowest(self.st.comm, [watch.stalled_s - stalled0], watch)[0])
         point = {"epoch": epoch, "step": steps_done, "epochs": steps_done / self.per_epoch, "time_s": train_s,
@@ -84,8 +87,6 @@ class Tracker:
         self.loss_sum, self.loss_n = 0.0, 0
         if acc is not None and acc > self.best:
             self.best, self.since_best, self.best_at = acc, 0, point
-            if self.best_theta is not None:
-                self.best_theta[...] = backend.to_host(self.st.theta)
         else:
             self.since_best += 1
         self.eval_s += time.perf_counter() - t0
@@ -109,8 +110,12 @@ class Tracker:
         if not cfg.train.save_model:
             return None
         if self.st.comm.rank == 0:
-            theta = self.best_theta if self.best_at is not None else backend.to_host(self.st.theta)
-            model_file.save(cfg.train.save_model, theta, cfg.to_dict(), {"best": self.best_at})
+            if self.best_at is not None:
+                model_file.save(cfg.train.save_model, self.best_theta, cfg.to_dict(), {"best": self.best_at})
+        if self.best_at is None:  # no validation pass: the last weights (averaged, with train.ema_decay)
+            with self.st.strategy.evaluated():
+                if self.st.comm.rank == 0:
+                    model_file.save(cfg.train.save_model, backend.to_host(self.st.theta), cfg.to_dict(), {"best": None})
         self.st.comm.Barrier()
         return cfg.train.save_model
 

@@ -244,7 +244,8 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
                 return _stop(st, threads, info, loop, (epoch + 1, 0, stopped[2]), log)
             if cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0 and not last:
                 resume.save(st, epoch + 1, 0, loop.records, loop.extra())
-    test_acc = evaluation.accuracy(st, st.data.test)
+    with st.strategy.evaluated():  # the weight average, where train.ema_decay keeps one
+        test_acc = evaluation.accuracy(st, st.data.test)
     total = loop.wall()
     shown = "n/a (no test examples)" if test_acc is None else f"{100 * test_acc:.2f}%"
     log(f"test accuracy {shown}  ({len(st.data.test)} examples), total {total:.2f}s, training {loop.train_s:.2f}s")

@@ -160,7 +160,7 @@ def make_local_step(cfg: Any, layout: model.Layout, theta: Any, grad: Any, loss_
     activation and loss (model.activation, model.loss). node: the reducer's NodeBatch, where
     the node's ranks compute each batch together (engine.shared_batch); node_fused: they apply
     a plain SGD update inside its GEMMs."""
-    f = {"activation": cfg.model.activation, "loss": cfg.model.loss}
+    f = {"activation": cfg.model.activation, "loss": losses.of(cfg.model)}
     skip = xp is np and cfg.train.skip_zero_inputs and datasets.has_active_features(source)
     if node is not None:
         return shared_batch.SharedBatchStep(layout, theta, loss_out, source, node, **f, skip_zero_inputs=skip,

@@ -224,6 +224,10 @@ class Reducer:
         """The parameter spans this rank updates, each with the buffers whose sum is its global gradient."""
         return self._shares
 
+    def spans(self) -> list[slice]:
+        """The parameter spans this rank updates (those of shares(), known without a step)."""
+        return [span for span, _ in self._shares]
+
     def updated(self) -> None:
         """This rank applied its shares; on return every rank may read the new parameters."""
 

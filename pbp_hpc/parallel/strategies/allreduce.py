@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, ContextManager, Optional
 
 from pbp_hpc.engine.backend import to_host
+from pbp_hpc.engine.ema import WeightAverage
 from pbp_hpc.errors import DivergenceError
 from pbp_hpc.parallel import gpu
 from pbp_hpc.parallel.reducers.base import LOSS_SLOT, STOP_SLOT
@@ -30,6 +31,10 @@ class AllreduceStrategy(Strategy):
         self.extras = reducer.extras
         self.sync = gpu.stream_sync(self.xp)  # GPU kernels run asynchronously: compute time must hold them
         optimizer.node_sum = reducer.slice_sum()  # per-layer norms over the node's slices (lars, lamb)
+        self.ema: Optional[WeightAverage] = None
+        if self.cfg.train.ema_decay:  # a buffer shaped like theta, shared where theta is (collective)
+            self.ema = WeightAverage(self.cfg.train.ema_decay, self.theta, reducer.state_buffer(), reducer.spans(),
+                                     self.xp, reducer.updated)
 
     def step(self, gidx: Any, lr: float, stop: bool, at: tuple[int, int, int]) -> tuple[float, int]:
         B = gidx.shape[0]
@@ -60,9 +65,17 @@ class AllreduceStrategy(Strategy):
         """The same update on every rank: each applies the optimizer to the spans the reducer gives it."""
         t = time.perf_counter()
         self.optimizer.apply_all(self.reducer.shares(), lr, batch)
+        if self.ema is not None:
+            self.ema.update()
         if self.reducer.sums_in_update:  # the summation an Allreduce would do, fused with the update
             self.reducer.seconds += time.perf_counter() - t
         self.reducer.updated()
+
+    def evaluated(self) -> ContextManager[None]:
+        return super().evaluated() if self.ema is None else self.ema.swapped()
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), **(self.ema.state() if self.ema is not None else {})}
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
