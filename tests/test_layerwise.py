@@ -132,7 +132,8 @@ class Recording(LARS):
 @pytest.mark.parametrize("name", ["lars", "lamb"])
 @pytest.mark.parametrize("reducer", ["blocking", "overlap", "shm", "shared_batch"])
 def test_p_ranks_equal_one_rank_under_every_reducer(name, reducer):
-    c = cfg(optimizer__name=name, optimizer__weight_decay=1e-3, parallel__reducer=reducer, train__batch_size=7)
+    c = cfg(optimizer__name=name, optimizer__weight_decay=1e-3, parallel__reducer=reducer, train__batch_size=7,
+            train__epochs=1)
     par = train.run(c, WORLD, return_params=True)
     ref = train.run(c, MPI.COMM_SELF, return_params=True)
     np.testing.assert_allclose(par["params"], ref["params"], rtol=1e-10, atol=1e-12)
@@ -140,7 +141,7 @@ def test_p_ranks_equal_one_rank_under_every_reducer(name, reducer):
     for p in gathered[1:]:
         np.testing.assert_array_equal(p, gathered[0])
     if reducer in ("shm", "shared_batch"):  # one reduction of the norms per step, in the record
-        assert par["slice_sums"] == 2 * math.ceil(120 * 5 / 6 / 7) and par["slice_sum_bytes"] == 6 * 2 * 8
+        assert par["slice_sums"] == math.ceil(120 * 5 / 6 / 7) and par["slice_sum_bytes"] == 6 * 2 * 8
     else:
         assert "slice_sums" not in par
 
@@ -161,7 +162,7 @@ def test_per_layer_norms_of_the_node_slices_equal_one_ranks(reducer):
 
 @pytest.mark.parametrize("name", ["lars", "lamb"])
 def test_a_run_stopped_and_resumed_is_bit_for_bit_uninterrupted(tmp_path, name):
-    over = dict(optimizer__name=name, train__epochs=3, schedule__name="cosine", schedule__warmup_epochs=0.5)
+    over = dict(optimizer__name=name, train__epochs=2, schedule__name="cosine", schedule__warmup_epochs=0.5)
     full = train.run(cfg(**over, checkpoint__path=tmp_path / "full.h5"), MPI.COMM_SELF, return_params=True)
     cut = cfg(**over, checkpoint__path=tmp_path / "cut.h5", debug__signal_step=15)
     assert train.run(cut, MPI.COMM_SELF)["status"] == "checkpointed"
@@ -173,8 +174,8 @@ def test_a_run_stopped_and_resumed_is_bit_for_bit_uninterrupted(tmp_path, name):
     assert resumed["params"].tobytes() == full["params"].tobytes()
 
 
-@pytest.mark.parametrize("name", ["lars", "lamb"])
-def test_runs_under_the_strategies_that_take_an_optimizer(name):
-    for strategy in ("local_sgd", "async_ps", "ssp"):
-        out = train.run(cfg(optimizer__name=name, parallel__strategy=strategy, train__epochs=1), MPI.COMM_SELF)
-        assert out["status"] == "ok" and math.isfinite(out["epochs"][-1]["loss"])
+@pytest.mark.parametrize("name,strategy", [("lars", "local_sgd"), ("lamb", "async_ps")])
+def test_runs_under_the_strategies_that_take_an_optimizer(name, strategy):
+    out = train.run(cfg(optimizer__name=name, parallel__strategy=strategy, train__epochs=1, data__n_train=60),
+                    MPI.COMM_SELF)
+    assert out["status"] == "ok" and math.isfinite(out["epochs"][-1]["loss"])

@@ -109,9 +109,14 @@ def test_the_largest_batch_within_twice_the_epochs_of_batch_1024_per_optimizer()
 def test_cli_prints_mean_and_spread_and_draws_the_batch_figure(tmp_path, capsys):
     src = tmp_path / "lb.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in study()))
-    assert analyze.main([str(src), "--plots", str(tmp_path / "fig")]) == 0
+    assert analyze.main([str(src)]) == 0
     out = capsys.readouterr().out
     assert "Steps and epochs to 97% validation accuracy vs batch size" in out
     assert "largest batch reaching the target within 2x the epochs of B=1024" in out and "B=4096" in out
     assert "97.10 ± 0.10 (97.00–97.20)" in out  # test accuracy over nesterov's seeds at B = 1024
-    assert (tmp_path / "fig" / "steps_vs_batch_net1h_to97.png").stat().st_size > 10_000
+    from pbp_hpc.analyze import accuracy_figures  # (matplotlib: only the one figure, not analyze's every one)
+
+    [(key, rows)] = analyze.by_target(analyze.time_to_target_rows(study())).items()
+    written = []
+    assert accuracy_figures.steps_vs_batch(rows, *key, tmp_path / "steps.png", written)
+    assert written and (tmp_path / "steps.png").stat().st_size > 10_000

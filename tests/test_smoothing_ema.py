@@ -89,7 +89,7 @@ def test_the_average_is_evaluated_saved_and_checkpointed(tmp_path):
 
 
 def test_a_run_with_the_average_stopped_and_resumed_is_bit_for_bit_uninterrupted(tmp_path):
-    over = dict(train__ema_decay=0.8, train__epochs=3, train__eval_every=0)
+    over = dict(train__ema_decay=0.8, train__epochs=2, train__eval_every=0)
     full = train.run(cfg(**over, checkpoint__path=tmp_path / "full.h5", train__save_model=tmp_path / "a.h5"),
                      MPI.COMM_SELF, return_params=True)
     assert train.run(cfg(**over, checkpoint__path=tmp_path / "cut.h5", debug__signal_step=15), MPI.COMM_SELF)["status"] == "checkpointed"
