@@ -120,3 +120,13 @@ def test_cli_prints_mean_and_spread_and_draws_the_batch_figure(tmp_path, capsys)
     written = []
     assert accuracy_figures.steps_vs_batch(rows, *key, tmp_path / "steps.png", written)
     assert written and (tmp_path / "steps.png").stat().st_size > 10_000
+
+
+def test_the_shipped_recipes_load_and_say_what_they_turn_on():
+    from pbp_hpc import config
+
+    big = config.load(ROOT / "configs" / "large_batch.yaml")
+    assert (big.optimizer.name, big.train.batch_size) == ("lamb", 8192)
+    fast = config.load(ROOT / "configs" / "fast_net1h.yaml")
+    assert (fast.train.batch_size, fast.train.epochs, fast.model.label_smoothing) == (1024, 6, 0.1)
+    assert config.load(None).model.label_smoothing == 0 and config.load(None).train.ema_decay == 0  # off by default
