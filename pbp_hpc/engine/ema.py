@@ -42,6 +42,7 @@ class WeightAverage:
         self.steps[0] = t + 1.0
 
     def _swap(self) -> None:
+        self.barrier()  # no rank still reads theta (a pass, the copy of the best model) while another swaps
         for w, a in self.pairs:
             tmp = self.scratch[: w.shape[0]]
             tmp[...] = w
