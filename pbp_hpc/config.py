@@ -93,6 +93,8 @@ class ModelConfig(_Section):
     loss: Literal["mse", "cross_entropy"] = "cross_entropy"  # pbp_hpc/engine/losses.py; the report: mse
     dtype: Literal["float32", "float64"] = "float32"
     init: Literal["glorot_uniform", "he_uniform"] = "he_uniform"  # model.INITS; the report: glorot_uniform
+    # cross_entropy: targets (1 - e) y + e / classes (engine/losses.py); 0: none
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
 
     @field_validator("layers")
     @classmethod
@@ -105,6 +107,9 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _loss_fits_the_output(self) -> "ModelConfig":
+        if self.label_smoothing and self.loss != "cross_entropy":
+            raise ValueError(f"model.label_smoothing={self.label_smoothing} smooths the targets of cross_entropy; "
+                             f"model.loss is {self.loss}")
         if self.loss == "cross_entropy" and self.layers[-1] < 2:
             raise ValueError("loss cross_entropy needs at least 2 outputs (a softmax over classes), "
                              f"got model.layers[-1] = {self.layers[-1]}")
@@ -162,6 +167,9 @@ class TrainConfig(_Section):
     # trace_steps steps of every epoch, every evaluation and checkpoint
     trace: Optional[str] = None
     trace_steps: int = Field(3, ge=1)
+    # an exponential moving average of the weights, ema <- d ema + (1 - d) theta after every step
+    # (pbp_hpc/engine/ema.py): evaluated, tested and saved in place of the raw weights; 0: off
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 def _registered(kind: str, names: list[str], value: str) -> str:
@@ -171,9 +179,22 @@ def _registered(kind: str, names: list[str], value: str) -> str:
 
 
 class OptimizerConfig(_Section):
-    name: str = "nesterov"  # pbp_hpc/engine/optimizers/: sgd (the report's), momentum, nesterov
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # momentum and nesterov
+    name: str = "nesterov"  # pbp_hpc/engine/optimizers/: sgd (the report's), momentum, nesterov, lars, lamb
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # momentum, nesterov and lars
     weight_decay: float = Field(0.0, ge=0.0)  # L2: g / B + weight_decay * theta
+    # lars and lamb (pbp_hpc/engine/optimizers/layerwise.py): the trust ratio's coefficient (lars),
+    # Adam's betas (lamb), the epsilon of both, and whether biases skip the ratio and the decay
+    trust_coefficient: float = Field(0.001, gt=0.0)
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.999])
+    eps: float = Field(1e-6, ge=0.0)
+    exclude_biases: bool = True
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: list[float]) -> list[float]:
+        if len(v) != 2 or not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"expected two numbers in [0, 1), e.g. [0.9, 0.999], got {v}")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -320,6 +341,12 @@ class Config(_Section):
                              f"{self.model.layers[-1]}; they must be equal")
         if self.data.name == "synthetic" and self.model.layers[-1] < 2:
             raise ValueError("model.layers[-1] (the number of classes) must be at least 2 for synthetic data")
+        if self.model.label_smoothing and self.algorithm == "per_example":
+            raise ValueError("model.label_smoothing is not implemented by algorithm per_example (the report's "
+                             "baseline); use algorithm batched")
+        if self.train.ema_decay and self.parallel.strategy != "allreduce":
+            raise ValueError(f"train.ema_decay averages the weights of parallel.strategy allreduce; "
+                             f"strategy {self.parallel.strategy} keeps no average")
         rank = self.study.straggler_rank
         if rank is not None and self.parallel.ranks is not None and rank >= self.parallel.ranks:
             raise ValueError(f"study.straggler_rank is {rank} but parallel.ranks is {self.parallel.ranks}")

@@ -79,7 +79,13 @@ class Tracker:
         watch = self.st.watch
         stalled0 = watch.stalled_s
         self._inject_stall()
-        acc = accuracy(self.st, self.st.data.val)
+        with self.st.strategy.evaluated():  # the weight average, where train.ema_decay keeps one
+            acc = accuracy(self.st, self.st.data.val)
+            # the same on every rank (acc is reduced): a better pass's parameters, gathered over the model's ranks
+            if acc is not None and acc > self.best and (self.best_theta is not None or self.st.grid.model.size > 1):
+                whole = self.st.whole(self.st.theta, root=0)
+                if self.best_theta is not None:
+                    self.best_theta[...] = whole
         # seconds the pass waited past parallel.stall_warning_s for another rank (the slowest rank's)
         stalled = float(runtime.slowest(self.st.comm, [watch.stalled_s - stalled0], watch)[0])
         point = {"epoch": epoch, "step": steps_done, "epochs": steps_done / self.per_epoch, "time_s": train_s,
@@ -93,10 +99,6 @@ class Tracker:
         self.loss_sum, self.loss_n = 0.0, 0
         if acc is not None and acc > self.best:
             self.best, self.since_best, self.best_at = acc, 0, point
-            if self.best_theta is not None or self.st.grid.model.size > 1:  # gathered over the model's ranks
-                whole = self.st.whole(self.st.theta, root=0)
-                if self.best_theta is not None:
-                    self.best_theta[...] = whole
         else:
             self.since_best += 1
         self.eval_s += time.perf_counter() - t0
@@ -119,7 +121,8 @@ class Tracker:
         cfg = self.st.cfg
         if not cfg.train.save_model:
             return None
-        last = self.st.whole(self.st.theta, root=0) if self.best_at is None else None  # collective over the model's ranks
+        with self.st.strategy.evaluated():  # no validation pass: the last weights (averaged, with train.ema_decay)
+            last = self.st.whole(self.st.theta, root=0) if self.best_at is None else None  # collective over the model's ranks
 
         def write() -> None:
             faults.inject(cfg, self.st.comm.rank, "writes", model_file.ModelFileError)  # debug.fail_phase (tests)

@@ -74,6 +74,8 @@ def check_single_process(cfg: Config) -> None:
         raise ConfigError(f"backend={cfg.backend}: pbp_hpc.framework runs PyTorch on the CPU only; set backend=numpy")
     if cfg.algorithm != "batched":
         raise ConfigError(f"algorithm={cfg.algorithm}: pbp_hpc.framework implements only the batched algorithm")
+    if cfg.train.ema_decay:
+        raise ConfigError(f"train.ema_decay={cfg.train.ema_decay}: pbp_hpc.framework has no weight average; set it to 0")
 
 
 def choose_threads(cfg: Config) -> int:
@@ -196,7 +198,7 @@ def run(cfg: Config, log: Optional[Log] = None, quiet: bool = False, return_para
 
 
 def train_step(torch: ModuleType, net: Any, opt: Any, buf: Batches, source: datasets.Source, idx: np.ndarray,
-               lr: float, loss: str = "mse") -> float:
+               lr: float, loss: Any = "mse") -> float:
     """One optimizer step on the examples idx of source at learning rate lr: their summed loss.
 
     The optimizer gets the mean gradient (summed gradient / len(idx): a short last batch
@@ -223,7 +225,7 @@ def _epoch(torch: ModuleType, net: Any, opt: Any, cfg: Config, data: datasets.Da
     for step in range(steps):
         tc = time.perf_counter()
         lr = schedule(epoch * steps + step)
-        step_loss = train_step(torch, net, opt, buf, data.train, order[step * B : (step + 1) * B], lr, cfg.model.loss)
+        step_loss = train_step(torch, net, opt, buf, data.train, order[step * B : (step + 1) * B], lr, losses.of(cfg.model))
         compute += time.perf_counter() - tc
         if not math.isfinite(step_loss):
             raise DivergenceError(f"training diverged at epoch {epoch} step {step}: loss is {step_loss} "

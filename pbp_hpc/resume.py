@@ -34,12 +34,22 @@ def checkpoint_path(cfg: Config) -> Path:
     return Path(f"pbp_hpc-checkpoint-{os.environ.get('SLURM_JOB_ID', 'local')}.h5")
 
 
+NEWER_KEYS = [("model", "label_smoothing"), ("optimizer", "trust_coefficient"), ("optimizer", "betas"),
+              ("optimizer", "eps"), ("optimizer", "exclude_biases")]
+
+
 def resume_key(cfg: Config) -> dict[str, Any]:
     """The settings a checkpoint must share with the run that resumes it."""
     d = cfg.to_dict()
     key = {"model": d["model"], "data": d["data"], "algorithm": d["algorithm"], "optimizer": d["optimizer"],
            "schedule": d["schedule"],
            "train": {k: d["train"][k] for k in ("batch_size", "learning_rate", "seed", "shuffle")}}
+    # keys newer than the checkpoint format, left out at their defaults: older checkpoints still resume
+    for section, name in NEWER_KEYS:
+        if d[section][name] == Config().to_dict()[section][name]:
+            key[section] = {k: v for k, v in key[section].items() if k != name}
+    if cfg.train.ema_decay:
+        key["train"]["ema_decay"] = cfg.train.ema_decay
     facts = strategies.facts(cfg.parallel.strategy)
     # absent for a strategy with no settings that sums gradients (allreduce): checkpoints from before strategies resume
     if facts.keys or not facts.sums_gradients:

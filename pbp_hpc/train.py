@@ -294,7 +294,7 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
                 with trace.span_of(st.trace, "checkpoint", "checkpoint"):
                     rec["checkpoint_s"] += periodic.write(st, loop, epoch + 1, 0)
                 rec["checkpoints"] += 1
-    with trace.span_of(st.trace, "test evaluation", "evaluation"):
+    with trace.span_of(st.trace, "test evaluation", "evaluation"), st.strategy.evaluated():  # the weight average (ema)
         test_acc = evaluation.accuracy(st, st.data.test)
     total = loop.wall()
     shown = "n/a (no test examples)" if test_acc is None else f"{100 * test_acc:.2f}%"

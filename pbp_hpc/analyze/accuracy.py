@@ -21,6 +21,7 @@ from typing import Any, Iterable, Optional
 
 from pbp_hpc.analyze.points import Case, case_of
 from pbp_hpc.analyze.records import IMPLEMENTATIONS, Record, _cfg, batch_of, implementation_of, run_tpe
+from pbp_hpc.analyze.spread import spread_fields
 
 # The defaults of pbp_hpc.config: what a record without an optimizer or schedule section ran with.
 _OPTIMIZER = {"name": "sgd", "momentum": 0.9, "weight_decay": 0.0}
@@ -45,8 +46,16 @@ def variant_of(rec: Record) -> str:
     opt = {**_OPTIMIZER, **(_cfg(rec, "optimizer") or {})}
     sch = {**_SCHEDULE, **(_cfg(rec, "schedule") or {})}
     words = str(opt["name"]) if opt["name"] == "sgd" else f"{opt['name']} {opt['momentum']:g}"
+    if opt["name"] == "lamb":
+        words = f"lamb {'/'.join(f'{b:g}' for b in opt.get('betas') or [0.9, 0.999])}"
+    elif opt["name"] == "lars":
+        words += f" trust {opt.get('trust_coefficient', 0.001):g}"
     if opt.get("weight_decay"):
         words += f" wd {opt['weight_decay']:g}"
+    if _cfg(rec, "model", "label_smoothing"):
+        words += f", label smoothing {_cfg(rec, 'model', 'label_smoothing'):g}"
+    if _cfg(rec, "train", "ema_decay"):
+        words += f", EMA {_cfg(rec, 'train', 'ema_decay'):g}"
     schedule = str(sch["name"])
     if sch["name"] == "step":
         schedule += f" x{sch['gamma']:g} every {sch['step_epochs']:g}ep"
@@ -138,6 +147,8 @@ def _row(key: tuple[Any, ...], runs: list[Record]) -> dict[str, Any]:
         "test_accuracy": _median(r.get("test_accuracy") for r in runs),
         "b_noise": _median(noise_scale_of(r) for r in runs),
         "best": False,
+        # over seeds (and repetitions): mean, standard deviation, min and max, the fraction reached
+        **spread_fields(runs, tgt),
     }
 
 

@@ -9,6 +9,9 @@ Per case (network, precision, training-set size) and target accuracy:
   per rank count (and implementation), a panel per optimizer/schedule.
 * `epochs_tpe_vs_batch_*.png`: epochs to the target (left) beside time per epoch (right)
   against batch size: time to target = epochs x TPE, the two forces of the batch size.
+* `steps_vs_batch_*.png` (where an optimizer ran at several batch sizes): steps and epochs to
+  the target, and test accuracy, against batch size, one line per optimizer/schedule -- Shallue
+  et al.'s figure; the mean over seeds with min–max bars (accuracy: mean ± std).
 
 At most MAX_SERIES series share a panel (more are split across panels), every series has its
 own colour and marker, the legend sits outside the data, and ticks read as plain numbers.
@@ -27,7 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from pbp_hpc.analyze.accuracy import by_target, curves, row_key, time_to_target_rows
-from pbp_hpc.analyze import figstyle
+from pbp_hpc.analyze import batch_scaling, figstyle
 from pbp_hpc.analyze.figstyle import MARKERS, varies
 from pbp_hpc.analyze.figstyle import chunks as _chunks
 from pbp_hpc.analyze.figstyle import log2_axis as _log2_axis
@@ -197,6 +200,43 @@ def epochs_and_tpe_vs_batch(rows: list[dict[str, Any]], case: Case, target: floa
     _save(fig, path, written)
 
 
+def steps_vs_batch(rows: list[dict[str, Any]], case: Case, target: float, path: Path, written: list[Path]) -> bool:
+    """Steps, epochs to target and test accuracy vs batch, a line per variant; False if no series."""
+    lines = batch_scaling.series(rows)
+    if not lines:
+        return False
+    fig, axes = _grid(f"{case.label()}\nsteps and epochs to {100 * target:g}% validation accuracy, and test accuracy, "
+                      "vs batch size (mean over seeds; bars: min–max, accuracy ± std)", 3, 3, 4.6, 3.6)
+    handles = []
+    for i, ((variant, impl, ranks, threads), srows) in enumerate(lines.items()):
+        st = {**_style(i), "markersize": 6}
+        dodge = 2 ** (0.05 * (i - (len(lines) - 1) / 2))
+        for ax, name in ((axes[0], "steps_to_target"), (axes[1], "epochs_to_target"), (axes[2], "test_accuracy")):
+            ok = [r for r in srows if r.get(f"{name}_mean") is not None]
+            if not ok:
+                continue
+            x, y = [r["batch_size"] * dodge for r in ok], [r[f"{name}_mean"] for r in ok]
+            if name == "test_accuracy":
+                err = [[r[f"{name}_std"] for r in ok]] * 2
+            else:
+                err = [[r[f"{name}_mean"] - r[f"{name}_min"] for r in ok], [r[f"{name}_max"] - r[f"{name}_mean"] for r in ok]]
+            ax.errorbar(x, y, yerr=err, capsize=3, **st)
+            if name != "test_accuracy":
+                _not_reached(ax, [r["batch_size"] * dodge for r in srows if not r["reached"]], st, i)
+        handles.append(Line2D([], [], label=_wrap(f"{variant} ({ranks}x{threads})", 50), **st))
+    batches = [r["batch_size"] for s in lines.values() for r in s]
+    for ax, what in zip(axes, ("steps to target", "epochs to target", "test accuracy")):
+        _log2_axis(ax, batches)
+        if what != "test accuracy":
+            _plain_log(ax, "y")
+        ax.set_title(what, fontsize="medium")
+        ax.set_xlabel("batch size B (log2 scale)")
+        ax.set_ylabel(what + ("" if what == "test accuracy" else " (log scale)"))
+    _legend(fig, handles + [_not_reached_handle()], "optimizer, schedule, rate")
+    _save(fig, path, written)
+    return True
+
+
 def _series_styles(rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], dict[str, Any]]:
     """Colour and marker per (ranks, implementation, threads); hollow markers after the first."""
     keys = sorted({(r["ranks"], r["implementation"], r["threads"]) for r in rows})
@@ -226,4 +266,5 @@ def write_all(records: Iterable[Record], outdir: Path) -> list[Path]:
         if varies(trows, "batch_size", f"{case.label()}, target {100 * target:g}%: no figure against batch size"):
             time_to_target_vs_batch(trows, case, target, outdir / f"time_to_target_vs_batch_{stem}.png", written)
             epochs_and_tpe_vs_batch(trows, case, target, outdir / f"epochs_tpe_vs_batch_{stem}.png", written)
+            steps_vs_batch(trows, case, target, outdir / f"steps_vs_batch_{stem}.png", written)
     return written

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from pbp_hpc.analyze import perfmodel, strategies
+from pbp_hpc.analyze import batch_scaling, perfmodel, strategies
 from pbp_hpc.analyze.models import choose_alpha_beta
 from pbp_hpc.analyze.points import aggregate
 from pbp_hpc.analyze.records import read_records
@@ -51,6 +51,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         ab = choose_alpha_beta(points, args.alpha_beta, args.alpha, args.beta, records)
         tables = build_tables(points, problems, ab, args.max_ranks, records=records)
         tables += strategies.tables(records)  # a strategy study's comparison (none for other runs)
+        tables += batch_scaling.tables(records)  # steps/epochs to target vs batch (none without a batch series)
         for line in [f"WARNING: alpha-beta: {f}" for f in ab.flags] + [n for t in tables for n in t.notes if n.startswith("WARNING")]:
             print(f"pbp_hpc.analyze: {line}", file=sys.stderr)  # also seen with --json, and where stdout goes to a file
         if args.csv:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 from pbp_hpc.analyze import perfmodel
 from pbp_hpc.analyze.accuracy import best_line, by_target, time_to_target_rows
+from pbp_hpc.analyze.spread import plus_minus
 from pbp_hpc.analyze.models import ModelSeries, model_check_rows, model_rows, model_series
 from pbp_hpc.analyze.points import SPREAD_WARN, Case, Point
 from pbp_hpc.analyze.records import Record
@@ -140,11 +141,16 @@ def _tpe_cell(v: Any, row: dict[str, Any]) -> str:
 
 TTA_COLUMNS = [
     Column("variant", "optimizer, schedule, rate", text), Column("batch_size", "B", text), Column("b_noise", "B_noise", num(".0f")),
-    Column("implementation", "implementation", text), Column("ranks", "PxT", _cores), Column("reps", "reps", text),
+    Column("implementation", "implementation", text), Column("ranks", "PxT", _cores), Column("reps", "runs", text),
+    Column("seeds", "seeds", text),
     Column("reached", "reached", lambda v, r: f"{v}/{r['reps']}"), Column("time_to_target_s", "to target s", _to_target),
+    Column("time_to_target_mean", "mean ± std", lambda v, r: plus_minus(r, "time_to_target", 1, ".3g", False)),
     Column("eval_time_s", "eval s", num(".3g")), Column("epochs_to_target", "epochs", num(".3g")),
+    Column("epochs_to_target_mean", "mean ± std", lambda v, r: plus_minus(r, "epochs_to_target", 1, ".3g", False)),
     Column("tpe_s", "TPE s", _tpe_cell), Column("val_accuracy_at_target", "val acc %", num(".2f", 100)),
-    Column("best_val_accuracy", "best val %", num(".2f", 100)), Column("best", "", lambda v, r: "<- fastest" if v else ""),
+    Column("best_val_accuracy", "best val %", num(".2f", 100)),
+    Column("test_accuracy_mean", "test % mean ± std (min–max)", lambda v, r: plus_minus(r, "test_accuracy", 100)),
+    Column("best", "", lambda v, r: "<- fastest" if v else ""),
 ]
 TTA_NOTES = [
     "to target s: training time until the first validation pass at or above the target (evaluation passes excluded), median",
@@ -153,6 +159,8 @@ TTA_NOTES = [
     "  warm-up or first epoch): time to target / epochs to target. best val %: the best pass (median over runs).",
     "B_noise: the gradient noise scale tr(Sigma)/|G|^2 (McCandlish et al. 2018) at the target pass (else at the end), median",
     "  over runs; - where not estimated (one rank, or a reducer without the whole local gradient: docs/analysis.md).",
+    "mean ± std: over the runs (seeds, repetitions) that reached the target; test %: over all runs, with min–max. A row of",
+    "  one seed has std 0: compare rows by their spread only where seeds > 1.",
 ]
 
 

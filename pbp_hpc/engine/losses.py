@@ -23,6 +23,10 @@ overflows and the row sum is at least 1), and log softmax = (z - max) - log(sum 
 is formed without taking the log of a probability, so it is finite even where the probability
 underflows to 0. Targets may be any rows that sum to 1 (one-hot here).
 
+Label smoothing (`model.label_smoothing` = e, Szegedy et al. 2016; PyTorch's label_smoothing):
+the targets become (1 - e) y + e / k, so the loss is (1 - e) (-y . log p) + (e / k) (-sum log p)
+and the output delta p - (1 - e) y - e / k; formed in the same buffers, no temporary.
+
 torch_sum: PyTorch's form of the same summed loss, for pbp_hpc.framework. To add a loss: a
 subclass below, an entry in LOSSES, and its name in config.ModelConfig.
 """
@@ -95,15 +99,26 @@ class MSE(Loss):
 class CrossEntropy(Loss):
     name, output_activation, min_outputs = "cross_entropy", False, 2
 
+    def __init__(self, smoothing: float = 0.0):
+        self.smoothing = smoothing
+
     def value_(self, xp: ModuleType, out: Array, y: Array, err: Array, row: Array) -> Array:
         log_softmax_(xp, out, err, row)  # out: log p, err: p
-        return -ops.inner(xp, y, out)
+        e = self.smoothing
+        if not e:
+            return -ops.inner(xp, y, out)
+        return -(1.0 - e) * ops.inner(xp, y, out) - (e / out.shape[-1]) * xp.sum(out)
 
     def delta_(self, xp: ModuleType, out: Array, y: Array, err: Array, row: Array, act: Optional[Any]) -> Array:
-        return ops.subtract(xp, err, y, out=out)  # softmax - y
+        e = self.smoothing
+        if not e:
+            return ops.subtract(xp, err, y, out=out)  # softmax - y
+        xp.multiply(y, 1.0 - e, out=out)  # the smoothed targets, then softmax minus them
+        out += e / out.shape[-1]
+        return ops.subtract(xp, err, out, out=out)
 
-    def torch_sum(self, torch: ModuleType, out: Any, y: Any) -> Any:
-        return torch.nn.functional.cross_entropy(out, y, reduction="sum")  # y: class probabilities (one-hot)
+    def torch_sum(self, torch: ModuleType, out: Any, y: Any) -> Any:  # y: class probabilities (one-hot)
+        return torch.nn.functional.cross_entropy(out, y, reduction="sum", label_smoothing=self.smoothing)
 
 
 MSE_LOSS = MSE()
@@ -114,7 +129,17 @@ def names() -> list[str]:
     return list(LOSSES)
 
 
-def get(name: str) -> Loss:
+def of(model_cfg: Any) -> Loss | str:
+    """The loss a config's model section asks for: its name, or a smoothed cross-entropy."""
+    if getattr(model_cfg, "label_smoothing", 0.0):
+        return CrossEntropy(model_cfg.label_smoothing)
+    return model_cfg.loss
+
+
+def get(name: str | Loss) -> Loss:
+    """The loss of that name (a Loss is returned as it is)."""
+    if isinstance(name, Loss):
+        return name
     try:
         return LOSSES[name]
     except KeyError:

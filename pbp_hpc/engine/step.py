@@ -169,7 +169,7 @@ def make_local_step(cfg: Any, layout: model.Layout, theta: Any, reducer: Reducer
     Optimizer.fusable); then one rank fuses where can_fuse says so, and a node's ranks that
     compute each batch together (the reducer's node_batch, engine.shared_batch) fuse where they
     are every rank of the run."""
-    f = {"activation": cfg.model.activation, "loss": cfg.model.loss}
+    f = {"activation": cfg.model.activation, "loss": losses.of(cfg.model)}
     skip = xp is np and cfg.train.skip_zero_inputs and datasets.has_active_features(source)
     grad, loss_out = reducer.grad, reducer.loss_out
     node = reducer.node_batch(max_batch)

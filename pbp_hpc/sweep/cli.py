@@ -32,8 +32,10 @@ def list_lines(sweep: Sweep, opts: Options) -> list[str]:
     other = mismatches(sweep, identities)
     cores = available_cores(sweep.spec, opts.launcher)
     study = bool(sweep.spec.axes.strategy or sweep.spec.axes.straggler_factor)  # columns only where the axes are
+    variants, seeds = bool(sweep.spec.axes.variant), sweep.spec.seeds > 1
     rows = [["point", "rep", "implementation", "network", "dtype", "batch", "ranks", "threads",
-             *(["strategy", "straggler"] if study else []), "state"]]
+             *(["strategy", "straggler"] if study else []), *(["variant"] if variants else []),
+             *(["seed"] if seeds else []), "state"]]
     for point, rep in sorted(plan(sweep, opts), key=lambda pr: (pr[0].index, pr[1])):
         key = results.run_key(sweep.spec.name, point.index, rep)
         reason = skip_reason(point, sweep.spec, cores)
@@ -44,11 +46,13 @@ def list_lines(sweep: Sweep, opts: Options) -> list[str]:
             state += f"; split {point.ranks}x{point.threads} ({point.split_origin})"
         rows.append([str(point.index), str(rep), point.implementation, point.network, point.dtype, str(point.batch_size),
                      str(point.ranks), str(point.threads),
-                     *([point.strategy, f"x{point.straggler_factor:g}"] if study else []), state])
+                     *([point.strategy, f"x{point.straggler_factor:g}"] if study else []),
+                     *([str(point.variant)] if variants else []), *([str(point.seed)] if seeds else []), state])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = [("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip() for r in rows]
     n = len(sweep.points)
-    lines.append(f"{n} points x {sweep.spec.repetitions} repetition(s); Slurm array 0-{n - 1}; {cores} cores here; results {opts.results}")
+    per_seed = f" ({n // sweep.spec.seeds} x {sweep.spec.seeds} seeds)" if seeds else ""
+    lines.append(f"{n} points{per_seed} x {sweep.spec.repetitions} repetition(s); Slurm array 0-{n - 1}; {cores} cores here; results {opts.results}")
     if other:
         lines.append(f"{len(other)} run(s) in {opts.results} are recorded by another point under this sweep's keys (the sweep "
                      "file changed since): running it into this file is refused; use a new --results file")

@@ -35,6 +35,8 @@ class Point:
     split_origin: Optional[str] = None  # hybrid_split: best -- where (ranks, threads) came from, in words
     strategy: str = "allreduce"  # parallel.strategy
     straggler_factor: float = 1.0  # study.straggler_factor
+    variant: Optional[str] = None  # the sweep's variants: entry, where it has a variant axis
+    seed: Optional[int] = None  # train.seed, where the sweep runs several seeds (seeds: N)
 
     @property
     def rule(self) -> Rule:
@@ -55,6 +57,8 @@ def describe(point: Point) -> str:
     origin = f" ({point.split_origin})" if point.split_origin else ""
     study = "" if point.strategy == "allreduce" else f" {point.strategy}"
     study += f" straggler x{point.straggler_factor:g}" if point.straggler_factor != 1 else ""
+    study += f" {point.variant}" if point.variant else ""
+    study += f" seed {point.seed}" if point.seed is not None else ""
     return (f"{point.implementation} {point.network} {point.dtype} B={point.batch_size} {point.ranks}x{point.threads}"
             f"{study}{origin}")
 
@@ -119,10 +123,12 @@ def expand(path: str | Path) -> Sweep:
     networks = [_network(spec, n) for n in ax.network] if ax.network else [_network(spec, base_cfg.model.layers)]
     batches = ax.batch_per_rank or ax.batch_size or [base_cfg.train.batch_size]
     points: list[Point] = []
-    # strategy and straggler innermost: a sweep without those axes numbers its points as before they existed
-    for impl, (net, layers), dtype, batch, ranks, threads, strategy, straggler in itertools.product(
+    # strategy, straggler, variant and seed innermost: a sweep without those axes numbers its points
+    # as before they existed (and a point's seeds are neighbours)
+    seeds = [base_cfg.train.seed + k for k in range(spec.seeds)] if spec.seeds > 1 else [None]
+    for impl, (net, layers), dtype, batch, ranks, threads, strategy, straggler, variant, seed in itertools.product(
             ax.implementation, networks, ax.dtype or [base_cfg.model.dtype], batches, ax.ranks, ax.threads_per_rank,
-            ax.strategy or [None], ax.straggler_factor or [None]):
+            ax.strategy or [None], ax.straggler_factor or [None], ax.variant or [None], seeds):
         split = None
         if impl == "hybrid" and best:
             # one point, where the axes' first (ranks, threads) would be: same place and number on every machine
@@ -135,7 +141,8 @@ def expand(path: str | Path) -> Sweep:
                   "batch_size": batch * ranks if ax.batch_per_rank else batch,
                   "batch_per_rank": batch if ax.batch_per_rank else None,
                   "strategy": strategy or base_cfg.parallel.strategy,
-                  "straggler_factor": straggler if straggler is not None else base_cfg.study.straggler_factor}
+                  "straggler_factor": straggler if straggler is not None else base_cfg.study.straggler_factor,
+                  "variant": variant, "seed": seed}
         if not RULES[impl].fits(ranks, threads):
             continue
         if spec.where and not any(_matches(r, values, spec) for r in spec.where):
@@ -164,13 +171,17 @@ def _make_point(spec: SweepSpec, path: Path, base_dict: dict[str, Any], base_ite
         fixed["parallel.strategy"] = values["strategy"]
     if spec.axes.straggler_factor:
         fixed["study.straggler_factor"] = values["straggler_factor"]
-    overrides = base_items + set_items(spec.set) + set_items(spec.implementation_set.get(impl, {})) + set_items(fixed)
+    if values["seed"] is not None:
+        fixed["train.seed"] = values["seed"]
+    variant = set_items(spec.variants[values["variant"]]) if values["variant"] else []
+    overrides = (base_items + set_items(spec.set) + set_items(spec.implementation_set.get(impl, {})) + variant
+                 + set_items(fixed))
     cfg = configmod.from_dict(configmod.apply_overrides(copy.deepcopy(base_dict), overrides), f"{path} (point {index})")
     if cfg.train.warmup_epochs >= cfg.train.epochs:
         raise ConfigError(f"{path}: warmup_epochs={spec.warmup_epochs} leaves no timed epoch with train.epochs={cfg.train.epochs}")
     return Point(index, impl, net, layers, values["dtype"], values["batch_size"], values["ranks"],
                  values["threads_per_rank"], overrides, cfg.to_dict(), strategy=cfg.parallel.strategy,
-                 straggler_factor=cfg.study.straggler_factor)
+                 straggler_factor=cfg.study.straggler_factor, variant=values["variant"], seed=values["seed"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NETWORKS: dict[str, list[int]] = {"net1h": [784, 1024, 10], "net2h": [784, 1024, 1024, 10]}
 Implementation = Literal["naive-serial", "example-parallel", "blas-serial", "blas-threaded", "hybrid", "gpu", "framework"]
 AXES = ("implementation", "network", "dtype", "batch_size", "batch_per_rank", "ranks", "threads_per_rank", "strategy",
-        "straggler_factor")
+        "straggler_factor", "variant")
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ class Axes(_Strict):
     threads_per_rank: list[int] = Field(default_factory=lambda: [1], min_length=1)
     strategy: Optional[list[str]] = Field(None, min_length=1)  # parallel.strategy (pbp_hpc/parallel/strategies/)
     straggler_factor: Optional[list[float]] = Field(None, min_length=1)  # study.straggler_factor (>= 1)
+    variant: Optional[list[str]] = Field(None, min_length=1)  # names of the sweep's `variants:` (config overrides)
 
     @field_validator("strategy")
     @classmethod
@@ -104,6 +105,11 @@ class SweepSpec(_Strict):
     set: dict[str, Any] = Field(default_factory=dict)
     axes: Axes
     repetitions: int = Field(1, ge=1)
+    # each point trained with this many seeds (train.seed + 0 .. seeds - 1), each its own point;
+    # repetitions time the same seed again. 1: the base config's seed, points as before seeds existed
+    seeds: int = Field(1, ge=1)
+    # named sets of config overrides (`set:`'s form), chosen per point by the `variant` axis
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
     warmup_epochs: int = Field(1, ge=0)
     timeout_s: float = Field(3600.0, gt=0)
     oversubscribe: bool = False
@@ -121,6 +127,14 @@ class SweepSpec(_Strict):
     implementation_set: dict[Implementation, dict[str, Any]] = Field(default_factory=dict)
     where: list[dict[str, Any]] = Field(default_factory=list)
     exclude: list[dict[str, Any]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _variants_named(self) -> "SweepSpec":
+        for name in self.axes.variant or []:
+            if name not in self.variants:
+                raise ValueError(f"axes.variant names {name!r}, which variants: does not define "
+                                 f"(it defines {', '.join(self.variants) or 'none'})")
+        return self
 
     @field_validator("where", "exclude")
     @classmethod
@@ -214,9 +228,12 @@ def check_controlled(spec: SweepSpec, path: Path) -> None:
                  "batch_per_rank": "train.batch_size", "strategy": "parallel.strategy",
                  "straggler_factor": "study.straggler_factor"}
     controlled = set(CONTROLLED) | {k for a, k in axis_keys.items() if getattr(spec.axes, a) is not None}
-    sources = {"set": spec.set, **{f"implementation_set.{i}": v for i, v in spec.implementation_set.items()}}
+    if spec.seeds > 1:
+        controlled.add("train.seed")
+    sources = {"set": spec.set, **{f"implementation_set.{i}": v for i, v in spec.implementation_set.items()},
+               **{f"variants.{n}": v for n, v in spec.variants.items()}}
     for where, values in sources.items():
         for key in flatten(values):
             if key in controlled:
                 raise ConfigError(f"{path}: {where} sets {key}, which the sweep controls (through its axes, "
-                                  "implementation or warmup_epochs); change it there instead")
+                                  "implementation, seeds or warmup_epochs); change it there instead")

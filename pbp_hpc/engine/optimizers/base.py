@@ -13,7 +13,7 @@ returned by state() for the checkpoint, under names of its own.
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Optional
 
 
 class Optimizer:
@@ -29,6 +29,10 @@ class Optimizer:
         # inside the gradient GEMMs (engine.step's fused path), with no gradient buffer or pass
         self.fusable = False
         self._views: dict[tuple[int, int, int], Any] = {}
+        # set by the strategy where this rank's spans are slices of the node's one copy of the
+        # parameters (shm, shared_batch): sums a small float64 array over the node's ranks, for
+        # an optimizer whose update needs norms over whole layers (layerwise.py)
+        self.node_sum: Optional[Callable[[Any], None]] = None
 
     def view(self, buf: Any, span: slice) -> Any:
         """buf[span], made once per (buffer, span): the spans are fixed for a run, so the step makes no view."""
@@ -40,6 +44,12 @@ class Optimizer:
 
     def apply(self, span: slice, parts: list[Any], lr: float, batch: int) -> None:
         raise NotImplementedError
+
+    def apply_all(self, shares: list[tuple[slice, list[Any]]], lr: float, batch: int) -> None:
+        """One step over every span this rank updates (the reducer's shares()); an optimizer
+        that needs the whole step at once (layer norms) overrides it."""
+        for span, parts in shares:
+            self.apply(span, parts, lr, batch)
 
     def state(self) -> dict[str, Any]:
         """Buffers to checkpoint (name -> parameter-shaped array); restored in place by the caller."""

@@ -13,7 +13,8 @@ class SGD(Optimizer):
 
     def __init__(self, cfg: Any, theta: Any, state_buffer: Callable[[], Any], xp: Any):
         super().__init__(cfg, theta, state_buffer, xp)
-        self.fusable = self.weight_decay == 0.0
+        # (not with a weight average: it needs a step whose update the strategy sees)
+        self.fusable = self.weight_decay == 0.0 and not cfg.train.ema_decay
 
     def apply(self, span: slice, parts: list[Any], lr: float, batch: int) -> None:
         theta = self.view(self.theta, span)

@@ -83,8 +83,18 @@ class Reducer:
         """The parameter spans this rank updates, each with the buffers whose sum is its global gradient."""
         return self._shares
 
+    def spans(self) -> list[slice]:
+        """The parameter spans this rank updates (those of shares(), known without a step)."""
+        return [span for span, _ in self._shares]
+
     def updated(self) -> None:
         """This rank applied its shares; on return every rank may read the new parameters."""
+
+    def slice_sum(self) -> Optional[Callable[[np.ndarray], None]]:
+        """Where shares() are slices of parameters that other ranks update the rest of (shm,
+        shared_batch): a function that sums a small float64 array over those ranks in place (an
+        optimizer's per-layer norms); None where this rank's shares are the whole parameters."""
+        return None
 
     def use_compression(self, kind: str, feedback: bool) -> None:
         """parallel.compression: send the gradients as 16-bit floats (compression.py); a

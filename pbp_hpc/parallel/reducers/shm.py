@@ -122,6 +122,7 @@ class NodeCopyReducer(Reducer):
 
             self.grid = self._own_grid = make_grid(self.comm)
         return self.grid
+    slice_sums, slice_sum_bytes = 0, 0  # the optimizer's reductions of per-layer norms (slice_sum)
 
     def parameters(self, fill: Fill) -> Any:
         """The node's one copy of the parameters, filled by the node's first rank."""
@@ -140,6 +141,18 @@ class NodeCopyReducer(Reducer):
         t = time.perf_counter()
         self.shared.sync_barrier(self.watch)  # the whole of theta is new before any rank's next forward pass
         self.seconds += time.perf_counter() - t
+
+    def slice_sum(self) -> Optional[Any]:
+        return None if self.shared is None else self._sum_over_node
+
+    def _sum_over_node(self, buf: np.ndarray) -> None:
+        """buf <- its sum over the node's ranks (whose slices make up the parameters): one small
+        Allreduce, timed as communication and counted (slice_sums, the run's record)."""
+        t = time.perf_counter()
+        self._watched(lambda: self.shared.local.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM))
+        self.seconds += time.perf_counter() - t
+        self.slice_sums += 1
+        self.slice_sum_bytes = buf.nbytes
 
     def close(self) -> None:
         """Free the windows (collective). Without it they live until MPI_Finalize."""

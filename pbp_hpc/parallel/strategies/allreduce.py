@@ -11,9 +11,10 @@ computes with the same global batch, up to the order of floating-point sums.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, ContextManager, Optional
 
 from pbp_hpc.engine.backend import to_host
+from pbp_hpc.engine.ema import WeightAverage
 from pbp_hpc.parallel.reducers import LOSS_SLOT, STOP_SLOT
 from pbp_hpc.parallel.strategies.base import Strategy, my_share
 
@@ -26,6 +27,11 @@ class AllreduceStrategy(Strategy):
     def attach(self, local: Any, reducer: Any, optimizer: Any) -> None:
         super().attach(local, reducer, optimizer)
         self.extras = reducer.extras
+        optimizer.node_sum = reducer.slice_sum()  # per-layer norms over the node's slices (lars, lamb)
+        self.ema: Optional[WeightAverage] = None
+        if self.cfg.train.ema_decay:  # a buffer shaped like theta, shared where theta is (collective)
+            self.ema = WeightAverage(self.cfg.train.ema_decay, self.theta, reducer.state_buffer(), reducer.spans(),
+                                     self.xp, reducer.updated)
 
     def step(self, gidx: Any, lr: float, stop: bool, at: tuple[int, int, int]) -> tuple[float, int]:
         B = gidx.shape[0]
@@ -51,7 +57,22 @@ class AllreduceStrategy(Strategy):
     def update(self, lr: float, batch: int) -> None:
         """The same update on every rank: each applies the optimizer to the spans the reducer gives it."""
         t = time.perf_counter()
-        for span, parts in self.reducer.shares():
-            self.optimizer.apply(span, parts, lr, batch)
+        self.optimizer.apply_all(self.reducer.shares(), lr, batch)
+        if self.ema is not None:
+            self.ema.update()
         if self.reducer.sums_in_update:  # the summation an Allreduce would do, fused with the update
             self.reducer.seconds += time.perf_counter() - t
+
+    def evaluated(self) -> ContextManager[None]:
+        return super().evaluated() if self.ema is None else self.ema.swapped()
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), **(self.ema.state() if self.ema is not None else {})}
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        # lars, lamb under shm/shared_batch: the per-layer norms' reductions over the node's ranks
+        for key in ("slice_sums", "slice_sum_bytes"):
+            if getattr(self.reducer, key, 0):
+                out[key] = getattr(self.reducer, key)
+        return out

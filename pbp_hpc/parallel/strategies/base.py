@@ -28,9 +28,10 @@ the straggler, the stall check's step) once for all of them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, ContextManager, Optional
 
 import numpy as np
 
@@ -192,6 +193,11 @@ class Strategy:
     def state(self) -> dict[str, Any]:
         """Buffers to checkpoint beside the parameters (the optimizer's, and the strategy's own)."""
         return self.optimizer.state()
+
+    def evaluated(self) -> ContextManager[None]:
+        """Around a validation or test pass and a saved model: the weights they should see are in
+        theta inside (the weight average where train.ema_decay keeps one)."""
+        return contextlib.nullcontext()
 
     def describe(self) -> dict[str, Any]:
         """What the run's record says about the strategy (its settings, staleness where it has any)."""
