@@ -211,7 +211,7 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
     cfg = st.cfg
     n_train, B = len(st.data.train), cfg.train.batch_size
     steps = -(-n_train // B)
-    schedules.check_batch(cfg, n_train)
+    full_batch = schedules.check_batch(cfg, n_train)
     if cfg.debug.fail_step is not None:
         st.strategy.after_local = functools.partial(_inject_fault, st)
     start_epoch, start_step, records, extra = resume.try_resume(st, log)
@@ -220,8 +220,11 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
     with runtime.training_loop():  # a stop signal: checkpoint-and-stop; outside it, runtime.Stopped at once
         # logged here, inside: from this line on, a stop signal checkpoints (scripts and tests wait for it)
         log(f"pbp_hpc: layers {cfg.model.layers}, {cfg.model.dtype}, "
-            f"{cfg.algorithm}, {cfg.optimizer.name}, batch {B}, {schedules.describe(cfg)}, "
+            f"{cfg.algorithm}, {cfg.optimizer.name}, batch {B}{full_batch}, {schedules.describe(cfg)}, "
             f"{n_train} training examples from {st.data.origin}")
+        few_steps = schedules.few_steps_warning(cfg, n_train)
+        if few_steps and start_epoch == 0 and start_step == 0:
+            log(few_steps)
         for epoch in range(start_epoch, cfg.train.epochs):
             first = start_step if epoch == start_epoch else 0
             rec, stopped, ended = _epoch(st, loop, epoch, first, quiet)

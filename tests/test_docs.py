@@ -147,3 +147,19 @@ def test_readme_is_a_first_page():
     first = commands()[:2]
     assert [argv for _, argv in first] == [["make", "run"], ["make", "test"]]
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_what_runs_write_is_ignored_by_git():
+    """README: results, figures, plots, tables, checkpoints, logs and models stay out of `git status`."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    written = ["results/strong_scaling.h5", "results/slurm_smoke/logs/x/pbp-sweep-1_0.out", "figures/speedup.png",
+               "plots/tta/a.png", "tables/tpe.csv", "checkpoints/7.h5", "checkpoints/7.model.h5", "model.h5",
+               "logs/pbp-train-7.out", "logs/pbp-sweep-7_1.out"]
+    p = subprocess.run(["git", "check-ignore", "--no-index", *written], cwd=ROOT, capture_output=True, text=True)
+    assert sorted(p.stdout.split()) == sorted(written), p.stdout + p.stderr
+    kept = subprocess.run(["git", "check-ignore", "--no-index", "logs/.gitignore"], cwd=ROOT, capture_output=True, text=True)
+    assert kept.returncode == 1, kept.stdout  # the folder itself is in the repository

@@ -154,3 +154,13 @@ def test_cosine_decays_from_the_peak_to_min_lr_by_the_last_step():
     assert s(0) == pytest.approx(0.3) and s(20) == pytest.approx(0.01 + 0.29 * 0.5)
     assert s(39) == pytest.approx(0.01 + 0.29 * 0.5 * (1 + math.cos(math.pi * 39 / 40)))
     assert all(b <= a for a, b in zip(map(s, range(40)), map(s, range(1, 40))))
+
+
+def test_a_batch_past_the_rules_limit_gets_a_warning_naming_the_epochs_that_would_do():
+    from pbp_hpc.engine.schedules import few_steps_warning
+    big = config.load(None, ["train.batch_size=4096"])  # the defaults: sqrt rule, 8 epochs
+    assert few_steps_warning(big, 50000) == (
+        "warning: batch 4096 leaves 104 steps in 8 epoch(s); the default recipe trained well (>= 97% on MNIST) only "
+        "from 200 steps: set train.epochs=16 or a smaller batch (docs/training.md, \"Changing the batch\")")
+    assert few_steps_warning(config.load(None, ["train.batch_size=4096", "train.epochs=16"]), 50000) == ""
+    assert few_steps_warning(config.load(None, ["train.batch_size=1024", "train.epochs=1"]), 50000) == ""  # not scaled up

@@ -894,7 +894,8 @@ def test_train_sh_as_its_header_says_finds_the_data_as_make_run_and_saves_a_mode
         shutil.copytree(REPO / name, clone / name)
     env = dict(_real_env(), PBP_HPC_DATA="", PBP_HPC_CACHE=str(tmp_path / "no-cache"))
     args = ["--set", "model.layers=[784,16,10]", "--set", "data.n_train=1200", "--set", "data.n_test=200",
-            "--set", "train.epochs=2", "--set", "train.progress=false", "--set", "data.download=false"]
+            "--set", "train.epochs=2", "--set", "train.batch_size=100", "--set", "train.progress=false",
+            "--set", "data.download=false"]
     job = slurm_cluster.submit(clone / "slurm" / "train.sh", *args, env=env, cwd=clone,
                                sbatch_args=["--ntasks=2", "--time=5"])
     res = slurm_cluster.wait_for(job, timeout=120)
