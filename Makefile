@@ -14,20 +14,34 @@ RANKS  ?= 2
 export MPIR_CVAR_CH4_NETMOD ?= ofi
 CONFIG ?= configs/mnist_net1h.yaml
 
-.PHONY: setup run test test-serial test-mpi test-slurm bench clean soak
+.PHONY: setup setup-test setup-peers run test test-serial test-mpi test-slurm bench clean soak
 
+# What each target installs (sizes: README, "Install"):
+#   make run   -> .venv with pbp_hpc and what training needs: numpy, scipy, mpi4py, MPICH (the
+#                 mpich extra: an MPI from PyPI; mpiexec runs as root and oversubscribes without flags),
+#                 h5py, pyyaml, pydantic, threadpoolctl, tqdm, matplotlib, psutil
+#   make test  -> also the test tools (the test extra) and the peers below, so that every test runs
+#   make bench -> also the peers: PyTorch (CPU; the `framework` implementation and the benchmark's
+#                 torch column) and JAX (the jax column); each optional: a failed install only
+#                 leaves those rows out, and the tests that need them skip
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# mpich: an MPI from PyPI (mpiexec runs as root and oversubscribes without flags).
-	# torch==2.13.0 (CPU): the `framework` implementation and the benchmark's comparison;
-	# optional, so a failure to get it only skips those.
+	$(PY) -m pip install -q -e '.[mpich]'
+	@touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[mpich,test]'
-	-$(PY) -m pip install -q 'torch==2.13.0' || echo "torch not installed: framework rows will be skipped"
-	-$(PY) -m pip install -q 'jax[cpu]==0.10.2' || echo "jax not installed (optional, the jax extra): the benchmark's jax columns will say n/a"
-	touch $@
+	@touch $@
+
+$(VENV)/.installed-peers: $(VENV)/.installed
+	-@$(PY) -m pip install -q 'torch==2.13.0' || echo "torch not installed: framework rows will be skipped"
+	-@$(PY) -m pip install -q 'jax[cpu]==0.10.2' || echo "jax not installed (optional, the jax extra): the benchmark's jax columns will say n/a"
+	@touch $@
 
 setup: $(VENV)/.installed
+setup-test: $(VENV)/.installed-test $(VENV)/.installed-peers
+setup-peers: $(VENV)/.installed-peers
 
 run: setup
 	$(MPIEXEC) -n $(RANKS) $(PY) -m pbp_hpc.train --config $(CONFIG) $(DATA_ARG)
@@ -37,7 +51,7 @@ run: setup
 # time limit (pytest-timeout, pyproject.toml). Under mpiexec, tests/mpi_harness.py makes a failure
 # or a timeout on any rank end the whole job at once (so the MPI runs stop at the first failure,
 # printed to stderr with its rank), and only rank 0 prints the report; -rs: the skip reasons.
-test: setup
+test: setup-test
 	PBP_HPC_TEST_DATA=$(abspath ../shared/data/mnist) $(PY) -m pytest -q -rs -p no:cacheprovider
 	$(MPIEXEC) -n 2 $(PY) -m pytest -q -rs -p no:cacheprovider --with-mpi -m mpi
 	$(MPIEXEC) -n 3 $(PY) -m pytest -q -rs -p no:cacheprovider --with-mpi -m mpi
@@ -49,7 +63,7 @@ SOAK_SEED ?= 0
 soak: setup
 	$(PY) benchmarks/soak.py --seed $(SOAK_SEED)
 
-bench: setup
+bench: setup-peers
 	$(PY) -m pbp_hpc.bench
 
 clean:

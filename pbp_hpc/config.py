@@ -209,9 +209,21 @@ class ScheduleConfig(_Section):
 
     name: Literal["constant", "step", "cosine"] = "cosine"  # the report's: constant
     warmup_epochs: float = Field(1.0, ge=0.0)  # a linear ramp to the peak rate over these epochs
-    scale_with_batch: bool = False  # the linear scaling rule: peak = learning_rate * batch_size / base_batch
-    base_batch: int = Field(256, ge=1)
+    # How the peak rate follows the batch (engine/schedules.py): sqrt: learning_rate * sqrt(batch_size /
+    # base_batch) (the default: a study on real MNIST, jobs/batch_rule.yaml, kept 32-8192 trainable);
+    # linear: learning_rate * batch_size / base_batch (Goyal et al.); none: learning_rate at any batch.
+    # true/false read as linear/none (older configs and results).
+    scale_with_batch: Literal["none", "linear", "sqrt"] = "sqrt"
+    base_batch: int = Field(1024, ge=1)  # the batch at which the peak is train.learning_rate
     step_epochs: float = Field(10.0, gt=0.0)  # step: multiply by gamma every step_epochs
+
+    @field_validator("scale_with_batch", mode="before")
+    @classmethod
+    def _rule(cls, v: Any) -> Any:
+        """true/false (the field was a switch for the linear rule) read as linear/none."""
+        if isinstance(v, bool):
+            return "linear" if v else "none"
+        return {"true": "linear", "false": "none"}.get(v, v) if isinstance(v, str) else v
     gamma: float = Field(0.1, gt=0.0, le=1.0)
     min_lr: float = Field(0.0, ge=0.0)  # cosine: the rate it decays to
 

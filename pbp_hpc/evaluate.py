@@ -1,13 +1,15 @@
 """Evaluate a saved model: `python -m pbp_hpc.evaluate MODEL [--data-dir DIR] [--plots DIR] [--json]`.
 
 Reads a model file that `train.save_model` wrote (pbp_hpc.model_file: the parameters of the best
-validation pass and the run's config), rebuilds the network from the config's model.layers and
+validation pass and the run's config), or a checkpoint (checkpoint.path: the parameters where the
+run stopped, and the settings it stored to be resumed with), rebuilds the network from the config's model.layers and
 model.dtype, and classifies the test set of the data set that config names (the same files,
 subset and size as in training; --data-dir points at another copy of the IDX files): test
 accuracy, per-class accuracy and the confusion matrix, as text or JSON; --plots DIR also writes
 the confusion matrix as a figure. One process, no MPI launch needed.
 
-Exit status: 0, or 2 for a file that is not a readable model, a model that does not fit the
+Exit status: 0, or 2 for a file that is not a readable model (the one-line message names the file
+that was expected: a results file, a YAML config or any other file is not a model), a model that does not fit the
 data (input width, class count), or data that cannot be found; the message names the file.
 """
 
@@ -22,6 +24,9 @@ from typing import Any, Optional
 
 import numpy as np
 
+import h5py
+
+from pbp_hpc import checkpoint
 from pbp_hpc import config as configmod
 from pbp_hpc import model_file
 from pbp_hpc.data import datasets
@@ -32,9 +37,52 @@ from pbp_hpc.errors import ConfigError, PbpError
 CHUNK = 4096  # test examples classified per pass
 
 
+EXPECTED = "expected a model file written by train.save_model (e.g. --set train.save_model=model.h5) or a checkpoint"
+# What other HDF5 files of pbp_hpc say about themselves (root attribute -> value -> what the file is)
+_OTHERS = {("schema", "pbp_hpc-results"): "a results file (what sweeps record; python -m pbp_hpc.analyze reads it)"}
+
+
+def kind_of(path: Path) -> str:
+    """'model', 'checkpoint', or ModelFileError: one line naming the file, what it is, and what was expected."""
+    if not path.is_file():
+        raise model_file.ModelFileError(f"no model file at {path}" if not path.exists() else f"{path} is not a file; {EXPECTED}")
+    if not h5py.is_hdf5(path):
+        what = "a YAML config (a run's settings, not its parameters)" if path.suffix in (".yaml", ".yml") else "not an HDF5 file"
+        raise model_file.ModelFileError(f"{path} is {what}; {EXPECTED}")
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: f.attrs[k] for k in ("format", "schema") if k in f.attrs}
+    except (OSError, KeyError, ValueError) as exc:
+        raise model_file.ModelFileError(f"cannot read {path}: {exc}; {EXPECTED}") from None
+    if attrs.get("format") == model_file.FORMAT:
+        return "model"
+    if attrs.get("format") == checkpoint.FORMAT:
+        return "checkpoint"
+    for (key, value), what in _OTHERS.items():
+        if attrs.get(key) == value:
+            raise model_file.ModelFileError(f"{path} is {what}; {EXPECTED}")
+    raise model_file.ModelFileError(f"{path} is an HDF5 file that pbp_hpc did not write as a model or checkpoint; {EXPECTED}")
+
+
+def _from_checkpoint(path: Path) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
+    """A checkpoint's parameters as a model: the config from the settings it stored to be resumed with."""
+    try:
+        ck = checkpoint.load(path)
+    except checkpoint.CheckpointError as exc:
+        raise model_file.ModelFileError(str(exc)) from None
+    key = ck["meta"].get("resume_key") if isinstance(ck["meta"], dict) else None
+    if not isinstance(key, dict) or not {"model", "data"} <= key.keys():
+        raise model_file.ModelFileError(f"{path}: a checkpoint without the run's settings (meta.resume_key); {EXPECTED}")
+    cfg = {k: key[k] for k in ("model", "data", "algorithm", "optimizer", "schedule", "train") if k in key}
+    meta = {"checkpoint": {"epoch": ck["epoch"], "step": ck["step"]}, "best": None}
+    return ck["theta"], cfg, meta
+
+
 def load_model(path: str | Path) -> tuple[np.ndarray, configmod.Config, dict[str, Any]]:
-    """The parameters, the validated config and the meta of a model file; ModelFileError naming the file."""
-    theta, cfg_dict, meta = model_file.load(path)
+    """The parameters, the validated config and the meta of a model file or a checkpoint;
+    ModelFileError naming the file (and, for another kind of file, the file expected)."""
+    path = Path(path)
+    theta, cfg_dict, meta = model_file.load(path) if kind_of(path) == "model" else _from_checkpoint(path)
     try:
         cfg = configmod.from_dict(cfg_dict, f"the config stored in {path}")
     except ConfigError as exc:
@@ -117,7 +165,9 @@ def report(matrix: np.ndarray) -> dict[str, Any]:
 def text_lines(path: Path, cfg: configmod.Config, meta: dict[str, Any], origin: str, rep: dict[str, Any]) -> list[str]:
     acc = rep["accuracy"]
     best = meta.get("best") or {}
+    ck = meta.get("checkpoint")
     lines = [f"model {path}: layers {cfg.model.layers}, {cfg.model.dtype}"
+             + (f"; a checkpoint: the parameters at epoch {ck['epoch']}, step {ck['step']}" if ck else "")
              + (f"; saved at the validation pass of epoch {best.get('epoch')}, step {best.get('step')} "
                 f"(validation accuracy {100 * best['val_accuracy']:.2f}%)" if best.get("val_accuracy") is not None else ""),
              f"test set: {rep['examples']} examples from {origin}",
@@ -133,28 +183,42 @@ def text_lines(path: Path, cfg: configmod.Config, meta: dict[str, Any], origin: 
 
 
 def plot_confusion(rep: dict[str, Any], title: str, out: Path) -> Path:
-    """The confusion matrix as a heat map, each cell's count written in it, rows normalised in colour."""
+    """The confusion matrix as a heat map of the errors: the off-diagonal cells coloured on a log scale
+    by their share of the true class's examples (a linear scale leaves every error invisible next to
+    the diagonal's ~98%), the diagonal apart in grey; each cell's count written in it."""
+    from matplotlib import colormaps
+    from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
 
     m = np.asarray(rep["confusion_matrix"])
     rows = m.sum(axis=1, keepdims=True)
     share = np.divide(m, rows, out=np.zeros(m.shape, dtype=float), where=rows > 0)
     k = m.shape[0]
+    errors = np.ma.masked_where(np.eye(k, dtype=bool) | (m == 0), share)
     size = max(5.0, 0.55 * k + 2.5)
     fig = Figure(figsize=(size + 1.2, size), layout="constrained")
     ax = fig.subplots()
-    im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    cmap = colormaps["Reds"].copy()
+    cmap.set_bad("white")
+    low = float(errors.min()) if errors.count() else 1e-3
+    high = float(errors.max()) if errors.count() else 1.0
+    norm = LogNorm(vmin=low, vmax=max(high, low * 10))
+    im = ax.imshow(errors, cmap=cmap, norm=norm)
+    small = "small" if k <= 12 else "xx-small"
     for i in range(k):
+        ax.add_patch(Rectangle((i - 0.5, i - 0.5), 1, 1, color="0.85"))
         for j in range(k):
             if m[i, j]:
-                ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize="small" if k <= 12 else "xx-small",
-                        color="white" if share[i, j] > 0.5 else "black")
+                dark = i != j and norm(share[i, j]) > 0.6
+                ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=small,
+                        color="white" if dark else "black", fontweight="bold" if i == j else "normal")
     ax.set_xticks(range(k))
     ax.set_yticks(range(k))
     ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
+    ax.set_ylabel("true class (grey: correct)")
     ax.set_title(title, fontsize="medium")
-    fig.colorbar(im, ax=ax, label="share of the true class's examples", shrink=0.8)
+    fig.colorbar(im, ax=ax, label="errors: share of the true class's examples (log scale)", shrink=0.8)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     return out
@@ -182,7 +246,7 @@ def evaluate(path: str | Path, data_dir: Optional[str] = None, n_test: Optional[
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pbp_hpc.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("model", help="a model file written by train.save_model")
+    p.add_argument("model", help="a model file written by train.save_model, or a checkpoint (checkpoint.path)")
     p.add_argument("--data-dir", metavar="DIR", help="the IDX files to test on, instead of the model config's data.dir")
     p.add_argument("--n-test", type=int, metavar="N", help="test examples to use (default: the model config's data.n_test)")
     p.add_argument("--plots", metavar="DIR", help="write the confusion matrix as DIR/confusion_<model>.png")

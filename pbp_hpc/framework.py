@@ -33,7 +33,7 @@ import numpy as np
 
 from pbp_hpc.data import datasets
 from pbp_hpc.engine import activations, losses, model
-from pbp_hpc.engine.schedules import Schedule
+from pbp_hpc.engine.schedules import Schedule, check_batch, describe
 from pbp_hpc.parallel import provenance
 from pbp_hpc.config import Config
 from pbp_hpc.errors import ConfigError, DataError, DivergenceError, PbpError, WorldSizeError
@@ -184,7 +184,8 @@ def run(cfg: Config, log: Optional[Log] = None, quiet: bool = False, return_para
                          "mkl": bool(torch.backends.mkl.is_available()), "openmp": bool(torch.backends.openmp.is_available())}
     say(f"pbp_hpc.framework: torch {torch.__version__} x {threads} thread(s), layers {cfg.model.layers}, "
         f"{cfg.model.activation}, {cfg.model.loss}, {cfg.model.dtype}, {cfg.optimizer.name}, batch {cfg.train.batch_size}, "
-        f"lr {cfg.train.learning_rate} ({cfg.schedule.name}), {len(data.train)} examples from {data.origin}")
+        f"{describe(cfg)}, {len(data.train)} examples from {data.origin}")
+    check_batch(cfg, len(data.train))
     schedule = Schedule(cfg, -(-len(data.train) // cfg.train.batch_size))
     t_run = time.perf_counter()
     records = [_epoch(torch, net, opt, cfg, data, buf, epoch, schedule, say) for epoch in range(cfg.train.epochs)]

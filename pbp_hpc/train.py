@@ -31,6 +31,7 @@ from pbp_hpc import evaluation, faults, model_file, periodic, protocols, resume,
 from pbp_hpc.config import Config
 from pbp_hpc.data import datasets, device as device_data
 from pbp_hpc.engine import backend, model, optimizers, step as local_steps
+from pbp_hpc.engine import schedules
 from pbp_hpc.engine.schedules import Schedule
 from pbp_hpc.errors import DataError, DivergenceError, InjectedFault, Stopped
 from pbp_hpc.parallel import accounting, grid_auto, gpu, noise_scale, provenance, reducers, runtime, shards, strategies
@@ -247,6 +248,7 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
     cfg = st.cfg
     n_train, B = len(st.data.train), cfg.train.batch_size
     steps = -(-n_train // B)
+    full_batch = schedules.check_batch(cfg, n_train)
     if cfg.debug.fail_step is not None:
         st.strategy.after_local = functools.partial(_inject_fault, st)
     start_epoch, start_step, records, extra = resume.try_resume(st, log)
@@ -262,8 +264,11 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
     with runtime.training_loop():  # a stop signal: checkpoint-and-stop; outside it, runtime.Stopped at once
         # logged here, inside: from this line on, a stop signal checkpoints (scripts and tests wait for it)
         log(f"pbp_hpc: layers {cfg.model.layers}, {cfg.model.dtype}, "
-            f"{cfg.algorithm}, {cfg.optimizer.name}, batch {B}, lr {cfg.train.learning_rate} ({cfg.schedule.name}), "
+            f"{cfg.algorithm}, {cfg.optimizer.name}, batch {B}{full_batch}, {schedules.describe(cfg)}, "
             f"{n_train} training examples from {st.data.origin}")
+        few_steps = schedules.few_steps_warning(cfg, n_train)
+        if few_steps and start_epoch == 0 and start_step == 0:
+            log(few_steps)
         for epoch in range(start_epoch, cfg.train.epochs):
             first = start_step if epoch == start_epoch else 0
             rec, stopped, ended = _epoch(st, loop, epoch, first, quiet)

@@ -19,9 +19,10 @@
 # Naming: the sweep file is a YAML job file (jobs/<name>.yaml), given as PBP_JOBFILE or as the first
 # argument after the script name. Each task writes $PBP_RESULTS_DIR/point-<task id>.h5 (default
 # results directory: results/<job file name without .yaml>, the same folder that `--slurm` uses), and
-# by hand its log goes to pbp-sweep-<array job id>_<task id>.out in the submit directory (choose
-# another with sbatch --output=DIR/%x-%A_%a.out; DIR must exist). Arguments after the job file are
-# passed on to `python -m pbp_hpc.sweep`.
+# by hand its log goes to logs/pbp-sweep-<array job id>_<task id>.out (logs/ is in the repository;
+# choose another with sbatch --output=DIR/%x-%A_%a.out; DIR must exist). Arguments after the job file
+# are passed on to `python -m pbp_hpc.sweep`. --ntasks must cover the sweep's largest point: a task
+# whose point needs more ranks stops before training and names the sbatch options that fit.
 #
 # A point already recorded in its point-<task id>.h5 is not run again (an earlier submission into the
 # same results folder, or a requeue): the task then says so at its start, lists the point's runs and
@@ -43,7 +44,7 @@
 # (only this one) is requeued and resumes later with the same task ID.
 # =====================================================================================================
 #SBATCH --job-name=pbp-sweep
-#SBATCH --output=%x-%A_%a.out
+#SBATCH --output=logs/%x-%A_%a.out
 #SBATCH --open-mode=append
 #SBATCH --nodes=1
 #SBATCH --ntasks=2
@@ -96,6 +97,15 @@ elif [ -f "${SLURM_SUBMIT_DIR:-.}/.venv/bin/activate" ]; then
     . "${SLURM_SUBMIT_DIR:-.}/.venv/bin/activate"
 fi
 PYTHON=${PBP_PYTHON:-python}
+
+# ---- data: as `make run` finds it -------------------------------------------------------------------------
+# --data-dir (after the script name) or PBP_HPC_DATA win; else ../shared/data/mnist beside the repository
+# when it holds MNIST; else the package's per-user cache (~/.cache/pbp_hpc/mnist, downloaded once).
+SHARED_MNIST=${SLURM_SUBMIT_DIR:-.}/../shared/data/mnist
+if [ -z "${PBP_HPC_DATA:-}" ] && compgen -G "$SHARED_MNIST/train-images*idx3-ubyte*" >/dev/null; then
+    PBP_HPC_DATA=$(cd "$SHARED_MNIST" && pwd)
+    export PBP_HPC_DATA
+fi
 
 # ---- threads ------------------------------------------------------------------------------------------
 CPUS=${SLURM_CPUS_PER_TASK:-1}

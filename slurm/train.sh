@@ -9,8 +9,11 @@
 #     PBP_CONFIG=configs/synthetic.yaml sbatch slurm/train.sh --set train.epochs=10
 #
 # Anything after the script name is passed on to `python -m pbp_hpc.train` (e.g. --set KEY=VALUE,
-# --data-dir DIR). Output goes to pbp-train-<jobid>.out in the submit directory (appended to, not
-# overwritten, when the job is requeued).
+# --data-dir DIR). Output goes to logs/pbp-train-<jobid>.out (logs/ is in the repository, empty, so
+# that it exists when Slurm opens the file; appended to, not overwritten, when the job is requeued).
+# Data is found as `make run` finds it (see "data" below). Besides the checkpoint
+# (checkpoints/<jobid>.h5), the best validation pass's model is saved beside it as
+# checkpoints/<jobid>.model.h5 (train.save_model; `python -m pbp_hpc.evaluate` reads either).
 #
 # What to edit (or override on the sbatch command line):
 #   --nodes            nodes to use
@@ -49,7 +52,7 @@
 # (Slurm's cred_expire) before they may start again.
 # =====================================================================================================
 #SBATCH --job-name=pbp-train
-#SBATCH --output=%x-%j.out
+#SBATCH --output=logs/%x-%j.out
 #SBATCH --open-mode=append
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=2
@@ -85,6 +88,15 @@ elif [ -f "${SLURM_SUBMIT_DIR:-.}/.venv/bin/activate" ]; then
     . "${SLURM_SUBMIT_DIR:-.}/.venv/bin/activate"
 fi
 PYTHON=${PBP_PYTHON:-python}
+
+# ---- data: as `make run` finds it -------------------------------------------------------------------------
+# --data-dir (after the script name) or PBP_HPC_DATA win; else ../shared/data/mnist beside the repository
+# when it holds MNIST; else the package's per-user cache (~/.cache/pbp_hpc/mnist, downloaded once).
+SHARED_MNIST=${SLURM_SUBMIT_DIR:-.}/../shared/data/mnist
+if [ -z "${PBP_HPC_DATA:-}" ] && compgen -G "$SHARED_MNIST/train-images*idx3-ubyte*" >/dev/null; then
+    PBP_HPC_DATA=$(cd "$SHARED_MNIST" && pwd)
+    export PBP_HPC_DATA
+fi
 
 # ---- threads: one BLAS/OpenMP thread per core given to each rank --------------------------------------
 CPUS=${SLURM_CPUS_PER_TASK:-1}
@@ -176,6 +188,7 @@ run_step "${ELASTIC[@]}" srun --mpi="$MPI_PLUGIN" --kill-on-bad-exit=1 "${SHAPE[
     --set parallel.ranks="$NTASKS" \
     --set parallel.threads_per_rank="$CPUS" \
     --set checkpoint.path="$CHECKPOINT" \
+    --set train.save_model="${CHECKPOINT%.h5}.model.h5" \
     --set checkpoint.resume=true \
     ${1+"$@"}
 rc=$?

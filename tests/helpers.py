@@ -14,7 +14,8 @@ MPIEXEC = str(Path(sys.executable).with_name("mpiexec"))
 # The report's setup, which the mechanics tests (equivalence, resume, reducers, faults) were
 # tuned on: the built-in defaults are another (relu, cross-entropy, Nesterov, cosine) and may change.
 REPORT_SETUP = {"model.activation": "sigmoid", "model.loss": "mse", "model.init": "glorot_uniform",
-                "optimizer.name": "sgd", "schedule.name": "constant", "schedule.warmup_epochs": "0"}
+                "optimizer.name": "sgd", "schedule.name": "constant", "schedule.warmup_epochs": "0",
+                "schedule.scale_with_batch": "none"}
 TINY = ["--set", "model.layers=[784, 16, 10]", "--set", "train.progress=false",
         *[a for k, v in REPORT_SETUP.items() for a in ("--set", f"{k}={v}")]]
 

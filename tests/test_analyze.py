@@ -556,7 +556,7 @@ def test_time_to_accuracy_from_an_hdf5_file_of_a_real_run(tmp_path):
     # the report's activation and loss (not the defaults', which reach the target in the first 10 steps)
     cfg = config.from_dict({"data": {"name": "synthetic", "n_train": 1200, "n_test": 200},
                             "model": {"layers": [784, 16, 10], "activation": "sigmoid", "loss": "mse", "init": "glorot_uniform"},
-                            "schedule": {"name": "constant", "warmup_epochs": 0},
+                            "schedule": {"name": "constant", "warmup_epochs": 0, "scale_with_batch": "none"},
                             "train": {"epochs": 3, "batch_size": 32, "learning_rate": 0.5, "eval_every_steps": 10,
                                       "target_accuracy": 0.5, "progress": False},
                             "optimizer": {"name": "nesterov"}, "parallel": {"threads_per_rank": 1}}, "test")

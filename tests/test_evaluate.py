@@ -133,3 +133,31 @@ def test_a_corrupt_or_foreign_file_is_refused_with_exit_2(tmp_path, kind):
     assert p.stderr.startswith("pbp_hpc.evaluate: error:") and str(bad) in p.stderr and "Traceback" not in p.stderr
     with pytest.raises(model_file.ModelFileError):
         evaluate.load_model(bad)
+
+
+def test_a_checkpoint_is_evaluated_as_the_model_of_where_the_run_stopped(tmp_path):
+    """slurm/train.sh leaves a checkpoint: its parameters are a model, its stored settings the config."""
+    ckpt = tmp_path / "ck.h5"
+    path, run = trained(tmp_path, checkpoint={"path": str(ckpt)})
+    out = evaluate.evaluate(ckpt)
+    assert out["accuracy"] == pytest.approx(run["test_accuracy"], abs=1e-12)  # one pass, at the end: the same parameters
+    p = subprocess.run([sys.executable, "-m", "pbp_hpc.evaluate", str(ckpt)], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0 and "a checkpoint: the parameters at epoch 2, step 0" in p.stdout, p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("kind, said", [("results", "is a results file (what sweeps record; python -m pbp_hpc.analyze reads it)"),
+                                        ("yaml", "is a YAML config (a run's settings, not its parameters)"),
+                                        ("random", "is not an HDF5 file")])
+def test_a_wrong_file_gets_one_line_naming_the_file_expected(tmp_path, kind, said):
+    bad = tmp_path / ("run.yaml" if kind == "yaml" else "file.h5")
+    if kind == "results":
+        with h5py.File(bad, "w") as f:
+            f.attrs["schema"] = "pbp_hpc-results"
+    elif kind == "yaml":
+        bad.write_text((ROOT / "configs" / "mnist_net1h.yaml").read_text())
+    else:
+        bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    p = subprocess.run([sys.executable, "-m", "pbp_hpc.evaluate", str(bad)], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr == (f"pbp_hpc.evaluate: error: {bad} {said}; expected a model file written by train.save_model "
+                        "(e.g. --set train.save_model=model.h5) or a checkpoint\n")

@@ -11,7 +11,8 @@ from mpi4py import MPI
 
 from pbp_hpc import config, train
 from pbp_hpc.engine import optimizers
-from pbp_hpc.engine.schedules import Schedule
+from pbp_hpc.engine.schedules import Schedule, describe
+from pbp_hpc.errors import ConfigError
 
 WORLD = MPI.COMM_WORLD
 
@@ -22,7 +23,8 @@ def cfg(**over):
             "train.eval_every": 0, "train.progress": "false", "train.batch_size": 10,
             # the report's setup as the base (the built-in defaults are another); tests vary from it
             "model.activation": "sigmoid", "model.loss": "mse", "model.init": "glorot_uniform",
-            "optimizer.name": "sgd", "schedule.name": "constant", "schedule.warmup_epochs": 0}
+            "optimizer.name": "sgd", "schedule.name": "constant", "schedule.warmup_epochs": 0,
+            "schedule.scale_with_batch": "none"}
     base.update({k.replace("__", "."): str(v) for k, v in over.items()})
     return config.load(None, [f"{k}={v}" for k, v in base.items()])
 
@@ -116,14 +118,29 @@ def test_constant_is_the_base_rate_and_linear_scaling_multiplies_it_by_batch_ove
     assert s(0) == s(50) == pytest.approx(1.2)
 
 
-def test_warm_up_ramps_linearly_from_the_base_rate_to_the_scaled_peak():
-    s = Schedule(cfg(train__batch_size=512, schedule__scale_with_batch="true", schedule__base_batch=256,
+def test_the_default_rule_scales_the_peak_by_the_square_root_of_batch_over_1024_and_the_header_says_so():
+    default = config.load(None, []).schedule
+    assert (default.scale_with_batch, default.base_batch) == ("sqrt", 1024)
+    sqrt = cfg(train__batch_size=256, schedule__scale_with_batch="sqrt")
+    assert Schedule(sqrt, 10)(0) == pytest.approx(0.3 * 0.5)  # sqrt(256 / 1024)
+    assert describe(sqrt) == "peak lr 0.15 (sqrt rule: 0.3 x sqrt(256/1024)), constant"
+    assert "fixed: schedule.scale_with_batch none" in describe(cfg(schedule__scale_with_batch="false"))
+
+
+def test_warm_up_ramps_linearly_from_zero_to_the_scaled_peak():
+    s = Schedule(cfg(train__batch_size=512, schedule__scale_with_batch="linear", schedule__base_batch=256,
                      schedule__warmup_epochs=1), 10)
     rates = [s(k) for k in range(12)]
-    assert rates[0] == pytest.approx(0.3 + 0.3 / 10) and rates[9] == rates[10] == pytest.approx(0.6)
+    assert rates[0] == pytest.approx(0.06) and rates[9] == rates[10] == pytest.approx(0.6)
     assert all(b > a for a, b in zip(rates[:10], rates[1:10]))
     unscaled = Schedule(cfg(schedule__warmup_epochs=2), 5)
     assert unscaled(0) == pytest.approx(0.03) and unscaled(9) == pytest.approx(0.3)
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_naming_both_numbers():
+    with pytest.raises(ConfigError, match=r"train.batch_size 101 is larger than the 100 training examples; "
+                                          r"full-batch gradient descent is train.batch_size=100 \(= n_train\)"):
+        train.run(cfg(train__batch_size=101), MPI.COMM_SELF)
 
 
 def test_step_decay_multiplies_by_gamma_every_step_epochs_after_warm_up():
@@ -137,3 +154,13 @@ def test_cosine_decays_from_the_peak_to_min_lr_by_the_last_step():
     assert s(0) == pytest.approx(0.3) and s(20) == pytest.approx(0.01 + 0.29 * 0.5)
     assert s(39) == pytest.approx(0.01 + 0.29 * 0.5 * (1 + math.cos(math.pi * 39 / 40)))
     assert all(b <= a for a, b in zip(map(s, range(40)), map(s, range(1, 40))))
+
+
+def test_a_batch_past_the_rules_limit_gets_a_warning_naming_the_epochs_that_would_do():
+    from pbp_hpc.engine.schedules import few_steps_warning
+    big = config.load(None, ["train.batch_size=4096"])  # the defaults: sqrt rule, 8 epochs
+    assert few_steps_warning(big, 50000) == (
+        "warning: batch 4096 leaves 104 steps in 8 epoch(s); the default recipe trained well (>= 97% on MNIST) only "
+        "from 200 steps: set train.epochs=16 or a smaller batch (docs/training.md, \"Changing the batch\")")
+    assert few_steps_warning(config.load(None, ["train.batch_size=4096", "train.epochs=16"]), 50000) == ""
+    assert few_steps_warning(config.load(None, ["train.batch_size=1024", "train.epochs=1"]), 50000) == ""  # not scaled up

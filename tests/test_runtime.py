@@ -93,7 +93,7 @@ def test_auto_reducer_shares_memory_among_a_nodes_ranks_and_says_so():
 
     line = _reducer_line(run_cmd(["pbp_hpc.train", *TINY], ranks=2))
     assert "reducer shm (auto: 2 ranks share each node's memory)" in line  # batch 1024: 512 rows per rank
-    line = _reducer_line(run_cmd(["pbp_hpc.train", *TINY, "--set", "train.batch_size=128"], ranks=2))
+    line = _reducer_line(run_cmd(["pbp_hpc.train", *TINY, "--set", "train.batch_size=128", "--set", "data.n_train=240"], ranks=2))
     assert ("reducer shared_batch (auto: 2 ranks share each node's memory and, at 64 rows of the batch per rank "
             "(<= 64), compute each batch together)") in line
     two_nodes = [MPIEXEC, "-n", "4", "-ppn", "2", "-hosts", "localhost,127.0.0.1", "-launcher", "fork"]

@@ -127,8 +127,11 @@ class SlurmCluster:
         """sbatch SCRIPT ARGS; returns the job ID (for an array: the array's job ID).
 
         env entries are added to the job's environment (sbatch exports the caller's by default);
-        cwd is the submit directory, where the job runs and, by default, writes its output.
+        cwd is the submit directory, where the job runs; like the repository it has a logs/ folder,
+        where the templates write their output by default.
         """
+        if cwd:
+            (Path(cwd) / "logs").mkdir(exist_ok=True)
         p = self.run("sbatch", "--parsable", *sbatch_args, str(script), *args, env=env,
                      cwd=Path(cwd) if cwd else None, timeout=timeout)
         return p.stdout.strip().splitlines()[0].split(";")[0]
@@ -521,7 +524,7 @@ def test_train_template_checkpoints_requeues_resumes(slurm_cluster, tmp_path, fa
     job = slurm_cluster.submit(SLURM_DIR / "train.sh", "--set", "train.epochs=2",
                                sbatch_args=["--ntasks-per-node=2", "--cpus-per-task=2", "--time=10"],
                                env={"PBP_PYTHON": str(fake_python)}, cwd=tmp_path)
-    out_file = tmp_path / f"pbp-train-{job}.out"
+    out_file = tmp_path / "logs" / f"pbp-train-{job}.out"
     slurm_cluster.wait_for_text(out_file, "ready")
     slurm_cluster.signal_batch(job, "USR1")
     res = slurm_cluster.wait_for(job, timeout=60)
@@ -532,6 +535,7 @@ def test_train_template_checkpoints_requeues_resumes(slurm_cluster, tmp_path, fa
     assert ckpt.exists(), out
     assert "srun --mpi=pmi2" in out, out  # auto-detected for the MPICH wheel
     assert "'parallel.ranks': '2'" in out and "'parallel.threads_per_rank': '2'" in out, out
+    assert f"'train.save_model': 'checkpoints/{job}.model.h5'" in out, out
     assert f"'checkpoint.path': 'checkpoints/{job}.h5'" in out and "'checkpoint.resume': 'true'" in out, out
     assert "'train.epochs': '2'" in out, out  # arguments after the script name reach the program
     assert "SRUN_CPUS_PER_TASK=2 OMP_NUM_THREADS=2" in out, out
@@ -563,10 +567,10 @@ def test_sweep_array_requeue_and_merge(slurm_cluster, tmp_path, fake_python):
                                  sbatch_args=[f"--dependency=afterany:{array}"],
                                  env={"PBP_PYTHON": str(fake_python), "PBP_RESULTS_DIR": "results/demo",
                                       "PBP_SWEEP_POINTS": "2"})
-    slurm_cluster.wait_for_text(tmp_path / f"pbp-sweep-{array}_1.out", "ready")
+    slurm_cluster.wait_for_text(tmp_path / "logs" / f"pbp-sweep-{array}_1.out", "ready")
     slurm_cluster.signal_batch(f"{array}_1", "USR1")
     tasks = slurm_cluster.wait_for_array(array, timeout=60)
-    logs = {i: (tmp_path / f"pbp-sweep-{array}_{i}.out").read_text() for i in (0, 1)}
+    logs = {i: (tmp_path / "logs" / f"pbp-sweep-{array}_{i}.out").read_text() for i in (0, 1)}
     assert sorted(tasks) == [0, 1]
     assert all(t.state == "COMPLETED" and t.exit_code == 0 for t in tasks.values()), (tasks, logs)
     assert (tasks[0].restarts, tasks[1].restarts) == (0, 1), logs
@@ -716,7 +720,7 @@ def test_real_train_usr1_requeues_and_resumes(slurm_cluster, tmp_path):
     t0 = time.monotonic()
     job = slurm_cluster.submit(SLURM_DIR / "train.sh", *args, env=env, cwd=tmp_path,
                                sbatch_args=["--ntasks=1", "--cpus-per-task=1", "--time=10"])
-    out_file = tmp_path / f"pbp-train-{job}.out"
+    out_file = tmp_path / "logs" / f"pbp-train-{job}.out"
     slurm_cluster.wait_for_text(out_file, "epoch   0 ", timeout=60)
     state = slurm_cluster.job_records(job)[0].get("JobState")
     assert state == "RUNNING", state
@@ -909,7 +913,7 @@ def test_an_elastic_job_that_loses_a_node_finishes_on_the_other(slurm_cluster, t
     env = dict(_real_env(), PBP_CONFIG=str(REPO / "configs" / "synthetic.yaml"), PBP_ELASTIC="1")
     job = slurm_cluster.submit(SLURM_DIR / "train.sh", *ELASTIC_ARGS, env=env, cwd=tmp_path,
                                sbatch_args=["--no-kill", "--nodes=2", "--ntasks-per-node=1", "--time=5"])
-    out_file = tmp_path / f"pbp-train-{job}.out"
+    out_file = tmp_path / "logs" / f"pbp-train-{job}.out"
     try:
         _fail_node_when_training(slurm_cluster, out_file, nodes[1])
         res = slurm_cluster.wait_for(job, timeout=120)
@@ -936,7 +940,7 @@ def test_a_requeued_job_resumes_after_losing_a_node(slurm_cluster, tmp_path):
     env = dict(_real_env(), PBP_CONFIG=str(REPO / "configs" / "synthetic.yaml"))
     job = slurm_cluster.submit(SLURM_DIR / "train.sh", *ELASTIC_ARGS, env=env, cwd=tmp_path,
                                sbatch_args=["--nodes=1-2", "--ntasks=2", "--spread-job", "--time=5"])
-    out_file = tmp_path / f"pbp-train-{job}.out"
+    out_file = tmp_path / "logs" / f"pbp-train-{job}.out"
     try:
         _fail_node_when_training(slurm_cluster, out_file, nodes[1])
         deadline = time.monotonic() + 60
@@ -950,3 +954,55 @@ def test_a_requeued_job_resumes_after_losing_a_node(slurm_cluster, tmp_path):
     assert re.search(rf"resumed from checkpoints/{job}.h5 at epoch [1-9]", out), out
     ck = checkpoint.load(tmp_path / "checkpoints" / f"{job}.h5")
     assert (ck["epoch"], ck["step"]) == (60, 0)
+@retry_on_ucx_flake
+def test_train_sh_as_its_header_says_finds_the_data_as_make_run_and_saves_a_model_to_evaluate(slurm_cluster, tmp_path,
+                                                                                               mnist_dir):
+    """`sbatch slurm/train.sh` from a fresh clone with ../shared/data/mnist beside it and no PBP_HPC_DATA:
+    the job finds the data as `make run` does, logs to logs/, saves the model beside its checkpoint, and
+    `python -m pbp_hpc.evaluate` reads both; nothing else lands in the clone's root."""
+    _mpi_plugin_or_skip()
+    clone = tmp_path / "clone"
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "shared" / "data" / "mnist").symlink_to(mnist_dir)
+    for name in ("slurm", "configs", "logs"):  # what the job reads from a clone
+        shutil.copytree(REPO / name, clone / name)
+    env = dict(_real_env(), PBP_HPC_DATA="", PBP_HPC_CACHE=str(tmp_path / "no-cache"))
+    args = ["--set", "model.layers=[784,16,10]", "--set", "data.n_train=1200", "--set", "data.n_test=200",
+            "--set", "train.epochs=2", "--set", "train.batch_size=100", "--set", "train.progress=false",
+            "--set", "data.download=false"]
+    job = slurm_cluster.submit(clone / "slurm" / "train.sh", *args, env=env, cwd=clone,
+                               sbatch_args=["--ntasks=2", "--time=5"])
+    res = slurm_cluster.wait_for(job, timeout=120)
+    out = res.output()
+    assert res.stdout == clone / "logs" / f"pbp-train-{job}.out"
+    assert (res.state, res.exit_code) == ("COMPLETED", 0), out
+    assert f"from {mnist_dir.resolve()}" in out or "shared/data/mnist" in out, out
+    assert sorted(p.name for p in clone.iterdir()) == ["checkpoints", "configs", "logs", "slurm"]
+    model, ckpt = clone / "checkpoints" / f"{job}.model.h5", clone / "checkpoints" / f"{job}.h5"
+    assert model.is_file() and ckpt.is_file(), out
+    for saved in (model, ckpt):
+        p = subprocess.run([sys.executable, "-m", "pbp_hpc.evaluate", str(saved), "--data-dir", str(mnist_dir)],
+                           env=dict(os.environ, **_real_env()), capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and re.search(r"test accuracy \d+\.\d+%", p.stdout), p.stdout + p.stderr
+
+
+@retry_on_ucx_flake
+def test_sweep_sh_by_hand_with_too_few_tasks_names_the_sbatch_options_before_training(slurm_cluster, tmp_path):
+    """`sbatch --array=K --ntasks=1 slurm/sweep.sh JOBFILE` where point K needs 2 ranks: the task says so
+    before training, names the sbatch options that fit every point, records nothing and exits 2."""
+    _mpi_plugin_or_skip()
+    from pbp_hpc import sweep as sweep_mod
+    jobfile = REPO / "jobs" / "slurm_smoke.yaml"
+    points = sweep_mod.expand(jobfile).points
+    k = next(p.index for p in points if p.ranks == 2)
+    job = slurm_cluster.submit(SLURM_DIR / "sweep.sh", str(jobfile), env=_real_env(), cwd=tmp_path,
+                               sbatch_args=[f"--array={k}", "--ntasks=1", "--time=5"])
+    res = slurm_cluster.wait_for_array(job, timeout=60)[k]
+    out = res.output()
+    assert res.stdout == tmp_path / "logs" / f"pbp-sweep-{job}_{k}.out"
+    assert res.exit_code == 2, out
+    assert (f"point {k} needs 2 ranks x 1 threads, but this array task has --ntasks=1: submit with  "
+            f"sbatch --array=0-{len(points) - 1} --ntasks=2 --cpus-per-task=1 slurm/sweep.sh {jobfile}") in out, out
+    assert "More processors requested" not in out and "pbp_hpc: 2 rank(s)" not in out, out
+    assert not (tmp_path / "results" / "slurm_smoke" / f"point-{k}.h5").exists()
+    assert not list(tmp_path.glob("*.out")), "a job log in the submit directory"

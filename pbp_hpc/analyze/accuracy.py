@@ -65,8 +65,11 @@ def variant_of(rec: Record) -> str:
         schedule += f" +{sch['warmup_epochs']:g}ep warm-up"
     lr = _cfg(rec, "train", "learning_rate")
     rate = "lr ?" if lr is None else f"lr {lr:g}"
-    if sch.get("scale_with_batch"):
+    rule = sch.get("scale_with_batch")  # a bool in records before the sqrt rule: true was linear
+    if rule in (True, "linear"):
         rate += f"xB/{sch['base_batch']}"
+    elif rule == "sqrt":
+        rate += f"xsqrt(B/{sch['base_batch']})"
     return f"{words}, {schedule}, {rate}" + study_of(rec)
 
 

@@ -82,6 +82,10 @@ _HOW_TO_PROVIDE = (
 )
 
 
+_FIX = ("Fix: pass --data-dir DIR (or set PBP_HPC_DATA=DIR), DIR holding train-images-idx3-ubyte, "
+        "train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte (.gz or not).")
+
+
 def resolve_data_dir(explicit: str | None, download: bool = True, mirrors: Sequence[str] = DEFAULT_MIRRORS) -> Path:
     """The directory holding the data set: `explicit`, else $PBP_HPC_DATA, else the (filled) cache."""
     for value, where in ((explicit, "--data-dir / data.dir"), (os.environ.get("PBP_HPC_DATA"), "PBP_HPC_DATA")):
@@ -93,13 +97,18 @@ def resolve_data_dir(explicit: str | None, download: bool = True, mirrors: Seque
     cache = default_cache_dir()
     if find_files(cache) is not None:
         return cache
-    looked = f"the download cache {_missing_message(cache)}"
+    # The fix first and a few lines in all: the names tried in each folder are in
+    # docs/troubleshooting.md ("No data set found"), not in the message.
+    looked = f"  looked in: --data-dir and PBP_HPC_DATA (both unset), the download cache {cache} (no MNIST files)"
     if not download:
-        raise DataError(f"no data set found: --data-dir and PBP_HPC_DATA are unset and {looked}. {_HOW_TO_PROVIDE}")
+        raise DataError(f"no data set found. {_FIX}\n{looked}; data.download is false")
     try:
         fetch_mnist(cache, mirrors)
     except DataError as e:
-        raise DataError(f"no data set found: --data-dir and PBP_HPC_DATA are unset, {looked}, and the download failed: {e}") from e
+        failures = [line.strip() for line in str(e).splitlines() if line.startswith("  ")]
+        why = failures[-1] if failures else str(e).splitlines()[0]
+        raise DataError(f"no data set found. {_FIX}\n{looked}\n  the download into it failed "
+                        f"({len(failures) or 1} mirror(s); the last: {why[:240]})") from e
     return cache
 
 

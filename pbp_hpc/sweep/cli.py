@@ -19,7 +19,7 @@ from pbp_hpc.sweep.identity import check_recorded, mismatches, stale_note
 from pbp_hpc.sweep.launch import checkpoint_path, command
 from pbp_hpc.sweep.process import Stop
 from pbp_hpc.sweep.runner import Options, plan, run_sweep
-from pbp_hpc.sweep.slurm import submit
+from pbp_hpc.sweep.slurm import check_allocation, submit
 
 # --help's description: the first line of the package's docstring (pbp_hpc/sweep/__init__.py), which
 # this module cannot import (the package imports it).
@@ -119,6 +119,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.dry_run:
             print("\n".join(dry_run_lines(sweep, opts)))
             return 0
+        if args.point is not None and args.launcher == "srun":
+            check_allocation(sweep, args.point, args.jobfile)
         stop = Stop()
         stop.install()
         return run_sweep(sweep, opts, stop, say=lambda s: print(s, flush=True))

@@ -165,6 +165,10 @@ def _make_point(spec: SweepSpec, path: Path, base_dict: dict[str, Any], base_ite
     fixed = {"algorithm": rule.algorithm, "backend": rule.backend, "model.layers": layers, "model.dtype": values["dtype"],
              "train.batch_size": values["batch_size"], "train.warmup_epochs": spec.warmup_epochs,
              "parallel.ranks": values["ranks"], "parallel.threads_per_rank": values["threads_per_rank"]}
+    stated = [spec.axes.batch_size, spec.axes.batch_per_rank, "batch_size" in (base_dict.get("train") or {}),
+              "train.batch_size" in spec.set, "train.batch_size" in spec.implementation_set.get(impl, {})]
+    if not any(stated):  # the built-in default batch, as a run without --set has it (train refuses only a stated
+        del fixed["train.batch_size"]  # batch larger than the training set)
     if spec.oversubscribe:
         fixed["parallel.oversubscribe"] = True
     if spec.axes.strategy:

@@ -54,6 +54,23 @@ def slurm_commands(sweep: Sweep, results_dir: Path, sbatch_args: list[str], arra
     return array, merge, env
 
 
+def check_allocation(sweep: Sweep, k: int, jobfile: Path) -> None:
+    """In an array task (srun launcher): refuse, before training, a point that needs more ranks than
+    the allocation's tasks, naming the sbatch options that fit every point (srun would otherwise fail
+    the point with "More processors requested than permitted" and record it as failed)."""
+    ntasks = os.environ.get("SLURM_NTASKS")
+    point = sweep.points[k]
+    if not ntasks or not ntasks.isdigit() or point.ranks <= int(ntasks):
+        return
+    n = len(sweep.points)
+    ranks = max(p.ranks for p in sweep.points)
+    threads = max(p.threads for p in sweep.points)
+    raise ConfigError(f"point {k} needs {point.ranks} ranks x {point.threads} threads, but this array task has "
+                      f"--ntasks={ntasks}: submit with  sbatch --array=0-{n - 1} --ntasks={ranks} "
+                      f"--cpus-per-task={threads} slurm/sweep.sh {jobfile}  (every point's largest), or let "
+                      f"python -m pbp_hpc.sweep {jobfile} --slurm  size it")
+
+
 def _sbatch(cmd: list[str], env: dict[str, str]) -> str:
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
     if p.returncode != 0:
