@@ -131,3 +131,26 @@ def test_a_run_closes_its_shared_memory_reducer():
     assert st.reducer.shared is None  # windows and communicators freed, collectively
     for _ in range(20):  # as search_lr runs trial after trial: nothing piles up
         train.run(cfg, WORLD)
+
+
+def test_what_a_strategy_class_declares_gives_its_resume_key_and_rules(gossip):
+    from pbp_hpc import resume
+
+    cfg = small(**{"parallel.strategy": "gossip", "parallel.local_steps": 3})
+    assert resume.resume_key(cfg)["strategy"] == {"strategy": "gossip", "local_steps": 3}
+    assert "strategy" not in resume.resume_key(small())  # allreduce: as checkpoints before strategies
+    # a local_sgd checkpoint written before strategies declared their keys (all four) still resumes
+    old = small(**{"parallel.strategy": "local_sgd"})
+    legacy = {**resume.resume_key(old), "strategy": {"strategy": "local_sgd", "local_steps": 4, "staleness_bound": 2,
+                                                      "meet_every_steps": 16}}
+    resume._check_meta("ck.h5", {"resume_key": legacy, "ranks": 1, "records": []}, old, 1)
+
+
+def test_strategy_classes_are_read_without_starting_mpi():
+    import subprocess
+    import sys
+
+    code = ("import sys; from pbp_hpc.parallel import strategies, combinations; "
+            "[strategies.facts(n) for n in strategies.names()]; import pbp_hpc.analyze.strategies; "
+            "assert 'mpi4py.MPI' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
