@@ -128,6 +128,7 @@ def build(st: Any) -> None:
                                 -(-cfg.train.batch_size // grid.D), st.reducer.layer_done, grid.pipeline, lo,
                                 len(cfg.model.layers) - 1, p.microbatches, p.pipeline_schedule,
                                 cfg.model.activation, cfg.model.loss)
+        st.local.watch = st.watch
         st.strategy.attach(st.local, st.reducer, st.optimizer)
         st.grid_header = header(stages, grid.D, p.microbatches, p.pipeline_schedule)
     except BaseException:

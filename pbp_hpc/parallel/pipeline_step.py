@@ -20,6 +20,7 @@ extras over the pipeline group at the end of the step. Communicators are passed 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Callable
 
@@ -73,6 +74,7 @@ class PipelineStep:
         self.rows = np.arange(rows)
         self.max_batch = rows  # evaluation's chunks: one microbatch's buffers
         self.work = self
+        self.watch = contextlib.nullcontext()  # the run's stall check (parallel.stall), set by the builder
         self.seconds = 0.0  # time waiting for the neighbours' messages
         self.sent_bytes = 0
         self.steps = 0
@@ -122,7 +124,8 @@ class PipelineStep:
     # -- messages ------------------------------------------------------------------------------
     def _wait(self, req: Any) -> None:
         t = time.perf_counter()
-        req.Wait()
+        with self.watch:  # a neighbour stopped or hung is named, as in the data group's reduction
+            req.Wait()
         self.seconds += time.perf_counter() - t
 
     def _send(self, buf: Any, dest: int, tag: int) -> Any:
@@ -144,7 +147,8 @@ class PipelineStep:
             self.layer_done(l)
         if self.S > 1:  # the loss (last stage) and the stop flags, to every stage
             t = time.perf_counter()
-            self.pipe.Allreduce(MPI.IN_PLACE, self.extras, op=MPI.SUM)
+            with self.watch:
+                self.pipe.Allreduce(MPI.IN_PLACE, self.extras, op=MPI.SUM)
             self.seconds += time.perf_counter() - t
 
     def _schedule(self, idx: Any, bounds: list[tuple[int, int]], micro: list[int]) -> float:
@@ -213,7 +217,8 @@ class PipelineStep:
     def _finish_sends(self) -> None:
         if self._pending:
             t = time.perf_counter()
-            MPI.Request.Waitall(self._pending)
+            with self.watch:
+                MPI.Request.Waitall(self._pending)
             self.seconds += time.perf_counter() - t
             self._pending = []
 

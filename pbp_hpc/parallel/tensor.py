@@ -101,6 +101,7 @@ def build(st: Any) -> None:
         st.local = TensorStep(shard, st.theta, st.grad, st.reducer.loss_out, st.data.train, xp,
                               -(-cfg.train.batch_size // grid.D), st.reducer.layer_done, grid.tensor,
                               cfg.model.activation, cfg.model.loss, fused=fused, skip_zero_inputs=skip)
+        st.local.watch = st.watch
         st.strategy.attach(st.local, st.reducer, st.optimizer)
         st.grid_header = header(cfg.model.layers, shard.kinds, grid.D, grid.T)
     except BaseException:

@@ -20,6 +20,7 @@ group. Buffers are allocated once; a step allocates nothing but array views.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Callable
 
@@ -29,7 +30,7 @@ from mpi4py import MPI
 from pbp_hpc.data import datasets, device as device_data
 from pbp_hpc.engine import activations, active_inputs, losses, ops
 from pbp_hpc.engine.tensor_layout import COL, ROW, ShardLayout
-from pbp_hpc.parallel.reducers.base import STOP_SLOT
+from pbp_hpc.parallel.reducers import STOP_SLOT
 from pbp_hpc.parallel.reducers.compression import allreduce_bytes
 
 LayerDone = Callable[[int], None]
@@ -96,6 +97,7 @@ class TensorStep:
             self.g0 = grad[shard.layer_slice(0)]
         self.stop_buf = np.zeros(1, dtype=np.float64)  # an empty share's own stop reduction
         self.work = self  # what evaluation reads: work.max_batch
+        self.watch = contextlib.nullcontext()  # the run's stall check (parallel.stall), set by the builder
         self.seconds = 0.0  # time in the tensor group's Allreduces (communication)
         self.sent_bytes = 0  # bytes sent in them by training steps, counted
         self.steps = 0
@@ -106,7 +108,8 @@ class TensorStep:
 
     def _allreduce(self, buf: Any, count: bool) -> None:
         t = time.perf_counter()
-        self.tensor.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        with self.watch:  # a partner stopped or hung is named, as in the data group's reduction
+            self.tensor.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         self.seconds += time.perf_counter() - t
         if count:
             self.sent_bytes += allreduce_bytes(self.T, buf.shape[0], buf.itemsize)
