@@ -14,7 +14,7 @@ RANKS  ?= 2
 export MPIR_CVAR_CH4_NETMOD ?= ofi
 CONFIG ?= configs/mnist_net1h.yaml
 
-.PHONY: setup run test test-serial test-mpi test-slurm bench clean soak
+.PHONY: setup run test test-serial test-mpi test-slurm bench clean soak fuzz
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ test: setup
 SOAK_SEED ?= 0
 soak: setup
 	$(PY) benchmarks/soak.py --seed $(SOAK_SEED)
+
+# The file-format fuzzer at length: 5000 mutated checkpoints, model files and results files each
+# (CI runs 200 of each with the same fixed seed; tests/test_file_fuzz.py). FUZZ_EXAMPLES=N to change.
+FUZZ_EXAMPLES ?= 5000
+fuzz: setup
+	PBP_HPC_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider --timeout 0 tests/test_file_fuzz.py -k mutated
 
 bench: setup
 	$(PY) -m pbp_hpc.bench
