@@ -14,7 +14,7 @@ RANKS  ?= 2
 export MPIR_CVAR_CH4_NETMOD ?= ofi
 CONFIG ?= configs/mnist_net1h.yaml
 
-.PHONY: setup setup-test setup-peers run test test-serial test-mpi test-slurm bench clean soak
+.PHONY: setup setup-test setup-peers run test test-serial test-mpi test-slurm bench clean soak fuzz
 
 # What each target installs (sizes: README, "Install"):
 #   make run   -> .venv with pbp_hpc and what training needs: numpy, scipy, mpi4py, MPICH (the
@@ -62,6 +62,12 @@ test: setup-test
 SOAK_SEED ?= 0
 soak: setup
 	$(PY) benchmarks/soak.py --seed $(SOAK_SEED)
+
+# The file-format fuzzer at length: 5000 mutated checkpoints, model files and results files each
+# (CI runs 200 of each with the same fixed seed; tests/test_file_fuzz.py). FUZZ_EXAMPLES=N to change.
+FUZZ_EXAMPLES ?= 5000
+fuzz: setup-test
+	PBP_HPC_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider --timeout 0 tests/test_file_fuzz.py -k mutated
 
 bench: setup-peers
 	$(PY) -m pbp_hpc.bench

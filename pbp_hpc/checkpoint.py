@@ -120,6 +120,8 @@ def _array(path: Path, field: str, ds: Any, shape: Optional[tuple[int, ...]], dt
         raise _bad(path, field, f"shape is {tuple(ds.shape)}, this run needs {tuple(shape)}")
     if ds.ndim != 1 and shape is None:
         raise _bad(path, field, f"expected a flat array, found shape {tuple(ds.shape)}")
+    if ds.size * ds.dtype.itemsize > 1032 * ds.id.get_storage_size() + 4096:  # deflate's best ratio
+        raise _bad(path, field, f"declares {ds.size} values but the file holds {ds.id.get_storage_size()} bytes of them")
     value = ds[...]
     if not np.all(np.isfinite(value)):
         raise _bad(path, field, f"holds {int(np.size(value) - np.count_nonzero(np.isfinite(value)))} NaN or infinite value(s)")

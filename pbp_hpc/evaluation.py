@@ -55,7 +55,9 @@ class Tracker:
         self.eval_s = 0.0  # this run's time in evaluation passes (excluded from training time)
         self.reached: Optional[dict[str, Any]] = None
         self.best = max((p["val_accuracy"] for p in self.curve if p["val_accuracy"] is not None), default=-1.0)
-        self.since_best = 0
+        # passes since the best (a resumed run's early stopping counts the passes before its stop too)
+        self.since_best = next((len(self.curve) - 1 - i for i in range(len(self.curve) - 1, -1, -1)
+                                if self.curve[i]["val_accuracy"] == self.best), 0)
         self.best_theta = np.empty(st.n_params, dtype=st.cfg.model.dtype) if (t.save_model and st.comm.rank == 0) else None
         self.best_at: Optional[dict[str, Any]] = None
         if best_theta is not None and self.best >= 0:  # resumed: the best pass so far and its parameters
