@@ -191,6 +191,6 @@ def test_endings_are_read_from_exit_codes_and_the_launchers_notices():
     assert (end.kind, end.ranks, end.hosts) == ("lost", [1, 2], ["n2"])
     stall = "more than parallel.stall_timeout_s 5, for rank 2; aborting the job (exit 4)"
     assert failures.classify(4, stall, where).ranks == [2]
-    for code in (1, 2, 3, 130, 143):  # an error a restart would repeat, divergence, a stop signal: final
+    for code in (1, 2, 3, 130, 143, -9):  # -9: mpiexec itself was SIGKILLed  # an error a restart would repeat, divergence, a stop signal: final
         assert failures.classify(code, "", where).kind == "final"
     assert failures.classify(0, "", where).kind == "finished"

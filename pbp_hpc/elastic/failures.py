@@ -81,6 +81,8 @@ def classify(code: int, stderr: str, where: list[dict[str, Any]], signalled: boo
         return Ending(0, "finished", "finished")
     if signalled:
         return Ending(code, "final", "the elastic launcher itself was asked to stop (a signal): not restarted")
+    if code < 0:  # mpiexec or srun itself was killed: nothing says a rank or node was lost
+        return Ending(code, "final", f"the launcher process itself was killed ({_signame(-code)}); not restarted")
     by_pid = {int(w["pid"]): r for r, w in enumerate(where) if "pid" in w}
     ranks: list[int] = []
     hosts: list[str] = []
