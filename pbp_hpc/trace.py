@@ -6,7 +6,8 @@ steps, for the strategies that run blocks), inside it the forward pass, the back
 injected straggler delay (study.straggler_*), each reduction (named by the reducer) and the
 update; inside those, the waits the stall check watches (an MPI wait, a barrier: "wait"); and,
 outside the steps, every evaluation pass and checkpoint. Counters ("C" events): the loss and the
-learning rate of each traced step, and the bytes this rank has sent (the reducer's count per step).
+learning rate of each traced step, and the bytes this rank has sent (the reducer's count per step;
+the strategies that run blocks of steps give the loss only).
 
 Bounded: only the first `train.trace_steps` steps of every epoch are traced (evaluations and
 checkpoints always). Clocks: every rank takes its zero right after one barrier at the start, so
@@ -156,9 +157,7 @@ def instrument(st: Any, path: str, steps: int) -> Trace:
             finally:
                 tr.span(f"steps {first}-{end - 1}", start, "step", epoch=epoch, first=first, end=end)
                 tr.on = False
-            tr.sent += per_step * (end - first)
-            tr.counter("loss", float(out[0]) / max(1, out[1]))
-            tr.counter("bytes sent", float(tr.sent))
+            tr.counter("loss", float(out[0]) / max(1, out[1]))  # block strategies send their own way: no byte count
             return out
         return run_block
 
@@ -171,7 +170,8 @@ def instrument(st: Any, path: str, steps: int) -> Trace:
     else:
         tr.wrap(strategy, "local", "forward + backward", "compute")
         strategy.local = _Local(local, strategy.local)
-    tr.wrap(strategy.straggler, "after", "straggler delay (study.straggler_*)", "compute")
+    if strategy.straggler.active:
+        tr.wrap(strategy.straggler, "after", "straggler delay (study.straggler_*)", "compute")
     tr.wrap(reducer, "finish", f"reduce ({reducer.name})", "comm")
     if hasattr(strategy, "update"):
         tr.wrap(strategy, "update", "update", "compute")

@@ -29,9 +29,21 @@ def test_a_sweep_measures_the_network_and_analyze_fits_it(tmp_path):
     assert {e["pid"] for e in trace["traceEvents"]} == {0, 1} and run["trace_path"].endswith(f"{run['key']}.json")
 
 
-def test_no_measurement_when_off(tmp_path):
-    path = write(tmp_path, axes={"implementation": ["hybrid"], "ranks": [2]}, measure_network=False,
-                 warmup_epochs=0, set={"train.epochs": 1})
-    p = sweep_cli(path, "--results", tmp_path / "r.h5")
-    assert p.returncode == 0 and "network:" not in p.stdout, p.stdout + p.stderr
-    assert all(r["interconnect"] is None for r in results.read_runs(tmp_path / "r.h5"))
+def test_no_measurement_when_off_or_without_multi_rank_points(tmp_path):
+    from types import SimpleNamespace
+
+    from pbp_hpc.sweep import runner
+
+    said = []
+    multi = [(SimpleNamespace(index=0, ranks=2, threads=1), 0)]
+    off = SimpleNamespace(spec=SimpleNamespace(measure_network=False, name="s"))
+    assert runner._measure_network(off, None, 2, multi, {}, said.append) is None  # noqa: SLF001
+    single = sweep_expand(tmp_path)
+    assert runner._measure_network(single, None, 2, [(p, 0) for p in single.points], {}, said.append) is None  # noqa: SLF001
+    assert said == []
+
+
+def sweep_expand(tmp_path):
+    from pbp_hpc import sweep
+
+    return sweep.expand(write(tmp_path, axes={"implementation": ["blas-serial"], "ranks": [1]}))
