@@ -45,6 +45,7 @@ setup-peers: $(VENV)/.installed-peers
 
 run: setup
 	$(MPIEXEC) -n $(RANKS) $(PY) -m pbp_hpc.train --config $(CONFIG) $(DATA_ARG)
+	@echo "(one seed; configs/mnist_net1h.yaml over seeds 0-4 gives 97.89 +- 0.05% test: docs/large_batch.md)"
 
 # The whole suite: serially, then the in-process MPI tests under 2 and 3 ranks
 # (pytest-mpi skips @pytest.mark.mpi tests unless --with-mpi is given). Every test runs under a

@@ -13,7 +13,7 @@ from mpi4py import MPI
 from pbp_hpc import config, train
 from pbp_hpc.engine import optimizers
 from pbp_hpc.engine.model import Layout
-from pbp_hpc.engine.optimizers.layerwise import LAMB, LARS
+from pbp_hpc.engine.optimizers.layerwise import LARS
 
 WORLD = MPI.COMM_WORLD
 LAYERS = [5, 4, 3]

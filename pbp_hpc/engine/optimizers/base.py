@@ -1,9 +1,11 @@
 """The optimizer interface: how a reduced gradient becomes an update of the flat parameters.
 
-The strategy calls apply(span, parts, lr, batch) for each span of the parameters this rank
-updates (the reducer's shares: everything, or one slice of node-shared parameters under shm),
-where sum(parts) is the global gradient *sum* over the span of a minibatch of `batch` examples
-and lr the learning rate of this step (the schedule's). Every rank
+Each step, the allreduce strategy calls apply_all(shares, lr, batch) with the spans of the
+parameters this rank updates (the reducer's shares: everything, or slices of node-shared
+parameters under shm and shared_batch), which by default calls apply(span, parts, lr, batch)
+for each; the strategies that update from one rank's own gradient call apply() on the whole
+buffer. sum(parts) is the global gradient *sum* over the span of a minibatch of `batch`
+examples and lr the learning rate of this step (the schedule's). Every rank
 applies the same update to the same values, so parameters stay identical without a broadcast.
 
 State (momentum, say) lives in buffers shaped like the parameters, which the reducer allocates
