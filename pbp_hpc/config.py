@@ -174,6 +174,8 @@ class ScheduleConfig(_Section):
     # uncapped sqrt peak at B = 8192 (1.41) ended at 86% even over 29 epochs, capped (1.0) at 97.2%.
     max_scale: Optional[float] = Field(2.0, gt=0.0)
     step_epochs: float = Field(10.0, gt=0.0)  # step: multiply by gamma every step_epochs
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    min_lr: float = Field(0.0, ge=0.0)  # cosine: the rate it decays to
 
     @field_validator("scale_with_batch", mode="before")
     @classmethod
@@ -182,8 +184,6 @@ class ScheduleConfig(_Section):
         if isinstance(v, bool):
             return "linear" if v else "none"
         return {"true": "linear", "false": "none"}.get(v, v) if isinstance(v, str) else v
-    gamma: float = Field(0.1, gt=0.0, le=1.0)
-    min_lr: float = Field(0.0, ge=0.0)  # cosine: the rate it decays to
 
 
 class ParallelConfig(_Section):
