@@ -15,9 +15,10 @@
 # Environment: PBP_RESULTS_DIR (required, or the first argument), PBP_SWEEP_POINTS (optional: the
 # number of points expected, to report the missing ones), PBP_LOG_DIR (optional: where the points'
 # logs are, for the messages; `--slurm` sets it), PBP_VENV / PBP_PYTHON as in train.sh.
+# Submitted by hand (from the repository root), its own log is logs/pbp-merge-<jobid>.out.
 # =====================================================================================================
 #SBATCH --job-name=pbp-merge
-#SBATCH --output=%x-%j.out
+#SBATCH --output=logs/%x-%j.out
 #SBATCH --nodes=1
 #SBATCH --ntasks=1
 #SBATCH --cpus-per-task=1

@@ -114,8 +114,12 @@ def test_momentum_learns_faster_than_sgd_at_a_large_batch():
 
 def test_constant_is_the_base_rate_and_linear_scaling_multiplies_it_by_batch_over_base():
     assert Schedule(cfg(), 10)(0) == Schedule(cfg(), 10)(99) == 0.3
-    s = Schedule(cfg(train__batch_size=1024, schedule__scale_with_batch="true", schedule__base_batch=256), 10)
+    s = Schedule(cfg(train__batch_size=1024, schedule__scale_with_batch="true", schedule__base_batch=256,
+                     schedule__max_scale="null"), 10)
     assert s(0) == s(50) == pytest.approx(1.2)
+    capped = cfg(train__batch_size=1024, schedule__scale_with_batch="linear", schedule__base_batch=256)
+    assert Schedule(capped, 10)(0) == pytest.approx(0.6)  # schedule.max_scale: 2 by default
+    assert describe(capped) == "peak lr 0.6 (linear rule: 0.3 x 1024/256, capped at 2x (schedule.max_scale)), constant"
 
 
 def test_the_default_rule_scales_the_peak_by_the_square_root_of_batch_over_1024_and_the_header_says_so():

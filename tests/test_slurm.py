@@ -983,7 +983,7 @@ def test_train_sh_as_its_header_says_finds_the_data_as_make_run_and_saves_a_mode
     for saved in (model, ckpt):
         p = subprocess.run([sys.executable, "-m", "pbp_hpc.evaluate", str(saved), "--data-dir", str(mnist_dir)],
                            env=dict(os.environ, **_real_env()), capture_output=True, text=True, timeout=120)
-        assert p.returncode == 0 and re.search(r"test accuracy \d+\.\d+%", p.stdout), p.stdout + p.stderr
+        assert p.returncode == 0 and re.search(r"^test accuracy: \d+\.\d+%", p.stdout, re.M), p.stdout + p.stderr
 
 
 @retry_on_ucx_flake
