@@ -125,7 +125,7 @@ def _inject_fault(st: State, global_step: int) -> None:
         return
     if dbg.fail_kind == "nan":  # what an overflow does: this step's gradient and loss become NaN
         st.grad[0] = float("nan")
-        st.grad[st.n_params + LOSS_SLOT] = float("nan")
+        st.reducer.extras[LOSS_SLOT] = float("nan")  # the loss slot after this rank's part of the gradient
         return
     if dbg.fail_kind == "oserror":  # a failure that is not one of ours, as a dying disk would raise
         raise OSError(errno.EIO, f"injected I/O error on rank {st.comm.rank} at step {global_step} (debug.fail_kind=oserror)")
@@ -250,7 +250,8 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
             va = "   n/a" if rec["val_accuracy"] is None else f"{100 * rec['val_accuracy']:6.2f}%"
             log(f"epoch {epoch:3d}  loss {rec['loss']:.5f}  val_acc {va}  time {rec['time_s']:.3f}s  "
                 f"(compute {rec['compute_s']:.3f}s, allreduce {rec['allreduce_s']:.3f}s)  {rec['gflops']:.1f} GFLOP/s")
-            if not bool(st.xp.all(st.xp.isfinite(st.theta))):
+            finite = bool(st.xp.all(st.xp.isfinite(st.theta)))  # this rank's part: the model group decides together
+            if not (finite if st.grid.model.size == 1 else st.grid.model.allreduce(finite, op=MPI.LAND)):
                 raise DivergenceError(f"training diverged in epoch {epoch}: parameters are no longer finite", epoch, steps - 1)
             if ended is not None:
                 log(f"stopping after epoch {epoch}: {ended}")
