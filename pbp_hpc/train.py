@@ -133,7 +133,7 @@ def _inject_fault(st: State, global_step: int) -> None:
         return
     if dbg.fail_kind == "nan":  # what an overflow does: this step's gradient and loss become NaN
         st.grad[0] = float("nan")
-        st.grad[st.n_params + LOSS_SLOT] = float("nan")
+        st.reducer.extras[LOSS_SLOT] = float("nan")  # the loss slot after this rank's part of the gradient
         return
     if dbg.fail_kind == "kill":  # a rank that dies without a word (OOM killer, a node lost): no cleanup, no abort
         sys.stderr.flush()
@@ -288,7 +288,8 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
             noise = f"  B_noise ≈ {st.noise.value:.0f}" if st.noise is not None and st.noise.value is not None else ""
             log(f"epoch {epoch:3d}  loss {rec['loss']:.5f}  val_acc {va}  {accounting.parts_line(rec)}  "
                 f"{rec['gflops']:.1f} GFLOP/s{noise}")
-            if not bool(st.xp.all(st.xp.isfinite(st.theta))):
+            finite = bool(st.xp.all(st.xp.isfinite(st.theta)))  # this rank's part: the model group decides together
+            if not (finite if st.grid.model.size == 1 else st.grid.model.allreduce(finite, op=MPI.LAND)):
                 raise DivergenceError(f"training diverged in epoch {epoch}: parameters are no longer finite", epoch, steps - 1)
             if ended is not None:
                 log(f"stopping after epoch {epoch}: {ended}")

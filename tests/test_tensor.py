@@ -227,3 +227,14 @@ def test_grid_auto_chooses_a_grid_the_header_names_and_trains_the_one_rank_param
         assert any(line.startswith("pbp_hpc: grid auto: data ") for line in lines)
     chosen = par["config"]["parallel"]
     assert WORLD.size % (chosen["tensor"] * chosen["pipeline"]) == 0
+
+
+@pytest.mark.parametrize("split", ["parallel.tensor=2", "parallel.pipeline=2"])
+def test_a_nan_on_one_rank_of_a_model_group_ends_the_whole_job_as_diverged(split):
+    from helpers import run_cmd
+
+    args = ["pbp_hpc.train", "--set", "data.name=synthetic", "--set", "data.n_train=240", "--set", "model.layers=[784, 16, 10]",
+            "--set", "train.batch_size=20", "--set", "train.epochs=2", "--set", split, "--set", "debug.fail_rank=1",
+            "--set", "debug.fail_step=5", "--set", "debug.fail_kind=nan", "--set", "train.progress=false", "--json"]
+    res = run_cmd(args, ranks=2, timeout=90)
+    assert json.loads(res.stdout.strip().splitlines()[-1])["status"] == "diverged", res.stderr

@@ -28,7 +28,7 @@ from pbp_hpc.engine import layout, model, optimizers
 from pbp_hpc.errors import ConfigError
 from pbp_hpc.parallel import reducers
 from pbp_hpc.parallel.pipeline_step import PipelineStep
-from pbp_hpc.parallel.strategies.allreduce import AllreduceStrategy
+from pbp_hpc.parallel.tensor import PartsStrategy
 
 
 def split_layers(sizes: list[int], S: int, given: Optional[list[int]] = None) -> list[tuple[int, int]]:
@@ -81,20 +81,7 @@ def header(stages: list[tuple[int, int]], D: int, microbatches: int, schedule: s
             f"{microbatches} microbatches a step, schedule {schedule}")
 
 
-class PipelineStrategy(AllreduceStrategy):
-    """Algorithm 5 over the data-parallel group (the grid's data communicator), on a pipeline
-    stage's local step; waiting for the neighbours' messages counts as communication, not compute."""
-
-    def step(self, gidx: Any, lr: float, stop: bool, at: tuple[int, int, int]) -> tuple[float, int]:
-        before = self.local.seconds
-        out = super().step(gidx, lr, stop, at)
-        self.compute_s -= self.local.seconds - before
-        return out
-
-    @property
-    def comm_s(self) -> float:
-        return self.reducer.seconds + self.exchange_s + self.local.seconds
-
+class PipelineStrategy(PartsStrategy):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "grid": {"data": self.grid.D, "tensor": self.grid.T, "pipeline": self.grid.S},
                 "pipeline_schedule": self.local.schedule, "microbatches": self.local.M,

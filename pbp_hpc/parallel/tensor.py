@@ -54,9 +54,10 @@ def header(sizes: list[int], kinds: list[str], D: int, T: int) -> str:
             f"split by columns then rows (layers {kinds}){last}")
 
 
-class TensorStrategy(AllreduceStrategy):
-    """Algorithm 5 over the data-parallel group (the grid's data communicator), on a
-    tensor-parallel local step; the tensor group's Allreduces count as communication, not compute."""
+class PartsStrategy(AllreduceStrategy):
+    """Algorithm 5 over the data-parallel group (the grid's data communicator), on a local step
+    that holds part of the model (tensor_step, pipeline_step); the local step's own messages
+    count as communication, not compute."""
 
     def step(self, gidx: Any, lr: float, stop: bool, at: tuple[int, int, int]) -> tuple[float, int]:
         before = self.local.seconds
@@ -68,6 +69,16 @@ class TensorStrategy(AllreduceStrategy):
     def comm_s(self) -> float:
         return self.reducer.seconds + self.exchange_s + self.local.seconds
 
+    def check(self, loss: float, epoch: int, step: int, params: bool = False) -> None:
+        """The divergence check. The ranks holding parts of one model compute the same loss, so
+        each checks its own; a fault injected on one of them (debug.fail_*) breaks that, and then
+        the loss is summed over the model group first, so that all of them raise together."""
+        if self.cfg.debug.fail_step is not None and self.grid.model.size > 1:
+            loss = self.grid.model.allreduce(loss)
+        super().check(loss, epoch, step, params)
+
+
+class TensorStrategy(PartsStrategy):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "grid": {"data": self.grid.D, "tensor": self.grid.T, "pipeline": self.grid.S},
                 "tensor_layout": self.local.kinds,
