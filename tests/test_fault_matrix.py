@@ -503,3 +503,17 @@ def test_config_x_writes_a_model_path_under_a_regular_file_is_refused_before_tra
     assert rc == 2, err
     assert f"{tmp_path / 'FILE'} is a file, not a directory" in err and "epoch" not in out
     assert "Traceback" not in err
+
+
+def test_signal_x_writes_a_rank_waiting_for_rank_0s_write_stops_at_once(mpi_job, tmp_path):
+    # rank 0 takes 120 s to write the model; rank 1 waits for it and gets SIGTERM: it must answer
+    # it at once (a blocking MPI wait never returned to Python, so it was ignored until the write ended)
+    job = _job(mpi_job, 2, *TINY, "--set", "train.epochs=1", "--set", f"train.save_model={tmp_path / 'm.h5'}",
+               "--set", "debug.fail_phase=writes", "--set", "debug.fail_rank=0", "--set", "debug.fail_kind=stall",
+               "--set", "debug.stall_s=120")
+    assert job.wait_for("test accuracy", 60), job.finish(1)[2]
+    time.sleep(0.5)
+    job.ranks()[1].send_signal(signal.SIGTERM)
+    rc, out, err, seconds = job.finish(BOUND)
+    assert rc == 128 + signal.SIGTERM, err
+    assert "rank 1 of 2 stopped by SIGTERM outside the training loop" in err

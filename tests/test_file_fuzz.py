@@ -17,6 +17,7 @@ random cases per format and prints each distinct failure once (how the round-3 c
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import resource
@@ -66,6 +67,7 @@ def seeds() -> dict[str, Any]:
     """{checkpoint, model, results: a valid file; cfg, expect: what a resuming run checks against}."""
     if not _SEEDS:
         d = Path(tempfile.mkdtemp(prefix="pbp_hpc-fuzz-"))
+        atexit.register(shutil.rmtree, d, True)
         full = d / "full"
         full.mkdir()
         record = train.run(_run_cfg(full), MPI.COMM_SELF, quiet=True)  # the model file

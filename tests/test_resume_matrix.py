@@ -12,6 +12,8 @@ In-process MPI tests: `mpiexec -n 2 python -m pytest --with-mpi -m mpi tests/tes
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -36,7 +38,10 @@ def shared_dir() -> Path:
     CI budget's, and 3 asynchronous workers add no path a resume takes that 2 do not."""
     if WORLD.size != 2:
         pytest.skip("the resume matrix runs under mpiexec -n 2")
-    return Path(WORLD.bcast(tempfile.mkdtemp(prefix="pbp_hpc-resume-") if WORLD.rank == 0 else None))
+    d = Path(WORLD.bcast(tempfile.mkdtemp(prefix="pbp_hpc-resume-") if WORLD.rank == 0 else None))
+    if WORLD.rank == 0:
+        atexit.register(shutil.rmtree, d, True)
+    return d
 
 
 def cfg_of(directory: Path, **over: object) -> config.Config:

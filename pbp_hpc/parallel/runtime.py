@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
@@ -92,6 +93,7 @@ def together(comm: MPI.Comm, step: Callable[[], Any], name_ranks: bool = True) -
         # the error's nearest class that every rank can rebuild by name (a subclass travels as its base)
         known = next(c.__name__ for c in type(exc).__mro__ if c.__name__ in _SETUP_ERRORS)
         value, failure = None, (known, str(exc))
+    wait_answering_signals(comm)
     failures = comm.allgather(failure)
     failed = [r for r, f in enumerate(failures) if f is not None]
     if not failed:
@@ -102,6 +104,18 @@ def together(comm: MPI.Comm, step: Callable[[], Any], name_ranks: bool = True) -
     exc = _SETUP_ERRORS[name](message)
     exc.on_all_ranks = True  # type: ignore[attr-defined]
     raise exc
+
+
+def wait_answering_signals(comm: MPI.Comm) -> None:
+    """A barrier that polls: a blocking MPI wait never returns to Python, so a SIGTERM to a rank
+    waiting for a slow one (rank 0 writing the model, a node loading data) would go unanswered
+    until the wait ended; here the handler runs within milliseconds (Stopped, outside the loop)."""
+    if comm.size == 1:
+        return
+    request, pause = comm.Ibarrier(), 1e-4
+    while not request.Test():
+        time.sleep(pause)
+        pause = min(2 * pause, 0.01)
 
 
 def node_share(comm: MPI.Comm) -> tuple[int, int]:
@@ -295,8 +309,6 @@ def _let_the_launcher_read() -> None:
     """Before MPI_Abort: the launcher forwards a rank's stderr through a pipe, and an abort that
     comes at once can cut off the end of what was just printed (a traceback's last lines)."""
     sys.stderr.flush()
-    import time
-
     time.sleep(0.3)
 
 
