@@ -194,3 +194,29 @@ def test_endings_are_read_from_exit_codes_and_the_launchers_notices():
     for code in (1, 2, 3, 130, 143, -9):  # -9: mpiexec itself was SIGKILLed  # an error a restart would repeat, divergence, a stop signal: final
         assert failures.classify(code, "", where).kind == "final"
     assert failures.classify(0, "", where).kind == "finished"
+
+
+def test_a_sweep_point_run_elastically_is_recorded_with_its_restarts(tmp_path):
+    # the sweep's launcher template puts the elastic launcher in front of mpiexec (docs/elastic.md)
+    import os
+    import subprocess
+
+    from pbp_hpc.results import store
+
+    spec = tmp_path / "el.yaml"
+    spec.write_text(f"""name: el
+base: {{data.name: synthetic, data.n_train: 720, data.n_test: 60, train.epochs: 2, train.eval_every: 0,
+        train.progress: false, checkpoint.every_steps: 4, debug.fail_rank: 2, debug.fail_step: {KILL_STEP},
+        debug.fail_kind: kill}}
+oversubscribe: true
+warmup_epochs: 0
+axes: {{implementation: [hybrid], network: [[784, 16, 10]], batch_size: [60], ranks: [3]}}
+""")
+    env = {**os.environ, "PBP_MPIEXEC": f"{sys.executable} -m pbp_hpc.elastic --min-ranks 2 -- {MPIEXEC} -n {{ranks}}"}
+    p = subprocess.run([sys.executable, "-m", "pbp_hpc.sweep", str(spec), "--results", str(tmp_path / "el.h5")],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=BOUND)
+    assert p.returncode == 0 and "1 ok" in p.stdout + p.stderr, p.stdout + p.stderr
+    [run] = store.read_runs(tmp_path / "el.h5")  # the results file reads, every field checked
+    assert run["status"] == "ok" and run["restarts"] == 1 and run["lost_s"] > 0
+    assert run["elastic"]["final_ranks"] == 2 and "SIGKILL" in run["elastic"]["events"][0]["cause"]
+    assert all(e["checkpoint_s"] >= 0 for e in run["epochs"])

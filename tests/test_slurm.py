@@ -883,14 +883,22 @@ def test_an_asynchronous_strategy_runs_across_two_slurm_nodes(slurm_cluster, tmp
 # ---------------------------------------------------------------- elastic: a node lost mid-run (docs/elastic.md)
 
 ELASTIC_ARGS = ["--set", "model.layers=[784,16,10]", "--set", "data.n_train=1200", "--set", "data.n_test=200",
-                "--set", "train.epochs=60", "--set", "train.batch_size=100", "--set", "train.eval_every=0",
+                "--set", "train.epochs=150", "--set", "train.batch_size=100", "--set", "train.eval_every=0",
                 "--set", "train.progress=false", "--set", "checkpoint.every_steps=20"]
+# rank 1 stops for a minute at global step 25, after the checkpoint of step 20: the node is failed
+# while the job is surely mid-run, however fast the machine (a 1-rank restart has no rank 1)
+def hold(seconds: int) -> list[str]:
+    return ["--set", "debug.fail_rank=1", "--set", "debug.fail_step=25", "--set", "debug.fail_kind=stall",
+            "--set", f"debug.stall_s={seconds}"]
 
 
-def _fail_node_when_training(cluster: SlurmCluster, out_file: Path, node: str) -> None:
-    """Once both ranks train (the elastic line, then a checkpoint), mark `node` DOWN as slurmctld does
-    when a node stops answering, and drain it so that nothing is placed on it again."""
-    cluster.wait_for_text(out_file, "epoch   3 ", timeout=90)
+def _fail_node_when_training(cluster: SlurmCluster, out_file: Path, node: str, wait_for: Optional[Path] = None) -> None:
+    """Once training is under way (and `wait_for` exists), mark `node` DOWN as slurmctld does when a
+    node stops answering, and drain it so that nothing is placed on it again."""
+    cluster.wait_for_text(out_file, "epoch   1 ", timeout=90)
+    deadline = time.monotonic() + 30
+    while wait_for is not None and not wait_for.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
     cluster.run("scontrol", "update", f"nodename={node}", "state=down", "reason=pbp-elastic-test")
     cluster.run("scontrol", "update", f"nodename={node}", "state=drain", "reason=pbp-elastic-test")
 
@@ -911,11 +919,12 @@ def test_an_elastic_job_that_loses_a_node_finishes_on_the_other(slurm_cluster, t
     from pbp_hpc import checkpoint
     nodes = slurm_cluster.run("sinfo", "-h", "-N", "-o", "%N").stdout.split()
     env = dict(_real_env(), PBP_CONFIG=str(REPO / "configs" / "synthetic.yaml"), PBP_ELASTIC="1")
-    job = slurm_cluster.submit(SLURM_DIR / "train.sh", *ELASTIC_ARGS, env=env, cwd=tmp_path,
+    job = slurm_cluster.submit(SLURM_DIR / "train.sh", *ELASTIC_ARGS, *hold(60), env=env, cwd=tmp_path,
                                sbatch_args=["--no-kill", "--nodes=2", "--ntasks-per-node=1", "--time=5"])
     out_file = tmp_path / "logs" / f"pbp-train-{job}.out"
     try:
-        _fail_node_when_training(slurm_cluster, out_file, nodes[1])
+        # the checkpoint after step 20 ("epoch 2 step 0") is written; rank 1 now holds step 25
+        _fail_node_when_training(slurm_cluster, out_file, nodes[1], wait_for=tmp_path / "checkpoints" / f"{job}.h5")
         res = slurm_cluster.wait_for(job, timeout=120)
     finally:
         _return_node(slurm_cluster, nodes[1])
@@ -924,25 +933,30 @@ def test_an_elastic_job_that_loses_a_node_finishes_on_the_other(slurm_cluster, t
     assert f"node failure on {nodes[1]}" in out and "continuing from epoch" in out, out
     assert re.search(rf"srun -n 1 -N 1 -x {nodes[1]} .*--set parallel.ranks=1 .*--resume", out), out
     assert "(written by 2 rank(s), continuing on 1)" in out, out
+    assert "continuing from epoch 2 step 0 on 1 rank(s)" in out, out  # the checkpoint after step 20
     assert "1 restart(s)" in out and re.search(r"^test accuracy \d+\.\d+%", out, re.M), out
     assert res.info["NodeList"] == nodes[0], res.info  # the job gave the failed node back
     ck = checkpoint.load(tmp_path / "checkpoints" / f"{job}.h5")
-    assert (ck["epoch"], ck["step"]) == (60, 0)
+    assert (ck["epoch"], ck["step"]) == (150, 0)
 
 
 @retry_on_ucx_flake
 def test_a_requeued_job_resumes_after_losing_a_node(slurm_cluster, tmp_path):
     """sbatch (--requeue, train.sh's default) on two nodes; one fails: Slurm requeues the job (the
-    ranks checkpoint on the SIGTERM of the cancelled step), it waits for nodes, and the run resumes."""
+    ranks checkpoint on the SIGTERM of the cancelled step), it waits for nodes, and the run resumes.
+    (Slurm 22.05 keeps a requeued job's node count -- even -N1-2 that got 2 nodes waits for 2 again --
+    so the test gives the node back; any rank count would resume, tests/test_elastic.py.)"""
     _mpi_plugin_or_skip()
     from pbp_hpc import checkpoint
     nodes = slurm_cluster.run("sinfo", "-h", "-N", "-o", "%N").stdout.split()
     env = dict(_real_env(), PBP_CONFIG=str(REPO / "configs" / "synthetic.yaml"))
-    job = slurm_cluster.submit(SLURM_DIR / "train.sh", *ELASTIC_ARGS, env=env, cwd=tmp_path,
-                               sbatch_args=["--nodes=1-2", "--ntasks=2", "--spread-job", "--time=5"])
+    # a 5 s hold at step 25: the node fails during it; the ranks checkpoint at the step's end (the
+    # SIGTERM of the cancelled step), so the requeued run starts past the hold
+    job = slurm_cluster.submit(SLURM_DIR / "train.sh", *ELASTIC_ARGS, *hold(5), env=env, cwd=tmp_path,
+                               sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--time=5"])
     out_file = tmp_path / "logs" / f"pbp-train-{job}.out"
     try:
-        _fail_node_when_training(slurm_cluster, out_file, nodes[1])
+        _fail_node_when_training(slurm_cluster, out_file, nodes[1], wait_for=tmp_path / "checkpoints" / f"{job}.h5")
         deadline = time.monotonic() + 60
         while slurm_cluster.job_records(job)[0].get("Restarts", "0") == "0" and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -951,9 +965,11 @@ def test_a_requeued_job_resumes_after_losing_a_node(slurm_cluster, tmp_path):
     res = slurm_cluster.wait_for(job, timeout=150)
     out = res.output()
     assert (res.state, res.exit_code, res.restarts) == ("COMPLETED", 0, 1), out
-    assert re.search(rf"resumed from checkpoints/{job}.h5 at epoch [1-9]", out), out
+    assert re.search(rf"resumed from checkpoints/{job}.h5 at epoch 2 step \d", out), out  # the hold's epoch
     ck = checkpoint.load(tmp_path / "checkpoints" / f"{job}.h5")
-    assert (ck["epoch"], ck["step"]) == (60, 0)
+    assert (ck["epoch"], ck["step"]) == (150, 0)
+
+
 @retry_on_ucx_flake
 def test_train_sh_as_its_header_says_finds_the_data_as_make_run_and_saves_a_model_to_evaluate(slurm_cluster, tmp_path,
                                                                                                mnist_dir):
