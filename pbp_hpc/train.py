@@ -293,12 +293,13 @@ def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
         st.reducer.watch.leave()
     t0, compute0, comm0, eval0 = time.perf_counter(), strategy.compute_s, strategy.comm_s, tracker.eval_s
     account = loop.account
-    account.start(comm0, st.reducer.watch)
+    account.start()
     loss_sum, seen, stopped, ended, done = 0.0, 0, None, None, first
     bar = _progress(cfg, comm, steps - first, epoch, quiet)
     stop_of = functools.partial(_stop_requested, st)
     while done < steps:  # blocks of steps: one step each for allreduce (parallel/strategies/base.py)
         end = strategy.block_end(done, _block_limit(tracker, epoch, steps, done), steps, epoch)
+        account.begin(strategy.comm_s, st.reducer.watch)
         loss, n, reached, stop_ranks = strategy.run_block(order, epoch, done, end, steps, loop.schedule, stop_of)
         account.block(strategy.comm_s, st.reducer.watch)
         loss_sum += loss
