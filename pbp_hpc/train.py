@@ -333,7 +333,7 @@ def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
         comm.Barrier()  # epochs start together, so the slowest rank's time is the epoch's time
     t0, compute0, comm0, eval0 = time.perf_counter(), strategy.compute_s, strategy.comm_s, tracker.eval_s
     account = loop.account
-    account.start(comm0, st.watch)
+    account.start()
     loss_sum, seen, stopped, ended, done = 0.0, 0, None, None, first
     ckpt0, checkpoints, due = loop.checkpoint_s, 0, False
     bar = _progress(cfg, comm, steps - first, epoch, quiet)
@@ -341,6 +341,7 @@ def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
     while done < steps:  # blocks of steps: one step each for allreduce (parallel/strategies/base.py)
         end = strategy.block_end(done, _block_limit(tracker, epoch, steps, done), steps, epoch)
         begun = epoch * steps + done  # the block's first global step
+        account.begin(strategy.comm_s, st.watch)
         loss, n, reached, stop_ranks = strategy.run_block(order, epoch, done, end, steps, loop.schedule, stop_of)
         account.block(strategy.comm_s, st.watch)
         loss_sum += loss

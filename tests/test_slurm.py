@@ -690,6 +690,8 @@ def test_real_sweep_array_merges_and_analyzes(slurm_cluster, tmp_path):
         assert f"pbp_hpc: {pt.ranks} rank(s)" in log, log
         if pt.ranks == 2:
             assert all(e["comm_s"] > 0 for e in epochs), epochs
+            # its array task measured the network first, under srun, on the point's ranks
+            assert r["interconnect"]["ranks"] == 2 and r["interconnect"]["samples"], r["interconnect"]
         else:
             assert all(e["comm_s"] == 0 for e in epochs), epochs
     for i in range(n):  # each task ran its own point, once

@@ -207,9 +207,10 @@ def best_line(rows: list[dict[str, Any]]) -> str:
     best = best_row(rows)
     if best is not None:
         tail = f", {best['epochs_to_target']:.3g} epochs" if best["epochs_to_target"] is not None else ""
-        noise = [r["b_noise"] for r in rows if r.get("b_noise") is not None]
-        beside = (f"; gradient noise scale B_noise ≈ {statistics.median(noise):.0f} (median over configurations, at the "
-                  f"target): batches much above it buy fewer steps per example" if noise else "")
+        # at the target: a run that never reached it has only its last value, not comparable
+        noise = [r["b_noise"] for r in rows if r.get("b_noise") is not None and r["reached"]]
+        beside = (f"; gradient noise scale B_noise ≈ {statistics.median(noise):.0f} (median over the configurations that "
+                  f"reached the target, at that pass): batches much above it buy few fewer steps" if noise else "")
         return (f"fastest to {target}: {describe(best)}: {best['time_to_target_s']:.4g} s of training{tail}"
                 f" (+{best['eval_time_s'] or 0:.3g} s evaluating){beside}")
     some = [r for r in rows if r["reached"]]

@@ -37,13 +37,18 @@ class EpochAccount:
         self.n = 0
         self.last = self.off = 0.0
 
-    def start(self, comm_s: float, watch: Any) -> None:
-        """The epoch begins; comm_s: the strategy's running total of time in communication calls;
-        watch: the reducer's StallWatch (its time off the CPU in waits)."""
-        self.n, self.last, self.off = 0, comm_s, watch.in_s - watch.cpu_s
+    def start(self) -> None:
+        """The epoch begins."""
+        self.n = 0
+
+    def begin(self, comm_s: float, watch: Any) -> None:
+        """A block of steps begins; comm_s: the strategy's running total of time in communication
+        calls; watch: the reducer's StallWatch (its time off the CPU in waits). Taken per block, so
+        that what happens between blocks (an evaluation's waits) is not counted."""
+        self.last, self.off = comm_s, watch.in_s - watch.cpu_s
 
     def block(self, comm_s: float, watch: Any) -> None:
-        """A block of steps ended (the same blocks on every rank)."""
+        """The block ended (the same blocks on every rank)."""
         off = watch.in_s - watch.cpu_s
         moved = max(0.0, (comm_s - self.last) - max(0.0, off - self.off))
         if self.n < self.blocks.shape[0]:
@@ -51,7 +56,6 @@ class EpochAccount:
             self.n += 1
         else:  # more blocks than planned (cannot happen with the loop's limits): fold into the last
             self.blocks[-1] += moved
-        self.last, self.off = comm_s, off
 
     def close(self, wall: float, compute: float, in_comm: float, stalled: float, watch: Any = None) -> dict[str, Any]:
         """The epoch's split (collective): the slowest rank's parts, and the spread over ranks."""

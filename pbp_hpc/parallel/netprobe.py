@@ -47,19 +47,28 @@ def _time(world: MPI.Comm, op: Any, seconds: float, min_reps: int = 5) -> tuple[
     return float(np.percentile(out, 25)), float(np.median(out)), float(out.min())
 
 
-def _levels(world: MPI.Comm) -> list[tuple[str, MPI.Comm, int, int]]:
-    """(name, this rank's communicator or COMM_NULL, its size, nodes it spans)."""
+def _levels(world: MPI.Comm, hosts: list[str]) -> list[tuple[str, MPI.Comm, int, int]]:
+    """(name, this rank's communicator or COMM_NULL, its size, nodes it spans). On one node only
+    the world: no communicator is made (each costs shared memory, which a small /dev/shm, as on
+    Slurm test beds, may lack). Across nodes the caller frees the two it gets (_free)."""
+    nodes = len(set(hosts))
+    if nodes == 1:
+        return [("world", world, world.size, 1)]
     node = world.Split_type(MPI.COMM_TYPE_SHARED)
-    nodes = world.allreduce(1 if node.rank == 0 else 0)
     per_node = world.allreduce(node.size, op=MPI.MIN)
     leaders = world.Split(0 if node.rank == 0 else MPI.UNDEFINED, world.rank)
-    out = []
-    if nodes > 1 and per_node > 1:
-        out.append(("intra_node", node, per_node, 1))
-    if nodes > 1:
-        out.append(("inter_node", leaders, nodes, nodes))
-    out.append(("world", world, world.size, nodes))
-    return out
+    out = [("inter_node", leaders, nodes, nodes)]
+    if per_node > 1:
+        out.insert(0, ("intra_node", node, per_node, 1))
+    else:
+        node.Free()
+    return out + [("world", world, world.size, nodes)]
+
+
+def _free(levels: list[tuple[str, MPI.Comm, int, int]]) -> None:
+    for _, comm, _, _ in levels:
+        if comm != MPI.COMM_NULL and comm != MPI.COMM_WORLD:
+            comm.Free()
 
 
 def _pingpong(world: MPI.Comm, peer: int, seconds: float) -> float:
@@ -82,7 +91,9 @@ def measure(world: MPI.Comm, seconds: float = 0.1, sizes: tuple[int, ...] = SIZE
     """Every level's Allreduce time at each size, and rank 0's latency to the nearest and the
     farthest rank (collective; the same result on every rank)."""
     samples = []
-    for level, comm, size, nodes in _levels(world):
+    hosts = world.allgather(socket.gethostname())
+    levels = _levels(world, hosts)
+    for level, comm, size, nodes in levels:
         for n in sizes:
             buf = np.ones(max(1, n // 4), dtype=np.float32)
             active = comm != MPI.COMM_NULL
@@ -90,7 +101,7 @@ def measure(world: MPI.Comm, seconds: float = 0.1, sizes: tuple[int, ...] = SIZE
             q1, med, low = _time(world, op, seconds)
             samples.append({"level": level, "ranks": size, "nodes": nodes, "bytes": int(buf.nbytes),
                             "seconds": q1, "median_s": med, "min_s": low})
-    hosts = world.allgather(socket.gethostname())
+    _free(levels)
     far = next((r for r in range(world.size - 1, 0, -1) if hosts[r] != hosts[0]), None)
     latency = {"same_node_s": _pingpong(world, 1, seconds) if world.size > 1 and hosts[1] == hosts[0] else None,
                "other_node_s": _pingpong(world, far, seconds) if far is not None else None}
