@@ -58,10 +58,10 @@ class AllreduceStrategy(Strategy):
         """The same update on every rank: each applies the optimizer to the spans the reducer gives it."""
         t = time.perf_counter()
         self.optimizer.apply_all(self.reducer.shares(), lr, batch)
-        if self.ema is not None:
-            self.ema.update()
         if self.reducer.sums_in_update:  # the summation an Allreduce would do, fused with the update
             self.reducer.seconds += time.perf_counter() - t
+        if self.ema is not None:  # (computation: not in the reducer's time)
+            self.ema.update()
 
     def evaluated(self) -> ContextManager[None]:
         return super().evaluated() if self.ema is None else self.ema.swapped()
