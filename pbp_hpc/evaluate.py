@@ -51,7 +51,8 @@ def kind_of(path: Path) -> str:
         raise model_file.ModelFileError(f"{path} is {what}; {EXPECTED}")
     try:
         with h5py.File(path, "r") as f:
-            attrs = {k: f.attrs[k] for k in ("format", "schema") if k in f.attrs}
+            # only plain strings count: an attribute of another type (an array, a number) names no format
+            attrs = {k: f.attrs[k] for k in ("format", "schema") if k in f.attrs and isinstance(f.attrs[k], str)}
     except (OSError, KeyError, ValueError) as exc:
         raise model_file.ModelFileError(f"cannot read {path}: {exc}; {EXPECTED}") from None
     if attrs.get("format") == model_file.FORMAT:

@@ -245,7 +245,7 @@ def try_resume(st: Any, log: Log) -> tuple[int, int, list[dict[str, Any]], dict[
             buf[...] = st.xp.asarray(saved)
     st.strategy.restored()  # collective: where the strategy reads its parameters from holds these
     log(f"resumed from {path} at epoch {ck['epoch']} step {ck['step']}"
-        + (f" (written by {wrote} data-parallel rank(s), continuing on {st.grid.D})" if wrote != st.grid.D else ""))
+        + (f" (written by {wrote} rank(s), continuing on {st.grid.D})" if wrote != st.grid.D else ""))
     extra = dict(ck["meta"].get("extra") or {})
     extra.update({name: ck["state"][name] for name in LOOP_ARRAYS if name in ck["state"]})
     return ck["epoch"], ck["step"], ck["meta"]["records"], extra

@@ -23,7 +23,7 @@
 #   * waits (bounded: PBP_TESTBED_TIMEOUT s, default 60) until `sinfo` shows every node idle; prints
 #     the logs and fails otherwise. Running `start` on a bed that is up just checks it again;
 #   * job IDs go on from where the last bed in DIR stopped (FirstJobId), so that a restarted bed does
-#     not hand out IDs whose log files (%j in --output) already exist.
+#     not hand out IDs whose log files (%j in --output) already exist; a new bed starts at a random ID.
 #
 # Several nodes on one host: each node is its own slurmd (`slurmd -N NAME`) with its own NodeName and
 # Port, and its own spool directory, log and PID file (%n in slurm.conf); they share NodeHostname and
@@ -382,10 +382,14 @@ EOF
         || { cat "$LOGS/sacctmgr.out" >&2; die "sacctmgr add cluster failed"; }
 }
 
-first_job_id() { # one above the highest job ID that the last bed in DIR recorded (jobcomp.log), else 1
+# One above the highest job ID that the last bed in DIR recorded (jobcomp.log); a new bed starts at a
+# random ID. MPICH names its shared-memory segment after the PMI key space, which srun makes of
+# job and step IDs: a segment left in /dev/shm by a job killed mid-start-up made the next bed's job 1
+# fail in MPI_Init ("MPIDI_POSIX_comm_bootstrap: Out of memory") when every bed began at 1.
+first_job_id() {
     local last
     last=$(grep -o 'JobId=[0-9]*' "$DIR/jobcomp.log" 2>/dev/null | cut -d= -f2 | sort -n | tail -n1)
-    echo $((${last:-0} + 1))
+    echo $((${last:-$(( (RANDOM * 32768 + RANDOM) % 5000000 + 1000 ))} + 1))
 }
 
 write_conf() {

@@ -5,6 +5,7 @@ the sweep's keys), with round numbers so every expected value can be checked by 
 """
 
 import json
+import re
 import math
 import subprocess
 import sys
@@ -426,7 +427,8 @@ def test_allreduce_benchmark_writes_alpha_beta_that_analyze_reads(tmp_path):
            "--seconds", "0.01", "--min-reps", "3", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=root)
     assert proc.returncode == 0, proc.stderr
-    assert "busbw GB/s" in proc.stdout and "alpha =" in proc.stdout
+    # the fit is stated either way: a determined alpha, or its range where a loaded machine's timings leave it open
+    assert "busbw GB/s" in proc.stdout and re.search(r"alpha (=|NOT DETERMINED)", proc.stdout), proc.stdout
     ab = analyze.choose_alpha_beta([], str(out))
     assert ab.alpha_s >= 0 and ab.beta_s_per_byte >= 0 and len(json.loads(out.read_text())["samples"]) == 3
 

@@ -6,6 +6,7 @@ import numpy as np
 from mpi4py import MPI
 
 from pbp_hpc.engine.model import Layout
+from pbp_hpc.parallel.reducers import EXTRAS
 from pbp_hpc.parallel.reducers.overlap import OverlapReducer
 
 LAYERS = [784, 16, 12, 10]  # float64 gradients of 100480, 1632 and 1040 bytes
@@ -24,16 +25,16 @@ def plan(fusion_bytes: int, compressed: bool = False) -> tuple[list[tuple[int, i
 def test_without_fusion_each_layer_is_a_message_and_the_top_one_carries_the_extras():
     spans, starts = plan(0)
     n = Layout(LAYERS).n_params
-    assert spans == [(12764, n + 2), (12560, 12764), (0, 12560)]
+    assert spans == [(12764, n + EXTRAS), (12560, 12764), (0, 12560)]
     assert starts == {2: 0, 1: 1, 0: 2}
 
 
 def test_small_layers_are_combined_until_a_message_holds_fusion_bytes():
     spans, starts = plan(2000)
     n = Layout(LAYERS).n_params
-    assert spans == [(12560, n + 2), (0, 12560)]  # layers 2 and 1 together, then layer 0
+    assert spans == [(12560, n + EXTRAS), (0, 12560)]  # layers 2 and 1 together, then layer 0
     assert starts == {1: 0, 0: 1}  # sent when layer 1's gradient, the lower of the two, is final
-    assert plan(10**9)[0] == [(0, n + 2)]  # everything: one message, as the blocking reducer
+    assert plan(10**9)[0] == [(0, n + EXTRAS)]  # everything: one message, as the blocking reducer
 
 
 def test_compressed_messages_leave_the_extras_to_their_own():

@@ -90,7 +90,7 @@ def splits_of(cores: int) -> list[tuple[int, int]]:
 # What each row measures: the report's setup, stated (the built-in defaults are another), and
 # variants of it that rows with a /VARIANT label add at batch 1024.
 TRAINING = ["model.activation=sigmoid", "model.loss=mse", "model.init=glorot_uniform", "optimizer.name=sgd",
-            "schedule.name=constant", "schedule.warmup_epochs=0"]  # what is trained, not how fast
+            "schedule.name=constant", "schedule.warmup_epochs=0", "schedule.scale_with_batch=none"]  # what is trained, not how fast
 REPORT = [*TRAINING, "train.skip_zero_inputs=true"]
 VARIANTS = {
     "": REPORT,

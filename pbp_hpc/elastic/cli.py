@@ -136,10 +136,11 @@ def position(path: Path) -> dict[str, Any]:
 
 def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--" not in argv:
+    if "--" not in argv and not {"-h", "--help"} & set(argv):
         raise ConfigError("elastic: put the launch command after `--`: python -m pbp_hpc.elastic [options] -- mpiexec -n P python -m pbp_hpc.train ...")
-    cut = argv.index("--")
-    p = argparse.ArgumentParser(prog="python -m pbp_hpc.elastic", description=__doc__.split("\n\n")[0])
+    cut = argv.index("--") if "--" in argv else len(argv)
+    p = argparse.ArgumentParser(prog="python -m pbp_hpc.elastic", description=__doc__.split("\n\n")[0],
+                                usage="python -m pbp_hpc.elastic [--min-ranks K] [--max-restarts R] -- LAUNCH COMMAND")
     p.add_argument("--min-ranks", type=int, default=1, help="stop when fewer ranks than this are left (default 1)")
     p.add_argument("--max-restarts", type=int, default=3, help="restarts at most (default 3)")
     args = p.parse_args(argv[:cut])
