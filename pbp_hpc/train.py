@@ -29,10 +29,10 @@ from threadpoolctl import threadpool_limits
 
 from pbp_hpc import evaluation, faults, model_file, periodic, protocols, resume, trace
 from pbp_hpc.config import Config
+from pbp_hpc.epoch import Loop, epoch_order, run_epoch  # noqa: F401  (epoch_order: train's API, for bench and tests)
 from pbp_hpc.data import datasets, device as device_data
 from pbp_hpc.engine import backend, model, optimizers, step as local_steps
 from pbp_hpc.engine import schedules
-from pbp_hpc.engine.schedules import Schedule
 from pbp_hpc.errors import DataError, DivergenceError, InjectedFault, Stopped
 from pbp_hpc.parallel import accounting, grid_auto, gpu, noise_scale, provenance, reducers, runtime, shards, strategies
 from pbp_hpc.parallel.grid import make_grid
@@ -105,21 +105,6 @@ class State:
             self.close()
 
 
-def epoch_order(seed: int, epoch: int, n: int, shuffle: bool) -> np.ndarray:
-    """The global data order of an epoch: the same on every rank, a function of (seed, epoch)."""
-    if not shuffle:
-        return np.arange(n)
-    return np.random.default_rng([seed, epoch, 0x45504F]).permutation(n)
-
-
-def _epoch_order(st: State, epoch: int, n: int) -> Any:
-    """Host data: epoch_order. Device data: an order drawn on the device, so none is uploaded."""
-    t = st.cfg.train
-    if isinstance(st.data.train, device_data.DeviceSource):
-        return device_data.device_epoch_order(st.xp, t.seed, epoch, n, t.shuffle)
-    return epoch_order(t.seed, epoch, n, t.shuffle)
-
-
 def _inject_fault(st: State, global_step: int) -> None:
     """debug.fail_*: the failure paths proven on purpose (tests)."""
     dbg = st.cfg.debug
@@ -141,20 +126,6 @@ def _inject_fault(st: State, global_step: int) -> None:
     if dbg.fail_kind == "oserror":  # a failure that is not one of ours, as a dying disk would raise
         raise OSError(errno.EIO, f"injected I/O error on rank {st.comm.rank} at step {global_step} (debug.fail_kind=oserror)")
     raise InjectedFault(f"injected fault on rank {st.comm.rank} at step {global_step} (debug.fail_step)")
-
-
-def _stop_requested(st: State, global_step: int) -> bool:
-    """A SIGUSR1/SIGTERM reached this rank, or debug.signal_step stands in for one (tests)."""
-    dbg = st.cfg.debug
-    return runtime.stop_signalled() or (global_step == dbg.signal_step and dbg.signal_rank in (None, st.comm.rank))
-
-
-def _progress(cfg: Config, comm: MPI.Comm, total: int, epoch: int, quiet: bool) -> Any:
-    if comm.rank != 0 or quiet or not cfg.train.progress or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=f"epoch {epoch}", unit="step", leave=False, file=sys.stderr)
 
 
 def run(cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, log: Optional[Log] = None, quiet: bool = False,
@@ -217,33 +188,6 @@ def run(cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, log: Optional[Log] = None,
             return result
 
 
-class Loop:
-    """What the loop carries from step to step and epoch to epoch: the schedule, the
-    evaluation tracker, the training time so far (evaluations excluded), the epochs' records."""
-
-    def __init__(self, st: State, steps: int, records: list[dict[str, Any]], extra: dict[str, Any]):
-        self.steps, self.records = steps, records
-        self.schedule = Schedule(st.cfg, steps)
-        self.tracker = evaluation.Tracker(st, steps, extra.get("evaluations"), extra.get("best_theta"))
-        self.train_s = float(extra.get("train_s", 0.0))
-        self.account = accounting.EpochAccount(st.comm, steps)  # where each epoch's time goes
-        self.t_start = time.perf_counter()
-        self.last_checkpoint = time.monotonic()  # rank 0's clock decides checkpoint.every_seconds (periodic.py)
-        self.checkpoint_s = 0.0  # seconds spent writing periodic checkpoints, over the run
-
-    def wall(self) -> float:
-        return time.perf_counter() - self.t_start
-
-    def extra(self) -> dict[str, Any]:
-        """For the checkpoint: what a resumed run continues from."""
-        return {"evaluations": self.tracker.curve, "train_s": self.train_s}
-
-    def arrays(self) -> dict[str, Any]:
-        """For the checkpoint: the best pass's parameters (rank 0, train.save_model), so that a
-        resumed run still writes the best pass's model (resume.LOOP_ARRAYS)."""
-        return {"best_theta": self.tracker.best_theta if self.tracker.best_at is not None else None}
-
-
 def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool) -> dict[str, Any]:
     cfg = st.cfg
     n_train, B = len(st.data.train), cfg.train.batch_size
@@ -271,7 +215,7 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
             log(few_steps)
         for epoch in range(start_epoch, cfg.train.epochs):
             first = start_step if epoch == start_epoch else 0
-            rec, stopped, ended = _epoch(st, loop, epoch, first, quiet)
+            rec, stopped, ended = run_epoch(st, loop, epoch, first, quiet)
             due = rec.pop("checkpoint_due")  # every_steps / every_seconds came due at the epoch's last block
             if stopped is not None and stopped[1] < steps and ended is None:  # mid-epoch: the part-epoch is not recorded
                 return _stop(st, threads, info, loop, stopped, log)
@@ -317,90 +261,6 @@ def _train(st: State, threads: int, info: dict[str, Any], log: Log, quiet: bool)
         log(f"timeline written to {traced} (open it in https://ui.perfetto.dev or chrome://tracing)")
     return _result(st, threads, info, loop, total, test_accuracy=test_acc, ended_early=ended, model_path=saved,
                    trace_path=st.comm.bcast(traced, root=0) if st.trace is not None else None)
-
-
-def _epoch(st: State, loop: Loop, epoch: int, first: int, quiet: bool
-           ) -> tuple[dict[str, Any], Optional[tuple[int, int, int]], Optional[str]]:
-    """Steps first.. of an epoch: its record (the slowest rank's times, evaluation passes
-    excluded); where a signal asked to stop, (epoch, next step, ranks that asked), or None; and
-    why an evaluation pass ended the run, or None."""
-    cfg, comm, strategy, steps, tracker = st.cfg, st.comm, st.strategy, loop.steps, loop.tracker
-    order = _epoch_order(st, epoch, len(st.data.train))
-    # a rank stopped at an epoch's edge stalls the others in this barrier or in the closing
-    # reduction below: both count as the epoch's (a tiny epoch spends much of its time there)
-    stalled0 = st.watch.stalled_s
-    with st.watch:  # the stall check covers the loop's own collectives too
-        comm.Barrier()  # epochs start together, so the slowest rank's time is the epoch's time
-    t0, compute0, comm0, eval0 = time.perf_counter(), strategy.compute_s, strategy.comm_s, tracker.eval_s
-    account = loop.account
-    account.start()
-    loss_sum, seen, stopped, ended, done = 0.0, 0, None, None, first
-    ckpt0, checkpoints, due = loop.checkpoint_s, 0, False
-    bar = _progress(cfg, comm, steps - first, epoch, quiet)
-    stop_of = functools.partial(_stop_requested, st)
-    while done < steps:  # blocks of steps: one step each for allreduce (parallel/strategies/base.py)
-        end = strategy.block_end(done, _block_limit(tracker, epoch, steps, done), steps, epoch)
-        begun = epoch * steps + done  # the block's first global step
-        account.begin(strategy.comm_s, st.watch)
-        loss, n, reached, stop_ranks = strategy.run_block(order, epoch, done, end, steps, loop.schedule, stop_of)
-        account.block(strategy.comm_s, st.watch)
-        loss_sum += loss
-        seen += n
-        tracker.add_loss(loss, n)
-        if bar is not None:
-            bar.update(reached - done)
-        done = reached
-        g = epoch * steps + done - 1  # the last step done
-        if tracker.due(g) and done < steps:  # an epoch's last step: the epoch-end pass covers it
-            in_epoch = time.perf_counter() - t0 - (tracker.eval_s - eval0)
-            ended = tracker.evaluate(epoch, g + 1, loop.train_s + in_epoch, loop.wall())
-        if stop_ranks > 0:  # the count of ranks asked to stop, the same on all
-            stopped = (epoch, done, stop_ranks)
-        if stopped is not None or ended is not None:
-            break
-        due = periodic.due(st, loop, begun, g + 1)
-        if due and done < steps:  # mid-epoch: where the next block begins (an epoch's end: _train, once recorded)
-            in_epoch = time.perf_counter() - t0 - (tracker.eval_s - eval0) - (loop.checkpoint_s - ckpt0)
-            periodic.write(st, loop, epoch, done, train_s=loop.train_s + in_epoch)
-            checkpoints, due = checkpoints + 1, False
-    if bar is not None:
-        bar.close()
-    wall = time.perf_counter() - t0 - (tracker.eval_s - eval0) - (loop.checkpoint_s - ckpt0)
-    closing = st.watch.stalled_s
-    parts = account.close(wall, strategy.compute_s - compute0, strategy.comm_s - comm0, closing - stalled0, st.watch)
-    closing = st.watch.stalled_s - closing  # this rank's stall in that reduction itself
-    loop.train_s += parts["time_s"]
-    flops = model.flops_per_example(cfg.model.layers) * seen
-    return {
-        "epoch": epoch,
-        "loss": loss_sum / max(seen, 1),
-        "val_accuracy": None,
-        # the slowest rank's time and its parts, which add up to it (parallel/accounting.py), and
-        # the spread of compute and wait over the ranks
-        **{k: parts[k] for k in ("time_s", "compute_s", "comm_s", "wait_s", "other_s",
-                                 "compute_s_min", "compute_s_max", "wait_s_min", "wait_s_max")},
-        "gflops": flops / parts["time_s"] / 1e9 if parts["time_s"] > 0 else 0.0,
-        "examples": seen,
-        "steps_done": done,
-        "partial": first > 0 or done < steps,
-        # seconds of steps that waited past parallel.stall_warning_s for another rank (the slowest
-        # rank's; plus this rank's in the reduction that found the slowest)
-        "stalled_s": parts["stalled_s"] + closing,
-        # seconds spent writing checkpoints in the epoch (rank 0's; not in time_s), and how many
-        "checkpoint_s": loop.checkpoint_s - ckpt0,
-        "checkpoints": checkpoints,
-        "checkpoint_due": due,
-    }, stopped, ended
-
-
-def _block_limit(tracker: evaluation.Tracker, epoch: int, steps: int, step: int) -> int:
-    """Where a block starting at `step` must end at the latest: the epoch's end, or just after
-    the next step at which an evaluation pass is due (train.eval_every_steps)."""
-    every = tracker.every_steps
-    if every is None:
-        return steps
-    g = epoch * steps + step
-    return min(steps, step + (every - 1 - g % every) % every + 1)
 
 
 def _stop(st: State, threads: int, info: dict[str, Any], loop: Loop, at: tuple[int, int, int], log: Log) -> dict[str, Any]:
