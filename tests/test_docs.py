@@ -96,6 +96,11 @@ def _check_python(where: str, args: list[str]) -> None:
                     assert (ROOT / tok.split("::")[0]).is_file(), f"{where}: {tok} does not exist"
             return
         assert module.startswith("pbp_hpc"), f"{where}: python -m {module}"
+        if "--" in rest:  # a wrapper's own options, then the command it runs (python -m pbp_hpc.elastic -- ...)
+            inner, rest = rest[rest.index("--") + 1:], rest[:rest.index("--")]
+            inner_args = _python_args(inner)
+            if inner_args is not None:
+                _check_python(where, inner_args)
         helptext = module_help(module)
         for i, tok in enumerate(rest):
             if tok.startswith("--"):
