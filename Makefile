@@ -24,10 +24,12 @@ CONFIG ?= configs/mnist_net1h.yaml
 #   make bench -> also the peers: PyTorch (CPU; the `framework` implementation and the benchmark's
 #                 torch column) and JAX (the jax column); each optional: a failed install only
 #                 leaves those rows out, and the tests that need them skip
+# --no-compile: no .pyc for all of numpy, scipy and matplotlib at install (~70 MB); Python compiles
+# the modules a run imports, when it first imports them.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[mpich]'
+	$(PY) -m pip install -q --no-compile --upgrade pip
+	$(PY) -m pip install -q --no-compile -e '.[mpich]'
 	@touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

@@ -27,6 +27,7 @@ from pbp_hpc.engine.model import Layout
 from pbp_hpc.engine.tensor_layout import COL, FULL, ROW, ShardLayout, assemble, extract, plan
 from pbp_hpc.errors import ConfigError
 from pbp_hpc.parallel import pipeline, tensor
+from pbp_hpc.parallel.reducers import EXTRAS
 from pbp_hpc.parallel.reducers.compression import allreduce_bytes
 from pbp_hpc.parallel.tensor_step import activation_bytes
 
@@ -199,8 +200,8 @@ def test_data_2_by_tensor_2_and_by_pipeline_2_on_two_nodes_compute_the_one_rank_
     for case, n in zip(last_json(res.stdout)["cases"], shards):
         assert case["rel_diff"] < 1e-10, case
         assert case["identical_on_all_ranks"], case
-        # rank 0's part of the gradient (and the loss and stop slots), summed over its data-parallel group of 2
-        assert case["wire_bytes_per_step"] == allreduce_bytes(2, n + 2, 8)
+        # rank 0's part of the gradient (and the extras: loss, stop, noise-scale slots), summed over its data-parallel group of 2
+        assert case["wire_bytes_per_step"] == allreduce_bytes(2, n + EXTRAS, 8)
 
 
 # -- parallel.grid: auto ------------------------------------------------------------------------------
