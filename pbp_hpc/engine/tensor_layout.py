@@ -44,11 +44,6 @@ def plan(n_layers: int) -> list[str]:
     return kinds
 
 
-def block(n: int, parts: int, part: int) -> tuple[int, int]:
-    """Part `part` of n units in `parts` contiguous blocks whose sizes differ by at most one."""
-    return n * part // parts, n * (part + 1) // parts
-
-
 @dataclass
 class ShardLayout:
     """Rank t's (of T) part of every layer of the whole model `sizes`, in one flat buffer.
@@ -65,28 +60,19 @@ class ShardLayout:
     w_slices: list[slice] = field(default_factory=list)
     b_slices: list[slice] = field(default_factory=list)
     n_params: int = 0
+    held: Any = None  # engine.layout.Layout of this part (made in __post_init__)
 
     def __post_init__(self) -> None:
         self.kinds = plan(len(self.sizes) - 1)
-        off = 0
-        for l, (n_in, n_out) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):
-            kind = self.kinds[l]
-            if kind == COL:
-                lo, hi = block(n_out, self.T, self.t)
-                shape, nb = (n_in, hi - lo), hi - lo
-            elif kind == ROW:
-                lo, hi = block(n_in, self.T, self.t)
-                shape, nb = (hi - lo, n_out), n_out
-            else:
-                lo, hi = 0, n_out
-                shape, nb = (n_in, n_out), n_out
-            self.blocks.append((lo, hi))
-            self.shapes.append(shape)
-            self.w_slices.append(slice(off, off + shape[0] * shape[1]))
-            off += shape[0] * shape[1]
-            self.b_slices.append(slice(off, off + nb))
-            off += nb
-        self.n_params = off
+        # engine.layout's Layout of this part (rows-split biases on every rank) places the buffer
+        splits = [{COL: "cols", ROW: "rows", FULL: "whole"}[k] for k in self.kinds]
+        self.held = layout.Layout(list(self.sizes), layout.tensor_parts(self.sizes, splits, self.T, self.t,
+                                                                        replicate_bias=True))
+        self.blocks = [(p.lo, p.hi) if p.kind != "whole" else (0, n_out)
+                       for p, n_out in zip(self.held.parts, self.sizes[1:])]
+        self.shapes = [tuple(shape) for shape in self.held.w_shapes]
+        self.w_slices, self.b_slices = list(self.held.w_slices), list(self.held.b_slices)
+        self.n_params = self.held.n_params
 
     @property
     def n_layers(self) -> int:
@@ -102,12 +88,7 @@ class ShardLayout:
     @property
     def layout(self) -> layout.Layout:
         """The same part as engine.layout's Layout (what parallel.shards gathers and scatters by)."""
-        kind = {COL: "cols", ROW: "rows", FULL: "whole"}
-        parts = [layout.WHOLE if k == FULL else layout.Part(kind[k], lo, hi, True)
-                 for k, (lo, hi) in zip(self.kinds, self.blocks)]
-        out = layout.Layout(list(self.sizes), parts)
-        assert out.n_params == self.n_params and out.w_shapes == self.shapes
-        return out
+        return self.held
 
     def views(self, flat: Any, xp: Any) -> tuple[list[Any], list[Any]]:
         """Per-layer (W block, b block) views into a flat shard buffer."""
