@@ -107,6 +107,26 @@ class Trace:
         return self.path
 
 
+def check_target(path: str) -> None:
+    """Before training, on every rank (each writes its part beside PATH): the folder exists or is
+    made, PATH is not a folder, and a file can be written there. ConfigError otherwise."""
+    from pbp_hpc.errors import ConfigError
+
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"train.trace {path} is a directory; give a file name such as {target / 'trace.json'}")
+    blocker = next((q for q in target.parents if q.exists() and not q.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"train.trace {path}: {blocker} is a file, not a directory")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        probe = target.parent / f".{target.name}.{os.getpid()}.probe"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"train.trace {path}: cannot write there ({exc.strerror or exc})") from None
+
+
 def write(path: str, events: list[dict[str, Any]], ranks: int) -> None:
     doc = {"traceEvents": events, "displayTimeUnit": "ms",
            "otherData": {"producer": "pbp_hpc", "ranks": ranks, "clock": "microseconds since a barrier at the start"}}

@@ -147,6 +147,8 @@ def run(cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, log: Optional[Log] = None,
     if cfg.train.save_model:
         runtime.together(comm, lambda: model_file.check_target(cfg.train.save_model) if comm.rank == 0 else None,
                          name_ranks=False)
+    if cfg.train.trace:  # every rank writes its part of the timeline beside it
+        runtime.together(comm, lambda: trace.check_target(cfg.train.trace))
     xp = backend.namespace(cfg.backend) if xp is None else xp
     devices = gpu.select_device(comm, xp)  # CuPy: this rank's GPU, chosen before any allocation
     directory = datasets.resolve_data(cfg, comm)

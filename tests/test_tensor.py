@@ -87,10 +87,22 @@ def test_net1h_tensor_2_sends_at_most_b_x_10_float32_values_a_step_plus_a_consta
 
 @pytest.mark.parametrize("key,value", [("parallel.strategy", "local_sgd"), ("parallel.strategy", "hogwild"),
                                        ("parallel.reducer", "shm"), ("parallel.reducer", "shared_batch"),
-                                       ("parallel.reducer", "overlap"), ("algorithm", "per_example")])
+                                       ("parallel.reducer", "overlap"), ("algorithm", "per_example"),
+                                       ("optimizer.name", "lars"), ("optimizer.name", "lamb")])
 def test_what_does_not_go_with_tensor_parallelism_is_refused_naming_both_choices(key, value):
     with pytest.raises(ConfigError, match=rf"parallel.tensor=2 does not go with {key}={value}"):
         cfg_of(SIGMOID_MSE_SGD, parallel__tensor=2, **{key.replace(".", "__"): value})
+
+
+@pytest.mark.parametrize("name", ["lars", "lamb"])
+def test_the_layer_wise_optimizers_are_refused_with_a_pipeline_and_grid_auto_keeps_them_data_parallel(name):
+    from pbp_hpc.parallel import grid_auto
+
+    with pytest.raises(ConfigError, match=rf"parallel.pipeline=2 does not go with optimizer.name={name}"):
+        cfg_of(SIGMOID_MSE_SGD, parallel__pipeline=2, optimizer__name=name)
+    auto = cfg_of(SIGMOID_MSE_SGD, parallel__grid="auto", optimizer__name=name)
+    assert not grid_auto._goes_with(auto, "tensor") and not grid_auto._goes_with(auto, "pipeline")
+    assert grid_auto._goes_with(cfg_of(SIGMOID_MSE_SGD, parallel__grid="auto"), "tensor")
 
 
 def test_a_world_or_network_the_tensor_groups_cannot_split_is_refused():

@@ -118,3 +118,16 @@ def test_merge_joins_the_parts_a_dead_job_left(tmp_path):
     check_format(json.loads(path.read_text()), 2)
     assert not list(tmp_path.glob("*.part"))
     assert trace.main(["merge", str(tmp_path / "none.json")]) == 2
+
+
+def test_a_trace_path_that_cannot_be_written_is_a_config_error_before_training(tmp_path):
+    from pbp_hpc.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="is a directory; give a file name"):
+        trace.check_target(str(tmp_path))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ConfigError, match="afile is a file, not a directory"):
+        trace.check_target(str(tmp_path / "afile" / "t.json"))
+    trace.check_target(str(tmp_path / "new" / "dir" / "t.json"))  # its folder is made, as --plots makes its own
+    assert (tmp_path / "new" / "dir").is_dir() and not list((tmp_path / "new" / "dir").iterdir())
+

@@ -61,6 +61,12 @@ RULES = [
     Rule(PIPELINE, ("algorithm", ("per_example",)),
          "a pipeline runs batched microbatches; per_example is the one-at-a-time baseline"),
     Rule(PIPELINE, ("backend", ("cupy",)), "pipeline parallelism runs on host buffers; with backend: cupy use parallel.pipeline 1"),
+    Rule(TENSOR, ("optimizer.name", ("lars", "lamb")),
+         "the layer-wise optimizers scale each layer by its whole norm, and a tensor group holds parts of layers; "
+         "use parallel.tensor 1 (or optimizer nesterov)"),
+    Rule(PIPELINE, ("optimizer.name", ("lars", "lamb")),
+         "the layer-wise optimizers are built for the whole model's layers, and a pipeline stage holds some of them; "
+         "use parallel.pipeline 1 (or optimizer nesterov)"),
 ]
 
 

@@ -17,8 +17,8 @@ alpha and beta are fitted from two timed Allreduces over the world (8 bytes and 
 loaded machine, where a rank waits for its partner to be scheduled, shows as a large alpha and
 favours the grid with the fewest messages. Every rank takes rank 0's measurements, so all
 choose alike. The header prints the chosen grid and each candidate's predicted step time.
-Only the synchronous allreduce strategy on numpy with a reducer of auto or blocking is
-considered for T or S above 1 (parallel/combinations.py); otherwise the grid is all data.
+T or S above 1 is considered only where the combination rules (parallel/combinations.py) allow
+it for the rest of the config; otherwise the grid is all data.
 """
 
 from __future__ import annotations
@@ -119,14 +119,22 @@ def build_parts(st: Any) -> None:
         raise
 
 
+def _goes_with(cfg: Any, key: str) -> bool:
+    """Whether parallel.<key> = 2 goes with the rest of the config (the combination rules, not a
+    second list of them)."""
+    from pbp_hpc.parallel import combinations
+
+    trial = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"grid": "manual", key: 2})})
+    return combinations.violation(trial) is None
+
+
 def choose(cfg: Any, comm: MPI.Comm) -> tuple[Any, Optional[str]]:
     """With parallel.grid auto: the config with parallel.tensor and parallel.pipeline set by the
     model, and the header's line saying why (collective). Otherwise (cfg, None)."""
     if cfg.parallel.grid != "auto":
         return cfg, None
     p = cfg.parallel
-    allowed = (p.strategy == "allreduce" and p.reducer in ("auto", "blocking") and cfg.backend == "numpy"
-               and cfg.algorithm == "batched")
+    allowed = all(_goes_with(cfg, key) for key in ("tensor", "pipeline"))
     sizes, B = cfg.model.layers, cfg.train.batch_size
     grids = candidates(comm.size, sizes, allowed)
     if len(grids) == 1:
