@@ -52,8 +52,12 @@ CONTROLLED = {"algorithm", "backend", "parallel.ranks", "parallel.threads_per_ra
               "train.warmup_epochs", "checkpoint.path", "checkpoint.resume"}
 
 
+MAX_REPEATS = 10_000  # repetitions, seeds: a typo of a few zeros is an error, not a sweep of years
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: as in run configs, a quoted "3" is not a number and "yes" is not a boolean
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Axes(_Strict):
@@ -104,10 +108,10 @@ class SweepSpec(_Strict):
     base: Union[str, dict[str, Any]] = Field(default_factory=dict)
     set: dict[str, Any] = Field(default_factory=dict)
     axes: Axes
-    repetitions: int = Field(1, ge=1)
+    repetitions: int = Field(1, ge=1, le=MAX_REPEATS)
     # each point trained with this many seeds (train.seed + 0 .. seeds - 1), each its own point;
     # repetitions time the same seed again. 1: the base config's seed, points as before seeds existed
-    seeds: int = Field(1, ge=1)
+    seeds: int = Field(1, ge=1, le=MAX_REPEATS)
     # named sets of config overrides (`set:`'s form), chosen per point by the `variant` axis
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
     warmup_epochs: int = Field(1, ge=0)
