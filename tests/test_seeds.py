@@ -42,6 +42,12 @@ def test_seeds_make_a_point_per_seed_next_to_each_other_and_old_files_stay_as_th
     assert "seed 8" in sweep.describe(sw.points[1])
 
 
+@pytest.mark.parametrize("seeds", ["3", 0, 1.5, 10**6, True])
+def test_a_seed_count_that_is_not_a_positive_count_is_refused_naming_the_key(tmp_path, seeds):
+    with pytest.raises(ConfigError, match="seeds"):
+        sweep.expand(write(tmp_path, axes={"implementation": ["blas-serial"]}, seeds=seeds))
+
+
 def test_variants_set_their_config_and_are_checked(tmp_path):
     sw = sweep.expand(write(tmp_path, variants=VARIANTS, axes={"implementation": ["blas-serial"], "batch_size": [16],
                                                                "variant": ["nag", "lamb"]},
