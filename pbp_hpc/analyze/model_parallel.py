@@ -17,6 +17,7 @@ pbp_hpc.analyze.model_parallel_figures draws them.
 
 from __future__ import annotations
 
+import re
 import statistics
 from collections import defaultdict
 from typing import Any, Iterable, Optional
@@ -65,6 +66,12 @@ def _median(values: Iterable[Optional[float]]) -> Optional[float]:
     return float(statistics.median(vs)) if vs else None
 
 
+def reducer_of(rec: Record) -> Optional[str]:
+    """The data group's reducer as the run chose it (its `communication` line), where it has a data group."""
+    m = re.search(r" with reducer (\w+):", rec.get("communication") or "")
+    return m.group(1) if m and grid_of(rec)[0] > 1 else None
+
+
 def _bytes(rec: Record, kind: str) -> Optional[float]:
     b = rec.get("bytes_per_step")
     return b.get(kind) if isinstance(b, dict) else None
@@ -92,6 +99,7 @@ def rows(records: Iterable[Record]) -> list[dict[str, Any]]:
             "data": D, "tensor": T, "pipeline": S,
             "ranks": int(runs[0].get("ranks") or 1), "threads": int(runs[0].get("threads_per_rank") or 1),
             "microbatches": _cfg(runs[0], "parallel", "microbatches") if S > 1 else None,
+            "reducer": reducer_of(runs[0]),
             "reps": len(runs), "examples": examples, "tpe_s": tpe, "tpe_min_s": min(tpes), "tpe_max_s": max(tpes),
             "tpe_full_s": tpe * FULL_EPOCH / examples if examples else None,
             "bytes_activations": act, "bytes_gradients": grad,
@@ -129,7 +137,7 @@ def _bytes_cell(v: Any, row: dict[str, Any]) -> str:
 
 COLUMNS = [
     Column("batch_size", "B", text), Column("parallelism", "parallelism", _parallelism),
-    Column("ranks", "PxT", _cores), Column("reps", "reps", text), Column("examples", "examples", num(",.0f")),
+    Column("ranks", "PxT", _cores), Column("reducer", "reducer", text), Column("reps", "reps", text), Column("examples", "examples", num(",.0f")),
     Column("tpe_s", "s/epoch", num(".4g")), Column("slower", "x fastest", num(".2f")),
     Column("bytes_activations", "activations B/step", _bytes_cell),
     Column("bytes_gradients", "gradients B/step", _bytes_cell),
@@ -139,7 +147,9 @@ NOTES = [
     "  epoch of `examples` training examples. x fastest: s/epoch over the fastest's (marked *; oversubscribed runs",
     "  are not candidates). B/step: bytes one rank sends a step, as the run counted them: activations (tensor: the",
     "  row layers' Allreduces; pipeline: activations and deltas, mean over steps), gradients (the data group's",
-    "  reduction at best, 2(D-1)/D of the gradient; 0 on one rank or without a data group).",
+    "  reducer's messages at best, 2(D-1)/D of the gradient; 0 on one rank, without a data group, and for the",
+    "  reducers shm and shared_batch on one node, which sum through node-shared memory and send no message).",
+    "reducer: the data group's, as parallel.reducer auto chose it (tensor runs: blocking over the gradient shards).",
     OVER_NOTE,
 ]
 
