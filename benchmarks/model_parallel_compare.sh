@@ -24,7 +24,7 @@ import json, sys
 r = json.load(sys.stdin)
 print(json.dumps({'rep': $rep, 'batch': $B, 'mode': '$mode', 'n_train': r['n_train'],
                   'epochs': [e['time_s'] for e in r['epochs']], 'compute': [e['compute_s'] for e in r['epochs']],
-                  'comm': [e['allreduce_s'] for e in r['epochs']], 'bytes_per_step': r.get('bytes_per_step'),
+                  'comm': [e.get('comm_s', e.get('allreduce_s')) for e in r['epochs']], 'bytes_per_step': r.get('bytes_per_step'),
                   'wire_bytes_per_step': r.get('wire_bytes_per_step')}))" >> "$OUT"
   done
  done

@@ -182,6 +182,9 @@ def run(cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, log: Optional[Log] = None,
             result = _train(st, threads, info, log, quiet)
             result.update(st.reducer.choice)
             result.update(st.strategy.describe())
+            # every run says its grid and what a rank sends a step (tensor and pipeline runs said it above)
+            result.setdefault("grid", {"data": st.grid.D, "tensor": st.grid.T, "pipeline": st.grid.S})
+            result.setdefault("bytes_per_step", {"activations": 0, "gradients": st.reducer.choice.get("wire_bytes_per_step")})
             result["communication"] = accounting.communication(st.strategy.name, st.reducer.name)
             if return_params:
                 result["params"] = np.array(st.whole(st.theta))  # a copy

@@ -20,6 +20,8 @@ The modules, each importing only those above it:
     figstyle   what every figure shares: series styles, panels, plain ticks, oversubscribed points
     figures    the PNG figures (matplotlib; loaded only for --plots)
     accuracy_figures  the time-to-accuracy PNG figures (likewise)
+    model_parallel    data vs tensor vs pipeline per batch: time per epoch, bytes a step, the fastest
+    model_parallel_figures  its figure: time per epoch against batch, a series per parallelism (--plots)
     cli        the command line
 
 This package re-exports the names scripts and tests use, so `analyze.aggregate(...)` and

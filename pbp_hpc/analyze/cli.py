@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from pbp_hpc.analyze import batch_scaling, perfmodel, strategies
+from pbp_hpc.analyze import batch_scaling, model_parallel, perfmodel, strategies
 from pbp_hpc.analyze.models import choose_alpha_beta
 from pbp_hpc.analyze.points import aggregate
-from pbp_hpc.analyze.records import read_records
+from pbp_hpc.analyze.records import model_split, read_records
 from pbp_hpc.analyze.tables import as_json, build_tables, write_csv
 from pbp_hpc.errors import ConfigError, PbpError, ResultsError
 
@@ -52,18 +52,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         tables = build_tables(points, problems, ab, args.max_ranks, records=records)
         tables += strategies.tables(records)  # a strategy study's comparison (none for other runs)
         tables += batch_scaling.tables(records)  # steps/epochs to target vs batch (none without a batch series)
+        tables += model_parallel.tables(records)  # data vs tensor vs pipeline per batch (none without a model split)
         for line in [f"WARNING: alpha-beta: {f}" for f in ab.flags] + [n for t in tables for n in t.notes if n.startswith("WARNING")]:
             print(f"pbp_hpc.analyze: {line}", file=sys.stderr)  # also seen with --json, and where stdout goes to a file
         if args.csv:
             write_csv(tables, Path(args.csv))
         if args.plots:
             # Imported only here: matplotlib is slow to import, and the tables need none of it.
-            from pbp_hpc.analyze import accuracy_figures, figures, noise_figures, strategy_figures
+            from pbp_hpc.analyze import accuracy_figures, figures, model_parallel_figures, noise_figures, strategy_figures
 
             written = figures.write_all(points, Path(args.plots), ab, args.max_ranks)
             written += accuracy_figures.write_all(records, Path(args.plots))
             written += strategy_figures.write_all(records, Path(args.plots))
             written += noise_figures.write_all(records, Path(args.plots))
+            written += model_parallel_figures.write_all(records, Path(args.plots))
             print(f"wrote {len(written)} figure(s) to {args.plots}", file=sys.stderr)
     except PbpError as exc:
         print(f"pbp_hpc.analyze: error: {exc}", file=sys.stderr)
@@ -76,8 +78,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(json.dumps(as_json(tables, ab), indent=1))
     else:
         ok = sum(p.reps for p in points)
-        early = len(records) - ok - len(problems)  # ok runs that stopped at their target before a timed epoch
+        split = sum(1 for r in records if r.get("status", "ok") == "ok" and model_split(r))  # model_parallel's
+        early = len(records) - ok - split - len(problems)  # ok runs that stopped at their target before a timed epoch
         print(f"{len(records)} run(s): {ok} ok in {len(points)} point(s), {len(problems)} not ok"
+              + (f", {split} splitting the model (tensor/pipeline: in the model-parallel table only)" if split else "")
               + (f", {early} in the time-to-accuracy table only (target reached before a timed epoch)" if early else "") + "\n")
         print("\n\n".join(t.render() for t in tables if t.rows))  # the summary line above counts the empty ones
     return 0

@@ -21,6 +21,7 @@ from pbp_hpc.analyze.records import (
     dtype_of,
     gradient_bytes,
     implementation_of,
+    model_split,
     network_of,
     run_allreduce_per_step,
     run_comm_fraction,
@@ -143,6 +144,8 @@ def aggregate(records: Iterable[Record]) -> tuple[list[Point], list[dict[str, An
     for rec in records:
         if rec.get("status", "ok") != "ok":
             problems.append(problem_row(rec))
+        elif model_split(rec):
+            continue  # tensor or pipeline: analyze.model_parallel compares them (a hybrid PxT here is data-parallel)
         elif batch_of(rec) is None:
             problems.append(problem_row(rec, "no batch size in the record"))
         elif run_tpe(rec) is None:

@@ -196,3 +196,20 @@ def gradient_bytes(rec: Record) -> Optional[int]:
     """Bytes one Allreduce moves: the gradient (its two extra scalars are negligible)."""
     n, dtype = rec.get("n_params"), dtype_of(rec)
     return int(n) * DTYPE_BYTES.get(dtype, 4) if n else None
+
+
+def grid_of(rec: Record) -> tuple[int, int, int]:
+    """(data, tensor, pipeline) of the run's process grid: recorded, else from its config
+    (parallel.tensor, parallel.pipeline; data = ranks / (tensor x pipeline))."""
+    g = rec.get("grid")
+    if isinstance(g, dict) and g.get("data"):
+        return int(g["data"]), int(g.get("tensor") or 1), int(g.get("pipeline") or 1)
+    T, S = int(_cfg(rec, "parallel", "tensor") or 1), int(_cfg(rec, "parallel", "pipeline") or 1)
+    return max(1, int(rec.get("ranks") or 1) // (T * S)), T, S
+
+
+def model_split(rec: Record) -> bool:
+    """Whether the run splits the model itself (tensor or pipeline): such runs are compared in
+    analyze.model_parallel, not taken for a data-parallel point of the same ranks."""
+    _, T, S = grid_of(rec)
+    return T > 1 or S > 1

@@ -145,6 +145,14 @@ RUN_FIELDS: tuple[Field, ...] = (
     Field("trace_path", "ostr", old_files=None),  # train.trace: the run's timeline (Chrome trace-event JSON)
     Field("b_noise", "float", old_files=None),  # the gradient noise scale at the end of training (examples)
     Field("noise_scale_cost_s", "float", old_files=None),  # seconds spent estimating it (rank 0)
+    # The process grid (parallel.tensor, parallel.pipeline; data = ranks / (tensor x pipeline)) and the
+    # bytes a rank sends a step, by kind (counted activations of tensor/pipeline steps; the data
+    # group's gradient reduction at best); version-3 code before them kept both in `extra`
+    Field("grid_data", "int", old_files=None, path=("grid", "data")),
+    Field("grid_tensor", "int", old_files=None, path=("grid", "tensor")),
+    Field("grid_pipeline", "int", old_files=None, path=("grid", "pipeline")),
+    Field("bytes_activations", "float", old_files=None, path=("bytes_per_step", "activations")),
+    Field("bytes_gradients", "float", old_files=None, path=("bytes_per_step", "gradients")),
 )
 EPOCH_FIELDS: tuple[Column, ...] = (
     Column("epoch", "i8", -1),

@@ -178,8 +178,9 @@ def _make_point(spec: SweepSpec, path: Path, base_dict: dict[str, Any], base_ite
     if values["seed"] is not None:
         fixed["train.seed"] = values["seed"]
     variant = set_items(spec.variants[values["variant"]]) if values["variant"] else []
-    overrides = (base_items + set_items(spec.set) + set_items(spec.implementation_set.get(impl, {})) + variant
-                 + set_items(fixed))
+    by_batch = set_items(spec.batch_set.get(values["batch_size"], {}))
+    overrides = (base_items + set_items(spec.set) + set_items(spec.implementation_set.get(impl, {})) + by_batch
+                 + variant + set_items(fixed))
     cfg = configmod.from_dict(configmod.apply_overrides(copy.deepcopy(base_dict), overrides), f"{path} (point {index})")
     if cfg.train.warmup_epochs >= cfg.train.epochs:
         raise ConfigError(f"{path}: warmup_epochs={spec.warmup_epochs} leaves no timed epoch with train.epochs={cfg.train.epochs}")

@@ -129,6 +129,9 @@ class SweepSpec(_Strict):
     hybrid_split: Literal["axes", "best"] = "axes"
     networks: dict[str, list[int]] = Field(default_factory=dict)  # extra short names for the network axis
     implementation_set: dict[Implementation, dict[str, Any]] = Field(default_factory=dict)
+    # overrides for the points of one global batch size (e.g. a smaller data.n_train where batch 1's
+    # steps are slow); applied after implementation_set, before the variant
+    batch_set: dict[int, dict[str, Any]] = Field(default_factory=dict)
     where: list[dict[str, Any]] = Field(default_factory=list)
     exclude: list[dict[str, Any]] = Field(default_factory=list)
 
@@ -138,6 +141,15 @@ class SweepSpec(_Strict):
             if name not in self.variants:
                 raise ValueError(f"axes.variant names {name!r}, which variants: does not define "
                                  f"(it defines {', '.join(self.variants) or 'none'})")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_set_batches(self) -> "SweepSpec":
+        batches = self.axes.batch_size
+        for batch in self.batch_set:
+            if batches is None or batch not in batches:
+                raise ValueError(f"batch_set names batch {batch}, which axes.batch_size does not hold "
+                                 f"({', '.join(map(str, batches)) if batches else 'axes.batch_size is not given'})")
         return self
 
     @field_validator("where", "exclude")
@@ -235,6 +247,7 @@ def check_controlled(spec: SweepSpec, path: Path) -> None:
     if spec.seeds > 1:
         controlled.add("train.seed")
     sources = {"set": spec.set, **{f"implementation_set.{i}": v for i, v in spec.implementation_set.items()},
+               **{f"batch_set.{b}": v for b, v in spec.batch_set.items()},
                **{f"variants.{n}": v for n, v in spec.variants.items()}}
     for where, values in sources.items():
         for key in flatten(values):
