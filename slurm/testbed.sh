@@ -47,8 +47,8 @@
 #   PBP_TESTBED_ACCOUNTING  slurmdbd (default): MariaDB + slurmdbd, `sacct` works;
 #                           none: no database (faster, fewer packages); `sacct -c` only.
 #   PBP_TESTBED_NODES       nodes (default 2), named <hostname -s>-1, -2, ...
-#   PBP_TESTBED_CPUS        CPUs of each node (default: nproc, at least 4, so that the shipped sweeps,
-#                           up to 4 ranks, fit one node). May exceed the real count
+#   PBP_TESTBED_CPUS        CPUs of each node (default: nproc, at least 8, so that the shipped sweeps,
+#                           up to 4 ranks x 2 threads, fit one node). May exceed the real count
 #                           (SlurmdParameters=config_overrides), to run several ranks on a small box.
 #   PBP_TESTBED_PORT        base TCP port (default 6817): slurmctld PORT, first slurmd PORT+1, slurmdbd
 #                           PORT+2, MariaDB PORT+3, slurmd of node k >= 2 PORT+2+k; all on 127.0.0.1.
@@ -396,7 +396,7 @@ write_conf() {
     local host cpus mem_total mem
     host=$(hostname -s 2>/dev/null || hostname)
     cpus=${PBP_TESTBED_CPUS:-$(nproc)}
-    [ -n "${PBP_TESTBED_CPUS:-}" ] || [ "$cpus" -ge 4 ] || cpus=4
+    [ -n "${PBP_TESTBED_CPUS:-}" ] || [ "$cpus" -ge 8 ] || cpus=8
     mem_total=$(free -m | awk '/^Mem:/ {print $2}')
     mem=$((mem_total * 9 / 10))
     [ "$mem" -ge 1 ] || mem=1

@@ -1,5 +1,5 @@
 """Tests on a real Slurm started by slurm/testbed.sh (Debian's Slurm 22.05, MariaDB + slurmdbd): two nodes,
-two slurmd on this host, each with the bed's default CPUs (nproc, at least 4).
+two slurmd on this host, each with the bed's default CPUs (nproc, at least 8).
 
 The bed needs root and apt-get (or Slurm already installed); elsewhere `testbed.sh start` exits 77 and
 every test here is skipped. Set PBP_SLURM_TESTS=0 to skip them on purpose.
