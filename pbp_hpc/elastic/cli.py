@@ -77,14 +77,20 @@ class Attempt:
         others within milliseconds, and its notice names whichever process it reaped first, not
         necessarily the one that died (seen here: the rank before it)."""
         host = socket.gethostname()
-        fds = {}
+        fds, gone = {}, []
         for r, w in enumerate(where):
             if w.get("host") in (host, host.split(".")[0]) and hasattr(os, "pidfd_open"):
                 try:
                     fds[os.pidfd_open(int(w["pid"]))] = r
-                except OSError:  # already gone, or not ours to watch
+                except ProcessLookupError:  # ended (and reaped) before the watch began: the first lost
+                    gone.append(r)
+                except OSError:  # not ours to watch
                     pass
-        if fds:
+        if gone:
+            self.first_dead = gone
+            for fd in fds:
+                os.close(fd)
+        elif fds:
             threading.Thread(target=self._watch, args=(fds,), daemon=True).start()
 
     def _watch(self, fds: dict[int, int]) -> None:
