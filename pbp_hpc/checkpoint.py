@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 import h5py
 import numpy as np
 
+from pbp_hpc import targets
 from pbp_hpc.errors import PbpError
 
 FORMAT = "pbp_hpc-checkpoint"
@@ -219,9 +220,6 @@ def check_target(path: str | Path) -> None:
         raise CheckpointError(f"{path} exists and is not a pbp_hpc checkpoint; refusing to overwrite it "
                               "(choose another checkpoint.path, or move the file away)")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".probe", dir=path.parent)
-        os.close(fd)
-        os.unlink(tmp)
+        targets.prove_writable(path)
     except OSError as exc:
         raise CheckpointError(f"cannot write a checkpoint at {path}: {exc.strerror or exc}") from None

@@ -17,6 +17,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from pbp_hpc import targets
 from pbp_hpc import config as configmod
 from pbp_hpc.engine.model import Layout
 from pbp_hpc.errors import ConfigError
@@ -179,9 +180,6 @@ def check_target(path: str | Path) -> None:
         if not ours:
             raise ModelFileError(f"train.save_model {path} exists and is not a pbp_hpc model file; refusing to overwrite it")
     try:  # the directory can be made and written: proven now, not after the training
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".probe", dir=path.parent)
-        os.close(fd)
-        os.unlink(tmp)
+        targets.prove_writable(path)
     except OSError as exc:
         raise ModelFileError(f"train.save_model {path} cannot be written: {exc.strerror or exc}") from None

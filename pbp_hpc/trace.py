@@ -110,6 +110,7 @@ class Trace:
 def check_target(path: str) -> None:
     """Before training, on every rank (each writes its part beside PATH): the folder exists or is
     made, PATH is not a folder, and a file can be written there. ConfigError otherwise."""
+    from pbp_hpc import targets
     from pbp_hpc.errors import ConfigError
 
     target = Path(path)
@@ -119,10 +120,7 @@ def check_target(path: str) -> None:
     if blocker is not None:
         raise ConfigError(f"train.trace {path}: {blocker} is a file, not a directory")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        probe = target.parent / f".{target.name}.{os.getpid()}.probe"
-        probe.touch()
-        probe.unlink()
+        targets.prove_writable(target)
     except OSError as exc:
         raise ConfigError(f"train.trace {path}: cannot write there ({exc.strerror or exc})") from None
 
