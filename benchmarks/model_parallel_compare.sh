@@ -16,7 +16,7 @@ for rep in $(seq 1 "${REPS:-2}"); do
    case $mode in
     1x1) cmd="python -m pbp_hpc.train $C --set parallel.threads_per_rank=1";;
     1x2) cmd="python -m pbp_hpc.train $C --set parallel.threads_per_rank=2";;
-    data2) cmd="mpiexec -n 2 python -m pbp_hpc.train $C --set parallel.threads_per_rank=1";;
+    data2) cmd="mpiexec -n 2 python -m pbp_hpc.train $C --set parallel.threads_per_rank=1 --set parallel.grid=manual";;
     tensor2) cmd="mpiexec -n 2 python -m pbp_hpc.train $C --set parallel.threads_per_rank=1 --set parallel.tensor=2";;
    esac
    timeout 900 $cmd 2>/dev/null | python -c "

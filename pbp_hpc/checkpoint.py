@@ -195,6 +195,17 @@ def _load(f: h5py.File, path: Path, expect: Optional[Expect],
     return {"theta": theta, "epoch": epoch, "step": step, "meta": meta, "state": state}
 
 
+def meta_field(path: str | Path, name: str) -> Any:
+    """meta[name] of the checkpoint at path, or None where there is none or it cannot be read
+    (a reader that must refuse a bad file reads it with load())."""
+    try:
+        with h5py.File(path, "r") as f:
+            meta = json.loads(f.attrs["meta"])
+        return meta.get(name) if isinstance(meta, dict) else None
+    except Exception:  # noqa: BLE001 - anything unreadable has no such field
+        return None
+
+
 def is_checkpoint(path: str | Path) -> bool:
     """Whether path is a file this module wrote (any version): one that may be overwritten."""
     try:

@@ -233,9 +233,11 @@ class ParallelConfig(_Section):
     # each share of a minibatch in `microbatches` parts, scheduled gpipe or 1f1b; pipeline_split:
     # layers per stage (null: the split whose most expensive stage is cheapest)
     pipeline: int = Field(1, ge=1, le=MAX_THREADS)
-    # manual: the grid is data x parallel.tensor x parallel.pipeline as given; auto: a cost model fed
-    # by start-up measurements chooses tensor and pipeline (pbp_hpc/parallel/grid_auto.py)
-    grid: Literal["manual", "auto"] = "manual"
+    # auto: where tensor and pipeline are left at 1, a cost model fed by start-up measurements
+    # chooses them (pbp_hpc/parallel/grid_auto.py); a tensor or pipeline above 1 is the grid as
+    # given. manual: data x parallel.tensor x parallel.pipeline exactly as given (1 x 1: all data,
+    # as a data-parallel scaling study wants)
+    grid: Literal["manual", "auto"] = "auto"
     microbatches: int = Field(4, ge=1, le=64)
     pipeline_schedule: Literal["1f1b", "gpipe"] = "1f1b"
     pipeline_split: Optional[list[int]] = None

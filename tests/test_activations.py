@@ -96,19 +96,20 @@ def test_batched_gradient_equals_the_per_example_oracle(act, loss, n):
     assert value == pytest.approx(ref_value, rel=1e-12)
 
 
+@pytest.mark.parametrize("n", [5, 1])  # 1: every product is a matrix-vector or rank-1 BLAS call
 @pytest.mark.parametrize("act,loss", PAIRS)
-def test_the_update_inside_the_gemms_equals_gradient_then_update(act, loss):
+def test_the_update_inside_the_gemms_equals_gradient_then_update(act, loss, n):
     """One rank's fused SGD (backward_sum with accumulate: theta += scale * gradient in the
     GEMMs, each layer's input gradient taken before its weights change)."""
-    layout, theta, x, y = _problem([9, 8, 6, 4], n=5)
+    layout, theta, x, y = _problem([9, 8, 6, 4], n=n)
     grad, _ = batched_grad(layout, theta, x, y, act, loss)
     fused = theta.copy()
     ws, bs = model.views(fused, layout, np)
-    work = model.Workspace(layout, 5, np, np.float64, full_scratch=True)
-    work.x[:5], work.y[:5] = x, y
+    work = model.Workspace(layout, n, np, np.float64, full_scratch=True)
+    work.x[:n], work.y[:n] = x, y
     f, l = activations.get(act), losses.get(loss)
-    model.forward(np, ws, bs, work.x, work, 5, f, l)
-    model.backward_sum(np, ws, ws, bs, work.x, work.y, work, 5, np.zeros(1), scale=-0.1, accumulate=True, act=f, loss=l)
+    model.forward(np, ws, bs, work.x, work, n, f, l)
+    model.backward_sum(np, ws, ws, bs, work.x, work.y, work, n, np.zeros(1), scale=-0.1, accumulate=True, act=f, loss=l)
     np.testing.assert_allclose(fused, theta - 0.1 * grad, rtol=1e-12, atol=1e-14)
 
 

@@ -72,17 +72,18 @@ def test_a_batch_with_few_zero_columns_keeps_the_plain_path():
     assert act.summary()["compacted_steps"] == 0
 
 
-def test_the_compacted_batch_holds_the_active_columns_of_the_full_batch(mnist_dir):
+@pytest.mark.parametrize("n", [64, 1])  # 1: one image, gathered by one take rather than by runs
+def test_the_compacted_batch_holds_the_active_columns_of_the_full_batch(mnist_dir, n):
     cfg = mnist_cfg(mnist_dir)
     data = datasets.load(cfg, 1, mnist_dir)
-    idx = np.arange(10, 74)
-    full = np.empty((64, 784), dtype=np.float32)
+    idx = np.arange(10, 10 + n)
+    full = np.empty((n, 784), dtype=np.float32)
     data.train.features_into(idx, full)
     act = active_inputs.ActiveInputs(784, 24)
-    flat = np.empty(64 * 784, dtype=np.float32)
+    flat = np.empty(n * 785, dtype=np.float32)
     cols = data.train.active_features_into(idx, flat, act)
     assert cols is not None and 0 < cols.shape[0] < 0.9 * 784
-    x = flat[: 64 * (cols.shape[0] + 1)].reshape(64, -1)  # the active columns, then ones (the bias's column)
+    x = flat[: n * (cols.shape[0] + 1)].reshape(n, -1)  # the active columns, then ones (the bias's column)
     np.testing.assert_array_equal(x[:, :-1], full[:, cols])
     np.testing.assert_array_equal(x[:, -1], 1)
     assert not full[:, np.setdiff1d(np.arange(784), cols)].any()

@@ -36,8 +36,10 @@ DEEP = "[20, 17, 13, 9, 5]"  # unit counts that divide by neither 2 nor 3
 NET1H_LIKE = "[784, 24, 10]"
 ODD = "[20, 17, 13, 5]"  # three layers: the last one replicated
 SIGMOID_MSE_SGD = {**REPORT_SETUP}
+# label smoothing: the loss a step uses is losses.of(model), not model.loss alone
 RELU_CE_NESTEROV = {"model.activation": "relu", "model.loss": "cross_entropy", "model.init": "he_uniform",
                     "optimizer.name": "nesterov", "optimizer.momentum": "0.9", "optimizer.weight_decay": "0.01",
+                    "model.label_smoothing": "0.1",
                     "schedule.name": "constant", "schedule.warmup_epochs": "0"}
 # 72 examples, 1/6 for validation: 60 in batches of 5, 12 steps an epoch, 24 in two
 BASE = {"model.dtype": "float64", "data.name": "synthetic", "data.n_train": 72, "data.n_test": 30,

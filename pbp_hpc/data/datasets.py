@@ -91,10 +91,13 @@ class ArraySource:
                 self._u8c = np.empty(n * (d + 1), dtype=np.uint8)
             spare = self._u8c
         u8c = spare[:size].reshape(n, k + 1)
-        # Column by column is slow (np.take: ~0.5 ms at 1024 x 610); the active columns of
-        # image data come in runs (a row of pixels each), and slices copy 2x faster.
-        for src, dst, width in active.runs():
-            u8c[:, dst : dst + width] = u8[:, src : src + width]
+        if n == 1:  # one image (batch 1, the report's stochastic GD): one take beats a slice per run
+            np.take(u8[0], cols, out=u8c[0, :k])
+        else:
+            # Column by column is slow (np.take: ~0.5 ms at 1024 x 610); the active columns of
+            # image data come in runs (a row of pixels each), and slices copy 2x faster.
+            for src, dst, width in active.runs():
+                u8c[:, dst : dst + width] = u8[:, src : src + width]
         u8c[:, k] = 255  # scaled below to exactly 1.0 (checked at import): the bias's column, in the same pass
         np.multiply(u8c, _BYTE_SCALE, out=flat[:size].reshape(n, k + 1), casting="unsafe")
         return cols

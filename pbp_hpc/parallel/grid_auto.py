@@ -1,4 +1,8 @@
-"""`parallel.grid: auto`: the data x tensor x pipeline split of the world, chosen by a cost model.
+"""`parallel.grid: auto` (the default): the data x tensor x pipeline split of the world, chosen by a cost model.
+
+It chooses where parallel.tensor and parallel.pipeline are left at 1 (sizes above 1 are the grid
+as given), keeps a resumed checkpoint's grid, and leaves data parallelism only for a grid
+predicted at least 10% faster (MARGIN).
 
 For each grid (D, T, S) with D x T x S = P (a grid with both T and S above 1 is not built),
 the model predicts a step's time from measurements taken here, at start-up, on this job:
@@ -128,27 +132,63 @@ def _goes_with(cfg: Any, key: str) -> bool:
     return combinations.violation(trial) is None
 
 
+# How much faster (predicted) another grid must be than all-data before auto leaves data
+# parallelism: the model's inputs are a few timed calls, and where two grids are close the
+# simpler one, whose gradient exchange every reducer and strategy supports, is the safer pick.
+MARGIN = 0.9
+
+
+def checkpoint_grid(cfg: Any, comm: MPI.Comm) -> Optional[tuple[int, int, int]]:
+    """The grid of the checkpoint this run resumes, where it has one and fits this world
+    (rank 0 reads it; collective). A resumed run keeps its grid so that it continues bit for
+    bit; the checkpoint's other fields are checked when it is read."""
+    if not cfg.checkpoint.resume:
+        return None
+    found = None
+    if comm.rank == 0:
+        from pbp_hpc import checkpoint, resume
+
+        grid = checkpoint.meta_field(resume.checkpoint_path(cfg), "grid")
+        if isinstance(grid, list) and len(grid) == 3 and all(isinstance(x, int) and x >= 1 for x in grid) \
+                and math.prod(grid) == comm.size:
+            found = tuple(grid)
+    return comm.bcast(found, root=0)
+
+
 def choose(cfg: Any, comm: MPI.Comm) -> tuple[Any, Optional[str]]:
-    """With parallel.grid auto: the config with parallel.tensor and parallel.pipeline set by the
-    model, and the header's line saying why (collective). Otherwise (cfg, None)."""
-    if cfg.parallel.grid != "auto":
-        return cfg, None
+    """With parallel.grid auto and tensor and pipeline left at 1: the config with parallel.tensor
+    and parallel.pipeline set by the model, and the header's line saying why (collective).
+    Otherwise (cfg, None): the grid as given."""
     p = cfg.parallel
+    if p.grid != "auto" or p.tensor > 1 or p.pipeline > 1:
+        return cfg, None
     allowed = all(_goes_with(cfg, key) for key in ("tensor", "pipeline"))
     sizes, B = cfg.model.layers, cfg.train.batch_size
     grids = candidates(comm.size, sizes, allowed)
     if len(grids) == 1:
         why = "one rank" if comm.size == 1 else "only data parallelism goes with these settings"
         return cfg, f"pbp_hpc: grid auto: data {comm.size} ({why})"
+    kept = checkpoint_grid(cfg, comm)
+    if kept in grids:
+        D, T, S = kept
+        why = (f"pbp_hpc: grid auto: data {D} x tensor {T} x pipeline {S}, the grid of the checkpoint it resumes "
+               "(so that the run continues bit for bit)")
+        return cfg.model_copy(update={"parallel": p.model_copy(update={"tensor": T, "pipeline": S})}), why
     alpha, beta = measure_network(comm)
     itemsize = np.dtype(cfg.model.dtype).itemsize
     times = None
     if comm.rank == 0:
         times = [predict(sizes, B, g, p.microbatches, itemsize, alpha, beta, cfg.model.dtype) for g in grids]
     times = comm.bcast(times, root=0)
-    D, T, S = grids[int(np.argmin(times))]
+    best = int(np.argmin(times))
+    if times[best] > MARGIN * times[0]:
+        best = 0  # grids[0] is all data
+    D, T, S = grids[best]
     shown = ", ".join(f"{d}x{t}x{s} {1e3 * x:.3g} ms" for (d, t, s), x in zip(grids, times))
-    why = (f"pbp_hpc: grid auto: data {D} x tensor {T} x pipeline {S}, the least predicted step time of (data x tensor x "
-           f"pipeline) {shown}; measured alpha {alpha * 1e6:.3g} us, beta {beta * 1e9:.3g} ns/byte")
+    rule = (f"the least predicted step time" if best else
+            f"no other grid predicted {100 * (1 - MARGIN):.0f}% faster than all data")
+    why = (f"pbp_hpc: grid auto: data {D} x tensor {T} x pipeline {S}, {rule} of (data x tensor x "
+           f"pipeline) {shown}; measured alpha {alpha * 1e6:.3g} us, beta {beta * 1e9:.3g} ns/byte"
+           " (parallel.grid manual keeps all data)")
     chosen = cfg.model_copy(update={"parallel": p.model_copy(update={"tensor": T, "pipeline": S})})
     return chosen, why

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from pbp_hpc.engine import layout, model, optimizers
+from pbp_hpc.engine import layout, losses, model, optimizers
 from pbp_hpc.errors import ConfigError
 from pbp_hpc.parallel import reducers
 from pbp_hpc.parallel.pipeline_step import PipelineStep
@@ -114,7 +114,7 @@ def build(st: Any) -> None:
         st.local = PipelineStep(mine, st.theta, st.grad, st.reducer.loss_out, st.data.train, xp,
                                 -(-cfg.train.batch_size // grid.D), st.reducer.layer_done, grid.pipeline, lo,
                                 len(cfg.model.layers) - 1, p.microbatches, p.pipeline_schedule,
-                                cfg.model.activation, cfg.model.loss)
+                                cfg.model.activation, losses.of(cfg.model))
         st.local.watch = st.watch
         st.strategy.attach(st.local, st.reducer, st.optimizer)
         st.grid_header = header(stages, grid.D, p.microbatches, p.pipeline_schedule)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from pbp_hpc.data import datasets
-from pbp_hpc.engine import model, optimizers
+from pbp_hpc.engine import losses, model, optimizers
 from pbp_hpc.engine.tensor_layout import COL, FULL, ROW, ShardLayout, extract
 from pbp_hpc.errors import ConfigError
 from pbp_hpc.parallel import reducers
@@ -111,7 +111,7 @@ def build(st: Any) -> None:
         skip = xp is np and cfg.train.skip_zero_inputs and datasets.has_active_features(st.data.train)
         st.local = TensorStep(shard, st.theta, st.grad, st.reducer.loss_out, st.data.train, xp,
                               -(-cfg.train.batch_size // grid.D), st.reducer.layer_done, grid.tensor,
-                              cfg.model.activation, cfg.model.loss, fused=fused, skip_zero_inputs=skip)
+                              cfg.model.activation, losses.of(cfg.model), fused=fused, skip_zero_inputs=skip)
         st.local.watch = st.watch
         st.strategy.attach(st.local, st.reducer, st.optimizer)
         st.grid_header = header(cfg.model.layers, shard.kinds, grid.D, grid.T)

@@ -179,7 +179,12 @@ def _make_point(spec: SweepSpec, path: Path, base_dict: dict[str, Any], base_ite
         fixed["train.seed"] = values["seed"]
     variant = set_items(spec.variants[values["variant"]]) if values["variant"] else []
     by_batch = set_items(spec.batch_set.get(values["batch_size"], {}))
-    overrides = (base_items + set_items(spec.set) + set_items(spec.implementation_set.get(impl, {})) + by_batch
+    # A study runs the grid its points state (all data, unless a variant sets parallel.tensor or
+    # pipeline), not one that start-up measurements pick (parallel.grid auto, the default for a
+    # run): otherwise two points of a scaling axis could differ in what they parallelise. A sweep
+    # whose base or set names parallel.grid gets what it names.
+    study_grid = [] if "grid" in (base_dict.get("parallel") or {}) else ["parallel.grid=manual"]
+    overrides = (study_grid + base_items + set_items(spec.set) + set_items(spec.implementation_set.get(impl, {})) + by_batch
                  + variant + set_items(fixed))
     cfg = configmod.from_dict(configmod.apply_overrides(copy.deepcopy(base_dict), overrides), f"{path} (point {index})")
     if cfg.train.warmup_epochs >= cfg.train.epochs:
