@@ -1,7 +1,7 @@
 #!/bin/bash
 # Issue 27's "as typed" bar: `mpiexec -n 2 python -m pbp_hpc.train --config configs/report_net1h.yaml
 # --set train.batch_size=128` (Net-1h, real MNIST, float32, all 50,000 training examples, 5 epochs)
-# against 1 rank x 2 threads, data 2 (reducer auto) and tensor 2, interleaved (per repetition the four
+# against 1 rank x 2 threads, data 2 (parallel.grid manual, reducer auto) and tensor 2, interleaved (per repetition the four
 # in turn). Prints one line per run: rep, mode, the epoch times from the epoch lines, and the median of
 # the epochs after the first (s/epoch).
 #   REPS=2 benchmarks/as_typed_net1h.sh [DATA_DIR]
@@ -14,7 +14,7 @@ for rep in $(seq 1 "${REPS:-2}"); do
   case $mode in
    typed) cmd="mpiexec -n 2 python -m pbp_hpc.train $C";;
    1x2) cmd="python -m pbp_hpc.train $C --set parallel.threads_per_rank=2";;
-   data2) cmd="mpiexec -n 2 python -m pbp_hpc.train $C --set parallel.threads_per_rank=1 --set parallel.reducer=auto";;
+   data2) cmd="mpiexec -n 2 python -m pbp_hpc.train $C --set parallel.threads_per_rank=1 --set parallel.grid=manual";;
    tensor2) cmd="mpiexec -n 2 python -m pbp_hpc.train $C --set parallel.threads_per_rank=1 --set parallel.tensor=2";;
   esac
   timeout 600 $cmd 2>&1 | python -c "

@@ -177,7 +177,7 @@ def run(cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, log: Optional[Log] = None,
                 if line is not None:
                     log(line)
             info["binding"] = binding  # rank 0's node
-            log(f"communication: {accounting.communication(st.strategy.name, st.reducer.name)}")
+            log(f"communication: {accounting.communication(st.strategy.name, st.reducer.name, (st.grid.D, st.grid.T, st.grid.S))}")
             log(f"gradient noise scale: {st.noise_why}")
             result = _train(st, threads, info, log, quiet)
             result.update(st.reducer.choice)
@@ -185,7 +185,7 @@ def run(cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, log: Optional[Log] = None,
             # every run says its grid and what a rank sends a step (tensor and pipeline runs said it above)
             result.setdefault("grid", {"data": st.grid.D, "tensor": st.grid.T, "pipeline": st.grid.S})
             result.setdefault("bytes_per_step", {"activations": 0, "gradients": st.reducer.choice.get("wire_bytes_per_step")})
-            result["communication"] = accounting.communication(st.strategy.name, st.reducer.name)
+            result["communication"] = accounting.communication(st.strategy.name, st.reducer.name, (st.grid.D, st.grid.T, st.grid.S))
             if return_params:
                 result["params"] = np.array(st.whole(st.theta))  # a copy
                 if hasattr(st.strategy, "gathered_log"):  # async_ps, ssp: (worker, clock, version read, written)

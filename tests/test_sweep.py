@@ -67,6 +67,16 @@ def test_each_implementation_keeps_only_the_rank_and_thread_counts_it_can_be(tmp
     assert p.network == "[784, 16, 10]"  # no short name for this layer list
 
 
+def test_a_sweeps_points_run_the_grid_they_state_not_one_measured_at_start_up(tmp_path):
+    sw = sweep.expand(write(tmp_path, axes={"implementation": ["hybrid"], "ranks": [2], "variant": ["data", "tensor"]},
+                            variants={"data": {}, "tensor": {"parallel.tensor": 2}}))
+    grids = {p.variant: (p.config["parallel"]["grid"], p.config["parallel"]["tensor"]) for p in sw.points}
+    assert grids == {"data": ("manual", 1), "tensor": ("manual", 2)}
+    auto = sweep.expand(write(tmp_path, name="auto", base={**TINY_BASE, "parallel": {"grid": "auto"}},
+                              axes={"implementation": ["hybrid"], "ranks": [2]}))
+    assert [p.config["parallel"]["grid"] for p in auto.points] == ["auto"]  # a sweep that names the grid gets it
+
+
 def test_networks_where_exclude_and_per_implementation_settings(tmp_path):
     sw = sweep.expand(write(
         tmp_path, base="configs/mnist_net1h.yaml",

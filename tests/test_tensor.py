@@ -165,6 +165,34 @@ def test_a_tensor_run_resumes_bit_for_bit(tmp_path):
 
 
 @pytest.mark.mpi(min_size=2)
+def test_grid_auto_resumes_on_the_grid_its_checkpoint_was_written_with(tmp_path):
+    T, d = WORLD.size, shared_dir(tmp_path)
+    setup = RELU_CE_NESTEROV
+    for written, ck in (({"parallel__tensor": T}, "t.h5"), ({"parallel__grid": "manual"}, "d.h5")):
+        whole = train.run(cfg_of(setup, model__layers=DEEP, **written), WORLD, return_params=True)
+        train.run(cfg_of(setup, model__layers=DEEP, **written, train__epochs=1, checkpoint__path=f"{d}/{ck}"), WORLD)
+        lines: list[str] = []
+        again = train.run(cfg_of(setup, model__layers=DEEP, checkpoint__path=f"{d}/{ck}", checkpoint__resume="true"),
+                          WORLD, return_params=True, log=lines.append)
+        assert again["grid"] == whole["grid"]
+        np.testing.assert_array_equal(again["params"], whole["params"])  # bit for bit: the same grid
+        if WORLD.rank == 0:
+            assert any("the grid of the checkpoint it resumes" in line for line in lines), lines
+
+
+def test_grid_auto_is_the_default_and_sizes_given_are_the_grid():
+    from pbp_hpc.parallel import combinations, grid_auto
+
+    assert config.Config().parallel.grid == "auto"
+    given = cfg_of(SIGMOID_MSE_SGD, parallel__grid="auto", parallel__tensor=2)
+    assert combinations.violation(given) is None
+    assert grid_auto.choose(given, MPI.COMM_SELF) == (given, None)  # nothing measured, nothing changed
+    one = cfg_of(SIGMOID_MSE_SGD, parallel__grid="auto")
+    chosen, why = grid_auto.choose(one, MPI.COMM_SELF)
+    assert (chosen.parallel.tensor, chosen.parallel.pipeline) == (1, 1) and "one rank" in why
+
+
+@pytest.mark.mpi(min_size=2)
 def test_checkpoints_resume_across_grid_shapes(tmp_path):
     T, d = WORLD.size, shared_dir(tmp_path)
     setup = RELU_CE_NESTEROV

@@ -20,7 +20,7 @@ two small collectives per epoch.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from mpi4py import MPI
@@ -126,8 +126,15 @@ STRATEGIES = {
 }
 
 
-def communication(strategy: str, reducer: str) -> str:
-    """What the run's comm_s and wait_s time, in words (the record's `communication`)."""
+def communication(strategy: str, reducer: str, grid: Optional[tuple[int, int, int]] = None) -> str:
+    """What the run's comm_s and wait_s time, in words (the record's `communication`); grid:
+    (data, tensor, pipeline), where the model is split the model group's messages are added."""
     if strategy in STRATEGIES:
         return f"{strategy}: {STRATEGIES[strategy]}"
-    return f"{strategy} with reducer {reducer}: {REDUCERS.get(reducer, 'the reducer timed its own calls (seconds)')}"
+    D, T, S = grid or (0, 1, 1)
+    data = ("a data group of one rank: no gradient exchange (the one Allreduce of the reducer is local)" if D == 1 and T * S > 1
+            else REDUCERS.get(reducer, 'the reducer timed its own calls (seconds)'))
+    model = (f"; the tensor group's Allreduces of activations and input gradients ({T} ranks)" if T > 1 else "") + \
+            (f"; the pipeline's point-to-point activations and deltas between its {S} stages, and one Allreduce of "
+             "the loss and stop flags" if S > 1 else "")
+    return f"{strategy} with reducer {reducer}: {data}{model}"
