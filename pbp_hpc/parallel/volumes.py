@@ -9,7 +9,8 @@ and the tests say so. Pure arithmetic: no MPI (analyze imports it on a login nod
     allgather by recursive doubling): 2 log2 P message rounds, 2 (P - 1) / P n values moved;
     a rank sends 2 (P - 1) ceil(n / P) values of its own.
     tensor group: per step over n rows, each row-split layer's n x n_out partial sums (the last
-    pair's + 1: the stop flag), then each column-split layer above the first, n x n_in.
+    pair's + 1: the stop flag), then each column-split layer above the first, n x n_in; a rank
+    with no rows sends the stop flag alone (one float64).
     pipeline: per step, each stage boundary carries M activation messages up and M delta messages
     down, microbatch m's rows x the boundary's width; a stage sends its own direction's.
 """
@@ -25,6 +26,10 @@ import numpy as np
 from pbp_hpc.engine import model
 from pbp_hpc.engine.tensor_layout import COL, ROW, ShardLayout
 from pbp_hpc.parallel.reducers import EXTRAS
+
+# A tensor rank with no rows this step (more data groups than examples) sends the stop flag alone,
+# as one float64 (tensor_step's stop_buf).
+STOP_ITEMSIZE = 8
 
 
 def allreduce_bytes(ranks: int, count: int, itemsize: int) -> int:
@@ -63,6 +68,8 @@ def activation_bytes(shard: ShardLayout, n: int, itemsize: int) -> int:
     """Bytes a rank sends in its tensor group per training step over n rows (the formula the count is tested against)."""
     if shard.T == 1:
         return 0
+    if n == 0 or ROW not in shard.kinds:  # no forward Allreduce to carry the stop flag: it travels alone
+        return allreduce_bytes(shard.T, 1, STOP_ITEMSIZE)
     return sum(allreduce_bytes(shard.T, c, itemsize) for c in activation_values(shard, n))
 
 
