@@ -47,6 +47,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for option, value in (("--plots", args.plots), ("--csv", args.csv)):
             if value and Path(value).exists() and not Path(value).is_dir():
                 raise ConfigError(f"{option} {value}: a file of that name exists; {option} names a directory to write into")
+        named = [grid_projection.parse_grid(g) for g in args.grid or []]
         records = read_records(args.files)
         if not records:
             raise ResultsError(f"no runs in {', '.join(args.files)}")
@@ -56,7 +57,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         tables += strategies.tables(records)  # a strategy study's comparison (none for other runs)
         tables += batch_scaling.tables(records)  # steps/epochs to target vs batch (none without a batch series)
         tables += model_parallel.tables(records)  # data vs tensor vs pipeline per batch (none without a model split)
-        named = [grid_projection.parse_grid(g) for g in args.grid or []]
         given = args.alpha_beta or args.alpha is not None or args.beta is not None
         measured = choose_alpha_beta(points, records=records) if given else ab  # the runs' own network, for the check
         tables += grid_projection.tables(records, measured, ab, args.max_ranks, named)  # the grid model; none without a model split
