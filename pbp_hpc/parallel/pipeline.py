@@ -19,7 +19,7 @@ on any grid with the same data-parallel rank count).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
