@@ -17,6 +17,7 @@ and the tests say so. Pure arithmetic: no MPI (analyze imports it on a login nod
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Any, Optional
@@ -133,12 +134,16 @@ def work_share(sizes: list[int], T: int = 1, S: int = 1) -> float:
     """The busiest rank's share of one example's multiply-adds (n_in x n_out per layer): a
     tensor rank holds its shard's weights (the replicated odd last layer whole), a pipeline
     stage its layers'; a grid with neither is 1."""
+    return _work_share(tuple(sizes), T, S)
+
+
+@functools.lru_cache(maxsize=4096)
+def _work_share(sizes: tuple[int, ...], T: int, S: int) -> float:  # a projection asks for the same few many times
     cost = [a * b for a, b in zip(sizes[:-1], sizes[1:])]
     if T > 1:
-        shard = max((ShardLayout(list(sizes), T, t) for t in range(T)), key=lambda sh: sum(math.prod(x) for x in sh.shapes))
-        return sum(math.prod(x) for x in shard.shapes) / sum(cost)
+        return max(sum(math.prod(x) for x in ShardLayout(list(sizes), T, t).shapes) for t in range(T)) / sum(cost)
     if S > 1:
-        return max(sum(cost[lo:hi]) for lo, hi in split_layers(sizes, S)) / sum(cost)
+        return max(sum(cost[lo:hi]) for lo, hi in split_layers(list(sizes), S)) / sum(cost)
     return 1.0
 
 
