@@ -127,3 +127,11 @@ def test_real_runs_send_exactly_the_bytes_the_model_predicts(tmp_path, capsys):
     assert analyze_main([str(res), "--alpha", "2e-6", "--beta", "1e-9", "--grid", "2x2x1", "--grid", "4x1x1"]) == 0
     out = capsys.readouterr().out
     assert " *" in out.split("Projection to a cluster")[1]
+
+
+def test_without_a_one_rank_run_there_is_no_model_and_a_warning_says_why():
+    tensor = {"status": "ok", "ranks": 2, "batch_size": 8, "grid": {"data": 1, "tensor": 2, "pipeline": 1},
+              "config": {"model": {"layers": [784, 12, 10]}, "train": {"batch_size": 8}},
+              "epochs": [{"time_s": 1.0, "examples": 80}]}
+    (table,) = grid_projection.tables([tensor], AlphaBeta(1e-6, 1e-9, "given"), AlphaBeta(1e-6, 1e-9, "given"), 64)
+    assert not table.rows and table.notes[0].startswith("WARNING: no grid model: no ok 1-rank, 1-thread run")

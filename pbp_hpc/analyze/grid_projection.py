@@ -234,6 +234,10 @@ def tables(records: list[Record], measured: AlphaBeta, cluster: AlphaBeta, max_r
     """The model against the study, and the projection; none unless some run splits the model."""
     if not is_study(records):
         return []
+    if not networks(records):
+        return [Table("model_parallel_model", "Alpha-beta model of the grids", MODEL_COLUMNS, [],
+                      ["WARNING: no grid model: no ok 1-rank, 1-thread run to take the compute time per example from "
+                       "(add one per network and batch to the study)"])]
     out = []
     grouped: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in model_rows(records, measured):
