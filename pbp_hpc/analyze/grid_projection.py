@@ -212,18 +212,18 @@ PROJECTION_COLUMNS = [
     Column("tensor_grid", "best with tensor", text), Column("tensor_s", "s/epoch", num(".3g")),
     Column("pipeline_grid", "best with pipeline", text), Column("pipeline_s", "s/epoch", num(".3g")),
 ]
-NAMED_COLUMNS = PROJECTION_COLUMNS[:5]
+NAMED_COLUMNS = [PROJECTION_COLUMNS[0], PROJECTION_COLUMNS[1], Column("best", "grid", text), *PROJECTION_COLUMNS[3:5]]
 
 
-def _projection_verdicts(rows: list[dict[str, Any]]) -> list[str]:
+def _projection_verdicts(rows: list[dict[str, Any]], named: bool) -> list[str]:
     by: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by[r["batch_size"]].append(r)
     lines = []
     for batch, rs in sorted(by.items()):
         best = min(rs, key=lambda r: r["best_s"])
-        ends = "" if len(rs) < 2 else (f"; best grid at P={rs[0]['ranks']}: {rs[0]['best']}, "
-                                       f"at P={rs[-1]['ranks']}: {rs[-1]['best']}")
+        ends = "" if len(rs) < 2 or named else (f"; best grid at P={rs[0]['ranks']}: {rs[0]['best']}, "
+                                                f"at P={rs[-1]['ranks']}: {rs[-1]['best']}")
         lines.append(f"B={batch}: least time {best['best'].rstrip(' *')} ({best['ranks']} ranks, {best['best_s']:.3g} s/epoch, "
                      f"{best['speedup']:.3g}x 1 rank){ends}")
     return lines
@@ -251,7 +251,8 @@ def tables(records: list[Record], measured: AlphaBeta, cluster: AlphaBeta, max_r
     for (network, dtype), rows in projected.items():
         out.append(Table("model_parallel_projection",
                          f"Projection to a cluster: {network} ({dtype}), an epoch of {FULL_EPOCH:,} examples",
-                         NAMED_COLUMNS if named else PROJECTION_COLUMNS, rows, _projection_verdicts(rows), "batch_size"))
+                         NAMED_COLUMNS if named else PROJECTION_COLUMNS, rows, _projection_verdicts(rows, bool(named)),
+                         "batch_size"))
     if projected:
         out[-1].notes += [f"alpha-beta: {cluster.describe()}",
                           "grids: every data x tensor and data x pipeline one pbp_hpc builds for P ranks (each pipeline at its"

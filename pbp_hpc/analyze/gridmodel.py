@@ -128,7 +128,8 @@ def grid_name(grid: Grid, M: Optional[int] = None) -> str:
 def best_of(sizes: Sequence[int], grid: Grid, batch: int, examples: int, itemsize: int, rate: Rate, ab: AlphaBeta,
             M: Optional[int] = None) -> Prediction:
     """The grid's predicted epoch at the given M, or at its best M."""
-    choices = [M] if M else microbatch_choices(batch, grid[0], grid[2])
+    rows = -(-batch // grid[0])
+    choices = [min(M, rows)] if M else microbatch_choices(batch, grid[0], grid[2])  # empty microbatches are skipped
     preds = [Prediction(grid, m, (e := epoch_seconds(sizes, grid, batch, m, examples, itemsize, rate, ab))["total"], e)
              for m in choices]
     return min(preds, key=lambda p: p.seconds)
