@@ -66,13 +66,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             write_csv(tables, Path(args.csv))
         if args.plots:
             # Imported only here: matplotlib is slow to import, and the tables need none of it.
-            from pbp_hpc.analyze import accuracy_figures, figures, model_parallel_figures, noise_figures, strategy_figures
+            from pbp_hpc.analyze import (accuracy_figures, figures, grid_projection_figures, model_parallel_figures, noise_figures,
+                                         strategy_figures)
 
             written = figures.write_all(points, Path(args.plots), ab, args.max_ranks)
             written += accuracy_figures.write_all(records, Path(args.plots))
             written += strategy_figures.write_all(records, Path(args.plots))
             written += noise_figures.write_all(records, Path(args.plots))
             written += model_parallel_figures.write_all(records, Path(args.plots))
+            written += grid_projection_figures.write_all(records, Path(args.plots), ab, args.max_ranks)
             print(f"wrote {len(written)} figure(s) to {args.plots}", file=sys.stderr)
     except PbpError as exc:
         print(f"pbp_hpc.analyze: error: {exc}", file=sys.stderr)
