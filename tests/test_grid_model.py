@@ -130,9 +130,24 @@ def test_real_runs_send_exactly_the_bytes_the_model_predicts(tmp_path, capsys):
     assert " *" in out.split("Projection to a cluster")[1]
 
 
+def _record(grid: tuple[int, int, int], activations: float) -> dict:
+    D, T, S = grid
+    return {"status": "ok", "ranks": D * T * S, "batch_size": 8, "grid": {"data": D, "tensor": T, "pipeline": S},
+            "config": {"model": {"layers": [784, 12, 10]}, "train": {"batch_size": 8}},
+            "bytes_per_step": {"activations": activations, "gradients": 0}, "epochs": [{"time_s": 1.0, "examples": 80}]}
+
+
 def test_without_a_one_rank_run_there_is_no_model_and_a_warning_says_why():
-    tensor = {"status": "ok", "ranks": 2, "batch_size": 8, "grid": {"data": 1, "tensor": 2, "pipeline": 1},
-              "config": {"model": {"layers": [784, 12, 10]}, "train": {"batch_size": 8}},
-              "epochs": [{"time_s": 1.0, "examples": 80}]}
-    (table,) = grid_projection.tables([tensor], AlphaBeta(1e-6, 1e-9, "given"), AlphaBeta(1e-6, 1e-9, "given"), 64)
+    ab = AlphaBeta(1e-6, 1e-9, "given")
+    (table,) = grid_projection.tables([_record((1, 2, 1), 328)], ab, ab, 64)
     assert not table.rows and table.notes[0].startswith("WARNING: no grid model: no ok 1-rank, 1-thread run")
+
+
+def test_a_count_that_differs_from_the_models_volumes_is_a_warning():
+    ab = AlphaBeta(1e-6, 1e-9, "given")
+    right = 2 * math.ceil((8 * 10 + 1) / 2) * 4  # tensor 2: one Allreduce of 8 x 10 + the stop flag
+    for sent, warned in ((right, False), (right + 4, True)):
+        (model,) = (t for t in grid_projection.tables([_record((1, 1, 1), 0), _record((1, 2, 1), sent)], ab, ab, 64)
+                    if t.name == "model_parallel_model")
+        assert any(n.startswith("WARNING: the counted bytes a step differ") and "B=8 tensor 2" in n
+                   for n in model.notes) == warned
