@@ -77,6 +77,7 @@ def predict(sizes: list[int], B: int, grid: tuple[int, int, int], M: int, itemsi
             dtype: str) -> float:
     D, T, S = grid
     rows = -(-B // D)
+    M = min(M, rows)  # empty microbatches are skipped
     pairs = [a * b for a, b in zip(sizes[:-1], sizes[1:])]
     whole_over_first = (2 * sum(pairs) + 2 * sum(pairs) + 2 * sum(pairs[1:])) / (6 * pairs[0])
     compute = first_layer_seconds(sizes, max(1, volumes.microbatch_rows(rows, M) if S > 1 else rows), T, dtype) * whole_over_first
