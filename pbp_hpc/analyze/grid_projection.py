@@ -39,6 +39,7 @@ from pbp_hpc.analyze.records import (
     run_examples,
     run_oversubscribed,
     run_tpe,
+    timed_epochs,
 )
 from pbp_hpc.analyze.tables import OVER_MARK, Column, Table, num, text
 from pbp_hpc.errors import ConfigError
@@ -100,6 +101,14 @@ def _check_bytes(rec: Record, sizes: list[int], itemsize: int) -> dict[str, Any]
     return out
 
 
+def _measured_ms(runs: list[Record], batch: int, *parts: str) -> Optional[float]:
+    """Milliseconds a step in the epochs' parts (compute_s; comm_s + wait_s), median over the
+    runs' timed epochs; None where the records do not split the epoch's time."""
+    values = [1e3 * sum(e[p] for p in parts) / math.ceil(e["examples"] / batch) for r in runs for e in timed_epochs(r)
+              if all(e.get(p) is not None for p in parts) and (e.get("examples") or 0) > 0]
+    return statistics.median(values) if values else None
+
+
 def model_rows(records: list[Record], ab: AlphaBeta) -> list[dict[str, Any]]:
     """One row per (network, dtype, batch, parallelism) of the study's ok runs (threads within
     one rank are not modelled: no prediction there)."""
@@ -124,12 +133,15 @@ def model_rows(records: list[Record], ab: AlphaBeta) -> list[dict[str, Any]]:
             "microbatches": M if grid[2] > 1 else None, "tpe_s": statistics.median(run_tpe(r) or 0.0 for r in runs),
             "oversubscribed": any(run_oversubscribed(r) for r in runs), "examples": examples, **checks[0],
             "equal": [c[f"equal_{k}"] for c in checks for k in ("activations", "gradients") if c[f"equal_{k}"] is not None],
+            "measured_compute_ms": _measured_ms(runs, int(batch), "compute_s"),
+            "measured_comm_ms": _measured_ms(runs, int(batch), "comm_s", "wait_s"),
         }
         if threads == 1 and examples:
             e = gridmodel.epoch_seconds(info["sizes"], grid, int(batch), M, examples, itemsize, info["rate"], ab)
             steps = sum(k for _, k in volumes.batches_of_epoch(examples, int(batch)))
             row.update({"model_s": e["total"], "ratio": e["total"] / row["tpe_s"] if row["tpe_s"] else None,
-                        **{f"{k}_ms": 1e3 * e[k] / steps for k in ("compute", "data", "tensor", "pipeline")}})
+                        **{f"{k}_ms": 1e3 * e[k] / steps for k in ("compute", "data", "tensor", "pipeline")},
+                        "comm_ms": 1e3 * (e["data"] + e["tensor"] + e["pipeline"]) / steps})
         out.append(row)
     return out
 
@@ -154,8 +166,8 @@ MODEL_COLUMNS = [
     Column("batch_size", "B", text), Column("parallelism", "parallelism", _name),
     Column("tpe_s", "s/epoch", num(".4g")), Column("model_s", "model s/epoch", num(".4g")),
     Column("ratio", "model/measured", num(".2f")),
-    Column("compute_ms", "compute ms/step", num(".3g")), Column("data_ms", "data ms", num(".3g")),
-    Column("tensor_ms", "tensor ms", num(".3g")), Column("pipeline_ms", "pipeline ms", num(".3g")),
+    Column("measured_compute_ms", "compute ms/step", num(".3g")), Column("compute_ms", "model", num(".3g")),
+    Column("measured_comm_ms", "comm+wait ms/step", num(".3g")), Column("comm_ms", "model", num(".3g")),
     Column("counted_activations", "activations B/step", _bytes), Column("model_activations", "model", _model_bytes("activations")),
     Column("counted_gradients", "gradients B/step", _bytes), Column("model_gradients", "model", _model_bytes("gradients")),
 ]
@@ -170,7 +182,8 @@ def _model_notes(rows: list[dict[str, Any]], ab: AlphaBeta) -> list[str]:
         notes.append(f"WARNING: the counted bytes a step differ from the model's volumes at {', '.join(bad)}")
     return notes + [
         f"model: parallel/volumes.py's volumes, alpha-beta {ab.describe()};",
-        "  compute from the 1-rank, 1-thread runs' time per example at each batch. ms/step: the model's per part.",
+        "  compute from the 1-rank, 1-thread runs' time per example at each batch. ms/step: measured (the epochs'",
+        "  compute_s, comm_s + wait_s over their steps) | the model's (comm: data + tensor + pipeline; each in CSV/JSON).",
         "  gradients model '-': not one blocking Allreduce of the whole shard (shm, shared_batch: node-shared memory, no",
         "  message on one node; overlap: buckets; parallel.compression: 16-bit words), so not compared.",
     ]
