@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from pbp_hpc.analyze import batch_scaling, model_parallel, perfmodel, strategies
+from pbp_hpc.analyze import batch_scaling, grid_projection, model_parallel, perfmodel, strategies
 from pbp_hpc.analyze.models import choose_alpha_beta
 from pbp_hpc.analyze.points import aggregate
 from pbp_hpc.analyze.records import model_split, read_records
@@ -32,6 +32,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, metavar="SECONDS", help="Allreduce latency per message round (overrides fit and file)")
     p.add_argument("--beta", type=float, metavar="S_PER_BYTE", help="Allreduce inverse bandwidth, seconds per byte")
     p.add_argument("--max-ranks", type=int, default=perfmodel.MAX_RANKS, help="extrapolate the model to this many ranks (default 1024)")
+    p.add_argument("--grid", action="append", metavar="DxTxS[:M]",
+                   help="a grid to project a model-parallel study to (data x tensor x pipeline ranks, M microbatches; "
+                        "repeat for several; default: the best of every grid at P = 8 .. --max-ranks)")
     return p.parse_args(argv)
 
 
@@ -44,6 +47,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for option, value in (("--plots", args.plots), ("--csv", args.csv)):
             if value and Path(value).exists() and not Path(value).is_dir():
                 raise ConfigError(f"{option} {value}: a file of that name exists; {option} names a directory to write into")
+        named = [grid_projection.parse_grid(g) for g in args.grid or []]
         records = read_records(args.files)
         if not records:
             raise ResultsError(f"no runs in {', '.join(args.files)}")
@@ -53,19 +57,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         tables += strategies.tables(records)  # a strategy study's comparison (none for other runs)
         tables += batch_scaling.tables(records)  # steps/epochs to target vs batch (none without a batch series)
         tables += model_parallel.tables(records)  # data vs tensor vs pipeline per batch (none without a model split)
+        given = args.alpha_beta or args.alpha is not None or args.beta is not None
+        measured = choose_alpha_beta(points, records=records) if given else ab  # the runs' own network, for the check
+        tables += grid_projection.tables(records, measured, ab, args.max_ranks, named)  # the grid model; none without a model split
         for line in [f"WARNING: alpha-beta: {f}" for f in ab.flags] + [n for t in tables for n in t.notes if n.startswith("WARNING")]:
             print(f"pbp_hpc.analyze: {line}", file=sys.stderr)  # also seen with --json, and where stdout goes to a file
         if args.csv:
             write_csv(tables, Path(args.csv))
         if args.plots:
             # Imported only here: matplotlib is slow to import, and the tables need none of it.
-            from pbp_hpc.analyze import accuracy_figures, figures, model_parallel_figures, noise_figures, strategy_figures
+            from pbp_hpc.analyze import (accuracy_figures, figures, grid_projection_figures, model_parallel_figures, noise_figures,
+                                         strategy_figures)
 
             written = figures.write_all(points, Path(args.plots), ab, args.max_ranks)
             written += accuracy_figures.write_all(records, Path(args.plots))
             written += strategy_figures.write_all(records, Path(args.plots))
             written += noise_figures.write_all(records, Path(args.plots))
             written += model_parallel_figures.write_all(records, Path(args.plots))
+            written += grid_projection_figures.write_all(records, Path(args.plots), ab, args.max_ranks)
             print(f"wrote {len(written)} figure(s) to {args.plots}", file=sys.stderr)
     except PbpError as exc:
         print(f"pbp_hpc.analyze: error: {exc}", file=sys.stderr)

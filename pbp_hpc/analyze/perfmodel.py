@@ -32,6 +32,8 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 from scipy.optimize import nnls
 
+from pbp_hpc.parallel import volumes
+
 # Used, flagged as assumed, when there is no multi-rank Allreduce time at all: typical of an
 # InfiniBand EDR/HDR cluster with MPI, ~2 us per message and ~10 GB/s per link (docs/analysis.md
 # lists other interconnects). Override with measured values (benchmarks/allreduce.py).
@@ -108,9 +110,7 @@ DEFAULT = AlphaBeta(DEFAULT_ALPHA_S, DEFAULT_BETA_S_PER_BYTE, "defaults (typical
 
 def design(ranks: Sequence[float], n_bytes: Sequence[float]) -> np.ndarray:
     """The model's two columns: latency rounds 2 log2 P, and bytes moved 2 (P-1)/P n."""
-    p = np.asarray(ranks, dtype=np.float64)
-    n = np.asarray(n_bytes, dtype=np.float64)
-    return np.column_stack([2.0 * np.log2(p), 2.0 * (p - 1.0) / p * n])
+    return np.column_stack(volumes.allreduce_terms(ranks, n_bytes))
 
 
 def allreduce_time(ranks: Any, n_bytes: Any, ab: AlphaBeta) -> np.ndarray:

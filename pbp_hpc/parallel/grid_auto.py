@@ -10,12 +10,11 @@ the model predicts a step's time from measurements taken here, at start-up, on t
     step = compute + data + tensor + pipeline
     compute  = the measured time of the first layer's three GEMMs at this grid's shape
                (ceil(B / D) rows, n_out / T columns; the largest layer of every network here),
-               times the whole network's flops over the first layer's, over S stages, times
+               times the whole network's flops over the first layer's; with S stages, M
+               microbatches of the busiest stage's share of the work (volumes.work_share) in
                the pipeline's bubble (M + S - 1) / M
-    data     = T_ar(D, the gradient's bytes / (T S))       (skipped where D = 1)
-    tensor   = sum of T_ar(T, each tensor Allreduce's bytes) (parallel/tensor_step.activation_values)
-    pipeline = 2 M (S - 1) / S x (alpha + a microbatch's boundary activations x beta)
-    T_ar(P, n) = 2 log2(P) alpha + 2 (P - 1) / P n beta   (analyze/perfmodel.py)
+    data, tensor, pipeline = the messages' alpha-beta times, parallel/volumes.comm_seconds (one
+               place for those formulas, shared with analyze's model of a grid, analyze/gridmodel.py)
 
 alpha and beta are fitted from two timed Allreduces over the world (8 bytes and 1 MB), so a
 loaded machine, where a rank waits for its partner to be scheduled, shows as a large alpha and
@@ -34,15 +33,7 @@ from typing import Any, Optional
 import numpy as np
 from mpi4py import MPI
 
-from pbp_hpc.engine import model
-from pbp_hpc.engine.tensor_layout import ShardLayout
-from pbp_hpc.parallel.tensor_step import activation_values
-
-
-def t_ar(P: int, nbytes: float, alpha: float, beta: float) -> float:
-    if P <= 1:
-        return 0.0
-    return 2 * math.log2(P) * alpha + 2 * (P - 1) / P * nbytes * beta
+from pbp_hpc.parallel import volumes
 
 
 def measure_network(comm: MPI.Comm) -> tuple[float, float]:
@@ -83,32 +74,20 @@ def first_layer_seconds(sizes: list[int], rows: int, T: int, dtype: str) -> floa
 
 
 def candidates(P: int, sizes: list[int], allowed: bool) -> list[tuple[int, int, int]]:
-    out = [(P, 1, 1)]
-    if not allowed:
-        return out
-    for T in range(2, P + 1):
-        if P % T == 0 and all(n >= T for n in sizes[1:-1]):
-            out.append((P // T, T, 1))
-    for S in range(2, min(P, len(sizes) - 1) + 1):
-        if P % S == 0:
-            out.append((P // S, 1, S))
-    return out
+    return volumes.grids(P, sizes) if allowed else [(P, 1, 1)]
 
 
 def predict(sizes: list[int], B: int, grid: tuple[int, int, int], M: int, itemsize: int, alpha: float, beta: float,
             dtype: str) -> float:
     D, T, S = grid
     rows = -(-B // D)
+    M = min(M, rows)  # empty microbatches are skipped
     pairs = [a * b for a, b in zip(sizes[:-1], sizes[1:])]
     whole_over_first = (2 * sum(pairs) + 2 * sum(pairs) + 2 * sum(pairs[1:])) / (6 * pairs[0])
-    compute = first_layer_seconds(sizes, max(1, -(-rows // (M if S > 1 else 1))), T, dtype) * whole_over_first
-    if S > 1:
-        compute = compute * (M if S > 1 else 1) / S * (M + S - 1) / M
-    n_params = model.Layout(sizes).n_params
-    data = t_ar(D, n_params * itemsize / (T * S), alpha, beta)
-    tensor = sum(t_ar(T, c * itemsize, alpha, beta) for c in activation_values(ShardLayout(sizes, T, 0), rows)) if T > 1 else 0.0
-    pipe = 2 * M * (S - 1) / S * (alpha + -(-rows // M) * max(sizes[1:-1] or [0]) * itemsize * beta) if S > 1 else 0.0
-    return compute + data + tensor + pipe
+    compute = first_layer_seconds(sizes, max(1, volumes.microbatch_rows(rows, M) if S > 1 else rows), T, dtype) * whole_over_first
+    if S > 1:  # M microbatches of the busiest stage's layers, in the bubble's time
+        compute = compute * M * volumes.work_share(sizes, 1, S) * volumes.bubble(M, S)
+    return compute + sum(volumes.comm_seconds(sizes, grid, rows, M, itemsize, alpha, beta).values())
 
 
 def build_parts(st: Any) -> None:

@@ -19,8 +19,7 @@ on any grid with the same data-parallel rank count).
 
 from __future__ import annotations
 
-import itertools
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -29,27 +28,7 @@ from pbp_hpc.errors import ConfigError
 from pbp_hpc.parallel import reducers
 from pbp_hpc.parallel.pipeline_step import PipelineStep
 from pbp_hpc.parallel.tensor import PartsStrategy
-
-
-def split_layers(sizes: list[int], S: int, given: Optional[list[int]] = None) -> list[tuple[int, int]]:
-    """Each stage's layers (lo, hi): the given counts, or the contiguous split whose most
-    expensive stage is cheapest (ties: the earlier cut)."""
-    L = len(sizes) - 1
-    if given is not None:
-        counts = list(given)
-    else:
-        cost = [a * b for a, b in zip(sizes[:-1], sizes[1:])]
-        best: Optional[tuple[int, tuple[int, ...]]] = None
-        for cuts in itertools.combinations(range(1, L), S - 1):
-            bounds = (0, *cuts, L)
-            worst = max(sum(cost[a:b]) for a, b in zip(bounds[:-1], bounds[1:]))
-            if best is None or worst < best[0]:
-                best = (worst, cuts)
-        assert best is not None
-        bounds = (0, *best[1], L)
-        counts = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    edges = [0, *itertools.accumulate(counts)]
-    return list(zip(edges[:-1], edges[1:]))
+from pbp_hpc.parallel.volumes import split_layers  # noqa: F401  (the split by work: one place, shared with the models)
 
 
 def check(cfg: Any, size: int) -> None:

@@ -32,26 +32,9 @@ from pbp_hpc.engine import activations, active_inputs, losses, ops
 from pbp_hpc.engine.tensor_layout import COL, ROW, ShardLayout
 from pbp_hpc.parallel.reducers import STOP_SLOT
 from pbp_hpc.parallel.reducers.compression import allreduce_bytes
+from pbp_hpc.parallel.volumes import activation_bytes, activation_values  # noqa: F401  (the formulas: one place, shared with the models)
 
 LayerDone = Callable[[int], None]
-
-
-def activation_values(shard: ShardLayout, n: int) -> list[int]:
-    """The sizes of the tensor group's Allreduces in a training step over n rows, in order:
-    forward, each row-split layer's n x n_out (the last one + 1: the stop flag); backward,
-    each column-split layer above the first, n x n_in. Empty without a row-split layer."""
-    kinds, sizes = shard.kinds, shard.sizes
-    rows = [l for l, k in enumerate(kinds) if k == ROW]
-    fwd = [n * sizes[l + 1] + (1 if l == rows[-1] else 0) for l in rows]
-    bwd = [n * sizes[l] for l in reversed(range(len(kinds))) if kinds[l] == COL and l > 0]
-    return fwd + bwd
-
-
-def activation_bytes(shard: ShardLayout, n: int, itemsize: int) -> int:
-    """Bytes a rank sends in its tensor group per training step over n rows (the formula the count is tested against)."""
-    if shard.T == 1:
-        return 0
-    return sum(allreduce_bytes(shard.T, c, itemsize) for c in activation_values(shard, n))
 
 
 class TensorStep:

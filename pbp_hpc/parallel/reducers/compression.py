@@ -31,6 +31,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 from mpi4py import MPI
 
+from pbp_hpc.parallel.volumes import allreduce_bytes  # noqa: F401  (the formula: one place, shared with the models)
+
 KINDS = ("none", "fp16", "bf16")
 WORD = 2  # bytes per value on the wire
 
@@ -79,11 +81,6 @@ def round_trip(kind: str, x: np.ndarray) -> np.ndarray:
     encode(np.ascontiguousarray(x, dtype=np.float32), words, np.empty(x.shape, dtype=np.uint32))
     decode(words, out)
     return out
-
-
-def allreduce_bytes(ranks: int, count: int, itemsize: int) -> int:
-    """Bytes a rank sends in an MPI_Allreduce of count values at best (reduce-scatter + allgather)."""
-    return 2 * (ranks - 1) * -(-count // ranks) * itemsize
 
 
 class CompressedSum:
