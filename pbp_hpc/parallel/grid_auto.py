@@ -33,6 +33,7 @@ from typing import Any, Optional
 import numpy as np
 from mpi4py import MPI
 
+from pbp_hpc.engine import model
 from pbp_hpc.parallel import volumes
 
 
@@ -77,8 +78,24 @@ def candidates(P: int, sizes: list[int], allowed: bool) -> list[tuple[int, int, 
     return volumes.grids(P, sizes) if allowed else [(P, 1, 1)]
 
 
+def node_sum_seconds(n: int, dtype: str) -> float:
+    """The measured time of one pass adding n values into n (the best of three): what summing a
+    gradient of n values in node-shared memory costs a rank, each summing its 1/P of P ranks'
+    rows (reducers shm and shared_batch, which reducer auto picks for data parallelism on one node)."""
+    a, b = np.ones(n, dtype=dtype), np.ones(n, dtype=dtype)
+    best = math.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        np.add(a, b, out=a)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def predict(sizes: list[int], B: int, grid: tuple[int, int, int], M: int, itemsize: int, alpha: float, beta: float,
-            dtype: str) -> float:
+            dtype: str, node_sum: Optional[float] = None) -> float:
+    """A step's predicted seconds on this grid. node_sum: where all data ranks share one node and
+    the reducer is auto, the data group's sum is in shared memory (no message): that pass's measured
+    time and two barriers' latency replace the Allreduce's alpha-beta time."""
     D, T, S = grid
     rows = -(-B // D)
     M = min(M, rows)  # empty microbatches are skipped
@@ -87,7 +104,10 @@ def predict(sizes: list[int], B: int, grid: tuple[int, int, int], M: int, itemsi
     compute = first_layer_seconds(sizes, max(1, volumes.microbatch_rows(rows, M) if S > 1 else rows), T, dtype) * whole_over_first
     if S > 1:  # M microbatches of the busiest stage's layers, in the bubble's time
         compute = compute * M * volumes.work_share(sizes, 1, S) * volumes.bubble(M, S)
-    return compute + sum(volumes.comm_seconds(sizes, grid, rows, M, itemsize, alpha, beta).values())
+    comm = volumes.comm_seconds(sizes, grid, rows, M, itemsize, alpha, beta)
+    if node_sum is not None and grid[0] > 1 and grid[1] == grid[2] == 1:
+        comm["data"] = node_sum + 2 * 2 * math.log2(grid[0]) * alpha
+    return compute + sum(comm.values())
 
 
 def build_parts(st: Any) -> None:
@@ -154,10 +174,14 @@ def choose(cfg: Any, comm: MPI.Comm) -> tuple[Any, Optional[str]]:
                "(so that the run continues bit for bit)")
         return cfg.model_copy(update={"parallel": p.model_copy(update={"tensor": T, "pipeline": S})}), why
     alpha, beta = measure_network(comm)
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    one_node = comm.allreduce(node.size, op=MPI.MIN) == comm.size
+    node.Free()
     itemsize = np.dtype(cfg.model.dtype).itemsize
     times = None
     if comm.rank == 0:
-        times = [predict(sizes, B, g, p.microbatches, itemsize, alpha, beta, cfg.model.dtype) for g in grids]
+        node_sum = node_sum_seconds(model.Layout(sizes).n_params, cfg.model.dtype) if one_node and p.reducer == "auto" else None
+        times = [predict(sizes, B, g, p.microbatches, itemsize, alpha, beta, cfg.model.dtype, node_sum) for g in grids]
     times = comm.bcast(times, root=0)
     best = int(np.argmin(times))
     if times[best] > MARGIN * times[0]:
