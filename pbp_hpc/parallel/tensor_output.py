@@ -1,0 +1,98 @@
+"""Whether a tensor group splits its odd output layer by columns or replicates it: the cheaper one.
+
+A network with an odd number of layers ends, after its (column, row) pairs, with one layer whose
+input is whole on every rank of the tensor group (engine/tensor_layout.py). Either every rank
+computes it whole (replicated: no message, but T - 1 of the T ranks repeat its GEMMs), or rank t
+computes its block of output columns (split: one Allgather of B x n_out so that the loss sees
+whole rows, and, where a layer lies below, one Allreduce of B x n_in of its input gradient's
+partial sums). Per step of B rows on each rank:
+
+    replicated = (T - 1) / T x f x B x n_in x n_out x (seconds per flop)
+                 f = 6 (forward, weight gradient, input gradient: 2 flops a multiply-add each),
+                 4 where no layer lies below (no input gradient)
+    split      = T_ag(T, B n_out bytes) + T_ar(T, B n_in bytes)      (the second only with a layer below)
+    T_ag(P, n) = log2(P) alpha + (P - 1) / P n beta,  T_ar as in parallel/grid_auto.py
+
+Seconds per flop come from timing the layer's own forward GEMM at B rows, alpha and beta from
+two timed Allreduces over the world (grid_auto.measure_network); world rank 0 measures and every
+rank takes its numbers, so all choose alike (the data-parallel groups must hold the same parts).
+For Net-1h's 1024 x 10 the replicated layer costs ~60 kflop an example against two messages:
+replicated wins; for a wide output (512 x 784) the repeated GEMMs cost more than the messages.
+`parallel.tensor_output: split | replicated` forces either; the header says which and why.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional
+
+import numpy as np
+from mpi4py import MPI
+
+from pbp_hpc.parallel.grid_auto import measure_network, t_ar
+
+
+def t_ag(P: int, nbytes: float, alpha: float, beta: float) -> float:
+    if P <= 1:
+        return 0.0
+    return math.log2(P) * alpha + (P - 1) / P * nbytes * beta
+
+
+def costs(n_in: int, n_out: int, below: bool, T: int, rows: int, itemsize: int, flop_s: float, alpha: float,
+          beta: float) -> tuple[float, float]:
+    """(replicated, split) predicted seconds a step of the output layer's extra work (see the module docstring)."""
+    flops = (6 if below else 4) * rows * n_in * n_out
+    replicated = (T - 1) / T * flops * flop_s
+    split = t_ag(T, rows * n_out * itemsize, alpha, beta) + (t_ar(T, rows * n_in * itemsize, alpha, beta) if below else 0.0)
+    return replicated, split
+
+
+def splits_output(sizes: list[int], T: int) -> bool:
+    """Whether the layout has an output layer to choose for: an odd number of layers, at least T outputs."""
+    return T > 1 and (len(sizes) - 1) % 2 == 1 and sizes[-1] >= T
+
+
+def choose(mode: str, sizes: list[int], T: int, rows: int, itemsize: int, flop_s: float, alpha: float,
+           beta: float) -> tuple[bool, str]:
+    """(split the output layer?, the header's words for it) for parallel.tensor_output = mode."""
+    n_in, n_out, below = sizes[-2], sizes[-1], len(sizes) > 2
+    msgs = f"an Allgather of B x {n_out}" + (f" and an Allreduce of B x {n_in}" if below else "")
+    if mode != "auto":
+        split = mode == "split"
+        return split, (f"the odd last layer is split by columns ({msgs} a step; parallel.tensor_output split)" if split
+                       else f"the odd last layer is replicated (parallel.tensor_output replicated; splitting it would add {msgs} a step)")
+    rep, spl = costs(n_in, n_out, below, T, rows, itemsize, flop_s, alpha, beta)
+    split = spl < rep
+    said = (f"predicted {1e3 * rep:.3g} ms a step for the replicated GEMMs against {1e3 * spl:.3g} ms for {msgs}, "
+            f"at B = {rows}, {flop_s * 1e12:.3g} ps/flop, alpha {alpha * 1e6:.3g} us, beta {beta * 1e9:.3g} ns/byte")
+    return split, (f"the odd last layer is split by columns (auto: {said})" if split
+                   else f"the odd last layer is replicated (auto: {said})")
+
+
+def flop_seconds(n_in: int, n_out: int, rows: int, dtype: str) -> float:
+    """Seconds per flop of the layer's forward GEMM at rows x n_in by n_out (the best of three)."""
+    rng = np.random.default_rng(0)
+    a, w = rng.random((rows, n_in)).astype(dtype), rng.random((n_in, n_out)).astype(dtype)
+    z = np.empty((rows, n_out), dtype=dtype)
+    best = math.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        np.matmul(a, w, out=z)
+        best = min(best, time.perf_counter() - t)
+    return best / (2 * rows * n_in * n_out)
+
+
+def decide(mode: str, sizes: list[int], T: int, rows: int, dtype: str, world: MPI.Comm) -> tuple[bool, Optional[str]]:
+    """(split?, the header's words; None where there is nothing to choose) for this run: with mode
+    auto, measured on world rank 0 and taken by every rank (collective over world)."""
+    if not splits_output(sizes, T):  # (a forced split of too few outputs is refused by tensor.check)
+        return False, ("the odd last layer is replicated (fewer outputs than tensor ranks)"
+                       if T > 1 and (len(sizes) - 1) % 2 == 1 else None)
+    rows = max(1, rows)
+    flop_s, alpha, beta = 0.0, 0.0, 0.0
+    if mode == "auto":
+        alpha, beta = measure_network(world)
+        flop_s = flop_seconds(sizes[-2], sizes[-1], rows, dtype) if world.rank == 0 else 0.0
+        flop_s = world.bcast(flop_s, root=0)
+    return choose(mode, sizes, T, rows, np.dtype(dtype).itemsize, flop_s, alpha, beta)
