@@ -55,7 +55,6 @@ RULES = [
     Rule(TENSOR, ("backend", ("cupy",)), "tensor parallelism runs on host buffers; with backend: cupy use parallel.tensor 1"),
     Rule(("parallel.grid", ("auto",)), TENSOR, "grid auto chooses the tensor and pipeline sizes itself; leave them at 1"),
     Rule(("parallel.grid", ("auto",)), PIPELINE, "grid auto chooses the tensor and pipeline sizes itself; leave them at 1"),
-    Rule(TENSOR, PIPELINE, "a grid with both tensor and pipeline groups is not built yet; choose one of them (and data)"),
     Rule(PIPELINE, ("parallel.reducer", ("overlap", "shm", "shared_batch")),
          "each stage's data-parallel group sums its gradient with one Allreduce; use parallel.reducer auto or blocking"),
     Rule(PIPELINE, ("algorithm", ("per_example",)),

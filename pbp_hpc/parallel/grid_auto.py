@@ -1,7 +1,8 @@
 """`parallel.grid: auto`: the data x tensor x pipeline split of the world, chosen by a cost model.
 
-For each grid (D, T, S) with D x T x S = P (a grid with both T and S above 1 is not built),
-the model predicts a step's time from measurements taken here, at start-up, on this job:
+For each grid (D, T, S) with D x T x S = P (T x S grids too: each pipeline stage's layers split
+over its tensor group), the model predicts a step's time from measurements taken here, at
+start-up, on this job:
 
     step = compute + data + tensor + pipeline
     compute  = the measured time of the first layer's three GEMMs at this grid's shape
@@ -9,7 +10,8 @@ the model predicts a step's time from measurements taken here, at start-up, on t
                times the whole network's flops over the first layer's, over S stages, times
                the pipeline's bubble (M + S - 1) / M
     data     = T_ar(D, the gradient's bytes / (T S))       (skipped where D = 1)
-    tensor   = sum of T_ar(T, each tensor Allreduce's bytes) (parallel/tensor_step.activation_values)
+    tensor   = sum of T_ar(T, each tensor Allreduce's bytes) (parallel/tensor_step.activation_values);
+               with S > 1 at a microbatch's rows, M times a step, over S stages
     pipeline = 2 M (S - 1) / S x (alpha + a microbatch's boundary activations x beta)
     T_ar(P, n) = 2 log2(P) alpha + 2 (P - 1) / P n beta   (analyze/perfmodel.py)
 
@@ -79,15 +81,14 @@ def first_layer_seconds(sizes: list[int], rows: int, T: int, dtype: str) -> floa
 
 
 def candidates(P: int, sizes: list[int], allowed: bool) -> list[tuple[int, int, int]]:
+    """(D, T, S) grids of P ranks: all data first, then tensor, pipeline, and tensor x pipeline ones."""
     out = [(P, 1, 1)]
     if not allowed:
         return out
-    for T in range(2, P + 1):
-        if P % T == 0 and all(n >= T for n in sizes[1:-1]):
-            out.append((P // T, T, 1))
-    for S in range(2, min(P, len(sizes) - 1) + 1):
-        if P % S == 0:
-            out.append((P // S, 1, S))
+    tensors = [T for T in range(2, P + 1) if P % T == 0 and all(n >= T for n in sizes[1:-1])]
+    pipes = [S for S in range(2, min(P, len(sizes) - 1) + 1) if P % S == 0]
+    out += [(P // T, T, 1) for T in tensors] + [(P // S, 1, S) for S in pipes]
+    out += [(P // (T * S), T, S) for T in tensors for S in pipes if P % (T * S) == 0]
     return out
 
 
@@ -102,7 +103,10 @@ def predict(sizes: list[int], B: int, grid: tuple[int, int, int], M: int, itemsi
         compute = compute * (M if S > 1 else 1) / S * (M + S - 1) / M
     n_params = model.Layout(sizes).n_params
     data = t_ar(D, n_params * itemsize / (T * S), alpha, beta)
-    tensor = sum(t_ar(T, c * itemsize, alpha, beta) for c in activation_values(ShardLayout(sizes, T, 0), rows)) if T > 1 else 0.0
+    tensor = 0.0
+    if T > 1:  # with S stages: each stage's share of the Allreduces, at a microbatch's rows, M times
+        micro, times = (-(-rows // M), M / S) if S > 1 else (rows, 1.0)
+        tensor = times * sum(t_ar(T, c * itemsize, alpha, beta) for c in activation_values(ShardLayout(sizes, T, 0), micro))
     pipe = 2 * M * (S - 1) / S * (alpha + -(-rows // M) * max(sizes[1:-1] or [0]) * itemsize * beta) if S > 1 else 0.0
     return compute + data + tensor + pipe
 
@@ -113,7 +117,7 @@ def build_parts(st: Any) -> None:
     from pbp_hpc.parallel import pipeline, tensor
 
     try:
-        (tensor if st.grid.T > 1 else pipeline).build(st)
+        (pipeline if st.grid.S > 1 else tensor).build(st)  # a T x S grid: pipeline stages split over tensor groups
     except BaseException:
         st.grid.close()
         raise

@@ -37,12 +37,18 @@ def check(cfg: Any, size: int) -> None:
     if size % T:
         raise ConfigError(f"parallel.tensor is {T} but the job has {size} rank(s): the ranks must be "
                           f"data-parallel groups of T = {T} (a multiple of {T})")
-    kinds = ShardLayout(sizes, T, 0, split_output=cfg.parallel.tensor_output == "split").kinds
+    check_units(sizes, T, cfg.parallel.tensor_output == "split")
+
+
+def check_units(sizes: list[int], T: int, split_output: bool, first: int = 0) -> None:
+    """Refuse a network (or a pipeline stage's layers, the first of them layer `first` of the
+    model) that splits a layer over fewer units than T."""
+    kinds = ShardLayout(sizes, T, 0, split_output=split_output).kinds
     split = [(l, sizes[l + 1] if k in (COL, OUT) else sizes[l]) for l, k in enumerate(kinds) if k in (COL, ROW, OUT)]
     narrow = [(l, n) for l, n in split if n < T]
     if narrow:
         l, n = narrow[0]
-        raise ConfigError(f"parallel.tensor is {T} but model.layers splits layer {l} over {n} unit(s): "
+        raise ConfigError(f"parallel.tensor is {T} but model.layers splits layer {first + l} over {n} unit(s): "
                           f"choose parallel.tensor <= {n}")
 
 

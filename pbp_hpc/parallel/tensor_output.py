@@ -54,9 +54,11 @@ def splits_output(sizes: list[int], T: int) -> bool:
 
 
 def choose(mode: str, sizes: list[int], T: int, rows: int, itemsize: int, flop_s: float, alpha: float,
-           beta: float) -> tuple[bool, str]:
-    """(split the output layer?, the header's words for it) for parallel.tensor_output = mode."""
-    n_in, n_out, below = sizes[-2], sizes[-1], len(sizes) > 2
+           beta: float, below: Optional[bool] = None) -> tuple[bool, str]:
+    """(split the output layer?, the header's words for it) for parallel.tensor_output = mode.
+    below: whether a layer lies below the output layer (default: one does in `sizes`)."""
+    n_in, n_out = sizes[-2], sizes[-1]
+    below = len(sizes) > 2 if below is None else below
     msgs = f"an Allgather of B x {n_out}" + (f" and an Allreduce of B x {n_in}" if below else "")
     if mode != "auto":
         split = mode == "split"
@@ -83,9 +85,11 @@ def flop_seconds(n_in: int, n_out: int, rows: int, dtype: str) -> float:
     return best / (2 * rows * n_in * n_out)
 
 
-def decide(mode: str, sizes: list[int], T: int, rows: int, dtype: str, world: MPI.Comm) -> tuple[bool, Optional[str]]:
+def decide(mode: str, sizes: list[int], T: int, rows: int, dtype: str, world: MPI.Comm,
+           below: Optional[bool] = None) -> tuple[bool, Optional[str]]:
     """(split?, the header's words; None where there is nothing to choose) for this run: with mode
-    auto, measured on world rank 0 and taken by every rank (collective over world)."""
+    auto, measured on world rank 0 and taken by every rank (collective over world). sizes: the
+    layers the tensor group holds (a pipeline's last stage: below is then True)."""
     if not splits_output(sizes, T):  # (a forced split of too few outputs is refused by tensor.check)
         return False, ("the odd last layer is replicated (fewer outputs than tensor ranks)"
                        if T > 1 and (len(sizes) - 1) % 2 == 1 else None)
@@ -95,4 +99,4 @@ def decide(mode: str, sizes: list[int], T: int, rows: int, dtype: str, world: MP
         alpha, beta = measure_network(world)
         flop_s = flop_seconds(sizes[-2], sizes[-1], rows, dtype) if world.rank == 0 else 0.0
         flop_s = world.bcast(flop_s, root=0)
-    return choose(mode, sizes, T, rows, np.dtype(dtype).itemsize, flop_s, alpha, beta)
+    return choose(mode, sizes, T, rows, np.dtype(dtype).itemsize, flop_s, alpha, beta, below)

@@ -96,6 +96,7 @@ class TensorStep:
         self.widths = widths = [shard.sizes[-1] if k == OUT else w for k, w in zip(self.kinds, blocks)]
         dtype, d = theta.dtype, shard.sizes[0]
         self.carries_stop = True  # the last row-split layer's forward Allreduce carries the stop flag
+        self.ends_model = True  # the last layer is the model's output (not: a pipeline stage below the last)
         # each layer's activations (then its delta), as flat buffers with one slot to spare: the
         # last row-split layer's Allreduce carries the stop flag in the slot after its n rows
         self.flat = self.activation_buffers(mb)
@@ -161,7 +162,7 @@ class TensorStep:
         a = x[:n, ...]
         for l, kind in enumerate(self.kinds):
             z = self._act(l, n, flat)
-            activated = l < last or self.loss_fn.output_activation
+            activated = l < last or not self.ends_model or self.loss_fn.output_activation
             scale = act.pre_scale if activated else 1.0
             if kind == ROW:  # partial sums of the tensor group; rank 0 adds the bias, so it is added once
                 ops.linear_(xp, a, ws[l], bs[l] if self.tensor.rank == 0 else None, out=z, scale=scale)
@@ -189,11 +190,12 @@ class TensorStep:
 
     def backward(self, ws: list[Any], x: Any, n: int, gws: list[Any], gbs: list[Any], scale: float,
                  first_done: LayerDone, flat: Any = None, g_out: Any = None, g_in: Any = None,
-                 beta: Any = None) -> Any:
+                 beta: Any = None, y: Any = None) -> Any:
         """scale x the gradient sums of this rank's parameters into gws/gbs (added to them where
         they are the parameters themselves, the fused update, or where beta is 1), and returns
         the loss sum. g_out: dL/d(output) given (a pipeline stage below the last) instead of the
-        loss; g_in: where dL/d(input) goes (a stage above the first), whole on every rank.
+        loss; g_in: where dL/d(input) goes (a stage above the first), whole on every rank;
+        y: the targets (the step's own buffer by default).
         Each layer's input gradient is computed before its weights may change."""
         xp, L = self.xp, self.shard.n_layers
         flat = self.flat if flat is None else flat
@@ -202,7 +204,7 @@ class TensorStep:
         loss = 0.0
         if g_out is None:
             err = xp.reshape(self.scratch[: n * a_out.shape[1]], (n, -1))
-            row, y = self.row[:n, ...], self.y[:n, ...]
+            row, y = self.row[:n, ...], (self.y if y is None else y)[:n, ...]
             loss = self.loss_fn.value_(xp, a_out, y, err, row)
             d = self.loss_fn.delta_(xp, a_out, y, err, row, self.act if self.loss_fn.output_activation else None)
         else:
