@@ -21,7 +21,7 @@ from mpi4py import MPI
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import REPORT_SETUP  # noqa: E402
 
-from pbp_hpc import config, train  # noqa: E402
+from pbp_hpc import config, model_file, train  # noqa: E402
 
 WORLD = MPI.COMM_WORLD
 # 72 examples, 1/6 for validation: 60 in batches of 5, 12 steps an epoch, 24 in two
@@ -43,19 +43,27 @@ def same_everywhere(params: np.ndarray) -> bool:
     return all(np.array_equal(p, params) for p in WORLD.allgather(params))
 
 
-def run_case(over: dict) -> dict:
+def run_case(d: str, i: int, over: dict) -> dict:
+    """The grid's run (GPipe, 1F1B: evaluated every epoch, its best model saved) against one rank's."""
     model = {k: v for k, v in over.items() if not k.startswith("parallel.")}
-    ref = train.run(cfg(model), MPI.COMM_SELF, return_params=True)
+    ref = train.run(cfg({**model, "train.eval_every": 1, "train.save_model": f"{d}/ref-{i}-{WORLD.rank}.h5"}),
+                    MPI.COMM_SELF, return_params=True)
     lines: list[str] = []
-    runs = {s: train.run(cfg({**over, **GRID, "parallel.pipeline_schedule": s}), WORLD, return_params=True,
+    runs = {s: train.run(cfg({**over, **GRID, "parallel.pipeline_schedule": s, "train.eval_every": 1,
+                              "train.save_model": f"{d}/model-{i}-{s}.h5"}), WORLD, return_params=True,
                          log=lines.append) for s in ("gpipe", "1f1b")}
     par = runs["1f1b"]
+    saved, _, _ = model_file.load(f"{d}/model-{i}-1f1b.h5")
+    saved_ref, _, _ = model_file.load(f"{d}/ref-{i}-{WORLD.rank}.h5")
     return {"set": over, "rel_diff": WORLD.allreduce(rel(par["params"], ref["params"]), op=MPI.MAX),
             "identical_on_all_ranks": same_everywhere(par["params"]),
             "gpipe_is_1f1b": WORLD.allreduce(bool(np.array_equal(runs["gpipe"]["params"], par["params"])), op=MPI.LAND),
             "loss_rel_diff": abs(par["epochs"][-1]["loss"] - ref["epochs"][-1]["loss"]) / abs(ref["epochs"][-1]["loss"]),
-            "same_test_accuracy": par["test_accuracy"] == ref["test_accuracy"], "steps": sum(e["steps_done"] for e in par["epochs"]),
+            "same_test_accuracy": par["test_accuracy"] == ref["test_accuracy"],
+            "same_val_accuracies": [e["val_accuracy"] for e in par["evaluations"]] == [e["val_accuracy"] for e in ref["evaluations"]],
+            "saved_model_rel_diff": rel(saved, saved_ref), "steps": sum(e["steps_done"] for e in par["epochs"]),
             "grid": par["grid"], "tensor_layout": WORLD.allgather(par.get("tensor_layout")),
+            "activation_bytes": WORLD.allgather(par["bytes_per_step"]["activations"]),
             "header": [line for line in lines if line.startswith("pbp_hpc: grid data")]}
 
 
@@ -88,7 +96,7 @@ def resume_across_shapes(d: str, over: dict) -> dict:
 
 
 def main(d: str, cases: list[dict]) -> None:
-    out = {"ranks": WORLD.size, "cases": [run_case(c) for c in cases],
+    out = {"ranks": WORLD.size, "cases": [run_case(d, i, c) for i, c in enumerate(cases)],
            "resume": resume_across_shapes(d, {k: v for k, v in cases[-1].items() if k != "parallel.pipeline_schedule"})}
     if WORLD.rank == 0:
         print(json.dumps(out), flush=True)

@@ -2,7 +2,9 @@
 
 Serially: what the grid accepts, refuses and considers. A 4-rank job (tensor 2 x pipeline 2, on
 two emulated nodes) runs tests/compose_program.py: small float64 problems, 24 steps, GPipe and
-1F1B, against the 1-rank run on every rank, and checkpoints resumed across grid shapes.
+1F1B, against the 1-rank run on every rank, the bytes counted against the formula, and
+checkpoints resumed across grid shapes; an 8-rank job (data 2 x tensor 2 x pipeline 2) runs
+tests/nodes_program.py.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pbp_hpc.engine.model import Layout
 from pbp_hpc.engine.tensor_layout import ShardLayout
 from pbp_hpc.errors import ConfigError
 from pbp_hpc.parallel import grid_auto, pipeline
+from pbp_hpc.parallel.reducers import EXTRAS
+from pbp_hpc.parallel.reducers.compression import allreduce_bytes
 from test_tensor import DEEP, ODD, RELU_CE_NESTEROV, SIGMOID_MSE_SGD, cfg_of
 
 
@@ -80,10 +84,33 @@ def test_tensor_2_by_pipeline_2_computes_the_one_rank_parameters_and_resumes_acr
         assert case["rel_diff"] < 1e-10, case
         assert case["identical_on_all_ranks"] and case["gpipe_is_1f1b"], case
         assert case["loss_rel_diff"] < 1e-10 and case["same_test_accuracy"] and case["steps"] == 24, case
+        assert case["same_val_accuracies"] and case["saved_model_rel_diff"] < 1e-10, case  # one whole model
         assert case["grid"] == {"data": 1, "tensor": 2, "pipeline": 2}
         assert case["tensor_layout"] == kinds, case  # world rank (s * T + t)
+        # every step has 5 rows: the bytes counted in the steps are the formula's
+        sizes = json.loads(case["set"]["model.layers"])
+        split = pipeline.split_layers(sizes, 2, json.loads(case["set"].get("parallel.pipeline_split", "null")))
+        expected = [pipeline.expected_activation_bytes(sizes, split, s, 2, t, case["set"].get("parallel.tensor_output") == "split",
+                                                       5, case["set"]["parallel.microbatches"], 8)
+                    for s in range(2) for t in range(2)]
+        assert case["activation_bytes"] == expected, case
         assert case["header"][0].startswith("pbp_hpc: grid data 1 x tensor 2 x pipeline 2 (stage 0: layers 0..")
     assert "the odd last layer is split by columns (an Allgather of B x 5 and an Allreduce of B x 13" in out["cases"][1]["header"][0]
     r = out["resume"]
     assert r["grid_to_one_rel_diff"] < 1e-12 and r["one_to_grid_rel_diff"] < 1e-12, r
     assert r["grid_to_grid_bit_for_bit"] and r["identical_on_all_ranks"], r
+
+
+def test_data_2_by_tensor_2_by_pipeline_2_sums_each_shard_over_its_data_group_only():
+    """8 ranks on two emulated nodes: each (stage, tensor rank)'s shard summed over its data group of 2."""
+    launcher = [MPIEXEC, "-n", "8", "-ppn", "4", "-hosts", "localhost,127.0.0.1", "-launcher", "fork"]
+    case = {"parallel.tensor": 2, "parallel.pipeline": 2, "parallel.microbatches": 2, "model.layers": DEEP,
+            "parallel.pipeline_split": "[2, 2]", **RELU_CE_NESTEROV}
+    cmd = [*launcher, sys.executable, str(ROOT / "tests" / "nodes_program.py"), json.dumps(case)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    (out,) = last_json(res.stdout)["cases"]
+    assert out["rel_diff"] < 1e-10 and out["identical_on_all_ranks"], out
+    sizes = json.loads(DEEP)
+    shard = ShardLayout(sizes[0:3], 2, 0)  # world rank 0: stage 0, tensor rank 0
+    assert out["wire_bytes_per_step"] == allreduce_bytes(2, shard.n_params + EXTRAS, 8)

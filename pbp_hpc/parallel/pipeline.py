@@ -38,7 +38,8 @@ from pbp_hpc.errors import ConfigError
 from pbp_hpc.parallel import reducers, tensor, tensor_output
 from pbp_hpc.parallel.pipeline_step import PipelineStep
 from pbp_hpc.parallel.tensor import PartsStrategy
-from pbp_hpc.parallel.tensor_step import TensorStep
+from pbp_hpc.parallel.strategies.base import my_share
+from pbp_hpc.parallel.tensor_step import TensorStep, activation_bytes
 
 
 def split_layers(sizes: list[int], S: int, given: Optional[list[int]] = None) -> list[tuple[int, int]]:
@@ -162,6 +163,24 @@ def build(st: Any) -> None:
         st.strategy.reducer = getattr(st, "reducer", None)
         st.strategy.close()
         raise
+
+
+def expected_activation_bytes(sizes: list[int], stages: list[tuple[int, int]], s: int, T: int, t: int, split: bool,
+                              rows: int, M: int, itemsize: int) -> int:
+    """Activation bytes stage s's tensor rank t sends in a training step of `rows` rows: each
+    microbatch's output up and input gradient down, and its tensor group's messages (the
+    formula the count is tested against; split: the model's odd output layer split)."""
+    lo, hi = stages[s]
+    S = len(stages)
+    shard = ShardLayout(sizes[lo:hi + 1], T, t, split_output=split and s == S - 1)
+    total = 0
+    for a, b in (my_share(rows, M, m) for m in range(M)):
+        n = b - a
+        if n == 0:
+            continue
+        total += ((n * sizes[hi] if s < S - 1 else 0) + (n * sizes[lo] if s > 0 else 0)) * itemsize
+        total += activation_bytes(shard, n, itemsize, stop=False, input_grad=s > 0)
+    return total
 
 
 def _part(held: layout.Layout, whole: np.ndarray) -> np.ndarray:

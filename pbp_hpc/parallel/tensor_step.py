@@ -36,15 +36,17 @@ from pbp_hpc.parallel.reducers.compression import allreduce_bytes
 LayerDone = Callable[[int], None]
 
 
-def activation_values(shard: ShardLayout, n: int) -> list[int]:
+def activation_values(shard: ShardLayout, n: int, stop: bool = True, input_grad: bool = False) -> list[int]:
     """The sizes of the tensor group's Allreduces in a training step over n rows, in order:
-    forward, each row-split layer's n x n_out (the last one + 1: the stop flag); backward,
-    each column-split layer above the first (a split output layer's too), n x n_in. Without a
-    row-split layer the stop flag has an Allreduce of its own (1 value)."""
+    forward, each row-split layer's n x n_out (with stop, the last one + 1: the stop flag);
+    backward, each column-split layer above the first (a split output layer's too), n x n_in,
+    and with input_grad (a pipeline stage above the first) the first layer's too. With stop and
+    no row-split layer the stop flag has an Allreduce of its own (1 value)."""
     kinds, sizes = shard.kinds, shard.sizes
     rows = [l for l, k in enumerate(kinds) if k == ROW]
-    fwd = [n * sizes[l + 1] + (1 if l == rows[-1] else 0) for l in rows] if rows else [1]
-    bwd = [n * sizes[l] for l in reversed(range(len(kinds))) if kinds[l] in (COL, OUT) and l > 0]
+    fwd = [n * sizes[l + 1] + (1 if stop and l == rows[-1] else 0) for l in rows] if rows or not stop else [1]
+    low = 0 if input_grad else 1
+    bwd = [n * sizes[l] for l in reversed(range(len(kinds))) if kinds[l] in (COL, OUT) and l >= low]
     return fwd + bwd
 
 
@@ -58,11 +60,12 @@ def allgather_bytes(ranks: int, count: int, itemsize: int) -> int:
     return (ranks - 1) * -(-count // ranks) * itemsize
 
 
-def activation_bytes(shard: ShardLayout, n: int, itemsize: int) -> int:
-    """Bytes a rank sends in its tensor group per training step over n rows (the formula the count is tested against)."""
+def activation_bytes(shard: ShardLayout, n: int, itemsize: int, stop: bool = True, input_grad: bool = False) -> int:
+    """Bytes a rank sends in its tensor group per training step over n rows (the formula the
+    count is tested against); stop, input_grad: as activation_values."""
     if shard.T == 1:
         return 0
-    return (sum(allreduce_bytes(shard.T, c, itemsize) for c in activation_values(shard, n))
+    return (sum(allreduce_bytes(shard.T, c, itemsize) for c in activation_values(shard, n, stop, input_grad))
             + allgather_bytes(shard.T, gathered_values(shard, n), itemsize))
 
 
