@@ -67,7 +67,9 @@ def test_grid_auto_considers_tensor_by_pipeline_grids(monkeypatch):
 def test_tensor_2_by_pipeline_2_computes_the_one_rank_parameters_and_resumes_across_shapes(tmp_path):
     launcher = [MPIEXEC, "-n", "4", "-ppn", "2", "-hosts", "localhost,127.0.0.1", "-launcher", "fork"]
     cases = [  # stage 0 one replicated layer | stage 1 col, row, replicated
-             {"model.layers": DEEP, "parallel.microbatches": 3},
+             {"model.layers": DEEP, "parallel.microbatches": 3, "parallel.tensor_output": "replicated"},
+             # stage 0 one split layer (its output gathered and sent whole) | stage 1 col, row, split
+             {"model.layers": DEEP, "parallel.microbatches": 2, "parallel.tensor_output": "split"},
              # stage 0 col, row | stage 1 a split output layer alone (its input gradient completed over the group)
              {"model.layers": ODD, "parallel.pipeline_split": "[2, 1]", "parallel.microbatches": 2,
               "parallel.tensor_output": "split", **RELU_CE_NESTEROV},
@@ -78,6 +80,7 @@ def test_tensor_2_by_pipeline_2_computes_the_one_rank_parameters_and_resumes_acr
     assert res.returncode == 0, res.stderr
     out = last_json(res.stdout)
     layouts = [[["full"], ["full"], ["col", "row", "full"], ["col", "row", "full"]],
+               [["out"], ["out"], ["col", "row", "out"], ["col", "row", "out"]],
                [["col", "row"], ["col", "row"], ["out"], ["out"]],
                [["col", "row"]] * 4]
     for case, kinds in zip(out["cases"], layouts):
@@ -95,7 +98,8 @@ def test_tensor_2_by_pipeline_2_computes_the_one_rank_parameters_and_resumes_acr
                     for s in range(2) for t in range(2)]
         assert case["activation_bytes"] == expected, case
         assert case["header"][0].startswith("pbp_hpc: grid data 1 x tensor 2 x pipeline 2 (stage 0: layers 0..")
-    assert "the odd last layer is split by columns (an Allgather of B x 5 and an Allreduce of B x 13" in out["cases"][1]["header"][0]
+    assert "stage 0: the odd last layer is split by columns (an Allgather of B x 17 a step" in out["cases"][1]["header"][0]
+    assert "stage 1: the odd last layer is split by columns (an Allgather of B x 5 and an Allreduce of B x 13" in out["cases"][2]["header"][0]
     r = out["resume"]
     assert r["grid_to_one_rel_diff"] < 1e-12 and r["one_to_grid_rel_diff"] < 1e-12, r
     assert r["grid_to_grid_bit_for_bit"] and r["identical_on_all_ranks"], r

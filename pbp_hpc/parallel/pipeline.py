@@ -18,8 +18,9 @@ on any grid with the same data-parallel rank count).
 
 With `parallel.tensor: T` as well (a grid of D x T x S ranks, world rank (d S + s) T + t), each
 stage's layers are split over the stage's tensor group as engine/tensor_layout.py splits a
-network: (column, row) pairs from the stage's first layer; an odd last layer of a stage is
-replicated, except the model's output layer, which parallel/tensor_output.py may split. This
+network: (column, row) pairs from the stage's first layer; a stage's odd last layer is split by
+columns (its output gathered, so that it is sent whole) or replicated, as parallel/tensor_output.py
+chooses for each stage. This
 rank's part is then the stage's ShardLayout (the Layout's other layers "none"), gathered and
 scattered by parallel.shards like any other; the step is PipelineStep over a TensorStep of
 the stage's layers (pipeline_step.py's docstring says how they meet).
@@ -76,10 +77,9 @@ def check(cfg: Any, size: int) -> None:
     if split is not None and (len(split) != S or sum(split) != L or min(split) < 1):
         raise ConfigError(f"parallel.pipeline_split {split} must give each of the {S} stages at least one layer, "
                           f"{L} in all")
-    if p.tensor > 1:  # every stage's layers split over its tensor group (a forced split output: the last stage's)
-        stages = split_layers(cfg.model.layers, S, split)
-        for s, (a, b) in enumerate(stages):
-            tensor.check_units(cfg.model.layers[a:b + 1], p.tensor, p.tensor_output == "split" and s == S - 1, a)
+    if p.tensor > 1:  # every stage's layers split over its tensor group (a forced split: its odd last layer too)
+        for a, b in split_layers(cfg.model.layers, S, split):
+            tensor.check_units(cfg.model.layers[a:b + 1], p.tensor, p.tensor_output == "split", a)
 
 
 def stage_layout(sizes: list[int], stages: list[tuple[int, int]], s: int,
@@ -94,12 +94,12 @@ def stage_layout(sizes: list[int], stages: list[tuple[int, int]], s: int,
 
 
 def header(stages: list[tuple[int, int]], D: int, microbatches: int, schedule: str, T: int = 1,
-           kinds: Optional[list[list[str]]] = None, output: Optional[str] = None) -> str:
-    """kinds: each stage's tensor layout (T > 1); output: tensor_output's words on the odd last layer."""
+           kinds: Optional[list[list[str]]] = None, outputs: Optional[list[Optional[str]]] = None) -> str:
+    """kinds: each stage's tensor layout (T > 1); outputs: tensor_output's words on each stage's odd last layer."""
     layers = ", ".join(f"stage {s}: layers {lo}..{hi - 1}" + (f" {kinds[s]}" if kinds else "")
                        for s, (lo, hi) in enumerate(stages))
     tensor = f" x tensor {T}" if T > 1 else ""
-    last = f"; {output}" if output else ""
+    last = "".join(f"; stage {s}: {said}" for s, said in enumerate(outputs or []) if said)
     return (f"pbp_hpc: grid data {D}{tensor} x pipeline {len(stages)} ({layers}), "
             f"{microbatches} microbatches a step, schedule {schedule}{last}")
 
@@ -122,12 +122,14 @@ def build(st: Any) -> None:
     lo, hi = stages[grid.s]
     rows = -(-cfg.train.batch_size // grid.D)
     said, kinds = None, None
-    if grid.T > 1:  # each stage split as tensor_layout splits a network; the model's odd output layer as chosen
-        split, said = tensor_output.decide(p.tensor_output, sizes[stages[-1][0]:], grid.T,
-                                           -(-rows // p.microbatches), cfg.model.dtype, grid.world, below=True)
-        last = [split and s == grid.S - 1 for s in range(grid.S)]
-        mine: Any = ShardLayout(sizes[lo:hi + 1], grid.T, grid.t, split_output=last[grid.s])
-        kinds = [ShardLayout(sizes[a:b + 1], grid.T, 0, split_output=out).kinds for (a, b), out in zip(stages, last)]
+    if grid.T > 1:  # each stage split as tensor_layout splits a network, its odd last layer as chosen
+        nets = [(sizes[a:b + 1], a > 0 or b - a > 1) for a, b in stages]
+        chosen = tensor_output.decide(p.tensor_output, nets, grid.T, -(-rows // p.microbatches), cfg.model.dtype,
+                                      grid.world)
+        split = [c for c, _ in chosen]
+        said = [w for _, w in chosen]
+        mine: Any = ShardLayout(sizes[lo:hi + 1], grid.T, grid.t, split_output=split[grid.s])
+        kinds = [ShardLayout(sizes[a:b + 1], grid.T, 0, split_output=out).kinds for (a, b), out in zip(stages, split)]
         st.layout = stage_layout(sizes, stages, grid.s, mine.held.parts)
     else:
         mine = model.Layout(sizes[lo:hi + 1])  # the stage's own network: the same flat buffer
@@ -169,10 +171,10 @@ def expected_activation_bytes(sizes: list[int], stages: list[tuple[int, int]], s
                               rows: int, M: int, itemsize: int) -> int:
     """Activation bytes stage s's tensor rank t sends in a training step of `rows` rows: each
     microbatch's output up and input gradient down, and its tensor group's messages (the
-    formula the count is tested against; split: the model's odd output layer split)."""
+    formula the count is tested against; split: the stage's odd last layer split)."""
     lo, hi = stages[s]
     S = len(stages)
-    shard = ShardLayout(sizes[lo:hi + 1], T, t, split_output=split and s == S - 1)
+    shard = ShardLayout(sizes[lo:hi + 1], T, t, split_output=split)
     total = 0
     for a, b in (my_share(rows, M, m) for m in range(M)):
         n = b - a

@@ -96,8 +96,8 @@ def build(st: Any) -> None:
     cfg, xp, grid = st.cfg, st.xp, st.grid
     check(cfg, st.comm.size)
     rows = -(-cfg.train.batch_size // grid.D)
-    split, said = tensor_output.decide(cfg.parallel.tensor_output, cfg.model.layers, grid.T, rows, cfg.model.dtype,
-                                       grid.world)
+    ((split, said),) = tensor_output.decide(cfg.parallel.tensor_output, [(cfg.model.layers, len(cfg.model.layers) > 2)],
+                                            grid.T, rows, cfg.model.dtype, grid.world)
     shard = ShardLayout(cfg.model.layers, grid.T, grid.t, split_output=split)
     st.layout = shard.layout  # what this rank holds: shards.gather_whole assembles the model over grid.model
     st.strategy = TensorStrategy(cfg, grid, xp)

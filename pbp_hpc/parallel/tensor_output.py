@@ -85,18 +85,25 @@ def flop_seconds(n_in: int, n_out: int, rows: int, dtype: str) -> float:
     return best / (2 * rows * n_in * n_out)
 
 
-def decide(mode: str, sizes: list[int], T: int, rows: int, dtype: str, world: MPI.Comm,
-           below: Optional[bool] = None) -> tuple[bool, Optional[str]]:
-    """(split?, the header's words; None where there is nothing to choose) for this run: with mode
-    auto, measured on world rank 0 and taken by every rank (collective over world). sizes: the
-    layers the tensor group holds (a pipeline's last stage: below is then True)."""
-    if not splits_output(sizes, T):  # (a forced split of too few outputs is refused by tensor.check)
-        return False, ("the odd last layer is replicated (fewer outputs than tensor ranks)"
-                       if T > 1 and (len(sizes) - 1) % 2 == 1 else None)
+def decide(mode: str, nets: list[tuple[list[int], bool]], T: int, rows: int, dtype: str,
+           world: MPI.Comm) -> list[tuple[bool, Optional[str]]]:
+    """For each (sizes, below) in nets, the layers a tensor group holds (the whole model, or each
+    pipeline stage's) and whether a layer lies below them: (split its odd last layer?, the
+    header's words; None where there is nothing to choose). With mode auto, measured on world
+    rank 0 (alpha and beta once) and taken by every rank (collective over world)."""
     rows = max(1, rows)
-    flop_s, alpha, beta = 0.0, 0.0, 0.0
-    if mode == "auto":
+    choosing = [splits_output(sizes, T) for sizes, _ in nets]  # (a forced split of too few outputs: refused by the checks)
+    alpha, beta, flops = 0.0, 0.0, [0.0] * len(nets)
+    if mode == "auto" and any(choosing):
         alpha, beta = measure_network(world)
-        flop_s = flop_seconds(sizes[-2], sizes[-1], rows, dtype) if world.rank == 0 else 0.0
-        flop_s = world.bcast(flop_s, root=0)
-    return choose(mode, sizes, T, rows, np.dtype(dtype).itemsize, flop_s, alpha, beta, below)
+        if world.rank == 0:
+            flops = [flop_seconds(sizes[-2], sizes[-1], rows, dtype) if c else 0.0 for (sizes, _), c in zip(nets, choosing)]
+        flops = world.bcast(flops, root=0)
+    out: list[tuple[bool, Optional[str]]] = []
+    for (sizes, below), c, flop_s in zip(nets, choosing, flops):
+        if c:
+            out.append(choose(mode, sizes, T, rows, np.dtype(dtype).itemsize, flop_s, alpha, beta, below))
+        else:
+            out.append((False, "the odd last layer is replicated (fewer outputs than tensor ranks)"
+                        if T > 1 and (len(sizes) - 1) % 2 == 1 else None))
+    return out
