@@ -1,7 +1,9 @@
 """One rank's part of a step when a tensor group of T ranks holds each layer's units in slices.
 
 The layout is engine.tensor_layout's: (column-split, row-split) pairs, the odd last layer
-replicated. Every rank of a tensor group takes the same examples (its data-parallel share);
+replicated or split by columns (OUT: its block of outputs, then one Allgather of B x n_out makes
+them whole; backward, its input gradient's partial sums take one Allreduce of B x n_in where a
+layer lies below). Every rank of a tensor group takes the same examples (its data-parallel share);
 the forward pass completes each pair with one Allreduce of the row-split layer's B x n_out
 partial sums (the bias added by tensor rank 0 alone, before it, so once), the backward pass
 sends one Allreduce of B x n_in per column-split layer that has a layer below it. The output,
@@ -14,8 +16,13 @@ flag, which a signal may raise on one rank alone, rides in one extra slot of the
 pair's forward Allreduce, so that every rank of the world learns of it with no message of
 its own; the data-parallel reduction then counts it over the data group.
 
+A pipeline stage held by a tensor group (parallel/pipeline_step.py) calls forward and backward
+directly, with each microbatch's own activation buffers (`flat`), the delta from the stage
+above (`g_out`) instead of the loss, and `g_in` for the input gradient it sends down.
+
 Communicators are passed in (PyTorch's process-group style): `tensor` is this rank's tensor
-group. Buffers are allocated once; a step allocates nothing but array views.
+group. Buffers are allocated once; a step allocates nothing but array views (and, with a split
+output layer, the Allgather's two lists of T counts).
 """
 
 from __future__ import annotations
