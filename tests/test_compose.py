@@ -85,7 +85,7 @@ def test_tensor_2_by_pipeline_2_computes_the_one_rank_parameters_and_resumes_acr
                [["col", "row"]] * 4]
     for case, kinds in zip(out["cases"], layouts):
         assert case["rel_diff"] < 1e-10, case
-        assert case["identical_on_all_ranks"] and case["gpipe_is_1f1b"], case
+        assert case["identical_on_all_ranks"] and case["gpipe_is_1f1b"] in (True, None), case
         assert case["loss_rel_diff"] < 1e-10 and case["same_test_accuracy"] and case["steps"] == 24, case
         assert case["same_val_accuracies"] and case["saved_model_rel_diff"] < 1e-10, case  # one whole model
         assert case["grid"] == {"data": 1, "tensor": 2, "pipeline": 2}
@@ -98,6 +98,7 @@ def test_tensor_2_by_pipeline_2_computes_the_one_rank_parameters_and_resumes_acr
                     for s in range(2) for t in range(2)]
         assert case["activation_bytes"] == expected, case
         assert case["header"][0].startswith("pbp_hpc: grid data 1 x tensor 2 x pipeline 2 (stage 0: layers 0..")
+    assert out["cases"][-1]["gpipe_is_1f1b"] is True
     assert "stage 0: the odd last layer is split by columns (an Allgather of B x 17 a step" in out["cases"][1]["header"][0]
     assert "stage 1: the odd last layer is split by columns (an Allgather of B x 5 and an Allreduce of B x 13" in out["cases"][2]["header"][0]
     r = out["resume"]
