@@ -20,12 +20,11 @@ extras over the pipeline group at the end of the step. Communicators are passed 
 With a tensor group (a grid of T x S ranks per model), each stage's layers are split over the
 stage's T ranks as engine/tensor_layout.py splits a whole network, and a microbatch's forward
 and backward pass through the stage are parallel/tensor_step.TensorStep's, on the slot's own
-buffers. A stage's output is whole on every tensor rank (its last layer is row-split, or
-replicated: the odd last layer of a stage other than the model's last is always replicated, as
-its output has to be sent whole), so tensor rank t of stage s sends to tensor rank t of stage
-s + 1 (the pipeline communicator joins exactly those) and gets the delta back; a stage whose
-first layer is column-split completes its input gradient's partial sums over the tensor group
-before sending it down. The end-of-step Allreduce of the extras then runs over the model group
+buffers. A stage's output is whole on every tensor rank (its last layer is row-split, or its
+odd last layer replicated or split with its outputs gathered), so tensor rank t of stage s
+sends to tensor rank t of stage s + 1 (the pipeline communicator joins exactly those) and gets
+the delta back; a stage whose first layer is column-split (or a split odd layer) completes its
+input gradient's partial sums over the tensor group before sending it down. The end-of-step Allreduce of the extras then runs over the model group
 (T x S ranks; the loss from tensor rank 0 only), so that a stop flag on any rank reaches all.
 """
 
