@@ -13,11 +13,12 @@ partial sums). Per step of B rows on each rank:
     split      = T_ag(T, B n_out bytes) + T_ar(T, B n_in bytes)      (the second only with a layer below)
     T_ag(P, n) = log2(P) alpha + (P - 1) / P n beta,  T_ar as in parallel/grid_auto.py
 
-Seconds per flop come from timing the layer's own forward GEMM at B rows, alpha and beta from
-two timed Allreduces over the world (grid_auto.measure_network); world rank 0 measures and every
-rank takes its numbers, so all choose alike (the data-parallel groups must hold the same parts).
-For Net-1h's 1024 x 10 the replicated layer costs ~60 kflop an example against two messages:
-replicated wins; for a wide output (512 x 784) the repeated GEMMs cost more than the messages.
+Seconds per flop come from timing the layer's own forward GEMM (at B rows, 256 at least), alpha
+and beta from two timed Allreduces over the world (grid_auto.measure_network); world rank 0
+measures and every rank takes its numbers, so all choose alike (the data-parallel groups must
+hold the same parts). For Net-2h's 1024 x 10 output the replicated layer costs ~60 kflop an
+example against a message of 1024 values an example: replicated wins; for a wide output
+(512 x 784) the repeated GEMMs cost more than the messages.
 `parallel.tensor_output: split | replicated` forces either; the header says which and why.
 """
 
@@ -73,7 +74,10 @@ def choose(mode: str, sizes: list[int], T: int, rows: int, itemsize: int, flop_s
 
 
 def flop_seconds(n_in: int, n_out: int, rows: int, dtype: str) -> float:
-    """Seconds per flop of the layer's forward GEMM at rows x n_in by n_out (the best of three)."""
+    """Seconds per flop of the layer's forward GEMM at rows x n_in by n_out (the best of three),
+    with at least 256 rows: the throughput, not a small call's fixed cost, which every rank pays
+    whether the layer is split or not (so a tiny layer is not mistaken for an expensive one)."""
+    rows = max(rows, 256)
     rng = np.random.default_rng(0)
     a, w = rng.random((rows, n_in)).astype(dtype), rng.random((n_in, n_out)).astype(dtype)
     z = np.empty((rows, n_out), dtype=dtype)
