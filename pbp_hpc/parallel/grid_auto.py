@@ -106,7 +106,8 @@ def predict(sizes: list[int], B: int, grid: tuple[int, int, int], M: int, itemsi
     tensor = 0.0
     if T > 1:  # with S stages: each stage's share of the Allreduces, at a microbatch's rows, M times
         micro, times = (-(-rows // M), M / S) if S > 1 else (rows, 1.0)
-        tensor = times * sum(t_ar(T, c * itemsize, alpha, beta) for c in activation_values(ShardLayout(sizes, T, 0), micro))
+        values = activation_values(ShardLayout(sizes, T, 0), micro)
+        tensor = times * sum(t_ar(T, c * itemsize, alpha, beta) for c in values)
     pipe = 2 * M * (S - 1) / S * (alpha + -(-rows // M) * max(sizes[1:-1] or [0]) * itemsize * beta) if S > 1 else 0.0
     return compute + data + tensor + pipe
 

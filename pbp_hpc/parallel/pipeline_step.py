@@ -24,8 +24,9 @@ buffers. A stage's output is whole on every tensor rank (its last layer is row-s
 odd last layer replicated or split with its outputs gathered), so tensor rank t of stage s
 sends to tensor rank t of stage s + 1 (the pipeline communicator joins exactly those) and gets
 the delta back; a stage whose first layer is column-split (or a split odd layer) completes its
-input gradient's partial sums over the tensor group before sending it down. The end-of-step Allreduce of the extras then runs over the model group
-(T x S ranks; the loss from tensor rank 0 only), so that a stop flag on any rank reaches all.
+input gradient's partial sums over the tensor group before sending it down. The end-of-step
+Allreduce of the extras then runs over the model group (T x S ranks; the loss from tensor rank
+0 only), so that a stop flag on any rank reaches all.
 """
 
 from __future__ import annotations
