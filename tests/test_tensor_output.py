@@ -77,3 +77,16 @@ def test_a_split_output_layer_computes_the_one_rank_parameters(setup, layers):
     if WORLD.rank == 0:
         assert any("the odd last layer is split by columns" in line and "parallel.tensor_output split" in line
                    for line in lines), lines
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("setup", [SIGMOID_MSE_SGD, RELU_CE_NESTEROV], ids=["fused-sgd", "nesterov-wd"])
+def test_on_mnist_a_split_first_and_only_layer_skips_zero_inputs_and_computes_the_one_rank_parameters(mnist_dir, setup):
+    over = {"data__name": "mnist", "data__dir": str(mnist_dir), "model__layers": "[784, 10]", "data__n_train": 72}
+    par = train.run(cfg_of(setup, parallel__tensor=WORLD.size, parallel__tensor_output="split", **over), WORLD,
+                    return_params=True)
+    ref = train.run(cfg_of(setup, **over), MPI.COMM_SELF, return_params=True)
+    assert par["tensor_layout"] == [OUT] and par["active_inputs"]["compacted_steps"] == 24
+    assert rel(par["params"], ref["params"]) < 1e-10
+    for p in WORLD.allgather(par["params"]):
+        np.testing.assert_array_equal(p, par["params"])
