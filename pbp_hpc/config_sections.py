@@ -229,6 +229,10 @@ class ParallelConfig(_Section):
     # ranks that hold each layer's units in slices (tensor parallelism, pbp_hpc/parallel/tensor.py):
     # the world is data-parallel groups of this many ranks; 1: every rank holds the whole model
     tensor: int = Field(1, ge=1, le=MAX_THREADS)
+    # an odd output layer under tensor parallelism: split by columns (its outputs gathered) or
+    # replicated on every tensor rank; auto: whichever a start-up estimate says costs less
+    # (pbp_hpc/parallel/tensor_output.py)
+    tensor_output: Literal["auto", "split", "replicated"] = "auto"
     # stages of consecutive layers on consecutive ranks (pipeline parallelism, pbp_hpc/parallel/pipeline.py);
     # each share of a minibatch in `microbatches` parts, scheduled gpipe or 1f1b; pipeline_split:
     # layers per stage (null: the split whose most expensive stage is cheapest)

@@ -3,7 +3,8 @@
 Serially: the split of layers into stages. Under `mpiexec -n P pytest --with-mpi -m mpi` the
 world is one pipeline (S = P: 2 or 3) and every rank compares itself with the same training on
 MPI_COMM_SELF; GPipe and 1F1B add the microbatches' gradients in the same order, so they give
-identical parameters. Data 2 x pipeline 2 runs in test_tensor's 4-rank job.
+identical parameters. Data 2 x pipeline 2 runs in test_tensor's 4-rank job, tensor 2 x pipeline 2
+in test_compose's.
 """
 
 from __future__ import annotations
@@ -33,11 +34,6 @@ def test_a_world_or_split_the_pipeline_cannot_use_is_refused():
         pipeline.check(cfg_of(SIGMOID_MSE_SGD, model__layers="[20, 9, 5]", parallel__pipeline=3), 3)
     with pytest.raises(ConfigError, match="pipeline_split"):
         pipeline.check(cfg_of(SIGMOID_MSE_SGD, model__layers=DEEP, parallel__pipeline=2, parallel__pipeline_split="[2, 1]"), 2)
-
-
-def test_tensor_and_pipeline_together_are_refused_naming_both():
-    with pytest.raises(ConfigError, match="parallel.tensor=2 does not go with parallel.pipeline=2"):
-        cfg_of(SIGMOID_MSE_SGD, parallel__tensor=2, parallel__pipeline=2)
 
 
 @pytest.mark.mpi(min_size=2)

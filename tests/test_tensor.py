@@ -252,7 +252,7 @@ def test_the_grid_cost_model_prefers_splitting_units_where_the_gradient_is_large
     from pbp_hpc.parallel import grid_auto
 
     assert grid_auto.candidates(2, [784, 1024, 10], True) == [(2, 1, 1), (1, 2, 1), (1, 1, 2)]
-    assert grid_auto.candidates(4, [784, 1024, 1024, 10], True) == [(4, 1, 1), (2, 2, 1), (1, 4, 1), (2, 1, 2)]
+    assert grid_auto.candidates(4, [784, 1024, 1024, 10], True) == [(4, 1, 1), (2, 2, 1), (1, 4, 1), (2, 1, 2), (1, 2, 2)]
     assert grid_auto.candidates(2, [784, 1024, 10], False) == [(2, 1, 1)]
     # Net-1h at batch 1 on a network of 1 ms latency and 10 ns per byte: the 3.26 MB gradient dominates
     data, tp = (grid_auto.predict([784, 1024, 10], 1, g, 4, 4, 1e-3, 1e-8, "float32") for g in [(2, 1, 1), (1, 2, 1)])

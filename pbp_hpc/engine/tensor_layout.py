@@ -10,12 +10,14 @@ B x n_out over the tensor group completes, the bias added once, so the pair's ou
 local, and the column-split layer's is a partial sum (one Allreduce of B x n_in), needed only
 where a layer lies below it: Net-1h (784-1024-10) is one pair and sends B x 10 values a step.
 
-With an odd number of layers the last one is **replicated** (every rank holds and computes it
-whole; its input is the previous pair's whole output, so no message either way). Splitting it
-would cost an Allgather of its B x n_out outputs (the loss needs whole rows) and an Allreduce
-of B x n_in in the backward pass; replicating it costs (T-1)/T x 6 B n_in n_out flops a step,
-which is less for every output layer of this package's networks (Net-2h's 1024 x 10: 60 kflop
-per example against two messages). The run's header says so.
+With an odd number of layers the last one is either **replicated** (FULL: every rank holds
+and computes it whole; its input is the previous pair's whole output, so no message either way)
+or **split** by columns (OUT: rank t computes its block of the outputs, one Allgather of
+B x n_out makes the output row whole on every rank for the loss, and its input gradient is a
+partial sum completed by an Allreduce of B x n_in). Replicating costs (T-1)/T x 6 B n_in n_out
+redundant flops a step, splitting costs the two messages: parallel/tensor_output.py chooses by
+that estimate (Net-1h's 1024 x 10: 60 kflop per example against two messages, replicated; a
+wide output such as 512 x 784: split), or as `parallel.tensor_output` says. The header says so.
 
 Unit counts need not divide by T: block t of n units is my_share(n, T, t) (sizes differ by at
 most one). A rank's flat buffer holds, layer by layer, its weight block (row-major) then its
@@ -33,14 +35,15 @@ import numpy as np
 
 from pbp_hpc.engine import layout
 
-COL, ROW, FULL = "col", "row", "full"
+COL, ROW, FULL, OUT = "col", "row", "full", "out"  # OUT: the output layer split by columns, gathered
 
 
-def plan(n_layers: int) -> list[str]:
-    """How each layer is held: (col, row) pairs from the input up, the odd last layer full."""
+def plan(n_layers: int, split_output: bool = False) -> list[str]:
+    """How each layer is held: (col, row) pairs from the input up, the odd last layer full (or,
+    with split_output, split by columns with its outputs gathered)."""
     kinds = [COL if l % 2 == 0 else ROW for l in range(n_layers)]
     if n_layers % 2 == 1:
-        kinds[-1] = FULL
+        kinds[-1] = OUT if split_output else FULL
     return kinds
 
 
@@ -61,11 +64,12 @@ class ShardLayout:
     b_slices: list[slice] = field(default_factory=list)
     n_params: int = 0
     held: Any = None  # engine.layout.Layout of this part (made in __post_init__)
+    split_output: bool = False  # an odd last layer split by columns (OUT) rather than replicated
 
     def __post_init__(self) -> None:
-        self.kinds = plan(len(self.sizes) - 1)
+        self.kinds = plan(len(self.sizes) - 1, self.split_output)
         # engine.layout's Layout of this part (rows-split biases on every rank) places the buffer
-        splits = [{COL: "cols", ROW: "rows", FULL: "whole"}[k] for k in self.kinds]
+        splits = [{COL: "cols", OUT: "cols", ROW: "rows", FULL: "whole"}[k] for k in self.kinds]
         self.held = layout.Layout(list(self.sizes), layout.tensor_parts(self.sizes, splits, self.T, self.t,
                                                                         replicate_bias=True))
         self.blocks = [(p.lo, p.hi) if p.kind != "whole" else (0, n_out)
@@ -82,7 +86,7 @@ class ShardLayout:
         return slice(self.w_slices[l].start, self.b_slices[l].stop)
 
     def widths(self) -> list[int]:
-        """Each layer's output width on this rank: its block for a column-split layer, else whole."""
+        """Each layer's output width on this rank: its block for a column-split layer (COL, OUT), else whole."""
         return [s[1] for s in self.shapes]
 
     @property
@@ -102,12 +106,12 @@ def extract(whole: np.ndarray, shard: ShardLayout, out: np.ndarray) -> np.ndarra
     return out
 
 
-def assemble(shards: list[np.ndarray], sizes: list[int], out: np.ndarray) -> np.ndarray:
+def assemble(shards: list[np.ndarray], sizes: list[int], out: np.ndarray, split_output: bool = False) -> np.ndarray:
     """out <- the whole flat model from every rank's shard (shards[t] from rank t of T).
 
     Parts held by several ranks (the row-split layers' biases, a replicated last layer) are
     identical on all of them; rank 0's copy is taken."""
     T = len(shards)
     for t in reversed(range(T)):  # rank 0 last: its copy of the shared parts is what stays
-        layout.put(ShardLayout(sizes, T, t).layout, shards[t], out)
+        layout.put(ShardLayout(sizes, T, t, split_output=split_output).layout, shards[t], out)
     return out

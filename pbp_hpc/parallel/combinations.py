@@ -53,7 +53,6 @@ RULES = [
     Rule(TENSOR, ("algorithm", ("per_example",)),
          "tensor parallelism splits the batched GEMMs; per_example is the one-at-a-time baseline"),
     Rule(TENSOR, ("backend", ("cupy",)), "tensor parallelism runs on host buffers; with backend: cupy use parallel.tensor 1"),
-    Rule(TENSOR, PIPELINE, "a grid with both tensor and pipeline groups is not built yet; choose one of them (and data)"),
     Rule(PIPELINE, ("parallel.reducer", ("overlap", "shm", "shared_batch")),
          "each stage's data-parallel group sums its gradient with one Allreduce; use parallel.reducer auto or blocking"),
     Rule(PIPELINE, ("algorithm", ("per_example",)),

@@ -4,8 +4,9 @@ It chooses where parallel.tensor and parallel.pipeline are left at 1 (sizes abov
 as given), keeps a resumed checkpoint's grid, and leaves data parallelism only for a grid
 predicted at least 10% faster (MARGIN).
 
-For each grid (D, T, S) with D x T x S = P (a grid with both T and S above 1 is not built),
-the model predicts a step's time from measurements taken here, at start-up, on this job:
+For each grid (D, T, S) with D x T x S = P (T x S grids too: each pipeline stage's layers split
+over its tensor group), the model predicts a step's time from measurements taken here, at
+start-up, on this job:
 
     step = compute + data + tensor + pipeline
     compute  = the measured time of the first layer's three GEMMs at this grid's shape
@@ -116,7 +117,7 @@ def build_parts(st: Any) -> None:
     from pbp_hpc.parallel import pipeline, tensor
 
     try:
-        (tensor if st.grid.T > 1 else pipeline).build(st)
+        (pipeline if st.grid.S > 1 else tensor).build(st)  # a T x S grid: pipeline stages split over tensor groups
     except BaseException:
         st.grid.close()
         raise

@@ -16,6 +16,17 @@ Schedules (parallel.pipeline_schedule), both running the backward passes in micr
 
 The loss (on the last stage) and the stop flag reach every stage in one Allreduce of the two
 extras over the pipeline group at the end of the step. Communicators are passed in.
+
+With a tensor group (a grid of T x S ranks per model), each stage's layers are split over the
+stage's T ranks as engine/tensor_layout.py splits a whole network, and a microbatch's forward
+and backward pass through the stage are parallel/tensor_step.TensorStep's, on the slot's own
+buffers. A stage's output is whole on every tensor rank (its last layer is row-split, or its
+odd last layer replicated or split with its outputs gathered), so tensor rank t of stage s
+sends to tensor rank t of stage s + 1 (the pipeline communicator joins exactly those) and gets
+the delta back; a stage whose first layer is column-split (or a split odd layer) completes its
+input gradient's partial sums over the tensor group before sending it down. The end-of-step
+Allreduce of the extras then runs over the model group (T x S ranks; the loss from tensor rank
+0 only), so that a stop flag on any rank reaches all.
 """
 
 from __future__ import annotations
@@ -37,9 +48,11 @@ LayerDone = Callable[[int], None]
 class _Slot:
     """The buffers of one microbatch in flight on this stage."""
 
-    def __init__(self, xp: Any, rows: int, n_in: int, widths: list[int], dtype: Any):
+    def __init__(self, xp: Any, rows: int, n_in: int, widths: list[int], dtype: Any, tp: Any = None):
         self.x = xp.zeros((rows, n_in), dtype=dtype)  # this stage's input: the data, or what came from below
-        self.acts = [xp.zeros((rows, w), dtype=dtype) for w in widths]
+        # the layers' activations: whole (engine.model's layers) or, in a tensor group, the tensor step's flat buffers
+        self.acts = [xp.zeros((rows, w), dtype=dtype) for w in widths] if tp is None else None
+        self.flat = None if tp is None else tp.activation_buffers(rows)
         self.g_out = xp.zeros((rows, widths[-1]), dtype=dtype)  # dL/d(output), from the stage above
         self.g_in = xp.zeros((rows, n_in), dtype=dtype)  # dL/d(input), sent to the stage below
         self.y = xp.zeros((rows, widths[-1]), dtype=dtype)  # targets (last stage)
@@ -52,22 +65,31 @@ class PipelineStep:
     applies_update = False
     skip = None
 
-    def __init__(self, layout: model.Layout, theta: Any, grad: Any, loss_out: Any, source: Any, xp: Any,
+    def __init__(self, layout: Any, theta: Any, grad: Any, loss_out: Any, source: Any, xp: Any,
                  max_batch: int, layer_done: LayerDone, pipe: MPI.Comm, first_layer: int, n_layers: int,
-                 microbatches: int, schedule: str, activation: str, loss: str):
+                 microbatches: int, schedule: str, activation: str, loss: str, tp: Any = None,
+                 extras_comm: Any = None):
+        """tp: the stage's tensor step (TensorStep over its layers' shard) where a tensor group holds
+        the stage; extras_comm: the communicator of the end-of-step extras (the model group then)."""
         self.layout, self.theta, self.grad, self.loss, self.source, self.xp = layout, theta, grad, loss_out, source, xp
         self.pipe, self.s, self.S = pipe, pipe.rank, pipe.size
         self.first_layer, self.global_last = first_layer, first_layer + layout.n_layers == n_layers
         self.M, self.schedule = microbatches, schedule
         self.act, self.loss_fn = activations.get(activation), losses.get(loss)
         self.layer_done = layer_done
-        self.ws, self.bs = model.views(theta, layout, xp)
-        self.gws, self.gbs = model.views(grad, layout, xp)
+        if tp is None:
+            self.ws, self.bs = model.views(theta, layout, xp)
+            self.gws, self.gbs = model.views(grad, layout, xp)
         self.extras = grad[layout.n_params:]
         self.rows_per = rows = max(1, -(-max(1, max_batch) // microbatches))  # a microbatch's rows at most
         slots = microbatches if schedule == "gpipe" else min(microbatches, self.S)
         dtype = theta.dtype
-        self.slots = [_Slot(xp, rows, layout.sizes[0], layout.sizes[1:], dtype) for _ in range(slots)]
+        self.tp = tp
+        self.extras_comm = pipe if extras_comm is None else extras_comm
+        if tp is not None:  # the tensor step's layers end the model only on the last stage
+            tp.ends_model, tp.carries_stop = self.global_last, False
+            tp.layer_done = _nothing  # the reducer hears of the layers once a step, below
+        self.slots = [_Slot(xp, rows, layout.sizes[0], layout.sizes[1:], dtype, tp) for _ in range(slots)]
         self.scratch = xp.zeros((rows * max(layout.sizes),), dtype=dtype)
         self.ones = xp.ones((1, rows), dtype=dtype)
         self.row = xp.zeros((rows, 1), dtype=dtype)
@@ -75,13 +97,20 @@ class PipelineStep:
         self.max_batch = rows  # evaluation's chunks: one microbatch's buffers
         self.work = self
         self.watch = contextlib.nullcontext()  # the run's stall check (parallel.stall), set by the builder
-        self.seconds = 0.0  # time waiting for the neighbours' messages
+        self.wait_s = 0.0  # time waiting for the neighbours' messages
         self.sent_bytes = 0
         self.steps = 0
         self._pending: list[Any] = []  # sends of gradients not known to be finished
 
+    @property
+    def seconds(self) -> float:
+        """Time in this stage's messages: the neighbours' and, in a tensor group, the group's."""
+        return self.wait_s + (self.tp.seconds if self.tp is not None else 0.0)
+
     # -- arithmetic of one microbatch --------------------------------------------------------------
-    def _forward(self, slot: _Slot, n: int) -> Any:
+    def _forward(self, slot: _Slot, n: int, train: bool = True) -> Any:
+        if self.tp is not None:
+            return self.tp.forward(self.tp.ws, self.tp.bs, slot.x, n, train, flat=slot.flat)
         xp, act = self.xp, self.act
         a = slot.x[:n]
         last = self.layout.n_layers - 1
@@ -97,6 +126,11 @@ class PipelineStep:
     def _backward(self, slot: _Slot, n: int, beta: float) -> float:
         """Gradient sums of this microbatch added (beta 1) or written (beta 0) into grad; dL/d(input)
         into slot.g_in where a stage lies below. Returns the microbatch's loss sum (last stage) or 0."""
+        if self.tp is not None:
+            tp = self.tp
+            return float(tp.backward(tp.ws, slot.x, n, tp.gws, tp.gbs, 1.0, _nothing, flat=slot.flat,
+                                     g_out=None if self.global_last else slot.g_out[:n],
+                                     g_in=slot.g_in if self.s > 0 else None, beta=beta, y=slot.y))
         xp, L = self.xp, self.layout.n_layers
         a_out = slot.acts[L - 1][:n]
         loss = 0.0
@@ -126,7 +160,7 @@ class PipelineStep:
         t = time.perf_counter()
         with self.watch:  # a neighbour stopped or hung is named, as in the data group's reduction
             req.Wait()
-        self.seconds += time.perf_counter() - t
+        self.wait_s += time.perf_counter() - t
 
     def _send(self, buf: Any, dest: int, tag: int) -> Any:
         self.sent_bytes += buf.nbytes
@@ -145,11 +179,13 @@ class PipelineStep:
             self.loss[0] = self._schedule(idx, bounds, micro)
         for l in reversed(range(self.layout.n_layers)):
             self.layer_done(l)
-        if self.S > 1:  # the loss (last stage) and the stop flags, to every stage
+        if self.tp is not None and self.tp.tensor.rank > 0:  # the loss once per model: tensor rank 0's
+            self.loss[0] = 0.0
+        if self.S > 1:  # the loss (last stage) and the stop flags, to every stage (and tensor rank)
             t = time.perf_counter()
             with self.watch:
-                self.pipe.Allreduce(MPI.IN_PLACE, self.extras, op=MPI.SUM)
-            self.seconds += time.perf_counter() - t
+                self.extras_comm.Allreduce(MPI.IN_PLACE, self.extras, op=MPI.SUM)
+            self.wait_s += time.perf_counter() - t
 
     def _schedule(self, idx: Any, bounds: list[tuple[int, int]], micro: list[int]) -> float:
         K = len(self.slots)
@@ -219,7 +255,7 @@ class PipelineStep:
             t = time.perf_counter()
             with self.watch:
                 MPI.Request.Waitall(self._pending)
-            self.seconds += time.perf_counter() - t
+            self.wait_s += time.perf_counter() - t
             self._pending = []
 
     def complete(self, reducer: Any) -> bool:
@@ -233,7 +269,7 @@ class PipelineStep:
             datasets.fill_batch(source, idx, slot.x, slot.y, self.xp, self.rows)
         else:
             self.pipe.Recv(slot.x[:n], source=self.s - 1, tag=0x7E)
-        out = self._forward(slot, n)
+        out = self._forward(slot, n, train=False)
         correct = 0
         if self.s + 1 < self.S:
             self.pipe.Send(out, dest=self.s + 1, tag=0x7E)
@@ -248,4 +284,10 @@ class PipelineStep:
         return 0
 
     def bytes_per_step(self) -> float:
-        return self.sent_bytes / self.steps if self.steps else 0.0
+        """Activation bytes this rank sent per training step, counted: to its neighbours, and in its tensor group."""
+        sent = self.sent_bytes + (self.tp.sent_bytes if self.tp is not None else 0)
+        return sent / self.steps if self.steps else 0.0
+
+
+def _nothing(l: int) -> None:
+    """A layer_done that does nothing (the pipeline tells the reducer once a step)."""

@@ -18,15 +18,15 @@ T = 1 and the reverse.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
 from pbp_hpc.data import datasets
 from pbp_hpc.engine import losses, model, optimizers
-from pbp_hpc.engine.tensor_layout import COL, FULL, ROW, ShardLayout, extract
+from pbp_hpc.engine.tensor_layout import COL, OUT, ROW, ShardLayout, extract
 from pbp_hpc.errors import ConfigError
-from pbp_hpc.parallel import reducers
+from pbp_hpc.parallel import reducers, tensor_output
 from pbp_hpc.parallel.strategies.allreduce import AllreduceStrategy
 from pbp_hpc.parallel.tensor_step import TensorStep, activation_bytes
 
@@ -37,19 +37,25 @@ def check(cfg: Any, size: int) -> None:
     if size % T:
         raise ConfigError(f"parallel.tensor is {T} but the job has {size} rank(s): the ranks must be "
                           f"data-parallel groups of T = {T} (a multiple of {T})")
-    kinds = ShardLayout(sizes, T, 0).kinds
-    split = [(l, sizes[l + 1] if k == COL else sizes[l]) for l, k in enumerate(kinds) if k in (COL, ROW)]
+    check_units(sizes, T, cfg.parallel.tensor_output == "split")
+
+
+def check_units(sizes: list[int], T: int, split_output: bool, first: int = 0) -> None:
+    """Refuse a network (or a pipeline stage's layers, the first of them layer `first` of the
+    model) that splits a layer over fewer units than T."""
+    kinds = ShardLayout(sizes, T, 0, split_output=split_output).kinds
+    split = [(l, sizes[l + 1] if k in (COL, OUT) else sizes[l]) for l, k in enumerate(kinds) if k in (COL, ROW, OUT)]
     narrow = [(l, n) for l, n in split if n < T]
     if narrow:
         l, n = narrow[0]
-        raise ConfigError(f"parallel.tensor is {T} but model.layers splits layer {l} over {n} unit(s): "
+        raise ConfigError(f"parallel.tensor is {T} but model.layers splits layer {first + l} over {n} unit(s): "
                           f"choose parallel.tensor <= {n}")
 
 
-def header(sizes: list[int], kinds: list[str], D: int, T: int) -> str:
+def header(sizes: list[int], kinds: list[str], D: int, T: int, output: Optional[str] = None) -> str:
+    """output: tensor_output's words on the odd last layer (None: there is none)."""
     pairs = sum(1 for k in kinds if k == ROW)
-    last = ("; the odd last layer is replicated (splitting it would add an Allgather of B x "
-            f"{sizes[-1]} and an Allreduce of B x {sizes[-2]} a step)") if kinds[-1] == FULL else ""
+    last = f"; {output}" if output else ""
     return (f"pbp_hpc: grid data {D} x tensor {T}: {pairs} pair(s) of layers "
             f"split by columns then rows (layers {kinds}){last}")
 
@@ -89,7 +95,10 @@ def build(st: Any) -> None:
     """The state of a tensor-parallel run (train.State's fields) on st.grid (collective over the world)."""
     cfg, xp, grid = st.cfg, st.xp, st.grid
     check(cfg, st.comm.size)
-    shard = ShardLayout(cfg.model.layers, grid.T, grid.t)
+    rows = -(-cfg.train.batch_size // grid.D)
+    ((split, said),) = tensor_output.decide(cfg.parallel.tensor_output, [(cfg.model.layers, len(cfg.model.layers) > 2)],
+                                            grid.T, rows, cfg.model.dtype, grid.world)
+    shard = ShardLayout(cfg.model.layers, grid.T, grid.t, split_output=split)
     st.layout = shard.layout  # what this rank holds: shards.gather_whole assembles the model over grid.model
     st.strategy = TensorStrategy(cfg, grid, xp)
     try:
@@ -110,17 +119,17 @@ def build(st: Any) -> None:
         fused = grid.D == 1 and st.optimizer.fusable
         skip = xp is np and cfg.train.skip_zero_inputs and datasets.has_active_features(st.data.train)
         st.local = TensorStep(shard, st.theta, st.grad, st.reducer.loss_out, st.data.train, xp,
-                              -(-cfg.train.batch_size // grid.D), st.reducer.layer_done, grid.tensor,
+                              rows, st.reducer.layer_done, grid.tensor,
                               cfg.model.activation, losses.of(cfg.model), fused=fused, skip_zero_inputs=skip)
         st.local.watch = st.watch
         st.strategy.attach(st.local, st.reducer, st.optimizer)
-        st.grid_header = header(cfg.model.layers, shard.kinds, grid.D, grid.T)
+        st.grid_header = header(cfg.model.layers, shard.kinds, grid.D, grid.T, said)
     except BaseException:
         st.strategy.reducer = getattr(st, "reducer", None)
         st.strategy.close()
         raise
 
 
-def expected_activation_bytes(sizes: list[int], T: int, rows: int, itemsize: int) -> int:
+def expected_activation_bytes(sizes: list[int], T: int, rows: int, itemsize: int, split_output: bool = False) -> int:
     """Activation bytes a rank sends per training step of `rows` rows (see tensor_step.activation_bytes)."""
-    return activation_bytes(ShardLayout(sizes, T, 0), rows, itemsize)
+    return activation_bytes(ShardLayout(sizes, T, 0, split_output=split_output), rows, itemsize)

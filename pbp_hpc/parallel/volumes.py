@@ -25,7 +25,7 @@ from typing import Any, Optional
 import numpy as np
 
 from pbp_hpc.engine import model
-from pbp_hpc.engine.tensor_layout import COL, ROW, ShardLayout
+from pbp_hpc.engine.tensor_layout import COL, OUT, ROW, ShardLayout
 from pbp_hpc.parallel.reducers import EXTRAS
 
 # A tensor rank with no rows this step (more data groups than examples) sends the stop flag alone,
@@ -54,24 +54,44 @@ def allreduce_seconds(ranks: int, nbytes: float, alpha: float, beta: float) -> f
 
 
 # -- tensor parallelism ---------------------------------------------------------------------------
-def activation_values(shard: ShardLayout, n: int) -> list[int]:
+def activation_values(shard: ShardLayout, n: int, stop: bool = True, input_grad: bool = False) -> list[int]:
     """The sizes of the tensor group's Allreduces in a training step over n rows, in order:
-    forward, each row-split layer's n x n_out (the last one + 1: the stop flag); backward,
-    each column-split layer above the first, n x n_in. Empty without a row-split layer."""
+    forward, each row-split layer's n x n_out (with stop, the last one + 1: the stop flag);
+    backward, each column-split layer above the first (a split output layer's too), n x n_in,
+    and with input_grad (a pipeline stage above the first) the first layer's too. With stop and
+    no row-split layer the stop flag has an Allreduce of its own (1 value)."""
     kinds, sizes = shard.kinds, shard.sizes
     rows = [l for l, k in enumerate(kinds) if k == ROW]
-    fwd = [n * sizes[l + 1] + (1 if l == rows[-1] else 0) for l in rows]
-    bwd = [n * sizes[l] for l in reversed(range(len(kinds))) if kinds[l] == COL and l > 0]
+    fwd = [n * sizes[l + 1] + (1 if stop and l == rows[-1] else 0) for l in rows] if rows or not stop else [1]
+    low = 0 if input_grad else 1
+    bwd = [n * sizes[l] for l in reversed(range(len(kinds))) if kinds[l] in (COL, OUT) and l >= low]
     return fwd + bwd
 
 
-def activation_bytes(shard: ShardLayout, n: int, itemsize: int) -> int:
-    """Bytes a rank sends in its tensor group per training step over n rows (the formula the count is tested against)."""
+def gathered_values(shard: ShardLayout, n: int) -> int:
+    """The size of the split output layer's Allgather (n x n_out) in a step over n rows; 0 without one."""
+    return n * shard.sizes[-1] if shard.kinds[-1] == OUT else 0
+
+
+def allgather_bytes(ranks: int, count: int, itemsize: int) -> int:
+    """Bytes a rank sends in an MPI_Allgather of count values in all (a ring: T - 1 blocks of count / T)."""
+    return (ranks - 1) * -(-count // ranks) * itemsize
+
+
+def activation_bytes(shard: ShardLayout, n: int, itemsize: int, stop: bool = True, input_grad: bool = False) -> int:
+    """Bytes a rank sends in its tensor group per training step over n rows (the formula the
+    count is tested against); stop, input_grad: as activation_values. A stop flag with no
+    forward Allreduce to ride (no rows this step, or no row-split layer) travels alone as one
+    float64."""
     if shard.T == 1:
         return 0
-    if n == 0 or ROW not in shard.kinds:  # no forward Allreduce to carry the stop flag: it travels alone
+    if stop and n == 0:
         return allreduce_bytes(shard.T, 1, STOP_ITEMSIZE)
-    return sum(allreduce_bytes(shard.T, c, itemsize) for c in activation_values(shard, n))
+    alone = stop and ROW not in shard.kinds
+    values = activation_values(shard, n, stop and not alone, input_grad)
+    return (sum(allreduce_bytes(shard.T, c, itemsize) for c in values)
+            + (allreduce_bytes(shard.T, 1, STOP_ITEMSIZE) if alone else 0)
+            + allgather_bytes(shard.T, gathered_values(shard, n), itemsize))
 
 
 # -- pipeline parallelism -------------------------------------------------------------------------
@@ -179,20 +199,23 @@ def mean_bytes_per_step(sizes: list[int], grid: tuple[int, int, int], batch: int
 
 
 def grids(P: int, sizes: list[int]) -> list[tuple[int, int, int]]:
-    """The grids (D, T, S) of P ranks that pbp_hpc builds for this network: data only, data x
-    tensor (T up to the narrowest hidden layer), data x pipeline (S up to the layers); not
-    tensor and pipeline together."""
-    out = [(P, 1, 1)]
-    for T in range(2, P + 1):
-        if P % T == 0 and all(n >= T for n in sizes[1:-1]):
-            out.append((P // T, T, 1))
-    for S in range(2, min(P, len(sizes) - 1) + 1):
-        if P % S == 0:
-            out.append((P // S, 1, S))
-    return out
+    """The grids (D, T, S) of P ranks that pbp_hpc builds for this network: all data first, then
+    data x tensor (T up to the narrowest hidden layer), data x pipeline (S up to the layers), and
+    data x tensor x pipeline (each stage's layers split over its tensor group)."""
+    tensors = [T for T in range(2, P + 1) if P % T == 0 and all(n >= T for n in sizes[1:-1])]
+    pipes = [S for S in range(2, min(P, len(sizes) - 1) + 1) if P % S == 0]
+    return ([(P, 1, 1)] + [(P // T, T, 1) for T in tensors] + [(P // S, 1, S) for S in pipes]
+            + [(P // (T * S), T, S) for T in tensors for S in pipes if P % (T * S) == 0])
 
 
 # -- the alpha-beta time of those messages --------------------------------------------------------
+def allgather_seconds(P: int, nbytes: float, alpha: float, beta: float) -> float:
+    """An MPI_Allgather of nbytes in all over P ranks (recursive doubling): log2(P) alpha + (P - 1) / P bytes beta."""
+    if P <= 1:
+        return 0.0
+    return math.log2(P) * alpha + (P - 1) / P * nbytes * beta
+
+
 def comm_seconds(sizes: list[int], grid: tuple[int, int, int], n: int, M: int, itemsize: int,
                  alpha: float, beta: float) -> dict[str, float]:
     """Seconds a step over n rows (one data rank's) spends in each group's messages, with no
@@ -209,8 +232,11 @@ def comm_seconds(sizes: list[int], grid: tuple[int, int, int], n: int, M: int, i
     counts). T_ar(P, bytes) = 2 log2(P) alpha + 2 (P - 1) / P bytes beta."""
     D, T, S = grid
     data = allreduce_seconds(D, gradient_values(sizes, T, S) * itemsize, alpha, beta)
-    tensor = (sum(allreduce_seconds(T, c * itemsize, alpha, beta) for c in activation_values(ShardLayout(list(sizes), T, 0), n))
-              if T > 1 else 0.0)
+    tensor = 0.0
+    if T > 1:  # with S stages: a stage's share of the Allreduces, at a microbatch's rows, M times a step
+        micro, times = (microbatch_rows(n, M), M / S) if S > 1 else (n, 1.0)
+        tensor = times * sum(allreduce_seconds(T, c * itemsize, alpha, beta)
+                             for c in activation_values(ShardLayout(list(sizes), T, 0), micro))
     pipe = 0.0
     if S > 1:
         width = max(boundary_widths(sizes, split_layers(sizes, S)))
