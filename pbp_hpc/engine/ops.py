@@ -80,6 +80,8 @@ def gemm(xp: ModuleType, a: Array, b: Array, out: Array, alpha: float = 1.0, bet
     """
     if _recording is not None:
         _recording.append((a, b, out, alpha, beta))
+    if alpha == 1.0 and beta == 0.0 and (out.shape[0] == 1 or out.shape[1] == 1) and xp.__name__ == "numpy":
+        return xp.matmul(a, b, out=out)  # a matrix-vector product: numpy calls gemv itself, with less glue than ours
     if xp.__name__ == "numpy" and _cblas.gemm(a, b, out, alpha, beta):
         return out
     if beta == 0.0:
@@ -200,13 +202,13 @@ class _Cblas:
         k = a.shape[1]
         if m == 0 or n == 0 or k == 0 or a.shape[0] != m or b.shape != (k, n):
             return False
+        if (m == 1 or n == 1 or k == 1) and "gemv_" + c in fns and self._vector(fns, c, a, b, out, alpha, beta):
+            return True
         to, ldc = self._operand(out, out.itemsize)
         ta, lda = self._operand(a, out.itemsize)
         tb, ldb = self._operand(b, out.itemsize)
         if to != self.NO_TRANS or ta == 0 or tb == 0:
             return False
-        if (m == 1 or n == 1 or k == 1) and "gemv_" + c in fns and self._vector(fns, c, a, b, out, alpha, beta):
-            return True
         fn(self.ROW_MAJOR, ta, tb, m, n, k, alpha, _address(a), lda, _address(b), ldb, beta, _address(out), ldc)
         return True
 
@@ -218,7 +220,10 @@ class _Cblas:
         item = out.itemsize
         m, n = out.shape
         k = a.shape[1]
-        (a0, a1), (b0, b1), (o0, o1) = ((s // item if s % item == 0 else 0 for s in x.strides) for x in (a, b, out))
+        (a0, a1), (b0, b1), (o0, o1) = a.strides, b.strides, out.strides
+        if (a0 | a1 | b0 | b1 | o0 | o1) % item:  # (a stride that is not a whole element: not expressible)
+            return False
+        a0, a1, b0, b1, o0, o1 = a0 // item, a1 // item, b0 // item, b1 // item, o0 // item, o1 // item
         if m == 1 or n == 1:
             if m == 1:  # out row = alpha (b^T a row) + beta out row
                 mat, x, inc_x, inc_y, rows, cols, r, q = b, a, a1, o1, k, n, b0, b1
