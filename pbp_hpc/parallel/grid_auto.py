@@ -2,7 +2,7 @@
 
 It chooses where parallel.tensor and parallel.pipeline are left at 1 (sizes above 1 are the grid
 as given), keeps a resumed checkpoint's grid, and leaves data parallelism only for a grid
-predicted at least 10% faster (MARGIN).
+predicted at least 10% and 50 us a step faster (MARGIN, MIN_SAVING_S).
 
 For each grid (D, T, S) with D x T x S = P (T x S grids too: each pipeline stage's layers split
 over its tensor group), the model predicts a step's time from measurements taken here, at
@@ -136,6 +136,10 @@ def _goes_with(cfg: Any, key: str) -> bool:
 # parallelism: the model's inputs are a few timed calls, and where two grids are close the
 # simpler one, whose gradient exchange every reducer and strategy supports, is the safer pick.
 MARGIN = 0.9
+# ... and by at least this much a step: below it (small networks, where every term is a few
+# microseconds) the prediction is within the jitter of the timed calls it is made of, and a run
+# would change grids from one start to the next for nothing.
+MIN_SAVING_S = 50e-6
 
 
 def checkpoint_grid(cfg: Any, comm: MPI.Comm) -> Optional[tuple[int, int, int]]:
@@ -185,12 +189,12 @@ def choose(cfg: Any, comm: MPI.Comm) -> tuple[Any, Optional[str]]:
         times = [predict(sizes, B, g, p.microbatches, itemsize, alpha, beta, cfg.model.dtype, node_sum) for g in grids]
     times = comm.bcast(times, root=0)
     best = int(np.argmin(times))
-    if times[best] > MARGIN * times[0]:
+    if times[best] > MARGIN * times[0] or times[0] - times[best] < MIN_SAVING_S:
         best = 0  # grids[0] is all data
     D, T, S = grids[best]
     shown = ", ".join(f"{d}x{t}x{s} {1e3 * x:.3g} ms" for (d, t, s), x in zip(grids, times))
     rule = (f"the least predicted step time" if best else
-            f"no other grid predicted {100 * (1 - MARGIN):.0f}% faster than all data")
+            f"no other grid predicted {100 * (1 - MARGIN):.0f}% and {MIN_SAVING_S * 1e6:.0f} us a step faster than all data")
     why = (f"pbp_hpc: grid auto: data {D} x tensor {T} x pipeline {S}, {rule} of (data x tensor x "
            f"pipeline) {shown}; measured alpha {alpha * 1e6:.3g} us, beta {beta * 1e9:.3g} ns/byte"
            " (parallel.grid manual keeps all data)")
