@@ -212,6 +212,20 @@ def expect_of(st: Any) -> checkpoint.Expect:
     return checkpoint.Expect(whole, cfg.model.dtype, state, cfg.train.epochs, steps)
 
 
+def _shape_change(meta: dict[str, Any], grid: Any) -> str:
+    """The resumed-from line's words on a change of rank count or grid: "" where there is none.
+    meta.ranks counts data-parallel ranks (D); meta.grid, where written, gives the world."""
+    was = meta.get("grid")
+    if not (isinstance(was, list) and len(was) == 3 and all(isinstance(x, int) and x >= 1 for x in was)):
+        was = [meta["ranks"], 1, 1]
+    now = [grid.D, grid.T, grid.S]
+    if was == now:
+        return ""
+    grids = "" if was[1:] == now[1:] == [1, 1] else \
+        f"; grid data {was[0]} x tensor {was[1]} x pipeline {was[2]} -> data {now[0]} x tensor {now[1]} x pipeline {now[2]}"
+    return f" (written by {math.prod(was)} rank(s), continuing on {math.prod(now)}{grids})"
+
+
 def try_resume(st: Any, log: Log) -> tuple[int, int, list[dict[str, Any]], dict[str, Any]]:
     """(epoch, step, records, extra) to continue from: the checkpoint's, or (0, 0, [], {}) without one.
 
@@ -245,7 +259,7 @@ def try_resume(st: Any, log: Log) -> tuple[int, int, list[dict[str, Any]], dict[
             buf[...] = st.xp.asarray(saved)
     st.strategy.restored()  # collective: where the strategy reads its parameters from holds these
     log(f"resumed from {path} at epoch {ck['epoch']} step {ck['step']}"
-        + (f" (written by {wrote} rank(s), continuing on {st.grid.D})" if wrote != st.grid.D else ""))
+        + _shape_change(ck["meta"], st.grid))
     extra = dict(ck["meta"].get("extra") or {})
     extra.update({name: ck["state"][name] for name in LOOP_ARRAYS if name in ck["state"]})
     return ck["epoch"], ck["step"], ck["meta"]["records"], extra
