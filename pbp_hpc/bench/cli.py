@@ -115,6 +115,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--typed", action=argparse.BooleanOptionalAction, default=True,
                    help="add an `as typed` row per network and batch: `mpiexec -n C python -m pbp_hpc.train` with "
                         "the group's settings and no tuning flags, run after the job (default on)")
+    p.add_argument("--grids", action=argparse.BooleanOptionalAction, default=True,
+                   help="add 2 x 1 rows with the model in parts beside data 2: parallel.tensor=2 and parallel.pipeline=2 "
+                        "(8 microbatches, 1F1B), with the bytes a rank sends per step (default on)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="cpu: time one-thread cases by CPU time (for a machine others are using; see README)")
     p.add_argument("--cores", type=int, help="cores to use (default: this process's affinity)")

@@ -82,7 +82,8 @@ def run(spec: Spec, net: str, batch: int, timeout: Optional[float] = None, tuned
             "threads": out["threads_per_rank"], "reducer": cfg.get("parallel", {}).get("reducer"),
             "reducer_reason": out.get("reducer_reason"), "dtype": cfg.get("model", {}).get("dtype"),
             "binding": (out.get("provenance") or {}).get("binding", {}).get("how"),
-            "active": active.get("mean_active_fraction")}
+            "active": active.get("mean_active_fraction"), "grid": out.get("grid"),
+            "bytes_per_step": out.get("bytes_per_step")}
 
 
 def run_all(spec: Spec, timeout: Optional[float] = None) -> list[dict[str, Any]]:
