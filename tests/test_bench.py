@@ -130,6 +130,35 @@ def test_the_jax_peer_trains_what_train_trains(dtype, tol):
     st.close()
 
 
+@pytest.mark.parametrize("optimizer", ["nesterov", "momentum"])
+def test_the_jax_peer_trains_the_defaults_as_train_does(optimizer):
+    """The race's "default" mode (relu, cross-entropy, Nesterov or heavy ball, the cosine schedule
+    with warm-up), with weight decay and label smoothing on: the JAX peer's parameters after an epoch
+    and two steps are train's to rounding in float64, the rate per step from the same schedule."""
+    jax = pytest.importorskip("jax")
+    from pbp_hpc.bench.jax_peer import JaxRun
+    from pbp_hpc.engine.schedules import Schedule
+
+    overrides = ["model.layers=[784, 16, 10]", "train.batch_size=64", "model.dtype=float64", "data.name=synthetic",
+                 "data.n_train=300", "data.n_test=10", f"optimizer.name={optimizer}", "optimizer.weight_decay=0.001",
+                 "model.label_smoothing=0.1", "train.progress=false", "train.noise_scale_every=0"]
+    run = JaxRun(jax, overrides)
+    run.epoch(0, None, time.perf_counter)
+    run.epoch(1, 2, time.perf_counter)
+    cfg = config.load(None, overrides)
+    assert (cfg.model.activation, cfg.model.loss, cfg.schedule.name) == ("relu", "cross_entropy", "cosine")
+    st = train.State(cfg, MPI.COMM_SELF, np, datasets.load(cfg, 1, None))
+    n = len(st.data.train)
+    per_epoch = -(-n // 64)
+    schedule = Schedule(cfg, per_epoch)
+    for epoch, steps in ((0, per_epoch), (1, 2)):
+        order = train.epoch_order(bench.SEED, epoch, n, True)
+        for s in range(steps):
+            st.strategy.step(order[s * 64 : (s + 1) * 64], schedule(epoch * per_epoch + s), False, (0, 0, -1))
+    np.testing.assert_allclose(run.flat_params(), st.theta, rtol=0, atol=1e-12)
+    st.close()
+
+
 def test_smoke_header_reports_load_blas_and_threads(smoke):
     stdout, _ = smoke
     assert "load average at start:" in stdout
