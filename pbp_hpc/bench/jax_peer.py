@@ -39,9 +39,9 @@ ONE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_thre
 class JaxClient(PeerClient):
     """JAX on `threads` threads in a child process of rank 0."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, cpus: Optional[list[int]] = None) -> None:
         self.threads = threads
-        super().__init__(f"jax ({threads} thread{'s' if threads > 1 else ''})", ["--jax-worker", str(threads)])
+        super().__init__(f"jax ({threads} thread{'s' if threads > 1 else ''})", ["--jax-worker", str(threads)], cpus)
 
 
 def limit_threads(threads: int) -> list[int]:

@@ -29,11 +29,12 @@ class PeerClient:
     The child starts at once; its first line (`info`: versions, or the error that stops it) is
     read when first asked for, so that several children can start side by side."""
 
-    def __init__(self, name: str, args: list[str]) -> None:
+    def __init__(self, name: str, args: list[str], cpus: Optional[list[int]] = None) -> None:
         self.name = name
         env = {k: v for k, v in os.environ.items() if not k.startswith(MPI_ENV)}
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None  # the race: on the cores of its column
         self.proc = subprocess.Popen([sys.executable, "-m", "pbp_hpc.bench", *args], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env)
+                                     stdout=subprocess.PIPE, text=True, env=env, preexec_fn=pin)
         LIVE.append(self)
         self._info: Optional[dict[str, Any]] = None
 
@@ -78,8 +79,8 @@ def kill_all() -> None:
 class TorchClient(PeerClient):
     """PyTorch in a child process of rank 0; one child serves every thread count."""
 
-    def __init__(self) -> None:
-        super().__init__("torch", ["--torch-worker"])
+    def __init__(self, cpus: Optional[list[int]] = None) -> None:
+        super().__init__("torch", ["--torch-worker"], cpus)
 
 
 class PeerRun(Protocol):
