@@ -4,6 +4,7 @@
 #   benchmarks/run.sh                 # full: Net-1h and Net-2h, batches 128/1024/4096 (~8 min on 2 idle cores)
 #   benchmarks/run.sh --quick         # batches 128 and 1024 on 10,000 examples (under 2 min)
 #   benchmarks/run.sh --clock cpu     # on a machine other people are using (1-thread cases by CPU time)
+#   benchmarks/run.sh --race          # issue 26's race table instead: as typed vs JAX and PyTorch on 1 and 2 cores (~25 min)
 #
 # Extra arguments go to the benchmark (--data-dir DIR, --nets, --batches, --reps, --pin, ...).
 # The table goes to the terminal and to benchmarks/results/bench-<host>-<time>.txt, every number

@@ -54,12 +54,15 @@ def test_smoke_table_has_every_column_and_every_split(smoke):
     splits = [f"{r}x{t}" for r, t in bench.splits_of(cores_available())]
     cores = cores_available()
     shared = [f"{cores}x1/shared_batch"] if cores > 1 else []  # every rank on the batch together
+    grids = ["2x1/tensor2", "2x1/pipeline2(M8)"] if cores > 1 else []  # the model in parts beside data 2
     # then the rows of `mpiexec ... pbp_hpc.train`: as typed, and right after it tuned by hand
-    assert [row[2] for row in rows] == splits + shared + ["as_typed", "tuned"]
+    assert [row[2] for row in rows] == splits + shared + grids + ["as_typed", "tuned"]
     for row in rows:  # every measured column has a value; best is '*' or empty
         assert len(row) in (len(bench.COLUMNS) - 1, len(bench.COLUMNS))
-        for column in ("TPE s", "GFLOP/s", "peak%", "in%", "GEMM s", "speedup"):
+        for column in ("TPE s", "GFLOP/s", "peak%", "in%", "speedup") + (() if row[2] in grids else ("GEMM s",)):
             assert row[bench.COLUMNS.index(column)] != "n/a", column
+        if row[2] in grids:  # the bytes a rank sends per step, as train counts them
+            assert float(row[bench.COLUMNS.index("KB/step")]) > 0
         assert (row[bench.COLUMNS.index("jax s")] != "n/a") == HAS_JAX, "the JAX peer runs where JAX imports"
         assert (row[bench.COLUMNS.index("/jax")] != "n/a") == HAS_JAX
         assert (row[bench.COLUMNS.index("torch s")] != "n/a") == HAS_TORCH
@@ -127,6 +130,35 @@ def test_the_jax_peer_trains_what_train_trains(dtype, tol):
     st.close()
 
 
+@pytest.mark.parametrize("optimizer", ["nesterov", "momentum"])
+def test_the_jax_peer_trains_the_defaults_as_train_does(optimizer):
+    """The race's "default" mode (relu, cross-entropy, Nesterov or heavy ball, the cosine schedule
+    with warm-up), with weight decay and label smoothing on: the JAX peer's parameters after an epoch
+    and two steps are train's to rounding in float64, the rate per step from the same schedule."""
+    jax = pytest.importorskip("jax")
+    from pbp_hpc.bench.jax_peer import JaxRun
+    from pbp_hpc.engine.schedules import Schedule
+
+    overrides = ["model.layers=[784, 16, 10]", "train.batch_size=64", "model.dtype=float64", "data.name=synthetic",
+                 "data.n_train=300", "data.n_test=10", f"optimizer.name={optimizer}", "optimizer.weight_decay=0.001",
+                 "model.label_smoothing=0.1", "train.progress=false", "train.noise_scale_every=0"]
+    run = JaxRun(jax, overrides)
+    run.epoch(0, None, time.perf_counter)
+    run.epoch(1, 2, time.perf_counter)
+    cfg = config.load(None, overrides)
+    assert (cfg.model.activation, cfg.model.loss, cfg.schedule.name) == ("relu", "cross_entropy", "cosine")
+    st = train.State(cfg, MPI.COMM_SELF, np, datasets.load(cfg, 1, None))
+    n = len(st.data.train)
+    per_epoch = -(-n // 64)
+    schedule = Schedule(cfg, per_epoch)
+    for epoch, steps in ((0, per_epoch), (1, 2)):
+        order = train.epoch_order(bench.SEED, epoch, n, True)
+        for s in range(steps):
+            st.strategy.step(order[s * 64 : (s + 1) * 64], schedule(epoch * per_epoch + s), False, (0, 0, -1))
+    np.testing.assert_allclose(run.flat_params(), st.theta, rtol=0, atol=1e-12)
+    st.close()
+
+
 def test_smoke_header_reports_load_blas_and_threads(smoke):
     stdout, _ = smoke
     assert "load average at start:" in stdout
@@ -138,7 +170,10 @@ def test_smoke_header_reports_load_blas_and_threads(smoke):
 def test_smoke_json_has_the_numbers_behind_the_table(smoke):
     _, doc = smoke
     rows = [r for r in doc["rows"] if r["kind"] == "ours"]
-    assert rows and all(r["tpe"] > 0 and r["gemm"] > 0 for r in rows)
+    assert rows and all(r["tpe"] > 0 and (r["grid"] or r["gemm"] > 0) for r in rows)
+    if cores_available() > 1:  # tensor 2 sends the B x 10 partial output sums, not the gradient (issue 27)
+        tensor = next(r for r in rows if r["grid"] == "tensor2")
+        assert 0 < tensor["bytes_per_step"]["activations"] <= 64 * 10 * 4 and not tensor["bytes_per_step"]["gradients"]
     main = [r for r in rows if "/" not in r["split"]]  # the table's reducer: memory measured
     assert main and all(r["budget_mb"] > 0 and r["heap"] is not None for r in main)
     assert all(("jax" in r and "jax_ratio" in r and "torch" in r) for r in doc["rows"])

@@ -42,7 +42,11 @@ training examples, about 8 minutes on 2 idle cores), --quick (batches 128 and 10
 examples: GFLOP/s do not depend on the data size; under 2 minutes), --smoke (a tiny network
 on synthetic data, one epoch: for the tests).
 
-Modules: cases (the Spec, splits and cases), runs (our timed epochs and the GEMM replay),
+Model-parallel rows (2x1/tensor2, 2x1/pipeline2(M8)) sit beside data 2, with the bytes a rank
+sends per step (KB/step). `--race` prints issue 26's race table instead (pbp_hpc.bench.race).
+
+Modules: race (the race's cells: as typed on 1 and 2 cores, the peers on the same cores),
+race_floor (the as-typed cells' GEMM floors, an MPI job), race_table (its table and goals), cases (the Spec, splits and cases), runs (our timed epochs and the GEMM replay),
 memory (RSS, budget, heap growth), peers (the peers' client and serving loop, the PyTorch
 child), jax_peer (the JAX child), typed (the `as typed` runs), worker (the MPI job), table (rows,
 table, goals, the splits file), stopping (stop signals in the parent, passed to its child job),

@@ -38,12 +38,14 @@ class Spec:
     clock: str = "wall"  # or "cpu": one-thread cases timed by CPU time (see Worker.cpu_clock)
     jax: bool = True  # the JAX peer's cases (pbp_hpc.bench.jax_peer)
     typed: bool = True  # an `as typed` row per group (pbp_hpc.bench.typed), run by the parent after the job
+    grids: bool = True  # add the model-parallel rows (GRIDS: tensor 2, pipeline 2) beside data 2
 
-    def overrides(self, layers: list[int], batch: int, reducer: str, variant: str = "") -> list[str]:
-        """`--set` items for a config with this network, batch and reducer, and a VARIANTS entry."""
+    def overrides(self, layers: list[int], batch: int, reducer: str, variant: str = "", grid: str = "") -> list[str]:
+        """`--set` items for a config with this network, batch and reducer, a VARIANTS entry and a
+        GRIDS entry (the grid is always stated: a row is data-parallel unless it names its grid)."""
         out = [f"model.layers={layers}", f"train.batch_size={batch}", f"train.learning_rate={LEARNING_RATE}",
                *VARIANTS[variant], f"train.seed={SEED}", "model.dtype=float32", f"parallel.reducer={reducer}",
-               "train.progress=false"]
+               "train.progress=false", *GRIDS[grid]]
         return out + self.data_overrides()
 
     def data_overrides(self) -> list[str]:
@@ -68,7 +70,7 @@ def make_spec(args: argparse.Namespace, cores: int) -> Spec:
     if args.smoke:
         return Spec("smoke", ["tiny"], [64], reps=1, warmup_steps=1, n_train=600, data_dir=None, synthetic=True,
                     reducer=args.reducer, compare_reducers=False, compare_dense=False, compare_optimizers=False, torch=not args.no_torch, pin=args.pin,
-                    peak_n=256, cores=cores, mem_steps=2, clock=args.clock, jax=not args.no_jax, typed=args.typed)
+                    peak_n=256, cores=cores, mem_steps=2, clock=args.clock, jax=not args.no_jax, typed=args.typed, grids=args.grids)
     quick = args.quick
     return Spec("quick" if quick else "full", args.nets or ["Net-1h", "Net-2h"],
                 args.batches or ([128, 1024] if quick else [128, 1024, 4096]),
@@ -77,7 +79,7 @@ def make_spec(args: argparse.Namespace, cores: int) -> Spec:
                 compare_reducers=args.compare_reducers if args.compare_reducers is not None else not quick,
                 compare_dense=args.compare_dense, compare_optimizers=args.compare_optimizers,
                 torch=not args.no_torch, pin=args.pin, peak_n=2048, cores=cores, clock=args.clock,
-                jax=not args.no_jax, typed=args.typed)
+                jax=not args.no_jax, typed=args.typed, grids=args.grids)
 
 
 def splits_of(cores: int) -> list[tuple[int, int]]:
@@ -100,6 +102,18 @@ VARIANTS = {
 }
 
 
+# The grid of a case (pbp_hpc/parallel/grid.py): data-parallel over all its ranks unless it names
+# one of these. The model-parallel rows (issue 27) run at 2 ranks x 1 thread beside data 2.
+MICROBATCHES = 8  # pipeline rows: each global batch in 8 parts, 1F1B (at most S microbatches held)
+GRIDS = {
+    "": ["parallel.grid=manual", "parallel.tensor=1", "parallel.pipeline=1"],
+    "tensor2": ["parallel.grid=manual", "parallel.tensor=2", "parallel.pipeline=1"],
+    "pipeline2": ["parallel.grid=manual", "parallel.tensor=1", "parallel.pipeline=2",
+                  f"parallel.microbatches={MICROBATCHES}", "parallel.pipeline_schedule=1f1b"],
+}
+GRID_LABELS = {"tensor2": "tensor2", "pipeline2": f"pipeline2(M{MICROBATCHES})"}
+
+
 @dataclass(frozen=True)
 class Case:
     kind: str  # ours | gemm | torch | jax
@@ -107,10 +121,13 @@ class Case:
     threads: int
     reducer: str = ""
     variant: str = ""  # a VARIANTS key
+    grid: str = ""  # a GRIDS key: "" is data parallelism over every rank of the case
 
     @property
     def label(self) -> str:
         base = f"{self.ranks}x{self.threads}"
+        if self.grid:
+            return f"{base}/{GRID_LABELS[self.grid]}"
         return f"{base}/{self.reducer}" if self.reducer else f"{base}/{self.variant}" if self.variant else base
 
 
@@ -133,4 +150,6 @@ def cases_for(spec: Spec, net: str, batch: int) -> list[Case]:
         out.append(Case("ours", spec.cores, 1, "shared_batch"))  # what auto picks at small batches
     if spec.compare_reducers and net == "Net-1h" and spec.cores > 1:
         out += [Case("ours", spec.cores, 1, red) for red in ("blocking", "overlap", "shm", "shared_batch") if red != spec.reducer]
+    if spec.grids and spec.cores >= 2:  # the model in parts, at the 2-core split, beside data 2 (the 2 x 1 rows)
+        out += [Case("ours", 2, 1, "auto", grid=g) for g in ("tensor2", "pipeline2")]
     return out

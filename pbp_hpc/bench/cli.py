@@ -115,6 +115,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--typed", action=argparse.BooleanOptionalAction, default=True,
                    help="add an `as typed` row per network and batch: `mpiexec -n C python -m pbp_hpc.train` with "
                         "the group's settings and no tuning flags, run after the job (default on)")
+    p.add_argument("--grids", action=argparse.BooleanOptionalAction, default=True,
+                   help="add 2 x 1 rows with the model in parts beside data 2: parallel.tensor=2 and parallel.pipeline=2 "
+                        "(8 microbatches, 1F1B), with the bytes a rank sends per step (default on)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="cpu: time one-thread cases by CPU time (for a machine others are using; see README)")
     p.add_argument("--cores", type=int, help="cores to use (default: this process's affinity)")
@@ -122,6 +125,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--splits", help=f"write the best splits here (default {DEFAULT_SPLITS.relative_to(hybrid.REPO)}; "
                                      "'' for nowhere; never in --smoke)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds before the worker job is killed")
+    p.add_argument("--race", action="store_true",
+                   help="issue 26's race table instead: pbp_hpc as typed (1 rank on 1 core, 2 ranks on 2 cores) against "
+                        "JAX and PyTorch on the same cores, both modes (--modes), with each as-typed cell's GEMM floor; "
+                        "with --quick on 10,000 examples, with --smoke a tiny synthetic setting (for the tests)")
+    p.add_argument("--modes", nargs="+", choices=["report", "default"],
+                   help="--race: report (--config configs/report_net1h.yaml) and/or default (the built-in defaults); both unless given")
+    p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                   help="--race: measure each as-typed cell's GEMM floor (default on)")
+    p.add_argument("--race-floor", help=argparse.SUPPRESS)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--jax-worker", type=int, help=argparse.SUPPRESS)
@@ -142,11 +154,63 @@ def main(argv: Optional[list[str]] = None) -> int:
         from pbp_hpc.bench.worker import run_worker
 
         return run_worker(Spec(**json.loads(args.worker)))
+    if args.race_floor:
+        from pbp_hpc.bench.race_floor import run_floor
+
+        return run_floor(json.loads(args.race_floor))
     stopping.install()  # SIGTERM/SIGUSR1: end now, and the job being waited on with it
     try:
-        return _bench(args)
+        return _race(args) if args.race else _bench(args)
     except Stopped as exc:
         return stopping.report(exc)
+
+
+def _race(args: argparse.Namespace) -> int:
+    """`--race`: the cells, the floors, the issue's table, the goals, --json."""
+    import pbp_hpc.bench.race as race_mod
+    import pbp_hpc.bench.race_table as rt
+    from pbp_hpc.errors import ConfigError
+    from pbp_hpc.parallel.provenance import cpu_set
+
+    try:
+        race = race_mod.make_race(args, sorted(cpu_set()))
+    except ConfigError as exc:
+        print(f"pbp_hpc.bench: {exc}", file=sys.stderr)
+        return 2
+    load_start, t0 = os.getloadavg(), time.perf_counter()
+    print(f"pbp_hpc.bench --race ({race.mode}): {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+          f"{platform.node()}, {cpu_model()}, cores {race.cpus[0]} (1-core cells) and {race.cpus[0]},{race.cpus[1]}")
+    print(f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}"
+          + ("   << busy machine: compare cells of one run only" if load_start[0] > 0.5 else ""))
+    print("BLAS: " + "; ".join(blas_summary()))
+    print(f"data: {'synthetic' if race.synthetic else 'MNIST'}, {race.n_train or 'all 50,000'} training examples; "
+          f"float32; {race.epochs} epochs a cell, the median of its epochs; median of {race.reps} interleaved repetitions")
+    peer_info, records = race_mod.run_groups(race, args.timeout)
+    if race.floor:
+        print("[race] GEMM floors of the as-typed cells", file=sys.stderr, flush=True)
+        records += race_mod.run_floors(race, race_mod.floor_requests(race, records), args.timeout)
+    torch_info = peer_info.get("torch1") or {}
+    jax_info = {k[-1]: v for k, v in peer_info.items() if k.startswith("jax")}
+    print(f"PyTorch: {torch_info.get('version', torch_info.get('error', 'not run'))}; JAX: {jax_summary(jax_info or None)}")
+    for mode in race.modes:
+        example = next((r for r in records if r.get("mode") == mode and r.get("command")), None)
+        if example:
+            print(f"{mode}, as typed: {example['command']}  (typed2: -n 2; threads2: -n 1 --set parallel.threads_per_rank=2)")
+    rows = rt.rows_of(records)
+    print()
+    print(rt.tables(rows))
+    print()
+    print("how pbp_hpc's cells ran:")
+    print("\n".join(rt.splits(rows)))
+    end = os.getloadavg()
+    print(f"load average at end: {end[0]:.2f} {end[1]:.2f} {end[2]:.2f}; wall time {time.perf_counter() - t0:.0f} s")
+    print("goals:")
+    print("\n".join(rt.checks(rows)))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"race": race.__dict__, "load_start": load_start, "load_end": end,
+                                               "cpu": cpu_model(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                               "peers": peer_info, "records": records, "rows": rows}, indent=1))
+    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:

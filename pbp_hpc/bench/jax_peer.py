@@ -12,8 +12,8 @@ asynchronously); an epoch ends when its last parameters are ready.
 The computation is pbp_hpc's and framework's: the config's layers and activation (sigmoid in the
 report's setup), the loss as pbp_hpc defines it (mse: 0.5 * ||a - y||^2 per example, summed over
 the outputs; cross_entropy: -sum y log softmax), averaged over the batch (a short last batch by
-its own size), plain SGD at the schedule's rate (optimizer.weight_decay as pbp_hpc adds it), the
-Glorot start of model.init_params.
+its own size), the config's optimizer (sgd, momentum or nesterov in pbp_hpc's PyTorch form, with
+optimizer.weight_decay as pbp_hpc adds it) at the schedule's rate, the start of model.init_params.
 
 XLA's CPU thread count is fixed when JAX starts, so there is one child per thread count: T = 1
 runs with `--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1` in XLA_FLAGS, and
@@ -39,9 +39,9 @@ ONE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_thre
 class JaxClient(PeerClient):
     """JAX on `threads` threads in a child process of rank 0."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, cpus: Optional[list[int]] = None) -> None:
         self.threads = threads
-        super().__init__(f"jax ({threads} thread{'s' if threads > 1 else ''})", ["--jax-worker", str(threads)])
+        super().__init__(f"jax ({threads} thread{'s' if threads > 1 else ''})", ["--jax-worker", str(threads)], cpus)
 
 
 def limit_threads(threads: int) -> list[int]:
@@ -75,21 +75,21 @@ def jax_worker(threads: int) -> int:
             raise ValueError(f"this JAX worker runs on {threads} thread(s), not {t}")
 
     # XLA computes on threads of its own: the process's CPU time is the steps'
-    return serve(info, lambda overrides: JaxRun(jax, overrides), check_threads, time.process_time)
+    return serve(info, lambda overrides, config=None: JaxRun(jax, overrides, config), check_threads, time.process_time)
 
 
 class JaxRun:
     """One (network, batch) group's training in JAX: data on the device, jitted steps."""
 
-    def __init__(self, jax: Any, overrides: list[str]):
+    def __init__(self, jax: Any, overrides: list[str], config: Optional[str] = None):
         from pbp_hpc.data import datasets
         from pbp_hpc.engine import activations, losses, model
         from pbp_hpc.engine.schedules import Schedule
         from pbp_hpc.errors import ConfigError
 
-        cfg, data = load_case(overrides)
-        if cfg.optimizer.name != "sgd":
-            raise ConfigError(f"optimizer.name={cfg.optimizer.name}: the JAX peer runs plain SGD only")
+        cfg, data = load_case(overrides, config)
+        if cfg.optimizer.name not in ("sgd", "momentum", "nesterov"):
+            raise ConfigError(f"optimizer.name={cfg.optimizer.name}: the JAX peer knows sgd, momentum and nesterov")
         if cfg.model.dtype == "float64":
             jax.config.update("jax_enable_x64", True)
         import jax.numpy as jnp
@@ -115,6 +115,11 @@ class JaxRun:
         act = {"sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh, "relu": jax.nn.relu}[activations.get(cfg.model.activation).name]
         out_act = losses.get(cfg.model.loss).output_activation
         mse, decay = cfg.model.loss == "mse", cfg.optimizer.weight_decay
+        smooth, classes = (0.0 if mse else cfg.model.label_smoothing), cfg.model.layers[-1]
+        mu = 0.0 if cfg.optimizer.name == "sgd" else cfg.optimizer.momentum
+        nesterov = cfg.optimizer.name == "nesterov"
+        # the velocity buffers (zero at the start, as pbp_hpc's): only where there is momentum
+        self.velocity = [(jnp.zeros_like(w), jnp.zeros_like(b)) for w, b in self.params] if mu else None
         L = len(self.params)
 
         def loss(params: Any, xb: Any, yb: Any) -> Any:
@@ -123,16 +128,29 @@ class JaxRun:
                 a = a @ w + b
                 if l < L - 1 or out_act:
                     a = act(a)
+            if smooth:  # engine/losses.py: targets (1 - e) y + e / classes
+                yb = yb * (1.0 - smooth) + smooth / classes
             total = 0.5 * jnp.sum((a - yb) ** 2) if mse else -jnp.sum(yb * jax.nn.log_softmax(a, axis=1))
             return total / xb.shape[0]
 
         def make_step(size: int) -> Callable[..., Any]:
-            def step(params: Any, xp: Any, yp: Any, start: Any, lr: Any) -> Any:
+            # pbp_hpc's update in PyTorch's form (engine/optimizers/momentum.py): g' = g / B + wd theta;
+            # v <- mu v + g'; theta <- theta - lr v (momentum), theta - lr (g' + mu v) (nesterov)
+            def step(state: Any, xp: Any, yp: Any, start: Any, lr: Any) -> Any:
+                params, velocity = state
                 xb = jax.lax.dynamic_slice_in_dim(xp, start, size, axis=0)
                 yb = jax.lax.dynamic_slice_in_dim(yp, start, size, axis=0)
-                grads = jax.grad(loss)(params, xb, yb)
-                return jax.tree_util.tree_map(lambda p, g: p - lr * (g + decay * p) if decay else p - lr * g,
-                                              params, grads)
+                grads = jax.grad(loss)(params, xb, yb)  # the mean gradient g / B
+                if decay:
+                    grads = jax.tree_util.tree_map(lambda p, g: g + decay * p, params, grads)
+                if velocity is None:
+                    return jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads), None
+                velocity = jax.tree_util.tree_map(lambda v, g: mu * v + g, velocity, grads)
+                if nesterov:
+                    params = jax.tree_util.tree_map(lambda p, g, v: p - lr * (g + mu * v), params, grads, velocity)
+                else:
+                    params = jax.tree_util.tree_map(lambda p, v: p - lr * v, params, velocity)
+                return params, velocity
 
             return jax.jit(step, donate_argnums=0)
 
@@ -149,7 +167,7 @@ class JaxRun:
         lr = np.asarray(self.schedule(0), dtype=self.dtype)
         for fn, start in ((self.full, 0), (self.tail, self.n - self.n % self.B)):
             if fn is not None:
-                jax.block_until_ready(fn(jax.tree_util.tree_map(jnp.copy, self.params), xp, yp, start, lr))
+                jax.block_until_ready(fn(jax.tree_util.tree_map(jnp.copy, (self.params, self.velocity)), xp, yp, start, lr))
 
     def epoch(self, epoch: int, steps: Optional[int], clock: Callable[[], float]) -> float:
         """The first `steps` steps of an epoch (None: all of them), in train.epoch_order's order."""
@@ -160,10 +178,10 @@ class JaxRun:
         lrs = [np.asarray(self.schedule(epoch * self.steps + s), dtype=self.dtype) for s in range(self.steps)]
         t0 = clock()
         xp, yp = self.permute(self.X, self.Y, order)
-        params = self.params
+        state = (self.params, self.velocity)
         for s in range(steps if steps is not None else self.steps):
-            params = (self.full if (s + 1) * B <= n else self.tail)(params, xp, yp, s * B, lrs[s])
-        self.params = self.jax.block_until_ready(params)
+            state = (self.full if (s + 1) * B <= n else self.tail)(state, xp, yp, s * B, lrs[s])
+        self.params, self.velocity = self.jax.block_until_ready(state)
         return clock() - t0
 
     def flat_params(self) -> np.ndarray:

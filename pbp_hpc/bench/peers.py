@@ -29,11 +29,12 @@ class PeerClient:
     The child starts at once; its first line (`info`: versions, or the error that stops it) is
     read when first asked for, so that several children can start side by side."""
 
-    def __init__(self, name: str, args: list[str]) -> None:
+    def __init__(self, name: str, args: list[str], cpus: Optional[list[int]] = None) -> None:
         self.name = name
         env = {k: v for k, v in os.environ.items() if not k.startswith(MPI_ENV)}
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None  # the race: on the cores of its column
         self.proc = subprocess.Popen([sys.executable, "-m", "pbp_hpc.bench", *args], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env)
+                                     stdout=subprocess.PIPE, text=True, env=env, preexec_fn=pin)
         LIVE.append(self)
         self._info: Optional[dict[str, Any]] = None
 
@@ -78,15 +79,15 @@ def kill_all() -> None:
 class TorchClient(PeerClient):
     """PyTorch in a child process of rank 0; one child serves every thread count."""
 
-    def __init__(self) -> None:
-        super().__init__("torch", ["--torch-worker"])
+    def __init__(self, cpus: Optional[list[int]] = None) -> None:
+        super().__init__("torch", ["--torch-worker"], cpus)
 
 
 class PeerRun(Protocol):
     def epoch(self, epoch: int, steps: Optional[int], clock: Callable[[], float]) -> float: ...
 
 
-def serve(info: dict[str, Any], setup: Callable[[list[str]], PeerRun], threads: Callable[[int], None],
+def serve(info: dict[str, Any], setup: Callable[[list[str], Optional[str]], PeerRun], threads: Callable[[int], None],
           cpu_clock: Callable[[], float]) -> int:
     """Print `info`, then answer setup/epoch/quit requests from rank 0 on stdin; one JSON line per answer.
 
@@ -103,7 +104,7 @@ def serve(info: dict[str, Any], setup: Callable[[list[str]], PeerRun], threads: 
                 return 0
             if msg["cmd"] == "setup":
                 run = None  # the last group's buffers go before the next group's are made
-                run = setup(msg["overrides"])
+                run = setup(msg["overrides"], msg.get("config"))
                 print(json.dumps({"ok": True}), flush=True)
             elif msg["cmd"] == "epoch" and run is not None:
                 threads(int(msg["threads"]))
@@ -131,15 +132,17 @@ def torch_worker() -> int:
     info = {"version": torch.__version__, "mkl": bool(torch.backends.mkl.is_available()),
             "config": torch.__config__.show().splitlines()[3:5]}
     # one thread: torch computes on the calling thread, so that thread's CPU time is the step's
-    return serve(info, lambda overrides: TorchRun(torch, framework, overrides), torch.set_num_threads, time.thread_time)
+    return serve(info, lambda overrides, config=None: TorchRun(torch, framework, overrides, config), torch.set_num_threads,
+                 time.thread_time)
 
 
-def load_case(overrides: list[str]) -> tuple[Any, Any]:
-    """The config of a group's overrides and its data set, loaded as pbp_hpc.train loads it (one rank)."""
+def load_case(overrides: list[str], path: Optional[str] = None) -> tuple[Any, Any]:
+    """The config of a group's overrides (over the config file at path, else the defaults) and its
+    data set, loaded as pbp_hpc.train loads it (one rank)."""
     from pbp_hpc import config
     from pbp_hpc.data import datasets
 
-    cfg = config.load(None, overrides)
+    cfg = config.load(path, overrides)
     directory = None
     if cfg.data.name != "synthetic":
         from pbp_hpc.data.mnist import resolve_data_dir
@@ -152,11 +155,11 @@ class TorchRun:
     """pbp_hpc.framework's network, optimiser, schedule and batches (framework.build: the config's
     activation, loss, init and optimizer); its training steps without evaluation."""
 
-    def __init__(self, torch: Any, framework: Any, overrides: list[str]):
+    def __init__(self, torch: Any, framework: Any, overrides: list[str], config: Optional[str] = None):
         from pbp_hpc.engine import model
         from pbp_hpc.engine.schedules import Schedule
         self.torch, self.framework = torch, framework
-        cfg, self.data = load_case(overrides)
+        cfg, self.data = load_case(overrides, config)
         layout = model.Layout(cfg.model.layers)
         self.net, self.opt = framework.build(torch, cfg, layout)
         self.buf = framework.Batches(torch, cfg.model.layers[0], cfg.model.layers[-1], cfg.train.batch_size, cfg.model.dtype)

@@ -14,7 +14,7 @@ from pbp_hpc.bench.cases import Spec, splits_of
 from pbp_hpc.parallel import hybrid
 
 COLUMNS = ["net", "batch", "split", "TPE s", "GFLOP/s", "peak%", "in%", "GEMM s", "/GEMM", "torch s", "/torch",
-           "jax s", "/jax", "speedup", "comm%", "RSS MB", "budget MB", "heap B/step", "best"]
+           "jax s", "/jax", "speedup", "comm%", "KB/step", "RSS MB", "budget MB", "heap B/step", "best"]
 GOALS = {"gemm_1024": 1.08, "gemm_128": 1.20, "torch": 0.80, "speedup_1024": 1.85, "speedup_128": 1.60}
 TYPED = "as typed"  # the split column of the rows of `mpiexec -n C python -m pbp_hpc.train` (bench.typed)
 TUNED = "tuned"  # ... and of the same command tuned by hand, run right after it (bench.typed.TUNED_*)
@@ -47,7 +47,9 @@ def rows_of(records: list[dict[str, Any]], spec: Spec) -> list[dict[str, Any]]:
                 continue
             r, t, label = c["ranks"], c["threads"], c["label"]
             tpe = med[("ours", r, t, label)]
-            gemm = med.get(("gemm", r, t, label)) or med.get(("gemm", r, t, f"{r}x{t}"))  # a reducer's row: its split's GEMMs
+            gemm = med.get(("gemm", r, t, label))
+            if gemm is None and not c.get("grid"):  # a reducer's row: its split's GEMMs (a grid's GEMMs are others)
+                gemm = med.get(("gemm", r, t, f"{r}x{t}"))
             torch = med.get(("torch", 1, r * t, f"1x{r * t}"))
             jax = med.get(("jax", 1, r * t, f"1x{r * t}"))
             comm = _median(c["comm"]) if r > 1 else None
@@ -66,6 +68,7 @@ def rows_of(records: list[dict[str, Any]], spec: Spec) -> list[dict[str, Any]]:
                 "torch": torch, "torch_ratio": tpe / torch if tpe and torch else None,
                 "jax": jax, "jax_ratio": tpe / jax if tpe and jax else None,
                 "speedup": base / tpe if base and tpe else None, "comm_frac": comm,
+                "grid": c.get("grid", ""), "bytes_per_step": c.get("bytes_per_step"),
                 "rss_mb": (peak_rss - base_rss) / 2**20 if peak_rss and not _variant(c) else None,
                 "rss_abs_mb": peak_rss / 2**20 if peak_rss and not _variant(c) else None,
                 "budget_mb": budget / 2**20 if budget and not _variant(c) else None,
@@ -98,6 +101,7 @@ def _typed_row(rec: dict[str, Any], g: dict[str, Any], med: dict[Any, Optional[f
         "torch": torch, "torch_ratio": tpe / torch if tpe and torch else None,
         "jax": jax, "jax_ratio": tpe / jax if tpe and jax else None,
         "speedup": base / tpe if base and tpe else None, "comm_frac": comm,
+        "grid": rec.get("grid"), "bytes_per_step": rec.get("bytes_per_step"),
         "rss_mb": None, "rss_abs_mb": None, "budget_mb": None, "heap": None, "best": False,
     }
 
@@ -119,12 +123,19 @@ def table(rows: list[dict[str, Any]]) -> str:
         _fmt(r["gemm"], ".3f"), _fmt(r["gemm_ratio"], ".3f"), _fmt(r["torch"], ".3f"), _fmt(r["torch_ratio"], ".2f"),
         _fmt(r.get("jax"), ".3f"), _fmt(r.get("jax_ratio"), ".2f"),
         _fmt(r["speedup"], ".2f"), _fmt(None if r["comm_frac"] is None else 100 * r["comm_frac"], ".1f"),
-        _fmt(r["rss_mb"], ".0f"), _fmt(r["budget_mb"], ".0f"), _fmt(r["heap"], ".1f"), "*" if r["best"] else "",
+        _fmt(sent_kb(r.get("bytes_per_step")), ".1f"), _fmt(r["rss_mb"], ".0f"), _fmt(r["budget_mb"], ".0f"), _fmt(r["heap"], ".1f"), "*" if r["best"] else "",
     ] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
     lines = ["  ".join(c.rjust(w) if i > 2 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
+
+
+def sent_kb(counted: Optional[dict[str, Any]]) -> Optional[float]:
+    """KB a rank sends per step (activations + gradients, as train's `bytes_per_step` counts them)."""
+    if not counted or all(v is None for v in counted.values()):
+        return None
+    return sum(float(v or 0) for v in counted.values()) / 1e3
 
 
 def checks(rows: list[dict[str, Any]], cores: int) -> list[str]:

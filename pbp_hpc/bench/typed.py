@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -58,11 +59,22 @@ def run(spec: Spec, net: str, batch: int, timeout: Optional[float] = None, tuned
     "tuned"); `error` says why it has no times."""
     layers = NETWORKS[net]
     cmd = command(spec, layers, batch, tuned)
-    rec: dict[str, Any] = {"type": "tuned" if tuned else "typed", "net": net, "layers": layers, "batch": batch,
-                           "command": shown(cmd), "times": [], "comm": []}
+    rec: dict[str, Any] = {"type": "tuned" if tuned else "typed", "net": net, "layers": layers, "batch": batch}
+    rec = timed(cmd, rec, timeout)
+    return {**rec, "times": rec["epochs_s"][1:], "comm": rec["comm"][1:]}  # the first epoch pays for warming up
+
+
+def timed(cmd: list[str], rec: dict[str, Any], timeout: Optional[float] = None,
+          cpus: Optional[list[int]] = None) -> dict[str, Any]:
+    """Run one `pbp_hpc.train ... --json` command (on the cores `cpus`, as `taskset` would, where
+    given) with no thread variables in its environment; rec with its every full epoch's `time_s`
+    (epochs_s) and reducer share (comm), how it ran, or `error` saying why it has no times."""
+    rec = {**rec, "command": shown(cmd), "cpus": cpus, "epochs_s": [], "comm": []}
     env = {k: v for k, v in os.environ.items() if k not in THREAD_ENV}
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     try:
-        proc = stopping.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, timeout=timeout)
+        proc = stopping.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, timeout=timeout,
+                            preexec_fn=pin)
     except subprocess.TimeoutExpired:
         return {**rec, "error": f"timed out after {timeout:.0f} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -73,16 +85,18 @@ def run(spec: Spec, net: str, batch: int, timeout: Optional[float] = None, tuned
     if out.get("status") != "ok":
         return {**rec, "error": f"status {out.get('status')}: {out.get('error', '')}"}
     epochs = [e for e in out["epochs"] if not e["partial"]]
-    timed = epochs[1:]  # the first epoch pays for warming up
     cfg = out.get("config", {})
     active = out.get("active_inputs") or {}
-    return {**rec, "times": [e["time_s"] for e in timed],
-            "comm": [(e["comm_s"] + (e.get("wait_s") or 0.0)) / e["time_s"] for e in timed if e["time_s"] > 0],
+    used = re.search(r"with reducer (\w+)", out.get("communication") or "")
+    return {**rec, "epochs_s": [e["time_s"] for e in epochs],
+            "comm": [(e["comm_s"] + (e.get("wait_s") or 0.0)) / e["time_s"] for e in epochs if e["time_s"] > 0],
             "first": epochs[0]["time_s"] if epochs else None, "n_train": out["n_train"], "ranks": out["ranks"],
             "threads": out["threads_per_rank"], "reducer": cfg.get("parallel", {}).get("reducer"),
+            "reducer_used": used.group(1) if used else None, "parallel": cfg.get("parallel", {}),
             "reducer_reason": out.get("reducer_reason"), "dtype": cfg.get("model", {}).get("dtype"),
             "binding": (out.get("provenance") or {}).get("binding", {}).get("how"),
-            "active": active.get("mean_active_fraction")}
+            "active": active.get("mean_active_fraction"), "grid": out.get("grid"),
+            "bytes_per_step": out.get("bytes_per_step")}
 
 
 def run_all(spec: Spec, timeout: Optional[float] = None) -> list[dict[str, Any]]:

@@ -55,8 +55,8 @@ class Pinning:
 
 
 def state_key(case: Case, reducer: str) -> Case:
-    """The key of a case's State: one per rank count, reducer and density, shared by its thread counts."""
-    return Case("ours", case.ranks, 0, case.reducer or reducer, case.variant)
+    """The key of a case's State: one per rank count, grid, reducer and variant, shared by its thread counts."""
+    return Case("ours", case.ranks, 0, case.reducer or reducer, case.variant, case.grid)
 
 
 class Worker:
@@ -71,7 +71,9 @@ class Worker:
         self.rank = self.world.rank
         self.blas = ThreadpoolController()
         self.pin = Pinning(spec.pin, self.rank)
-        self.comms = {r: self._first(r) for r in sorted({r for r, _ in splits_of(spec.cores)})}
+        # the splits' rank counts, and 2 for the model-parallel rows (cases.GRIDS)
+        ranks = {r for r, _ in splits_of(spec.cores)} | ({2} if spec.grids and spec.cores >= 2 else set())
+        self.comms = {r: self._first(r) for r in sorted(ranks)}
         self.torch = TorchClient() if (spec.torch and self.rank == 0) else None
         # XLA's threads are fixed when JAX starts: one child per thread count of the jax cases
         self.jax = {t: JaxClient(t) for t in sorted({t for r, t in splits_of(spec.cores) if r == 1})} \
@@ -110,9 +112,9 @@ class Worker:
 
     # -- setup
 
-    def config(self, layers: list[int], batch: int, reducer: str, variant: str = "") -> Any:
+    def config(self, layers: list[int], batch: int, reducer: str, variant: str = "", grid: str = "") -> Any:
         from pbp_hpc import config
-        return config.load(None, self.spec.overrides(layers, batch, reducer, variant))
+        return config.load(None, self.spec.overrides(layers, batch, reducer, variant, grid))
 
     def data(self, cfg: Any) -> Any:
         """The data set, loaded once per worker (every rank holds all of it, as in pbp_hpc.train)."""
@@ -171,14 +173,16 @@ class Worker:
                 self.say(f"{peer.name}: {reply['error']}")
         timings = self.time_cases(cases, runs, net, batch, n)
         active = active_fractions(cases, runs, spec.reducer)
+        sent = bytes_per_step(cases, runs, spec.reducer)
         for st in states:
             st.close()
         del states, runs
         gc.collect()
         return {"net": net, "layers": layers, "batch": batch, "n_train": n, "memory": mem,
                 "cases": [{"kind": c.kind, "ranks": c.ranks, "threads": c.threads, "reducer": c.reducer or spec.reducer,
-                           "label": c.label, "times": timings[c].times, "comm": timings[c].comm,
-                           "active": active.get(c.label) if c.kind == "ours" else None} for c in cases]}
+                           "label": c.label, "grid": c.grid, "times": timings[c].times, "comm": timings[c].comm,
+                           "active": active.get(c.label) if c.kind == "ours" else None,
+                           "bytes_per_step": sent.get(c.label)} for c in cases]}
 
     def build_runs(self, cases: list[Case], layers: list[int], batch: int) -> tuple[dict[Case, Any], list[Any], int]:
         """This rank's runs by case (an OurRun per State, a GemmReplay per gemm case), the States,
@@ -191,7 +195,7 @@ class Worker:
                 continue
             key = state_key(case, self.spec.reducer)
             if key not in runs:  # one State per rank count and reducer, shared by its thread counts
-                st = self.state(self.config(layers, batch, key.reducer, case.variant), self.comms[case.ranks])
+                st = self.state(self.config(layers, batch, key.reducer, case.variant, case.grid), self.comms[case.ranks])
                 states.append(st)
                 runs[key] = OurRun(st)
                 n = len(st.data.train)
@@ -250,7 +254,7 @@ class Worker:
     def memory(self, layers: list[int], batch: int) -> dict[str, Any]:
         """Peak RSS and heap growth of a fresh State per rank count, measured before the timings."""
         out: dict[str, Any] = {"base_rss": self.base_rss}
-        for r in sorted(self.comms):
+        for r in sorted({r for r, _ in splits_of(self.spec.cores)}):
             rec = None
             if self._in(r):
                 self.pin.apply(r, 1)
@@ -311,3 +315,16 @@ def active_fractions(cases: list[Case], runs: dict[Case, Any], reducer: str) -> 
         if skip is not None:
             active[c.label] = skip.summary()["mean_active_fraction"]
     return active
+
+
+def bytes_per_step(cases: list[Case], runs: dict[Case, Any], reducer: str) -> dict[str, dict[str, Any]]:
+    """What rank 0 sends a step, by kind (activations, gradients), per multi-rank ours case: the
+    strategy's count where the model is in parts (tensor, pipeline), else the reducer's wire bytes,
+    as pbp_hpc.train's record says it (`bytes_per_step`)."""
+    out: dict[str, dict[str, Any]] = {}
+    for c in cases:
+        st = runs[state_key(c, reducer)].st if c.kind == "ours" and c.ranks > 1 and c in runs else None
+        if st is not None:
+            counted = st.strategy.describe().get("bytes_per_step")
+            out[c.label] = counted or {"activations": 0, "gradients": st.reducer.choice.get("wire_bytes_per_step")}
+    return out
