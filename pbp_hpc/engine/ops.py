@@ -161,6 +161,11 @@ class _Cblas:
                         axpy.argtypes = [i64, real, ptr, i64, ptr, i64]
                         axpy.restype = None
                         fns["axpy_" + c] = axpy
+                    axpby = getattr(lib, pattern.replace("gemm", "axpby").format("s" if c == "f" else "d"), None)
+                    if axpby is not None:  # an OpenBLAS extension to CBLAS
+                        axpby.argtypes = [i64, real, ptr, i64, real, ptr, i64]
+                        axpby.restype = None
+                        fns["axpby_" + c] = axpby
                 self._fns = fns
                 if self._self_test(np):
                     return fns
@@ -178,6 +183,9 @@ class _Cblas:
             want = y + 0.25 * x
             if "axpy_" + c.dtype.char in self._fns and (not self.axpy(0.25, x, y) or not np.allclose(y, want)):
                 return False
+            want = 0.25 * x + 0.75 * y
+            if "axpby_" + c.dtype.char in self._fns and (not self.axpby(0.25, x, 0.75, y) or not np.allclose(y, want)):
+                del self._fns["axpby_" + c.dtype.char]  # axpby_ then takes two passes; axpy stays
         return True
 
     def gemm(self, a: Any, b: Any, out: Any, alpha: float, beta: float) -> bool:
@@ -210,6 +218,17 @@ class _Cblas:
         if fn is None or x.strides[0] % x.itemsize or y.strides[0] % y.itemsize or y.strides[0] == 0:
             return False
         fn(y.shape[0], alpha, _address(x), x.strides[0] // x.itemsize, _address(y), y.strides[0] // y.itemsize)
+        return True
+
+    def axpby(self, alpha: float, x: Any, beta: float, y: Any) -> bool:
+        """y <- alpha x + beta y through BLAS for 1-D x, y of one dtype; False (nothing done) otherwise."""
+        fns = self._fns if self._tried else self.get()
+        if fns is None or x.ndim != 1 or y.ndim != 1 or x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        fn = fns.get("axpby_" + y.dtype.char)
+        if fn is None or x.strides[0] % x.itemsize or y.strides[0] % y.itemsize or y.strides[0] == 0:
+            return False
+        fn(y.shape[0], alpha, _address(x), x.strides[0] // x.itemsize, beta, _address(y), y.strides[0] // y.itemsize)
         return True
 
     def _operand(self, x: Any, item: int) -> tuple[int, int]:
@@ -281,6 +300,18 @@ def _axpy_kernel(xp: ModuleType) -> Any:
         make = getattr(xp, "ElementwiseKernel", None)
         _AXPY_KERNELS[xp] = make("T x, T a", "T y", "y += a * x", "pbp_hpc_axpy") if make is not None else None
     return _AXPY_KERNELS[xp]
+
+
+def axpby_(xp: ModuleType, alpha: float, x: Array, beta: float, y: Array) -> Array:
+    """In place: y <- alpha * x + beta * y, for 1-D x and y; x is left as it is.
+
+    On numpy, OpenBLAS's axpby: one pass where scale_ then axpy_ make two over buffers too
+    large for the cache (the momentum update's velocity, every step). Elsewhere those two.
+    """
+    if xp.__name__ == "numpy" and _cblas.axpby(alpha, x, beta, y):
+        return y
+    scale_(xp, beta, y)
+    return axpy_(xp, alpha, x, y)
 
 
 def scale_(xp: ModuleType, alpha: float, y: Array) -> Array:
