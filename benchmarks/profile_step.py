@@ -28,15 +28,15 @@ from pbp_hpc.data import datasets
 from pbp_hpc import train
 
 GROUPS = {  # function name -> group (what is not listed is "other": Python glue, views, small ops)
-    "gemm": "GEMM", "matmul": "GEMM",
+    "gemm": "GEMM", "matmul": "GEMM", "_matmul": "GEMM",
     "tanh_sigmoid_": "elementwise", "exp_sigmoid_": "elementwise", "sigmoid_delta_": "elementwise", "tanh_": "elementwise", "tanh_delta_": "elementwise",
     "relu_": "elementwise", "relu_delta_": "elementwise", "log_softmax_": "elementwise", "value_": "elementwise", "delta_": "elementwise", "subtract": "elementwise",
-    "sum_squares": "elementwise", "linear_": "elementwise",
+    "sum_squares": "elementwise", "linear_": "elementwise", "_zero_row": "elementwise",
     "active_features_into": "batch", "fill_targets": "batch", "fill_batch": "batch", "features_into": "batch",
     "choose": "skip bookkeeping", "runs": "skip bookkeeping", "weights": "skip bookkeeping",
     "put_weights": "skip bookkeeping", "expand_gradient": "skip bookkeeping",
     "finish": "reducer", "updated": "reducer", "sync_barrier": "reducer (waiting)", "Allreduce": "reducer",
-    "axpy": "update", "axpy_": "update", "apply": "update",
+    "axpy": "update", "axpy_": "update", "axpby": "update", "axpby_": "update", "scale_": "update", "apply": "update",
 }
 
 
