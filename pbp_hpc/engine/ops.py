@@ -94,17 +94,20 @@ def gemm(xp: ModuleType, a: Array, b: Array, out: Array, alpha: float = 1.0, bet
 def linear_(xp: ModuleType, a: Array, w: Array, b: Optional[Array], out: Array, scale: float = 1.0) -> Array:
     """out <- scale * (a @ w + b), the bias row broadcast over the rows.
 
-    Fast path: out is first filled with scale * b and the GEMM adds scale * a @ w to it
-    (beta=1): the bias costs a write where `out += b` costs a read and a write, and the
-    scale costs nothing. Scaling by a power of two is exact, so both paths agree bit for bit.
+    Fast path: out is first filled with b and the GEMM makes it scale * a @ w + scale * out
+    (alpha = beta = scale): the bias costs a write where `out += b` costs a read and a write,
+    and the scale costs nothing. A plain broadcast copy, not `multiply(b, scale, out=out)`:
+    numpy takes a broadcast row times a scalar through a slow loop (27 us for 128 x 1024
+    float32 against 8 for the copy, numpy 2.4). Scaling by a power of two is exact, so both
+    paths agree bit for bit.
     b None: the bias is already in the product (a column of ones in a, the bias row in w).
     """
     if b is None:
         gemm(xp, a, w, out, alpha=scale)
         return out
     if has_gemm(xp):
-        xp.multiply(b, scale, out=out)  # broadcast over the rows
-        return gemm(xp, a, w, out, alpha=scale, beta=1.0)
+        out[...] = b  # broadcast over the rows
+        return gemm(xp, a, w, out, alpha=scale, beta=scale)
     matmul(xp, a, w, out)
     add_row(xp, out, b)
     if scale != 1.0:
