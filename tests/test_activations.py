@@ -192,6 +192,20 @@ def test_relu_derivative_at_exactly_zero_is_zero_as_in_pytorch():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_in_place_is_max_with_zero_and_keeps_a_nan(dtype):
+    """relu_ against its cached row of zeros (not the scalar 0): batches of two widths, a
+    vector, and a NaN that must stay one (a diverged run must show)."""
+    rng = np.random.default_rng(2)
+    for shape in [(5, 7), (3, 7), (4, 9), (9,)]:
+        z = rng.standard_normal(shape).astype(dtype)
+        z.flat[1] = np.nan
+        want = np.where(np.isnan(z), z, np.maximum(z, 0))
+        out = activations.relu_(np, z)
+        assert out is z and z.dtype == dtype
+        np.testing.assert_array_equal(z, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_cross_entropy_is_stable_at_extreme_logits(dtype):
     logits = np.array([[1e4, 0.0, -1e4], [-5e3, -5e3 + 1.0, -5e3], [0.0, 0.0, 0.0]], dtype=dtype)
     y = np.eye(3, dtype=dtype)[[2, 1, 0]]  # the first row: the class with probability exp(-2e4) = 0

@@ -61,6 +61,33 @@ def test_each_optimizer_follows_its_formula(name, wd, n_parts):
     assert opt.fusable == (name == "sgd" and wd == 0.0)
 
 
+@pytest.mark.parametrize("name", ["momentum", "nesterov"])
+@pytest.mark.parametrize("wd", [0.0, 1e-3])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("n_parts", [1, 2])
+def test_the_fused_update_equals_the_unfused_formula_to_rounding(name, wd, dtype, n_parts):
+    """The velocity and parameter passes as BLAS axpby/axpy (momentum.py) against the formula
+    written out in float64, in both float widths, over a span long enough for BLAS's vector
+    loops and with an odd tail, in parts (shm's ranks) and over two spans."""
+    rng = np.random.default_rng(1)
+    n, batch, lr, mu = 20011, 128, 0.3, 0.9
+    theta0 = rng.standard_normal(n).astype(dtype)
+    grads = [(8 * rng.standard_normal(n)).astype(dtype) for _ in range(5)]
+    c = cfg(optimizer__name=name, optimizer__momentum=mu, optimizer__weight_decay=wd, model__dtype=dtype)
+    theta = theta0.copy()
+    opt = optimizers.make(c, theta, lambda: np.zeros(n, dtype=dtype), np)
+    want, v = theta0.astype(np.float64), np.zeros(n)
+    for g in grads:
+        parts = [q.astype(dtype) for q in _split_sum(g.astype(np.float64), n_parts)]
+        opt.apply_all([(span, [q[span] for q in parts]) for span in (slice(0, 7001), slice(7001, n))], lr, batch)
+        d = sum(q.astype(np.float64) for q in parts) / batch + wd * want  # the unfused formula
+        v = mu * v + d
+        want = want - lr * (d + mu * v if name == "nesterov" else v)
+        assert theta.dtype == np.dtype(dtype) and opt.velocity.dtype == np.dtype(dtype)
+        np.testing.assert_allclose(opt.velocity, v, rtol=0, atol=40 * np.finfo(dtype).eps * np.abs(v).max())
+    np.testing.assert_allclose(theta, want, rtol=0, atol=40 * np.finfo(dtype).eps * np.abs(want).max())
+
+
 def _split_sum(g, k):
     """k arrays that add up to g (as ranks' gradient rows do)."""
     rng = np.random.default_rng(k)

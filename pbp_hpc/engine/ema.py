@@ -36,9 +36,8 @@ class WeightAverage:
     def update(self) -> None:
         t = float(self.steps[0])
         d = min(self.decay, (1.0 + t) / (10.0 + t))
-        for w, a in self.pairs:
-            ops.scale_(self.xp, d, a)
-            ops.axpy_(self.xp, 1.0 - d, w, a)
+        for w, a in self.pairs:  # a <- d a + (1 - d) w, one pass (BLAS axpby)
+            ops.axpby_(self.xp, 1.0 - d, w, d, a)
         self.steps[0] = t + 1.0
 
     def _swap(self) -> None:

@@ -7,7 +7,11 @@
 
 v is one buffer shaped like the parameters (node-shared under shm, each rank updating its
 slice), zero at the start, and checkpointed as "velocity". Every operation is an in-place
-scale or axpy over the span: no temporary, whatever the size.
+axpby or axpy over the span: no temporary, whatever the size, and as few passes over these
+buffers (too large for the cache) as BLAS level 1 allows: the velocity in one pass (its decay
+and the first gradient part together, axpby), the parameters in two (their decay and g' in
+one, then mu v); each further gradient part (shm's ranks) or decay term one more. The same
+sums as the formulas above, in another order: equal up to float rounding.
 """
 
 from __future__ import annotations
@@ -29,22 +33,24 @@ class Momentum(Optimizer):
         self.velocity = state_buffer()
 
     def apply(self, span: slice, parts: list[Any], lr: float, batch: int) -> None:
-        xp, wd = self.xp, self.weight_decay
+        xp, wd, mu, inv = self.xp, self.weight_decay, self.mu, 1.0 / batch
         theta, v = self.view(self.theta, span), self.view(self.velocity, span)
-        ops.scale_(xp, self.mu, v)
+        ops.axpby_(xp, inv, parts[0], mu, v)  # v = mu v + g'
+        for g in parts[1:]:
+            ops.axpy_(xp, inv, g, v)
         if wd:
             ops.axpy_(xp, wd, theta, v)
-        for g in parts:
-            ops.axpy_(xp, 1.0 / batch, g, v)  # v = mu v + g'
         if not self.nesterov:
             ops.axpy_(xp, -lr, v, theta)
             return
         # theta - lr (g' + mu v): g' read again from its parts (and theta's own decay term)
         if wd:
-            ops.scale_(xp, 1.0 - lr * wd, theta)
-        for g in parts:
-            ops.axpy_(xp, -lr / batch, g, theta)
-        ops.axpy_(xp, -lr * self.mu, v, theta)
+            ops.axpby_(xp, -lr * inv, parts[0], 1.0 - lr * wd, theta)
+        else:
+            ops.axpy_(xp, -lr * inv, parts[0], theta)
+        for g in parts[1:]:
+            ops.axpy_(xp, -lr * inv, g, theta)
+        ops.axpy_(xp, -lr * mu, v, theta)
 
     def state(self) -> dict[str, Any]:
         return {"velocity": self.velocity}

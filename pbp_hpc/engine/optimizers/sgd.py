@@ -18,7 +18,9 @@ class SGD(Optimizer):
 
     def apply(self, span: slice, parts: list[Any], lr: float, batch: int) -> None:
         theta = self.view(self.theta, span)
-        if self.weight_decay:
-            ops.scale_(self.xp, 1.0 - lr * self.weight_decay, theta)
-        for g in parts:  # one BLAS axpy pass each
+        rest = parts
+        if self.weight_decay:  # the decay and the first part in one pass (BLAS axpby)
+            ops.axpby_(self.xp, -lr / batch, parts[0], 1.0 - lr * self.weight_decay, theta)
+            rest = parts[1:]
+        for g in rest:  # one BLAS axpy pass each
             ops.axpy_(self.xp, -lr / batch, g, theta)
