@@ -346,7 +346,8 @@ def test_sacct_records_steps(slurm_cluster, tmp_path):
     deadline = time.monotonic() + 20  # the job's end reaches slurmdbd asynchronously
     while True:
         rows = {r["JobID"]: r for r in slurm_cluster.sacct(job)}
-        if rows.get(job, {}).get("State") == "FAILED" and f"{job}.1" in rows:
+        steps_ended = all(rows.get(f"{job}.{i}", {}).get("State") not in (None, "RUNNING", "PENDING") for i in (0, 1))
+        if rows.get(job, {}).get("State") == "FAILED" and steps_ended:  # (each step's end arrives on its own)
             break
         assert time.monotonic() < deadline, f"sacct -j {job} after 20 s: {rows}"
         time.sleep(0.5)
