@@ -89,7 +89,8 @@ class PipelineStrategy(PartsStrategy):
         tp = {"tensor_layout": self.local.tp.kinds} if self.local.tp is not None else {}
         return {**super().describe(), "grid": {"data": self.grid.D, "tensor": self.grid.T, "pipeline": self.grid.S},
                 **tp, "pipeline_schedule": self.local.schedule, "microbatches": self.local.M,
-                "bytes_per_step": {"activations": self.local.bytes_per_step(), "gradients": self.reducer.wire_bytes()}}
+                "bytes_per_step": {"activations": self.local.bytes_per_step(), "gradients": self.reducer.wire_bytes(),
+                                   **self.local.synthetic_bytes()}}
 
 
 def build(st: Any) -> None:

@@ -348,6 +348,13 @@ class PipelineStep:
         sent = self.sent_bytes + (self.tp.sent_bytes if self.tp is not None else 0)
         return sent / self.steps if self.steps else 0.0
 
+    def synthetic_bytes(self) -> dict[str, float]:
+        """Schedule decoupled: the bytes a step of the synthetic module's data-group Allreduce sends."""
+        if self.schedule != "decoupled":
+            return {}
+        sent = self.synthetic.sent_bytes if self.synthetic is not None else 0
+        return {"synthetic_module": sent / self.steps if self.steps else 0.0}
+
 
 def _nothing(l: int) -> None:
     """A layer_done that does nothing (the pipeline tells the reducer once a step)."""
