@@ -247,6 +247,8 @@ class ParallelConfig(_Section):
     # a linear module of their output trained at synthetic_lr against the true gradient as it arrives
     pipeline_schedule: Literal["1f1b", "gpipe", "decoupled"] = "1f1b"
     synthetic_lr: float = Field(0.001, ge=0.0, le=1e6, allow_inf_nan=False)
+    # decoupled: the true gradient comes back (and trains the module) for one microbatch in this many
+    synthetic_every: int = Field(1, ge=1, le=64)
     pipeline_split: Optional[list[int]] = None
     # how ranks combine their work (pbp_hpc/parallel/strategies/): allreduce (the report's
     # Algorithm 5), local_sgd, async_ps, ssp, hogwild (docs/strategies.md)

@@ -142,13 +142,15 @@ def build(st: Any) -> None:
                                 st.reducer.layer_done, grid.pipeline, lo, len(sizes) - 1, p.microbatches,
                                 p.pipeline_schedule, cfg.model.activation, losses.of(cfg.model),
                                 tp=tp, extras_comm=grid.model if grid.T > 1 else None,
-                                synthetic=sg)
+                                synthetic=sg, synthetic_every=p.synthetic_every)
         st.local.watch = st.watch
         st.strategy.attach(st.local, st.reducer, st.optimizer)
         st.grid_header = header(stages, grid.D, p.microbatches, p.pipeline_schedule, grid.T, kinds, said)
         if p.pipeline_schedule == "decoupled":
             st.grid_header += (f"; stages 0..{grid.S - 2} update with synthetic gradients (a linear module of "
-                               f"width x width, zero at the start, synthetic_lr {p.synthetic_lr:g})")
+                               f"width x width, zero at the start, synthetic_lr {p.synthetic_lr:g}, trained on "
+                               + ("every microbatch" if p.synthetic_every == 1 else
+                                  f"one microbatch in {p.synthetic_every}") + ")")
     except BaseException:
         st.strategy.reducer = getattr(st, "reducer", None)
         st.strategy.close()

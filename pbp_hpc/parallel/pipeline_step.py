@@ -18,6 +18,8 @@ Schedules (parallel.pipeline_schedule), both running the backward passes in micr
             waiting for the stages above; the true gradients come back with nonblocking
             receives, each trains the synthetic module when it has arrived (tested after each
             microbatch; the rest waited for at the step's end). The last stage runs as 1f1b.
+            With parallel.synthetic_every k, only microbatches 0, k, 2k, .. of a step send their
+            input gradient down (the others skip the GEMM that makes it).
             Not the one-rank update: the stages below the last follow their synthetic gradient.
 
 The loss (on the last stage) and the stop flag reach every stage in one Allreduce of the two
@@ -79,7 +81,7 @@ class PipelineStep:
     def __init__(self, layout: Any, theta: Any, grad: Any, loss_out: Any, source: Any, xp: Any,
                  max_batch: int, layer_done: LayerDone, pipe: MPI.Comm, first_layer: int, n_layers: int,
                  microbatches: int, schedule: str, activation: str, loss: str, tp: Any = None,
-                 extras_comm: Any = None, synthetic: Any = None):
+                 extras_comm: Any = None, synthetic: Any = None, synthetic_every: int = 1):
         """tp: the stage's tensor step (TensorStep over its layers' shard) where a tensor group holds
         the stage; extras_comm: the communicator of the end-of-step extras (the model group then);
         synthetic: the stage's synthetic-gradient module (schedule decoupled, a stage below the last)."""
@@ -96,6 +98,7 @@ class PipelineStep:
         self.rows_per = rows = max(1, -(-max(1, max_batch) // microbatches))  # a microbatch's rows at most
         slots = microbatches if schedule in ("gpipe", "decoupled") else min(microbatches, self.S)
         self.synthetic = synthetic if schedule == "decoupled" and not self.global_last else None
+        self.every = synthetic_every
         dtype = theta.dtype
         self.tp = tp
         self.extras_comm = pipe if extras_comm is None else extras_comm
@@ -138,7 +141,7 @@ class PipelineStep:
             a = z
         return a
 
-    def _backward(self, slot: _Slot, n: int, beta: float) -> float:
+    def _backward(self, slot: _Slot, n: int, beta: float, input_grad: bool = True) -> float:
         """Gradient sums of this microbatch added (beta 1) or written (beta 0) into grad; dL/d(input)
         into slot.g_in where a stage lies below. Returns the microbatch's loss sum (last stage) or 0."""
         if self.tp is not None:
@@ -161,7 +164,7 @@ class PipelineStep:
             if l > 0:
                 back = xp.reshape(self.scratch[: n * a_in.shape[1]], (n, -1))
                 ops.matmul(xp, d, self.ws[l].T, out=back)
-            elif self.s > 0:
+            elif self.s > 0 and input_grad:
                 ops.matmul(xp, d, self.ws[0].T, out=slot.g_in[:n])
             ops.gemm(xp, a_in.T, d, self.gws[l], beta=beta)
             ops.gemm(xp, self.ones[:, :n], d, self.gbs[l][None, :], beta=beta)
@@ -242,8 +245,9 @@ class PipelineStep:
             if up:
                 self._wait(recvs.pop(("g", i)))
                 self._wait(slot.sent)  # (delivered already: the gradient of it came back)
-            loss += self._backward(slot, rows, 0.0 if i == 0 else 1.0)
-            if down:
+            wanted = self._returns(i)  # (decoupled: only the microbatches whose true gradient trains a module)
+            loss += self._backward(slot, rows, 0.0 if i == 0 else 1.0, wanted)
+            if down and wanted:
                 self._pending.append(self._send(slot.g_in[:rows], self.s - 1, 2 * m + 1))
             if i + K < len(micro):
                 self._finish_sends()  # the slot's g_in is reused by microbatch i + K
@@ -274,12 +278,14 @@ class PipelineStep:
         backward with the synthetic gradient at once; the true gradients train the module as
         they arrive. One slot per microbatch (its output is kept until its true gradient came)."""
         sg, down = self.synthetic, self.s > 0
-        xs, gs, trained = [], [], 0
+        xs, gs, trained = [], {}, 0
         for i, m in enumerate(micro):  # every receive posted at once: a slot per microbatch
             slot, (lo, hi) = self.slots[i], bounds[m]
             if down:
                 xs.append(self.pipe.Irecv(slot.x[:hi - lo], source=self.s - 1, tag=2 * m))
-            gs.append(self.pipe.Irecv(slot.g_true[:hi - lo], source=self.s + 1, tag=2 * m + 1))
+            if self._returns(i):
+                gs[i] = self.pipe.Irecv(slot.g_true[:hi - lo], source=self.s + 1, tag=2 * m + 1)
+        back = sorted(gs)  # the microbatches whose true gradient comes back, in order
 
         def train(j: int) -> None:  # the j-th microbatch's true gradient has arrived
             slot, (lo, hi) = self.slots[j], bounds[micro[j]]
@@ -297,18 +303,24 @@ class PipelineStep:
             self._pending.append(self._send(slot.h[:n], self.s + 1, 2 * m))
             sg.predict(slot.h[:n], slot.pred[:n])
             slot.g_out[:n] = slot.pred[:n]  # (the backward pass uses its incoming gradient as scratch)
-            self._backward(slot, n, 0.0 if i == 0 else 1.0)
-            if down:
+            self._backward(slot, n, 0.0 if i == 0 else 1.0, self._returns(i))
+            if down and self._returns(i):
                 self._pending.append(self._send(slot.g_in[:n], self.s - 1, 2 * m + 1))
-            while trained <= i and gs[trained].Test():  # the true gradients here so far, in order
-                train(trained)
+            while trained < len(back) and back[trained] <= i and gs[back[trained]].Test():  # those here so far
+                train(back[trained])
                 trained += 1
-        for j in range(trained, len(micro)):  # the rest, at the step's end
+        for j in back[trained:]:  # the rest, at the step's end
             self._wait(gs[j])
             train(j)
         sg.apply()
         self._finish_sends()
         return 0.0
+
+    def _returns(self, i: int) -> bool:
+        """Whether the i-th microbatch's input gradient goes down to the stage below: always, but
+        in the decoupled schedule only one microbatch in parallel.synthetic_every (it only trains
+        the module below, and the GEMM that makes it is then saved too)."""
+        return self.schedule != "decoupled" or i % self.every == 0
 
     def _finish_sends(self) -> None:
         if self._pending:
