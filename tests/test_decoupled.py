@@ -92,10 +92,16 @@ def test_with_a_silent_module_the_stages_below_stay_put_and_the_last_updates_as_
 def test_decoupled_stages_learn_and_a_run_resumes(tmp_path):
     S, d = WORLD.size, shared_dir(tmp_path)
     over = {**DECOUPLED, "parallel__pipeline": S, "parallel__synthetic_lr": 0.05, "train__epochs": 4}
-    run = train.run(cfg_of(SIGMOID_MSE_SGD, **over), WORLD, return_params=True)
+    run = train.run(cfg_of(SIGMOID_MSE_SGD, **over, parallel__synthetic_every=2), WORLD, return_params=True)
     losses = [e["loss"] for e in run["epochs"]]
     assert losses[-1] < losses[0]
+    # batches of 5 in microbatches of 1, 2, 2 rows: every output goes up; with synthetic_every 2
+    # only microbatches 0 and 2 (3 rows) send their input gradient down
     sizes = [int(n) for n in DEEP.strip("[]").split(",")]
+    lo, hi = pipeline.split_layers(sizes, S)[WORLD.rank]
+    up = 5 * sizes[hi] if WORLD.rank < S - 1 else 0
+    down = 3 * sizes[lo] if WORLD.rank > 0 else 0
+    assert run["bytes_per_step"]["activations"] == (up + down) * 8
     init = model.init_params(model.Layout(sizes), 0, "float64", init="glorot_uniform")
     # the module learned from the true gradients, so the stages below the last moved
     assert not np.array_equal(_below_last(run["params"], S), _below_last(init, S))
