@@ -132,7 +132,8 @@ def build(st: Any) -> None:
         tp = None
         sg = None
         if p.pipeline_schedule == "decoupled" and grid.s < grid.S - 1:  # its output's gradient predicted
-            sg = SyntheticGradient(xp, sizes[hi], getattr(xp, cfg.model.dtype), p.synthetic_lr, grid.data)
+            sg = SyntheticGradient(xp, sizes[hi], getattr(xp, cfg.model.dtype), p.synthetic_lr, grid.data,
+                                   p.synthetic_rank, cfg.train.seed + grid.s)
         if grid.T > 1:
             tp = TensorStep(mine, st.theta, st.grad, st.reducer.loss_out, st.data.train, xp,
                             -(-rows // p.microbatches), st.reducer.layer_done, grid.tensor,
@@ -148,7 +149,8 @@ def build(st: Any) -> None:
         st.grid_header = header(stages, grid.D, p.microbatches, p.pipeline_schedule, grid.T, kinds, said)
         if p.pipeline_schedule == "decoupled":
             st.grid_header += (f"; stages 0..{grid.S - 2} update with synthetic gradients (a linear module of "
-                               f"width x width, zero at the start, synthetic_lr {p.synthetic_lr:g}, trained on "
+                               + ("width x width" if not p.synthetic_rank else f"rank {p.synthetic_rank}")
+                               + f", zero at the start, synthetic_lr {p.synthetic_lr:g}, trained on "
                                + ("every microbatch" if p.synthetic_every == 1 else
                                   f"one microbatch in {p.synthetic_every}") + ")")
     except BaseException:
