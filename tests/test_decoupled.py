@@ -93,7 +93,9 @@ def test_with_a_silent_module_the_stages_below_stay_put_and_the_last_updates_as_
 def test_decoupled_stages_learn_and_a_run_resumes(tmp_path):
     S, d = WORLD.size, shared_dir(tmp_path)
     over = {**DECOUPLED, "parallel__pipeline": S, "parallel__synthetic_lr": 0.05, "train__epochs": 4}
-    run = train.run(cfg_of(SIGMOID_MSE_SGD, **over, parallel__synthetic_every=2), WORLD, return_params=True)
+    # a low-rank module (A = U V of rank 3) trained on one microbatch in 2
+    run = train.run(cfg_of(SIGMOID_MSE_SGD, **over, parallel__synthetic_every=2, parallel__synthetic_rank=3),
+                    WORLD, return_params=True)
     losses = [e["loss"] for e in run["epochs"]]
     assert losses[-1] < losses[0]
     # batches of 5 in microbatches of 1, 2, 2 rows: every output goes up; with synthetic_every 2
