@@ -22,7 +22,7 @@ identical on every rank of the stage, as the stage's own parameters do.
 With parallel.synthetic_rank r > 0 the module is low rank, A = U V (U: width x r, V: r x
 width): U starts random (uniform, +-1/sqrt(width)) and V at zero, so that A is still zero at the
 start but its gradient is not (U = V = 0 would be a saddle); a prediction costs 2 n width r
-multiply-adds instead of n width^2, its training 3 n width r instead of n width^2. Both U and V
+multiply-adds instead of n width^2, its training 4 n width r (h U again, and three products) instead of n width^2. Both U and V
 take the descent step on the same squared error.
 
 The module is not checkpointed: a resumed run starts it at zero again (the stage's layers and
