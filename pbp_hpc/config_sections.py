@@ -243,7 +243,14 @@ class ParallelConfig(_Section):
     # as a data-parallel scaling study wants)
     grid: Literal["manual", "auto"] = "auto"
     microbatches: int = Field(4, ge=1, le=64)
-    pipeline_schedule: Literal["1f1b", "gpipe"] = "1f1b"
+    # decoupled: the stages below the last update with synthetic gradients (pbp_hpc/parallel/synthetic.py),
+    # a linear module of their output trained at synthetic_lr against the true gradient as it arrives
+    pipeline_schedule: Literal["1f1b", "gpipe", "decoupled"] = "1f1b"
+    synthetic_lr: float = Field(0.001, ge=0.0, le=1e6, allow_inf_nan=False)
+    # decoupled: the true gradient comes back (and trains the module) for one microbatch in this many
+    synthetic_every: int = Field(1, ge=1, le=64)
+    # decoupled: 0, the module's A is width x width (the paper's); r > 0: A = U V of rank r (cheaper)
+    synthetic_rank: int = Field(0, ge=0, le=BIG_COUNT)
     pipeline_split: Optional[list[int]] = None
     # how ranks combine their work (pbp_hpc/parallel/strategies/): allreduce (the report's
     # Algorithm 5), local_sgd, async_ps, ssp, hogwild (docs/strategies.md)

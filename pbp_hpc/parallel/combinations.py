@@ -58,6 +58,11 @@ RULES = [
     Rule(PIPELINE, ("algorithm", ("per_example",)),
          "a pipeline runs batched microbatches; per_example is the one-at-a-time baseline"),
     Rule(PIPELINE, ("backend", ("cupy",)), "pipeline parallelism runs on host buffers; with backend: cupy use parallel.pipeline 1"),
+    Rule(("parallel.pipeline_schedule", ("decoupled",)), TENSOR,
+         "the decoupled schedule's synthetic gradients are built for whole stages; use parallel.tensor 1 "
+         "(or pipeline_schedule 1f1b)"),
+    Rule(("parallel.pipeline_schedule", ("decoupled",)), ("parallel.pipeline", (1,)),
+         "decoupled stages need a pipeline: set parallel.pipeline to 2 or more"),
     Rule(TENSOR, ("optimizer.name", ("lars", "lamb")),
          "the layer-wise optimizers scale each layer by its whole norm, and a tensor group holds parts of layers; "
          "use parallel.tensor 1 (or optimizer nesterov)"),

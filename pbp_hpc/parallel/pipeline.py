@@ -37,6 +37,7 @@ from pbp_hpc.engine.tensor_layout import ShardLayout
 from pbp_hpc.errors import ConfigError
 from pbp_hpc.parallel import reducers, tensor, tensor_output
 from pbp_hpc.parallel.pipeline_step import PipelineStep
+from pbp_hpc.parallel.synthetic import SyntheticGradient
 from pbp_hpc.parallel.tensor import PartsStrategy
 from pbp_hpc.parallel.volumes import split_layers  # noqa: F401  (the split by work: one place, shared with the models)
 from pbp_hpc.parallel.strategies.base import my_share
@@ -88,7 +89,8 @@ class PipelineStrategy(PartsStrategy):
         tp = {"tensor_layout": self.local.tp.kinds} if self.local.tp is not None else {}
         return {**super().describe(), "grid": {"data": self.grid.D, "tensor": self.grid.T, "pipeline": self.grid.S},
                 **tp, "pipeline_schedule": self.local.schedule, "microbatches": self.local.M,
-                "bytes_per_step": {"activations": self.local.bytes_per_step(), "gradients": self.reducer.wire_bytes()}}
+                "bytes_per_step": {"activations": self.local.bytes_per_step(), "gradients": self.reducer.wire_bytes(),
+                                   **self.local.synthetic_bytes()}}
 
 
 def build(st: Any) -> None:
@@ -128,6 +130,10 @@ def build(st: Any) -> None:
         st.theta = st.reducer.parameters(lambda out: _part(st.layout, whole))
         st.optimizer = optimizers.make(cfg, st.theta, st.reducer.state_buffer, xp)
         tp = None
+        sg = None
+        if p.pipeline_schedule == "decoupled" and grid.s < grid.S - 1:  # its output's gradient predicted
+            sg = SyntheticGradient(xp, sizes[hi], getattr(xp, cfg.model.dtype), p.synthetic_lr, grid.data,
+                                   p.synthetic_rank, cfg.train.seed + grid.s)
         if grid.T > 1:
             tp = TensorStep(mine, st.theta, st.grad, st.reducer.loss_out, st.data.train, xp,
                             -(-rows // p.microbatches), st.reducer.layer_done, grid.tensor,
@@ -136,10 +142,17 @@ def build(st: Any) -> None:
         st.local = PipelineStep(mine, st.theta, st.grad, st.reducer.loss_out, st.data.train, xp, rows,
                                 st.reducer.layer_done, grid.pipeline, lo, len(sizes) - 1, p.microbatches,
                                 p.pipeline_schedule, cfg.model.activation, losses.of(cfg.model),
-                                tp=tp, extras_comm=grid.model if grid.T > 1 else None)
+                                tp=tp, extras_comm=grid.model if grid.T > 1 else None,
+                                synthetic=sg, synthetic_every=p.synthetic_every)
         st.local.watch = st.watch
         st.strategy.attach(st.local, st.reducer, st.optimizer)
         st.grid_header = header(stages, grid.D, p.microbatches, p.pipeline_schedule, grid.T, kinds, said)
+        if p.pipeline_schedule == "decoupled":
+            st.grid_header += (f"; stages 0..{grid.S - 2} update with synthetic gradients (a linear module of "
+                               + ("width x width" if not p.synthetic_rank else f"rank {p.synthetic_rank}")
+                               + f", zero at the start, synthetic_lr {p.synthetic_lr:g}, trained on "
+                               + ("every microbatch" if p.synthetic_every == 1 else
+                                  f"one microbatch in {p.synthetic_every}") + ")")
     except BaseException:
         st.strategy.reducer = getattr(st, "reducer", None)
         st.strategy.close()

@@ -13,6 +13,14 @@ Schedules (parallel.pipeline_schedule), both running the backward passes in micr
     gpipe   every forward pass, then every backward pass: M microbatches' activations held
     1f1b    S - s - 1 forwards to fill the pipe, then one forward and one backward in turn,
             then the remaining backwards: at most min(M, S) microbatches' activations held
+    decoupled  a stage that is not the last runs each microbatch's forward and, at once, its
+            backward with a synthetic gradient of its output (parallel/synthetic.py), never
+            waiting for the stages above; the true gradients come back with nonblocking
+            receives, each trains the synthetic module when it has arrived (tested after each
+            microbatch; the rest waited for at the step's end). The last stage runs as 1f1b.
+            With parallel.synthetic_every k, only microbatches 0, k, 2k, .. of a step send their
+            input gradient down (the others skip the GEMM that makes it).
+            Not the one-rank update: the stages below the last follow their synthetic gradient.
 
 The loss (on the last stage) and the stop flag reach every stage in one Allreduce of the two
 extras over the pipeline group at the end of the step. Communicators are passed in.
@@ -48,7 +56,8 @@ LayerDone = Callable[[int], None]
 class _Slot:
     """The buffers of one microbatch in flight on this stage."""
 
-    def __init__(self, xp: Any, rows: int, n_in: int, widths: list[int], dtype: Any, tp: Any = None):
+    def __init__(self, xp: Any, rows: int, n_in: int, widths: list[int], dtype: Any, tp: Any = None,
+                 synthetic: bool = False):
         self.x = xp.zeros((rows, n_in), dtype=dtype)  # this stage's input: the data, or what came from below
         # the layers' activations: whole (engine.model's layers) or, in a tensor group, the tensor step's flat buffers
         self.acts = [xp.zeros((rows, w), dtype=dtype) for w in widths] if tp is None else None
@@ -57,6 +66,10 @@ class _Slot:
         self.g_in = xp.zeros((rows, n_in), dtype=dtype)  # dL/d(input), sent to the stage below
         self.y = xp.zeros((rows, widths[-1]), dtype=dtype)  # targets (last stage)
         self.sent: Any = None  # the Isend of this microbatch's output, to finish before its delta overwrites it
+        if synthetic:  # decoupled: the output kept for the module, its prediction, the true gradient
+            self.h = xp.zeros((rows, widths[-1]), dtype=dtype)
+            self.pred = xp.zeros((rows, widths[-1]), dtype=dtype)
+            self.g_true = xp.zeros((rows, widths[-1]), dtype=dtype)
 
 
 class PipelineStep:
@@ -68,9 +81,10 @@ class PipelineStep:
     def __init__(self, layout: Any, theta: Any, grad: Any, loss_out: Any, source: Any, xp: Any,
                  max_batch: int, layer_done: LayerDone, pipe: MPI.Comm, first_layer: int, n_layers: int,
                  microbatches: int, schedule: str, activation: str, loss: str, tp: Any = None,
-                 extras_comm: Any = None):
+                 extras_comm: Any = None, synthetic: Any = None, synthetic_every: int = 1):
         """tp: the stage's tensor step (TensorStep over its layers' shard) where a tensor group holds
-        the stage; extras_comm: the communicator of the end-of-step extras (the model group then)."""
+        the stage; extras_comm: the communicator of the end-of-step extras (the model group then);
+        synthetic: the stage's synthetic-gradient module (schedule decoupled, a stage below the last)."""
         self.layout, self.theta, self.grad, self.loss, self.source, self.xp = layout, theta, grad, loss_out, source, xp
         self.pipe, self.s, self.S = pipe, pipe.rank, pipe.size
         self.first_layer, self.global_last = first_layer, first_layer + layout.n_layers == n_layers
@@ -82,14 +96,17 @@ class PipelineStep:
             self.gws, self.gbs = model.views(grad, layout, xp)
         self.extras = grad[layout.n_params:]
         self.rows_per = rows = max(1, -(-max(1, max_batch) // microbatches))  # a microbatch's rows at most
-        slots = microbatches if schedule == "gpipe" else min(microbatches, self.S)
+        slots = microbatches if schedule in ("gpipe", "decoupled") else min(microbatches, self.S)
+        self.synthetic = synthetic if schedule == "decoupled" and not self.global_last else None
+        self.every = synthetic_every
         dtype = theta.dtype
         self.tp = tp
         self.extras_comm = pipe if extras_comm is None else extras_comm
         if tp is not None:  # the tensor step's layers end the model only on the last stage
             tp.ends_model, tp.carries_stop = self.global_last, False
             tp.layer_done = _nothing  # the reducer hears of the layers once a step, below
-        self.slots = [_Slot(xp, rows, layout.sizes[0], layout.sizes[1:], dtype, tp) for _ in range(slots)]
+        self.slots = [_Slot(xp, rows, layout.sizes[0], layout.sizes[1:], dtype, tp, self.synthetic is not None)
+                      for _ in range(slots)]
         self.scratch = xp.zeros((rows * max(layout.sizes),), dtype=dtype)
         self.ones = xp.ones((1, rows), dtype=dtype)
         self.row = xp.zeros((rows, 1), dtype=dtype)
@@ -105,7 +122,8 @@ class PipelineStep:
     @property
     def seconds(self) -> float:
         """Time in this stage's messages: the neighbours' and, in a tensor group, the group's."""
-        return self.wait_s + (self.tp.seconds if self.tp is not None else 0.0)
+        return (self.wait_s + (self.tp.seconds if self.tp is not None else 0.0)
+                + (self.synthetic.seconds if self.synthetic is not None else 0.0))
 
     # -- arithmetic of one microbatch --------------------------------------------------------------
     def _forward(self, slot: _Slot, n: int, train: bool = True) -> Any:
@@ -123,7 +141,7 @@ class PipelineStep:
             a = z
         return a
 
-    def _backward(self, slot: _Slot, n: int, beta: float) -> float:
+    def _backward(self, slot: _Slot, n: int, beta: float, input_grad: bool = True) -> float:
         """Gradient sums of this microbatch added (beta 1) or written (beta 0) into grad; dL/d(input)
         into slot.g_in where a stage lies below. Returns the microbatch's loss sum (last stage) or 0."""
         if self.tp is not None:
@@ -146,7 +164,7 @@ class PipelineStep:
             if l > 0:
                 back = xp.reshape(self.scratch[: n * a_in.shape[1]], (n, -1))
                 ops.matmul(xp, d, self.ws[l].T, out=back)
-            elif self.s > 0:
+            elif self.s > 0 and input_grad:
                 ops.matmul(xp, d, self.ws[0].T, out=slot.g_in[:n])
             ops.gemm(xp, a_in.T, d, self.gws[l], beta=beta)
             ops.gemm(xp, self.ones[:, :n], d, self.gbs[l][None, :], beta=beta)
@@ -175,6 +193,10 @@ class PipelineStep:
         if not micro:
             self.grad[: self.layout.n_params] = 0
             self.loss[0] = 0.0
+            if self.synthetic is not None:  # (its data group's Allreduce: every rank, every step)
+                self.synthetic.apply()
+        elif self.synthetic is not None:
+            self.loss[0] = self._decoupled(idx, bounds, micro)
         else:
             self.loss[0] = self._schedule(idx, bounds, micro)
         for l in reversed(range(self.layout.n_layers)):
@@ -223,8 +245,9 @@ class PipelineStep:
             if up:
                 self._wait(recvs.pop(("g", i)))
                 self._wait(slot.sent)  # (delivered already: the gradient of it came back)
-            loss += self._backward(slot, rows, 0.0 if i == 0 else 1.0)
-            if down:
+            wanted = self._returns(i)  # (decoupled: only the microbatches whose true gradient trains a module)
+            loss += self._backward(slot, rows, 0.0 if i == 0 else 1.0, wanted)
+            if down and wanted:
                 self._pending.append(self._send(slot.g_in[:rows], self.s - 1, 2 * m + 1))
             if i + K < len(micro):
                 self._finish_sends()  # the slot's g_in is reused by microbatch i + K
@@ -249,6 +272,55 @@ class PipelineStep:
                 backward(i)
         self._finish_sends()
         return loss
+
+    def _decoupled(self, idx: Any, bounds: list[tuple[int, int]], micro: list[int]) -> float:
+        """A stage below the last, schedule decoupled: each microbatch forward, sent up, and
+        backward with the synthetic gradient at once; the true gradients train the module as
+        they arrive. One slot per microbatch (its output is kept until its true gradient came)."""
+        sg, down = self.synthetic, self.s > 0
+        xs, gs, trained = [], {}, 0
+        for i, m in enumerate(micro):  # every receive posted at once: a slot per microbatch
+            slot, (lo, hi) = self.slots[i], bounds[m]
+            if down:
+                xs.append(self.pipe.Irecv(slot.x[:hi - lo], source=self.s - 1, tag=2 * m))
+            if self._returns(i):
+                gs[i] = self.pipe.Irecv(slot.g_true[:hi - lo], source=self.s + 1, tag=2 * m + 1)
+        back = sorted(gs)  # the microbatches whose true gradient comes back, in order
+
+        def train(j: int) -> None:  # the j-th microbatch's true gradient has arrived
+            slot, (lo, hi) = self.slots[j], bounds[micro[j]]
+            sg.add_error(slot.h[:hi - lo], slot.pred[:hi - lo], slot.g_true[:hi - lo])
+
+        for i, m in enumerate(micro):
+            slot, (lo, hi) = self.slots[i], bounds[m]
+            n = hi - lo
+            if down:
+                self._wait(xs[i])
+            else:
+                datasets.fill_batch(self.source, idx[lo:hi], slot.x, slot.y, self.xp, self.rows)
+            out = self._forward(slot, n)
+            slot.h[:n] = out  # sent from this copy: the backward pass overwrites `out`
+            self._pending.append(self._send(slot.h[:n], self.s + 1, 2 * m))
+            sg.predict(slot.h[:n], slot.pred[:n])
+            slot.g_out[:n] = slot.pred[:n]  # (the backward pass uses its incoming gradient as scratch)
+            self._backward(slot, n, 0.0 if i == 0 else 1.0, self._returns(i))
+            if down and self._returns(i):
+                self._pending.append(self._send(slot.g_in[:n], self.s - 1, 2 * m + 1))
+            while trained < len(back) and back[trained] <= i and gs[back[trained]].Test():  # those here so far
+                train(back[trained])
+                trained += 1
+        for j in back[trained:]:  # the rest, at the step's end
+            self._wait(gs[j])
+            train(j)
+        sg.apply()
+        self._finish_sends()
+        return 0.0
+
+    def _returns(self, i: int) -> bool:
+        """Whether the i-th microbatch's input gradient goes down to the stage below: always, but
+        in the decoupled schedule only one microbatch in parallel.synthetic_every (it only trains
+        the module below, and the GEMM that makes it is then saved too)."""
+        return self.schedule != "decoupled" or i % self.every == 0
 
     def _finish_sends(self) -> None:
         if self._pending:
@@ -287,6 +359,13 @@ class PipelineStep:
         """Activation bytes this rank sent per training step, counted: to its neighbours, and in its tensor group."""
         sent = self.sent_bytes + (self.tp.sent_bytes if self.tp is not None else 0)
         return sent / self.steps if self.steps else 0.0
+
+    def synthetic_bytes(self) -> dict[str, float]:
+        """Schedule decoupled: the bytes a step of the synthetic module's data-group Allreduce sends."""
+        if self.schedule != "decoupled":
+            return {}
+        sent = self.synthetic.sent_bytes if self.synthetic is not None else 0
+        return {"synthetic_module": sent / self.steps if self.steps else 0.0}
 
 
 def _nothing(l: int) -> None:
