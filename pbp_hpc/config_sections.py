@@ -249,8 +249,10 @@ class ParallelConfig(_Section):
     synthetic_lr: float = Field(0.001, ge=0.0, le=1e6, allow_inf_nan=False)
     # decoupled: the true gradient comes back (and trains the module) for one microbatch in this many
     synthetic_every: int = Field(1, ge=1, le=64)
-    # decoupled: 0, the module's A is width x width (the paper's); r > 0: A = U V of rank r (cheaper)
-    synthetic_rank: int = Field(0, ge=0, le=BIG_COUNT)
+    # decoupled: the module's A = U V of rank r (the default 64: a small module, as the issue asks,
+    # and the one that is faster than 1f1b on Net-2h; the paper's width x width A doubles stage 0's
+    # work there and loses, docs/model_parallel.md); 0 (or r >= width): the whole width x width A
+    synthetic_rank: int = Field(64, ge=0, le=BIG_COUNT)
     pipeline_split: Optional[list[int]] = None
     # how ranks combine their work (pbp_hpc/parallel/strategies/): allreduce (the report's
     # Algorithm 5), local_sgd, async_ps, ssp, hogwild (docs/strategies.md)
