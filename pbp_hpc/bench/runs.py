@@ -62,8 +62,10 @@ class GemmReplay:
         st = run.st
         self.st, self.comm = st, st.comm
         self.n_full, rest = n // batch, n % batch
-        self.full = self._record(run, batch, my_share(batch, st.comm.size, st.comm.rank))
-        self.last = self._record(run, rest, my_share(rest, st.comm.size, st.comm.rank)) if rest else []
+        # a data rank's share: the ranks of a tensor group or pipeline compute the same rows together
+        D, d = st.grid.D, st.grid.d
+        self.full = self._record(run, batch, my_share(batch, D, d))
+        self.last = self._record(run, rest, my_share(rest, D, d)) if rest else []
         self.saved = np.empty_like(st.theta)
 
     @staticmethod
