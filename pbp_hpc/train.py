@@ -163,7 +163,7 @@ def run(cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, log: Optional[Log] = None,
             host, data = data, device_data.to_device(data, xp)  # uploaded once; batches are gathered on the device
             host.close()  # the node's shared copy (collective): no rank reads it again
         faults.inject(cfg, comm.rank, "setup", DataError)  # debug.fail_phase (tests)
-        cfg, why_grid = grid_auto.choose(cfg, comm)  # parallel.grid auto: data x tensor x pipeline (collective)
+        cfg, why_grid = grid_auto.choose(cfg, comm, len(data.train))  # parallel.grid auto: data x tensor x pipeline (collective)
         with State(cfg, comm, xp, data) as st:
             info = provenance.collect() if comm.rank == 0 else {}
             if devices is not None and comm.rank == 0:

@@ -33,6 +33,7 @@ from typing import Any, Optional
 
 import numpy as np
 from mpi4py import MPI
+from threadpoolctl import threadpool_limits
 
 from pbp_hpc.engine import model
 from pbp_hpc.parallel import volumes
@@ -70,12 +71,13 @@ def first_layer_seconds(sizes: list[int], rows: int, T: int, dtype: str) -> floa
     z = np.empty((rows, cols), dtype=dtype)
     g = np.empty_like(w)
     best = math.inf
-    for _ in range(3):
-        t = time.perf_counter()
-        np.matmul(a, w, out=z)
-        np.matmul(a.T, z, out=g)
-        np.matmul(a, w, out=z)
-        best = min(best, time.perf_counter() - t)
+    with threadpool_limits(limits=1, user_api="blas"):  # every candidate alike, and no threads oversubscribing the cores
+        for _ in range(3):
+            t = time.perf_counter()
+            np.matmul(a, w, out=z)
+            np.matmul(a.T, z, out=g)
+            np.matmul(a, w, out=z)
+            best = min(best, time.perf_counter() - t)
     return best
 
 
@@ -163,16 +165,28 @@ def checkpoint_grid(cfg: Any, comm: MPI.Comm) -> Optional[tuple[int, int, int]]:
     return comm.bcast(found, root=0)
 
 
-def choose(cfg: Any, comm: MPI.Comm) -> tuple[Any, Optional[str]]:
+def within_nodes(comm: MPI.Comm, grids: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """The grids whose tensor groups (T consecutive world ranks, parallel/grid.py) each lie on one
+    node (collective): a tensor group exchanges activations several times a step, which a node's
+    memory carries and a network between nodes would make the slowest part of every step; data
+    and pipeline groups may span nodes, as on a cluster (Megatron-LM places them the same way)."""
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    leaders = comm.allgather(node.allreduce(comm.rank, op=MPI.MIN))  # each rank's node, named by its lowest rank
+    node.Free()
+    return [g for g in grids if all(len(set(leaders[i:i + g[1]])) == 1 for i in range(0, comm.size, g[1]))]
+
+
+def choose(cfg: Any, comm: MPI.Comm, n_train: Optional[int] = None) -> tuple[Any, Optional[str]]:
     """With parallel.grid auto and tensor and pipeline left at 1: the config with parallel.tensor
     and parallel.pipeline set by the model, and the header's line saying why (collective).
-    Otherwise (cfg, None): the grid as given."""
+    Otherwise (cfg, None): the grid as given. n_train: the training examples (a batch larger than
+    them is their number of rows)."""
     p = cfg.parallel
     if p.grid != "auto" or p.tensor > 1 or p.pipeline > 1:
         return cfg, None
     allowed = all(_goes_with(cfg, key) for key in ("tensor", "pipeline"))
-    sizes, B = cfg.model.layers, cfg.train.batch_size
-    grids = candidates(comm.size, sizes, allowed)
+    sizes, B = cfg.model.layers, min(cfg.train.batch_size, n_train or cfg.train.batch_size)
+    grids = within_nodes(comm, candidates(comm.size, sizes, allowed)) if comm.size > 1 else [(1, 1, 1)]
     if len(grids) == 1:
         why = "one rank" if comm.size == 1 else "only data parallelism goes with these settings"
         return cfg, f"pbp_hpc: grid auto: data {comm.size} ({why})"
