@@ -2,7 +2,8 @@
 
 It chooses where parallel.tensor and parallel.pipeline are left at 1 (sizes above 1 are the grid
 as given), keeps a resumed checkpoint's grid, and leaves data parallelism only for a grid
-predicted at least 10% and 50 us a step faster (MARGIN, MIN_SAVING_S).
+predicted at least 10% and 50 us a step faster (MARGIN, MIN_SAVING_S), and splits units only
+within a node (within_nodes).
 
 For each grid (D, T, S) with D x T x S = P (T x S grids too: each pipeline stage's layers split
 over its tensor group), the model predicts a step's time from measurements taken here, at
