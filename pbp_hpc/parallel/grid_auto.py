@@ -62,12 +62,21 @@ def measure_network(comm: MPI.Comm) -> tuple[float, float]:
     return comm.bcast((alpha, beta), root=0)
 
 
+# Rows beyond which the GEMMs are timed at this many and scaled: a GEMM's rate no longer grows
+# there, and a large batch (16,384 rows and more) would otherwise allocate and time hundreds of MB
+# at start-up.
+TIMED_ROWS = 1024
+
+
 def first_layer_seconds(sizes: list[int], rows: int, T: int, dtype: str) -> float:
     """The measured time of the first layer's forward and weight-gradient GEMMs (and an input-
-    gradient-sized third) at rows x sizes[0] by sizes[1] / T; the best of three."""
+    gradient-sized third) at rows x sizes[0] by sizes[1] / T; the best of three (above
+    TIMED_ROWS rows, timed at TIMED_ROWS and scaled by the rows)."""
+    if rows > TIMED_ROWS:
+        return first_layer_seconds(sizes, TIMED_ROWS, T, dtype) * rows / TIMED_ROWS
     cols = max(1, sizes[1] // T)
     rng = np.random.default_rng(0)
-    a = rng.random((rows, sizes[0])).astype(dtype)
+    a = rng.random((rows, sizes[0]), dtype=np.float32).astype(dtype)
     w = rng.random((sizes[0], cols)).astype(dtype)
     z = np.empty((rows, cols), dtype=dtype)
     g = np.empty_like(w)
