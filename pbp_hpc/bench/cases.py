@@ -50,20 +50,19 @@ class Spec:
 
     def data_overrides(self) -> list[str]:
         """`--set` items for the data every case trains on."""
-        out = []
-        if self.synthetic:
-            out += ["data.name=synthetic", "data.n_test=10"]
-        elif self.data_dir:
-            out.append(f"data.dir={self.data_dir}")
-        if self.n_train is not None:
-            out.append(f"data.n_train={self.n_train}")
-        return out
+        return data_sets(self.synthetic, self.data_dir, self.n_train)
 
     def typed_overrides(self, layers: list[int], batch: int) -> list[str]:
         """`--set` items of the `as typed` row: the case's network, training setup, batch and data,
         and the epochs; none of the tuning the other rows get (reducer, threads, binding, skipping)."""
         return [f"model.layers={layers}", f"train.batch_size={batch}", f"train.learning_rate={LEARNING_RATE}",
                 *TRAINING, f"train.epochs={self.reps + 1}", *self.data_overrides()]
+
+
+def data_sets(synthetic: bool, data_dir: Optional[str], n_train: Optional[int]) -> list[str]:
+    """`--set` items for a benchmark's data: synthetic, or MNIST from data_dir; the first n_train examples."""
+    out = ["data.name=synthetic", "data.n_test=10"] if synthetic else [f"data.dir={data_dir}"] if data_dir else []
+    return out + ([f"data.n_train={n_train}"] if n_train is not None else [])
 
 
 def make_spec(args: argparse.Namespace, cores: int) -> Spec:

@@ -39,7 +39,7 @@ import numpy as np
 
 import pbp_hpc.bench.stopping as stopping
 import pbp_hpc.bench.typed as typed
-from pbp_hpc.bench.cases import NETWORKS
+from pbp_hpc.bench.cases import NETWORKS, data_sets
 from pbp_hpc.parallel.hybrid import REPO
 
 MODES = {"report": "configs/report_net1h.yaml", "default": None}  # the config file each mode types, if any
@@ -69,14 +69,8 @@ class Race:
 
     def sets(self, net: str, batch: int) -> list[str]:
         """The `--set` items every cell of a group has: network, batch, epochs and data; nothing else."""
-        out = [f"model.layers={NETWORKS[net]}", f"train.batch_size={batch}", f"train.epochs={self.epochs}"]
-        if self.synthetic:
-            out += ["data.name=synthetic", "data.n_test=10"]
-        elif self.data_dir:
-            out.append(f"data.dir={self.data_dir}")
-        if self.n_train is not None:
-            out.append(f"data.n_train={self.n_train}")
-        return out
+        return [f"model.layers={NETWORKS[net]}", f"train.batch_size={batch}", f"train.epochs={self.epochs}",
+                *data_sets(self.synthetic, self.data_dir, self.n_train)]
 
 
 def config_path(mode: str) -> Optional[str]:

@@ -265,25 +265,29 @@ class _Cblas:
 
     def axpy(self, alpha: float, x: Any, y: Any) -> bool:
         """y <- y + alpha x through BLAS for 1-D x, y of one dtype; False (nothing done) otherwise."""
-        fns = self._fns if self._tried else self.get()
-        if fns is None or x.ndim != 1 or y.ndim != 1 or x.shape != y.shape or x.dtype != y.dtype:
-            return False
-        fn = fns.get("axpy_" + y.dtype.char)
-        if fn is None or x.strides[0] % x.itemsize or y.strides[0] % y.itemsize or y.strides[0] == 0:
+        fn = self._level1("axpy_", x, y)
+        if fn is None:
             return False
         fn(y.shape[0], alpha, _address(x), x.strides[0] // x.itemsize, _address(y), y.strides[0] // y.itemsize)
         return True
 
     def axpby(self, alpha: float, x: Any, beta: float, y: Any) -> bool:
         """y <- alpha x + beta y through BLAS for 1-D x, y of one dtype; False (nothing done) otherwise."""
-        fns = self._fns if self._tried else self.get()
-        if fns is None or x.ndim != 1 or y.ndim != 1 or x.shape != y.shape or x.dtype != y.dtype:
-            return False
-        fn = fns.get("axpby_" + y.dtype.char)
-        if fn is None or x.strides[0] % x.itemsize or y.strides[0] % y.itemsize or y.strides[0] == 0:
+        fn = self._level1("axpby_", x, y)
+        if fn is None:
             return False
         fn(y.shape[0], alpha, _address(x), x.strides[0] // x.itemsize, beta, _address(y), y.strides[0] // y.itemsize)
         return True
+
+    def _level1(self, name: str, x: Any, y: Any) -> Any:
+        """The BLAS level-1 routine `name` for 1-D x, y of one dtype and whole-element strides; None if it cannot take them."""
+        fns = self._fns if self._tried else self.get()
+        if fns is None or x.ndim != 1 or y.ndim != 1 or x.shape != y.shape or x.dtype != y.dtype:
+            return None
+        fn = fns.get(name + y.dtype.char)
+        if fn is None or x.strides[0] % x.itemsize or y.strides[0] % y.itemsize or y.strides[0] == 0:
+            return None
+        return fn
 
     def _operand(self, x: Any, item: int) -> tuple[int, int]:
         """(transpose flag, leading dimension) of a row-major or transposed 2-D view; (0, 0) if neither.
