@@ -175,6 +175,17 @@ def checkpoint_grid(cfg: Any, comm: MPI.Comm) -> Optional[tuple[int, int, int]]:
     return comm.bcast(found, root=0)
 
 
+def _oversubscribed(comm: MPI.Comm) -> bool:
+    """Whether this rank's node runs more ranks than the cores its ranks may use together."""
+    from pbp_hpc.parallel.provenance import cpu_set
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return node.size > len(set().union(*node.allgather(set(cpu_set()))))
+    finally:
+        node.Free()
+
+
 def within_nodes(comm: MPI.Comm, grids: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
     """The grids whose tensor groups (T consecutive world ranks, parallel/grid.py) each lie on one
     node (collective): a tensor group exchanges activations several times a step, which a node's
@@ -200,6 +211,9 @@ def choose(cfg: Any, comm: MPI.Comm, n_train: Optional[int] = None) -> tuple[Any
     if len(grids) == 1:
         why = "one rank" if comm.size == 1 else "only data parallelism goes with these settings"
         return cfg, f"pbp_hpc: grid auto: data {comm.size} ({why})"
+    if comm.allreduce(_oversubscribed(comm), op=MPI.LOR):
+        return cfg, (f"pbp_hpc: grid auto: data {comm.size} (more ranks than cores on a node: start-up timings would "
+                     "measure the ranks' contention for the cores, not the grids)")
     kept = checkpoint_grid(cfg, comm)
     if kept in grids:
         D, T, S = kept
