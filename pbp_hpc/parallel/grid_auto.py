@@ -211,15 +211,15 @@ def choose(cfg: Any, comm: MPI.Comm, n_train: Optional[int] = None) -> tuple[Any
     if len(grids) == 1:
         why = "one rank" if comm.size == 1 else "only data parallelism goes with these settings"
         return cfg, f"pbp_hpc: grid auto: data {comm.size} ({why})"
-    if comm.allreduce(_oversubscribed(comm), op=MPI.LOR):
-        return cfg, (f"pbp_hpc: grid auto: data {comm.size} (more ranks than cores on a node: start-up timings would "
-                     "measure the ranks' contention for the cores, not the grids)")
     kept = checkpoint_grid(cfg, comm)
     if kept in grids:
         D, T, S = kept
         why = (f"pbp_hpc: grid auto: data {D} x tensor {T} x pipeline {S}, the grid of the checkpoint it resumes "
                "(so that the run continues bit for bit)")
         return cfg.model_copy(update={"parallel": p.model_copy(update={"tensor": T, "pipeline": S})}), why
+    if comm.allreduce(_oversubscribed(comm), op=MPI.LOR):
+        return cfg, (f"pbp_hpc: grid auto: data {comm.size} (more ranks than cores on a node: start-up timings would "
+                     "measure the ranks' contention for the cores, not the grids)")
     alpha, beta = measure_network(comm)
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     one_node = comm.allreduce(node.size, op=MPI.MIN) == comm.size
