@@ -50,6 +50,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="BLAS threads per rank")
     p.add_argument("--data-dir", help="MNIST IDX folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    p.add_argument("--top", type=int, default=12, help="how many functions to list")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="cpu: time by the process's CPU time, which other programs on a loaded machine disturb "
                         "less than the wall clock (with --threads 1: it adds up every thread's time)")
@@ -77,7 +78,7 @@ def main() -> int:
         prof.disable()
         step_ms, gemm_ms = floor(run, batches[5:], args.clock)
     if world.rank == 0:
-        report(pstats.Stats(prof), args.steps, st, args.threads)
+        report(pstats.Stats(prof), args.steps, st, args.threads, args.top)
         print(f"  unprofiled: {step_ms:.3f} ms per step; its GEMMs alone (the floor): {gemm_ms:.3f} ms; "
               f"step / GEMM {step_ms / gemm_ms:.3f} ({args.clock} clock)")
     st.close()
@@ -103,7 +104,7 @@ def floor(run: bench.OurRun, batches: list[np.ndarray], clock_name: str) -> tupl
     return 1e3 * best / steps, 1e3 * gemm / steps
 
 
-def report(stats: pstats.Stats, steps: int, st: train.State, threads: int) -> None:
+def report(stats: pstats.Stats, steps: int, st: train.State, threads: int, top: int = 12) -> None:
     per = {}  # group -> ms per step (own time of the functions in it)
     rows = []
     for (file, _, name), (_, _, tottime, _, _) in stats.stats.items():  # type: ignore[attr-defined]
@@ -119,7 +120,7 @@ def report(stats: pstats.Stats, steps: int, st: train.State, threads: int) -> No
     for group, ms in sorted(per.items(), key=lambda kv: -kv[1]):
         print(f"  {group:17s} {ms:7.3f} ms  {100 * ms / total:5.1f}%")
     print("  top functions:")
-    for ms, group, where in sorted(rows, reverse=True)[:12]:
+    for ms, group, where in sorted(rows, reverse=True)[:top]:
         print(f"    {ms:7.3f} ms  {group:17s} {where}")
     if getattr(st.local, "skip", None) is not None:
         print(f"  active input columns: {st.local.skip.summary()}")

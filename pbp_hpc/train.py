@@ -27,7 +27,7 @@ import numpy as np
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
-from pbp_hpc import evaluation, faults, model_file, periodic, protocols, resume, trace
+from pbp_hpc import blas_kernels, evaluation, faults, model_file, periodic, protocols, resume, trace
 from pbp_hpc.config import Config
 from pbp_hpc.epoch import Loop, epoch_order, run_epoch  # noqa: F401  (epoch_order: train's API, for bench and tests)
 from pbp_hpc.data import datasets, device as device_data
@@ -173,6 +173,8 @@ def run(cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, log: Optional[Log] = None,
             log(f"pbp_hpc: {comm.size} rank(s) x {threads} thread(s) ({why_threads}), {binding['how']}, "
                 f"reducer {st.reducer.name} ({st.reducer.choice.get('reducer_reason', 'parallel.gpu_reducer')}), "
                 f"strategy {st.strategy.name}")
+            if blas_kernels.reason is not None:
+                log(f"BLAS kernels: OPENBLAS_CORETYPE={os.environ.get(blas_kernels.VAR)}, {blas_kernels.reason}")
             for line in (why_grid, st.grid_header):  # the grid: how it was chosen, how the model is split
                 if line is not None:
                     log(line)

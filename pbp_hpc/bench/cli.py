@@ -23,6 +23,7 @@ import pbp_hpc.bench.stopping as stopping
 import pbp_hpc.bench.typed as typed
 from pbp_hpc.bench.cases import NETWORKS, Spec, make_spec
 from pbp_hpc.bench.table import checks, rows_of, table, write_splits
+from pbp_hpc import blas_kernels
 from pbp_hpc.errors import Stopped
 from pbp_hpc.parallel import hybrid
 
@@ -57,7 +58,8 @@ def header_lines(spec: Spec, load_start: tuple[float, float, float]) -> list[str
            if load_start[0] > 0.5 else ""),
         "BLAS: " + "; ".join(blas_summary()),
         f"thread settings in the caller's environment: {env} (cases set theirs: threadpoolctl, torch.set_num_threads, XLA by cores);"
-        f" OPENBLAS_CORETYPE {os.environ.get('OPENBLAS_CORETYPE', 'not set (OpenBLAS detects the core)')}",
+        f" OPENBLAS_CORETYPE {os.environ.get('OPENBLAS_CORETYPE', 'not set (OpenBLAS detects the core)')}"
+        + (f" ({blas_kernels.reason})" if blas_kernels.reason else ""),
         f"data: {'synthetic' if spec.synthetic else 'MNIST'}, {spec.n_train or 'all 50,000'} training examples; "
         f"float32; {spec.reps} timed epochs per case after {spec.warmup_steps} warm-up steps, medians; "
         f"reducer {spec.reducer}; ranks {'pinned to their cores (-bind-to core:t)' if spec.pin else 'not pinned'}; clock: "
