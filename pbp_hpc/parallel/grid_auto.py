@@ -2,8 +2,7 @@
 
 It chooses where parallel.tensor and parallel.pipeline are left at 1 (sizes above 1 are the grid
 as given), keeps a resumed checkpoint's grid, and leaves data parallelism only for a grid
-predicted at least 10% and 50 us a step faster (MARGIN, MIN_SAVING_S; any gain where all
-data would be reducer shared_batch: SHARED_BATCH_MARGIN), and splits units only
+predicted at least 10% and 50 us a step faster (MARGIN, MIN_SAVING_S), and splits units only
 within a node (within_nodes).
 
 For each grid (D, T, S) with D x T x S = P (T x S grids too: each pipeline stage's layers split
@@ -109,6 +108,17 @@ def node_sum_seconds(n: int, dtype: str) -> float:
     return best
 
 
+# Where all data runs as reducer shared_batch (one node, reducer auto, at most
+# reducers.SHARED_BATCH_ROWS rows a rank), its compute is priced this many times its GEMMs timed
+# alone: its ranks run their GEMMs together over node-shared activations and whole weight
+# matrices, and wait at two barriers a step. Profiled (Net-1h, batch 128, 2 ranks) its GEMMs took
+# 1.6x their time alone; over whole runs (2 ranks, batch 128, 2026-12-07) the model, pricing them
+# alone, put data/tensor at 1.01-1.10 (Net-2h) and 1.08-1.10 (Net-1h) where the runs measured
+# 1.14-1.19 and 1.23-1.39, and auto kept data parallelism (its margin, MARGIN) in some runs of
+# each: those runs imply corrections of 1.04-1.29, and 1.2 is within them.
+SHARED_BATCH_SLOWDOWN = 1.2
+
+
 def predict(sizes: list[int], B: int, grid: tuple[int, int, int], M: int, itemsize: int, alpha: float, beta: float,
             dtype: str, node_sum: Optional[float] = None) -> float:
     """A step's predicted seconds on this grid. node_sum: where all data ranks share one node and
@@ -125,6 +135,8 @@ def predict(sizes: list[int], B: int, grid: tuple[int, int, int], M: int, itemsi
     comm = volumes.comm_seconds(sizes, grid, rows, M, itemsize, alpha, beta)
     if node_sum is not None and grid[0] > 1 and grid[1] == grid[2] == 1:
         comm["data"] = node_sum + 2 * 2 * math.log2(grid[0]) * alpha
+        if rows <= reducers.SHARED_BATCH_ROWS:
+            compute *= SHARED_BATCH_SLOWDOWN
     return compute + sum(comm.values())
 
 
@@ -153,15 +165,6 @@ def _goes_with(cfg: Any, key: str) -> bool:
 # parallelism: the model's inputs are a few timed calls, and where two grids are close the
 # simpler one, whose gradient exchange every reducer and strategy supports, is the safer pick.
 MARGIN = 0.9
-# No margin where all data would run as reducer shared_batch (one node, reducer auto, at most
-# reducers.SHARED_BATCH_ROWS rows a rank). There the model's error is not noise either way but a
-# bias towards data, larger than MARGIN: it predicts the data step from GEMMs timed alone, and
-# shared_batch's ranks run theirs together over node-shared activations and whole weight
-# matrices, ~25% slower than alone (profiled), and wait at two barriers a step. Measured
-# 2026-12-07, 2 ranks, batch 128: predicted data/tensor 1.01-1.10 (Net-2h) and 1.08-1.10
-# (Net-1h), measured 1.14-1.19 and 1.23-1.39; with MARGIN there, auto kept data parallelism in
-# some runs of each. Any predicted gain (and MIN_SAVING_S) then picks the grid.
-SHARED_BATCH_MARGIN = 1.0
 # ... and by at least this much a step: below it (small networks, where every term is a few
 # microseconds) the prediction is within the jitter of the timed calls it is made of, and a run
 # would change grids from one start to the next for nothing.
@@ -235,20 +238,18 @@ def choose(cfg: Any, comm: MPI.Comm, n_train: Optional[int] = None) -> tuple[Any
     one_node = comm.allreduce(node.size, op=MPI.MIN) == comm.size
     node.Free()
     itemsize = np.dtype(cfg.model.dtype).itemsize
-    shared_batch = one_node and p.reducer == "auto" and -(-B // comm.size) <= reducers.SHARED_BATCH_ROWS
-    margin = SHARED_BATCH_MARGIN if shared_batch else MARGIN
     times = None
     if comm.rank == 0:
         node_sum = node_sum_seconds(model.Layout(sizes).n_params, cfg.model.dtype) if one_node and p.reducer == "auto" else None
         times = [predict(sizes, B, g, p.microbatches, itemsize, alpha, beta, cfg.model.dtype, node_sum) for g in grids]
     times = comm.bcast(times, root=0)
     best = int(np.argmin(times))
-    if times[best] > margin * times[0] or times[0] - times[best] < MIN_SAVING_S:
+    if times[best] > MARGIN * times[0] or times[0] - times[best] < MIN_SAVING_S:
         best = 0  # grids[0] is all data
     D, T, S = grids[best]
     shown = ", ".join(f"{d}x{t}x{s} {1e3 * x:.3g} ms" for (d, t, s), x in zip(grids, times))
     rule = (f"the least predicted step time" if best else
-            f"no other grid predicted {100 * (1 - margin):.0f}% and {MIN_SAVING_S * 1e6:.0f} us a step faster than all data")
+            f"no other grid predicted {100 * (1 - MARGIN):.0f}% and {MIN_SAVING_S * 1e6:.0f} us a step faster than all data")
     why = (f"pbp_hpc: grid auto: data {D} x tensor {T} x pipeline {S}, {rule} of (data x tensor x "
            f"pipeline) {shown}; measured alpha {alpha * 1e6:.3g} us, beta {beta * 1e9:.3g} ns/byte"
            " (parallel.grid manual keeps all data)")
