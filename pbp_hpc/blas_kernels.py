@@ -34,7 +34,7 @@ ZEN4_CHOICE = "Haswell"
 reason: Optional[str] = None
 
 
-def _first_cpu(path: str = "/proc/cpuinfo") -> dict[str, str]:
+def cpu_fields(path: str = "/proc/cpuinfo") -> dict[str, str]:
     """The first processor's fields ("vendor_id", "cpu family", "flags", ...); {} where unreadable."""
     fields: dict[str, str] = {}
     try:
@@ -68,7 +68,7 @@ def choose() -> None:
     global reason
     if not sys.platform.startswith("linux"):
         return
-    pick = choice(os.environ, "numpy" in sys.modules, _first_cpu())
+    pick = choice(os.environ, "numpy" in sys.modules, cpu_fields())
     if pick is not None:
         os.environ[VAR] = pick
         reason = "set by pbp_hpc on AMD Zen 4 (its AVX2 kernels ran GEMMs faster there: pbp_hpc.blas_kernels)"

@@ -33,8 +33,8 @@ def test_the_first_processors_fields_are_read_and_a_missing_file_reads_as_nothin
     f = tmp_path / "cpuinfo"
     f.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nflags\t\t: fpu avx512f\n\n"
                  "processor\t: 1\nvendor_id\t: GenuineIntel\n")
-    assert blas_kernels.is_zen4(blas_kernels._first_cpu(str(f)))
-    assert blas_kernels._first_cpu(str(tmp_path / "absent")) == {}
+    assert blas_kernels.is_zen4(blas_kernels.cpu_fields(str(f)))
+    assert blas_kernels.cpu_fields(str(tmp_path / "absent")) == {}
 
 
 def _kernels_in_a_fresh_process(env):
@@ -47,7 +47,7 @@ def _kernels_in_a_fresh_process(env):
 def test_on_this_machine_a_run_gets_the_kernels_the_rule_names_and_a_users_choice_wins():
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
     var, archs = _kernels_in_a_fresh_process(env)
-    if blas_kernels.is_zen4(blas_kernels._first_cpu()):
+    if blas_kernels.is_zen4(blas_kernels.cpu_fields()):
         assert var == "Haswell" and set(archs) <= {"Haswell"}  # (empty where numpy has another BLAS)
     else:
         assert var is None
